@@ -1,0 +1,33 @@
+# One-command set-up for a fresh machine (Python 3.11, nothing else installed).
+#   make bench   set everything up, then run the benchmark comparison (quick default)
+#   make test    set everything up, then run the whole test suite (what CI runs)
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+DEPS   := $(VENV)/.deps-installed
+
+.PHONY: setup build bench test test-fast clean
+
+# torch first, pinned, so no later install can resolve a bare `torch` (a multi-GB CUDA build).
+$(DEPS): requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+build: $(DEPS)
+	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+
+setup: build
+
+bench: setup
+	$(PY) -m genfast.bench --quick
+
+# The Triton interpreter suite runs in its own process: TRITON_INTERPRET must be set
+# before triton is imported, and it must not leak into the other tests.
+test: setup
+	$(PY) -m pytest tests -q --ignore=tests/test_flash_attention.py
+	TRITON_INTERPRET=1 $(PY) -m pytest tests/test_flash_attention.py -q
+
+clean:
+	rm -rf build *.egg-info genfast/_C*.so

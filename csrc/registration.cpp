@@ -1,0 +1,67 @@
+// The one place genfast's operator schemas are declared (TORCH_LIBRARY), plus the
+// tiny pybind11 module that lets Python load this library and ask what was built.
+//
+// Implementations register themselves next to their kernels:
+//   csrc/cpu/<op>.cpp   TORCH_LIBRARY_IMPL(genfast, CPU, m)
+//   csrc/cuda/<op>_glue.cpp  TORCH_LIBRARY_IMPL(genfast, CUDA, m)
+// Autograd and fake (meta) kernels are registered from Python in genfast/ops.py.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "cpu/simd.h"
+
+TORCH_LIBRARY(genfast, m) {
+  // ---- LSTM: one layer, one direction, the whole sequence -------------------------
+  // input: (T, N, I) padded, or (S, I) packed with batch_sizes (int64, CPU, length T).
+  // workspace: what backward needs (empty unless `train`). See csrc/cpu/lstm.cpp.
+  m.def(
+      "lstm_forward(Tensor input, Tensor hx, Tensor cx, Tensor w_ih, Tensor w_hh, "
+      "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? batch_sizes, bool reverse, bool train) "
+      "-> (Tensor output, Tensor hy, Tensor cy, Tensor workspace)");
+  m.def(
+      "lstm_backward(Tensor grad_output, Tensor grad_hy, Tensor grad_cy, Tensor input, Tensor hx, "
+      "Tensor cx, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor output, Tensor workspace, "
+      "Tensor? batch_sizes, bool reverse) "
+      "-> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor grad_w_ih, Tensor grad_w_hh, "
+      "Tensor grad_bias, Tensor grad_w_hr)");
+  // ---- GRU (PyTorch convention: gates r, z, n; n = tanh(Wx + b_in + r*(W_hn h + b_hn))) --
+  m.def(
+      "gru_forward(Tensor input, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+      "Tensor? batch_sizes, bool reverse, bool train) -> (Tensor output, Tensor hy, Tensor workspace)");
+  m.def(
+      "gru_backward(Tensor grad_output, Tensor grad_hy, Tensor input, Tensor hx, Tensor w_ih, "
+      "Tensor w_hh, Tensor output, Tensor workspace, Tensor? batch_sizes, bool reverse) "
+      "-> (Tensor grad_input, Tensor grad_hx, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, "
+      "Tensor grad_b_hh)");
+  // ---- attention (csrc/cpu/attention.cpp) ------------------------------------------
+  // ATTENTION_SCHEMAS
+  // ---- sampling (csrc/cpu/sampling.cpp) --------------------------------------------
+  // SAMPLING_SCHEMAS
+}
+
+namespace {
+
+bool cuda_built() {
+#ifdef GENFAST_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+std::string cuda_archs() {
+#ifdef GENFAST_CUDA_ARCHS
+  return GENFAST_CUDA_ARCHS;
+#else
+  return "";
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "genfast compiled kernels; the operators live in torch.ops.genfast";
+  m.def("simd_level", &genfast::cpu::simd_level_name, "SIMD level the CPU kernels dispatch to on this CPU");
+  m.def("cuda_built", &cuda_built, "whether the CUDA kernels were compiled in");
+  m.def("cuda_archs", &cuda_archs, "CUDA architectures the kernels were compiled for");
+}

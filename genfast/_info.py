@@ -1,0 +1,46 @@
+"""genfast.info(): what was built and what this machine will run."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+
+def info(print_it: bool = True) -> dict:
+    """Return (and by default print) versions, compiled backends, SIMD level and threads."""
+    import torch
+
+    import genfast
+    from genfast import _extension
+
+    report: dict = {
+        "genfast": genfast.__version__,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "extension": _extension.available(),
+    }
+    if report["extension"]:
+        ext = _extension.load()
+        report["cpu_kernels"] = True
+        report["simd_level"] = ext.simd_level()
+        report["cuda_kernels"] = ext.cuda_built()
+        report["cuda_archs"] = ext.cuda_archs() or None
+    else:
+        report.update(cpu_kernels=False, simd_level=None, cuda_kernels=False, cuda_archs=None)
+        report["extension_error"] = _extension.load_error()
+    report["triton"] = importlib.util.find_spec("triton") is not None
+    report["triton_interpret"] = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    report["cuda_device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    report["threads"] = torch.get_num_threads()
+    try:
+        from genfast.nn import functional as _functional
+
+        explain = getattr(_functional, "last_dispatch", None)
+        if explain is not None:
+            report["attention_dispatch"] = explain()
+    except ImportError:
+        pass
+    if print_it:
+        width = max(len(k) for k in report)
+        for key, value in report.items():
+            print(f"{key:<{width}}  {value}")
+    return report

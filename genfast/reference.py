@@ -1,0 +1,99 @@
+"""The textbook equations in plain PyTorch: the oracle for tests, the slow baseline for benchmarks.
+
+One copy of each op, written for clarity, not speed. Everything here runs on any
+device and dtype and is differentiable by autograd.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
+               b_ih: Tensor | None = None, b_hh: Tensor | None = None,
+               w_hr: Tensor | None = None, reverse: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """One LSTM layer, one direction, over x of shape (T, N, I).
+
+    i, f, g, o = split(W_ih x + b_ih + W_hh h + b_hh)      (PyTorch's gate order)
+    c' = sigmoid(f) * c + sigmoid(i) * tanh(g)
+    h' = sigmoid(o) * tanh(c')            then h' = W_hr h' when projecting (proj_size > 0)
+    Returns (output (T, N, H_out), h_T, c_T).
+    """
+    outputs = []
+    h, c = h0, c0
+    steps = range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])
+    for t in steps:
+        gates = x[t] @ w_ih.t() + h @ w_hh.t()
+        if b_ih is not None:
+            gates = gates + b_ih + b_hh
+        i, f, g, o = gates.chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        if w_hr is not None:
+            h = h @ w_hr.t()
+        outputs.append(h)
+    if reverse:
+        outputs.reverse()
+    return torch.stack(outputs), h, c
+
+
+def gru_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor,
+              b_ih: Tensor | None = None, b_hh: Tensor | None = None,
+              reverse: bool = False) -> tuple[Tensor, Tensor]:
+    """One GRU layer, one direction, over x of shape (T, N, I), in PyTorch's convention.
+
+    r = sigmoid(W_ir x + b_ir + W_hr h + b_hr)
+    z = sigmoid(W_iz x + b_iz + W_hz h + b_hz)
+    n = tanh(W_in x + b_in + r * (W_hn h + b_hn))
+    h' = (1 - z) * n + z * h
+    Returns (output (T, N, H), h_T).
+    """
+    outputs = []
+    h = h0
+    steps = range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])
+    for t in steps:
+        gx = x[t] @ w_ih.t()
+        gh = h @ w_hh.t()
+        if b_ih is not None:
+            gx = gx + b_ih
+            gh = gh + b_hh
+        xr, xz, xn = gx.chunk(3, dim=-1)
+        hr, hz, hn = gh.chunk(3, dim=-1)
+        r = torch.sigmoid(xr + hr)
+        z = torch.sigmoid(xz + hz)
+        n = torch.tanh(xn + r * hn)
+        h = (1 - z) * n + z * h
+        outputs.append(h)
+    if reverse:
+        outputs.reverse()
+    return torch.stack(outputs), h
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
+              is_causal: bool = False, scale: float | None = None,
+              enable_gqa: bool = False) -> Tensor:
+    """softmax(q k^T * scale + mask) v, materialising the (Lq, Lk) matrix.
+
+    Layout (..., H, L, D) like torch's scaled_dot_product_attention. The causal
+    mask is aligned top-left (query i sees keys 0..i), as torch does. With
+    enable_gqa, each K/V head serves H_q / H_k consecutive query heads. Rows whose
+    keys are all masked come out as NaN, as torch's math path gives.
+    """
+    lq, lk = q.shape[-2], k.shape[-2]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if enable_gqa and k.shape[-3] != q.shape[-3]:
+        groups = q.shape[-3] // k.shape[-3]
+        k = k.repeat_interleave(groups, dim=-3)
+        v = v.repeat_interleave(groups, dim=-3)
+    scores = (q @ k.transpose(-2, -1)) * scale
+    if is_causal:
+        keep = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
+    return torch.softmax(scores, dim=-1) @ v

@@ -1,0 +1,1 @@
+"""genfast's Triton kernels, installed as the subpackage ``genfast.kernels``."""

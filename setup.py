@@ -1,0 +1,73 @@
+"""Build genfast and its one compiled extension, ``genfast._C``.
+
+CPU kernels are always built. CUDA kernels (csrc/cuda/) are built only when the
+installed torch is a CUDA build *and* CUDA_HOME points at a toolkit; set
+GENFAST_NO_CUDA=1 to force a CPU-only build. Install with
+``pip install --no-build-isolation .`` so the extension compiles against the torch
+you already have.
+
+SIMD: the CPU kernels are compiled for the baseline x86-64 ISA, and their hot
+functions carry extra copies compiled for AVX2+FMA and AVX-512 (GCC target
+attributes), selected at run time from CPUID. No -march=native: the wheel runs on
+any x86-64 CPU and uses the widest vectors the CPU it lands on has.
+"""
+import glob
+import os
+
+from setuptools import setup
+
+import torch
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda() -> bool:
+    if os.environ.get("GENFAST_NO_CUDA", "0") == "1":
+        return False
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def _cuda_arch_flags() -> list[str]:
+    # "80;90" -> -gencode for each, plus PTX of the newest for forward compatibility.
+    archs = os.environ.get("GENFAST_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
+    archs = [a.strip() for a in archs if a.strip()]
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    flags.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
+    return flags
+
+
+def _extension():
+    rel = lambda pattern: sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
+    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-DGENFAST_BUILD"]
+    define_macros = []
+    if _want_cuda():
+        archs = os.environ.get("GENFAST_CUDA_ARCHS", "80;90")
+        sources += rel("csrc/cuda/*.cu") + rel("csrc/cuda/*.cpp")
+        define_macros += [("GENFAST_WITH_CUDA", None), ("GENFAST_CUDA_ARCHS", f'"{archs}"')]
+        return CUDAExtension(
+            "genfast._C",
+            sources,
+            define_macros=define_macros,
+            include_dirs=[os.path.join(HERE, "csrc")],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", *_cuda_arch_flags()]},
+            extra_link_args=["-fopenmp"],
+        )
+    return CppExtension(
+        "genfast._C",
+        sources,
+        define_macros=define_macros,
+        include_dirs=[os.path.join(HERE, "csrc")],
+        extra_compile_args={"cxx": cxx},
+        extra_link_args=["-fopenmp"],
+    )
+
+
+setup(
+    packages=["genfast", "genfast.nn", "genfast.bench", "genfast.models", "genfast.kernels"],
+    # Triton kernels live at the top level (kernels/) but install as genfast.kernels.
+    package_dir={"genfast": "genfast", "genfast.kernels": "kernels"},
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
