@@ -1,0 +1,162 @@
+// Gate math of the LSTM and GRU cells, forward and backward, written once for the
+// CPU kernels (csrc/cpu/) and the CUDA kernels (csrc/cuda/). Plain inline functions
+// on scalars: the CPU loops that call them are auto-vectorised inside SIMD-targeted
+// functions, the CUDA kernels call them per thread. No torch headers here.
+//
+// Pre-activation gate values arrive already summed (W_ih x + b_ih + W_hh h + b_hh).
+// Backward functions take the *activated* gates saved by the forward pass and return
+// gradients with respect to the pre-activation values.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define GENFAST_HD __host__ __device__ __forceinline__
+#else
+#define GENFAST_HD inline __attribute__((always_inline))
+#endif
+
+namespace genfast {
+namespace gates {
+
+// exp for float on the CPU: Cody-Waite range reduction and a degree-6 polynomial,
+// branch-free so loops over it vectorise (std::exp calls do not). Max relative
+// error about 2 ulp over the clamped range; NaN in gives NaN out.
+GENFAST_HD float exp_fast(float x) {
+  // Clamp without losing NaN: comparisons with NaN are false, so NaN passes through.
+  x = x < -87.3f ? -87.3f : x;
+  x = x > 88.3f ? 88.3f : x;
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  // Scale by 2^n through the exponent bits. For NaN, n converts to some integer
+  // and p is NaN, so the product stays NaN.
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+template <typename T>
+GENFAST_HD T exp_(T x) {
+  return std::exp(x);
+}
+
+template <>
+GENFAST_HD float exp_<float>(float x) {
+#if defined(__CUDA_ARCH__)
+  return ::expf(x);
+#else
+  return exp_fast(x);
+#endif
+}
+
+template <typename T>
+GENFAST_HD T sigmoid(T x) {
+  return T(1) / (T(1) + exp_<T>(-x));
+}
+
+// tanh(x) = 1 - 2 / (exp(2x) + 1): exact limits at +-inf, absolute error ~1e-7 near 0.
+template <typename T>
+GENFAST_HD T tanh_(T x) {
+#if defined(__CUDA_ARCH__)
+  return ::tanh(x);
+#else
+  return T(1) - T(2) / (exp_<T>(T(2) * x) + T(1));
+#endif
+}
+
+template <>
+GENFAST_HD double tanh_<double>(double x) {
+  return std::tanh(x);
+}
+
+// ---- LSTM ------------------------------------------------------------------------
+// In: pre-activations of the four gates (PyTorch order i, f, g, o) and c_{t-1}.
+// Out: the activated gates (kept for backward), c_t and h_t = o * tanh(c_t).
+template <typename T>
+struct LstmCellOut {
+  T i, f, g, o, c, h;
+};
+
+template <typename T>
+GENFAST_HD LstmCellOut<T> lstm_cell(T pre_i, T pre_f, T pre_g, T pre_o, T c_prev) {
+  LstmCellOut<T> out;
+  out.i = sigmoid<T>(pre_i);
+  out.f = sigmoid<T>(pre_f);
+  out.g = tanh_<T>(pre_g);
+  out.o = sigmoid<T>(pre_o);
+  out.c = out.f * c_prev + out.i * out.g;
+  out.h = out.o * tanh_<T>(out.c);
+  return out;
+}
+
+// In: dL/dh_t (total, from the output and from step t+1), dL/dc_t from step t+1,
+// the saved activated gates, c_{t-1} and c_t. Out: dL/d(pre-activations), dL/dc_{t-1}.
+template <typename T>
+struct LstmCellGrad {
+  T d_i, d_f, d_g, d_o, d_c_prev;
+};
+
+template <typename T>
+GENFAST_HD LstmCellGrad<T> lstm_cell_backward(T d_h, T d_c_next, T i, T f, T g, T o, T c_prev, T c) {
+  const T tanh_c = tanh_<T>(c);
+  const T d_c = d_c_next + d_h * o * (T(1) - tanh_c * tanh_c);
+  LstmCellGrad<T> grad;
+  grad.d_o = d_h * tanh_c * o * (T(1) - o);
+  grad.d_i = d_c * g * i * (T(1) - i);
+  grad.d_f = d_c * c_prev * f * (T(1) - f);
+  grad.d_g = d_c * i * (T(1) - g * g);
+  grad.d_c_prev = d_c * f;
+  return grad;
+}
+
+// ---- GRU (PyTorch's convention) ---------------------------------------------------
+// r = sigmoid(x_r + h_r), z = sigmoid(x_z + h_z), n = tanh(x_n + r * h_n),
+// h' = (1 - z) * n + z * h, where x_* = W_i* x + b_i* and h_* = W_h* h + b_h*.
+template <typename T>
+struct GruCellOut {
+  T r, z, n, h;
+};
+
+template <typename T>
+GENFAST_HD GruCellOut<T> gru_cell(T x_r, T x_z, T x_n, T h_r, T h_z, T h_n, T h_prev) {
+  GruCellOut<T> out;
+  out.r = sigmoid<T>(x_r + h_r);
+  out.z = sigmoid<T>(x_z + h_z);
+  out.n = tanh_<T>(x_n + out.r * h_n);
+  out.h = (T(1) - out.z) * out.n + out.z * h_prev;
+  return out;
+}
+
+// In: dL/dh' (total), saved r, z, n, h_n (= W_hn h + b_hn) and h_prev.
+// Out: gradients w.r.t. the input-side pre-activations (d_xr, d_xz, d_xn), the
+// hidden-side ones (d_hr = d_xr, d_hz = d_xz, d_hn), and the direct part of dL/dh_prev.
+template <typename T>
+struct GruCellGrad {
+  T d_r, d_z, d_xn, d_hn, d_h_prev;
+};
+
+template <typename T>
+GENFAST_HD GruCellGrad<T> gru_cell_backward(T d_h, T r, T z, T n, T h_n, T h_prev) {
+  GruCellGrad<T> grad;
+  const T d_n_pre = d_h * (T(1) - z) * (T(1) - n * n);
+  grad.d_z = d_h * (h_prev - n) * z * (T(1) - z);
+  grad.d_xn = d_n_pre;
+  grad.d_hn = d_n_pre * r;
+  grad.d_r = d_n_pre * h_n * r * (T(1) - r);
+  grad.d_h_prev = d_h * z;
+  return grad;
+}
+
+}  // namespace gates
+}  // namespace genfast
