@@ -8,6 +8,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/gemm.h"
 #include "cpu/simd.h"
 
 TORCH_LIBRARY(genfast, m) {
@@ -62,6 +63,8 @@ std::string cuda_archs() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "genfast compiled kernels; the operators live in torch.ops.genfast";
   m.def("simd_level", &genfast::cpu::simd_level_name, "SIMD level the CPU kernels dispatch to on this CPU");
+  m.def("packed_gemm_gflops", &genfast::cpu::packed_gemm_gflops, "GFLOP/s of the RNN kernels' packed GEMM on M x N x K fp32",
+        pybind11::arg("M"), pybind11::arg("N"), pybind11::arg("K"), pybind11::arg("repeats") = 5);
   m.def("cuda_built", &cuda_built, "whether the CUDA kernels were compiled in");
   m.def("cuda_archs", &cuda_archs, "CUDA architectures the kernels were compiled for");
 }

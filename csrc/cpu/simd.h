@@ -26,3 +26,34 @@ std::string simd_level_name();
 #define GENFAST_TARGET_AVX2
 #define GENFAST_TARGET_AVX512
 #endif
+
+namespace genfast::cpu {
+
+// Runs Kernel::run(args...) compiled for the current SIMD level. Kernel::run must be
+// an always_inline template so that each wrapper below gets its own vectorised copy
+// of the loops inside it.
+template <typename Kernel, typename... Args>
+GENFAST_TARGET_AVX512 void run_avx512(Args... args) {
+  Kernel::run(args...);
+}
+template <typename Kernel, typename... Args>
+GENFAST_TARGET_AVX2 void run_avx2(Args... args) {
+  Kernel::run(args...);
+}
+template <typename Kernel, typename... Args>
+void run_baseline(Args... args) {
+  Kernel::run(args...);
+}
+
+template <typename Kernel, typename... Args>
+void simd_dispatch(Args... args) {
+  switch (simd_level()) {
+    case SimdLevel::kAVX512: return run_avx512<Kernel, Args...>(args...);
+    case SimdLevel::kAVX2: return run_avx2<Kernel, Args...>(args...);
+    default: return run_baseline<Kernel, Args...>(args...);
+  }
+}
+
+}  // namespace genfast::cpu
+
+#define GENFAST_INLINE inline __attribute__((always_inline))

@@ -1,0 +1,168 @@
+// Packed-panel GEMM micro-kernels (see gemm.h), one copy per SIMD level.
+#include "cpu/gemm.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <vector>
+
+#include "cpu/simd.h"
+
+namespace genfast::cpu {
+namespace {
+
+// GCC vectors of the machine's native width: VB = 16 (SSE), 32 (AVX2) or 64 bytes
+// (AVX-512). A micro-kernel call covers 64 bytes of C columns, i.e. 64 / VB vectors.
+// (Vector types need explicit specialisations: an alias template would silently drop
+// the attribute on the dependent type.)
+template <typename T, int VB>
+struct VecOf;
+#define GENFAST_VEC(T, VB)                                       \
+  template <>                                                    \
+  struct VecOf<T, VB> {                                          \
+    typedef T type __attribute__((vector_size(VB), aligned(4))); /* unaligned loads */ \
+  };
+GENFAST_VEC(float, 16) GENFAST_VEC(float, 32) GENFAST_VEC(float, 64)
+GENFAST_VEC(double, 16) GENFAST_VEC(double, 32) GENFAST_VEC(double, 64)
+#undef GENFAST_VEC
+
+// C[MR x S] = A[MR x K] * B[K x S], S = kSubWidth<T> (64 bytes), B rows `ldb` apart.
+// The MR x (64 / VB) accumulators stay in registers for the whole K loop.
+template <typename T, int VB, int MR>
+inline __attribute__((always_inline)) void micro_kernel(int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
+                                                        T* C, int64_t ldc) {
+  using V = typename VecOf<T, VB>::type;
+  constexpr int NV = 64 / VB;
+  constexpr int L = VB / static_cast<int>(sizeof(T));
+  V acc[MR][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = V{};
+  for (int64_t k = 0; k < K; ++k) {
+    V b[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) b[v] = *reinterpret_cast<const V*>(B + k * ldb + v * L);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const T a = A[r * lda + k];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) *reinterpret_cast<V*>(C + r * ldc + v * L) = acc[r][v];
+}
+
+// The row loop: full blocks of MR rows, then one call for the remaining rows.
+template <typename T, int VB, int MR>
+inline __attribute__((always_inline)) void panel_rows(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel,
+                                                      int64_t width, T* C, int64_t ldc) {
+  constexpr int64_t S = kSubWidth<T>;
+  int64_t m = 0;
+  for (; m + MR <= M; m += MR)
+    for (int64_t s = 0; s < width; s += S)
+      micro_kernel<T, VB, MR>(K, A + m * lda, lda, panel + s, width, C + m * ldc + s, ldc);
+  const int64_t rest = M - m;
+  if (rest == 0) return;
+  for (int64_t s = 0; s < width; s += S) {
+    const T* a = A + m * lda;
+    const T* b = panel + s;
+    T* c = C + m * ldc + s;
+    // A switch over compile-time row counts keeps the tail in registers too.
+    switch (rest) {
+#define GENFAST_TAIL(R) \
+  case R:               \
+    if constexpr (R < MR) micro_kernel<T, VB, R>(K, a, lda, b, width, c, ldc); \
+    break;
+      GENFAST_TAIL(1) GENFAST_TAIL(2) GENFAST_TAIL(3) GENFAST_TAIL(4) GENFAST_TAIL(5) GENFAST_TAIL(6)
+      GENFAST_TAIL(7) GENFAST_TAIL(8) GENFAST_TAIL(9) GENFAST_TAIL(10) GENFAST_TAIL(11)
+#undef GENFAST_TAIL
+      default: break;
+    }
+  }
+}
+
+// Rows per micro-kernel call: as many accumulators as the register file holds
+// while leaving room for the B vector and the broadcast A value.
+constexpr int kRowsAVX512 = 12;  // 12 of 32 zmm
+constexpr int kRowsAVX2 = 6;     // 12 of 16 ymm (each 64-byte vector is two ymm)
+constexpr int kRowsBaseline = 3; // 12 of 16 xmm
+
+template <typename T>
+GENFAST_TARGET_AVX512 void gemm_panel_avx512(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel,
+                                             int64_t width, T* C, int64_t ldc) {
+  panel_rows<T, 64, kRowsAVX512>(M, K, A, lda, panel, width, C, ldc);
+}
+
+template <typename T>
+GENFAST_TARGET_AVX2 void gemm_panel_avx2(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel,
+                                         int64_t width, T* C, int64_t ldc) {
+  panel_rows<T, 32, kRowsAVX2>(M, K, A, lda, panel, width, C, ldc);
+}
+
+template <typename T>
+void gemm_panel_baseline(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel, int64_t width, T* C,
+                         int64_t ldc) {
+  panel_rows<T, 16, kRowsBaseline>(M, K, A, lda, panel, width, C, ldc);
+}
+
+}  // namespace
+
+template <typename T>
+void gemm_panel(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel, int64_t width, T* C, int64_t ldc) {
+  if (M <= 0) return;
+  if (K == 0) {
+    for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + width, T(0));
+    return;
+  }
+  switch (simd_level()) {
+    case SimdLevel::kAVX512: return gemm_panel_avx512<T>(M, K, A, lda, panel, width, C, ldc);
+    case SimdLevel::kAVX2: return gemm_panel_avx2<T>(M, K, A, lda, panel, width, C, ldc);
+    default: return gemm_panel_baseline<T>(M, K, A, lda, panel, width, C, ldc);
+  }
+}
+
+template void gemm_panel<float>(int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t);
+template void gemm_panel<double>(int64_t, int64_t, const double*, int64_t, const double*, int64_t, double*, int64_t);
+
+int64_t gemm_rows_per_kernel() {
+  switch (simd_level()) {
+    case SimdLevel::kAVX512: return kRowsAVX512;
+    case SimdLevel::kAVX2: return kRowsAVX2;
+    default: return kRowsBaseline;
+  }
+}
+
+double packed_gemm_gflops(int64_t M, int64_t N, int64_t K, int64_t repeats) {
+  constexpr int64_t width = 64;
+  const int64_t panels = (N + width - 1) / width;
+  std::vector<float> a(M * K), b(K * N), packed(panels * K * width), c(M * panels * width);
+  for (size_t i = 0; i < a.size(); ++i) a[i] = static_cast<float>((i * 7919) % 13) * 0.01f;
+  for (size_t i = 0; i < b.size(); ++i) b[i] = static_cast<float>((i * 104729) % 17) * 0.01f;
+  pack_panels<float>(b.data(), N, 1, K, panels, width,
+                     [&](int64_t p, int64_t col) { return p * width + col < N ? p * width + col : -1; },
+                     packed.data());
+  auto run = [&] {
+    at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p)
+        gemm_panel<float>(M, K, a.data(), K, packed.data() + p * K * width, width, c.data() + p * width,
+                          panels * width);
+    });
+  };
+  run();  // warm-up
+  double best = 1e30;
+  for (int64_t i = 0; i < std::max<int64_t>(repeats, 1); ++i) {
+    const auto start = std::chrono::steady_clock::now();
+    run();
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    best = std::min(best, seconds);
+  }
+  return 2.0 * M * N * K / best / 1e9;
+}
+
+}  // namespace genfast::cpu

@@ -1,0 +1,53 @@
+// A small packed GEMM for the recurrent step of the RNN kernels.
+//
+// The recurrent weight is reused at every time step, so it is packed once per call
+// into column panels: panel p holds columns [p*W, p*W + W) of B as a K x W row-major
+// block (W = panel width, a multiple of kSubWidth<T>). One call of gemm_panel then
+// computes C (M x W) = A (M x K) * panel with a register-blocked micro-kernel; the
+// caller fuses its epilogue (gate math) right after, while C is still in L1.
+//
+// The micro-kernel is compiled three times (baseline x86-64, AVX2+FMA, AVX-512) and
+// picked at run time from genfast::cpu::simd_level().
+#pragma once
+
+#include <cstdint>
+
+namespace genfast::cpu {
+
+// Columns one micro-kernel call produces: one 64-byte vector (16 floats / 8 doubles).
+template <typename T>
+constexpr int64_t kSubWidth = 64 / static_cast<int64_t>(sizeof(T));
+
+// Packs `num_panels` panels of width `width` from a K x ? matrix B, where
+// source_column(p, c) gives B's column for column c of panel p (or -1: zero padding)
+// and B(k, n) = b[k * stride_k + n * stride_n]. out must hold num_panels*K*width values.
+template <typename T, typename ColumnMap>
+void pack_panels(const T* b, int64_t stride_k, int64_t stride_n, int64_t K, int64_t num_panels, int64_t width,
+                 ColumnMap source_column, T* out) {
+  for (int64_t p = 0; p < num_panels; ++p) {
+    T* panel = out + p * K * width;
+    for (int64_t c = 0; c < width; ++c) {
+      const int64_t n = source_column(p, c);
+      if (n < 0) {
+        for (int64_t k = 0; k < K; ++k) panel[k * width + c] = T(0);
+      } else {
+        const T* src = b + n * stride_n;
+        for (int64_t k = 0; k < K; ++k) panel[k * width + c] = src[k * stride_k];
+      }
+    }
+  }
+}
+
+// C[M x width] = A[M x K] * panel[K x width] (C is overwritten; ldc >= width).
+template <typename T>
+void gemm_panel(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel, int64_t width, T* C, int64_t ldc);
+
+// Rows of A the micro-kernel handles at once for the current SIMD level (a good
+// row-block size is a multiple of this).
+int64_t gemm_rows_per_kernel();
+
+// Times gemm_panel on an (M x K) * (K x N) product split over threads like the RNN
+// kernels split it; returns GFLOP/s. Used by the benchmark suite's peak measurement.
+double packed_gemm_gflops(int64_t M, int64_t N, int64_t K, int64_t repeats);
+
+}  // namespace genfast::cpu

@@ -1,0 +1,311 @@
+// Fused GRU over a whole sequence on the CPU: one layer, one direction per call.
+// Same structure as csrc/cpu/lstm.cpp (read that first): the input projection for all
+// steps as one GEMM, then per step one parallel pass in which a thread owns 16 hidden
+// units, multiplies h_{t-1} by its packed slice of W_hh^T (gates r, z, n of its units)
+// and applies the update in place.
+//
+// PyTorch's convention: n = tanh(W_in x + b_in + r * (W_hn h + b_hn)), so the hidden
+// side of n (h_n = W_hn h + b_hn) is kept separately and saved for backward.
+//
+// Workspace (train=true): [activated r, z, n (S, 3H) | h_n (S, H)].
+#include <torch/library.h>
+
+#include "cpu/rnn_common.h"
+#include "cpu/simd.h"
+#include "gate_math.h"
+
+namespace genfast::cpu {
+namespace {
+
+constexpr int64_t kGates = 3;
+constexpr int64_t kWidth = kGates * kUnits;
+
+// ---------------------------------------------------------------- forward
+template <typename T>
+struct ForwardStep {
+  const T* h_prev;      // (N, H)
+  const T* packed_whh;  // panels of (H x kWidth): W_hh^T, gates of 16 units side by side
+  const T* gx;          // (n, 3H) W_ih x + b_ih for this step
+  const T* b_hh;        // (3H)
+  T* out;               // (n, H)
+  T* h_next;            // (N, H)
+  T* saved_rzn;         // (n, 3H) or nullptr
+  T* saved_hn;          // (n, H) or nullptr
+  int64_t H;
+};
+
+struct ForwardTile {
+  template <typename T>
+  static GENFAST_INLINE void run(const ForwardStep<T>* s, int64_t panel, int64_t r0, int64_t r1, T* acc) {
+    const int64_t H = s->H;
+    gemm_panel<T>(r1 - r0, H, s->h_prev + r0 * H, H, s->packed_whh + panel * H * kWidth, kWidth, acc, kWidth);
+    const int64_t j0 = panel * kUnits;
+    const int64_t units = std::min(kUnits, H - j0);
+    const T* b = s->b_hh + j0;
+    for (int64_t m = r0; m < r1; ++m, acc += kWidth) {
+      const T* gx = s->gx + m * kGates * H + j0;
+      const T* h_prev = s->h_prev + m * H + j0;
+      T* out = s->out + m * H + j0;
+      T* h_next = s->h_next + m * H + j0;
+      T* rzn = s->saved_rzn ? s->saved_rzn + m * kGates * H + j0 : nullptr;
+      T* hn_saved = s->saved_hn ? s->saved_hn + m * H + j0 : nullptr;
+      for (int64_t u = 0; u < units; ++u) {
+        const T h_n = acc[2 * kUnits + u] + b[2 * H + u];
+        const auto cell = gates::gru_cell<T>(gx[u], gx[H + u], gx[2 * H + u], acc[u] + b[u],
+                                             acc[kUnits + u] + b[H + u], h_n, h_prev[u]);
+        out[u] = cell.h;
+        h_next[u] = cell.h;
+        if (rzn) {  // loop-invariant: the compiler unswitches it
+          rzn[u] = cell.r;
+          rzn[H + u] = cell.z;
+          rzn[2 * H + u] = cell.n;
+          hn_saved[u] = h_n;
+        }
+      }
+    }
+  }
+};
+
+template <typename T>
+void forward_loop(const Schedule& sc, bool reverse, const T* gx, const T* packed_whh, const T* b_hh, T* out, T* hbuf,
+                  T* ws, int64_t H) {
+  const int64_t N = sc.batch, S = sc.rows;
+  const int64_t threads = at::get_num_threads();
+  std::vector<T> scratch(threads * (N + 16) * kWidth);  // a row block never exceeds N + 16 rows
+  for (int64_t s = 0; s < sc.steps; ++s) {
+    const int64_t t = reverse ? sc.steps - 1 - s : s;
+    const int64_t n = sc.active[t], off = sc.offset[t];
+    ForwardStep<T> step{hbuf + (s % 2) * N * H,
+                        packed_whh,
+                        gx + off * kGates * H,
+                        b_hh,
+                        out + off * H,
+                        hbuf + ((s + 1) % 2) * N * H,
+                        ws ? ws + off * kGates * H : nullptr,
+                        ws ? ws + S * kGates * H + off * H : nullptr,
+                        H};
+    const Partition part = partition(ceil_div(H, kUnits), n);
+    for_each_item(part, 2.0 * n * H * kGates * H, [&](int64_t item, int64_t tid) {
+      const int64_t r0 = (item % part.row_blocks) * part.block, r1 = std::min(n, r0 + part.block);
+      if (r0 < r1)
+        simd_dispatch<ForwardTile>(&step, item / part.row_blocks, r0, r1, scratch.data() + tid * part.block * kWidth);
+    });
+  }
+}
+
+// ---------------------------------------------------------------- backward
+template <typename T>
+struct BackwardStep {
+  const T* dGh_prev;    // (n_prev, 3H) hidden-side gate gradients of the step processed before, or nullptr
+  const T* packed_whh;  // panels of (3H x kUnits): W_hh columns
+  const T* grad_out;    // (n, H)
+  const T* rzn;         // (n, 3H) saved
+  const T* hn;          // (n, H) saved
+  const T* h_prev;      // (n_prev_fwd, H) output of the previous forward step, or nullptr
+  const T* hx;          // (N, H)
+  T* dh_state;          // (N, H) gradient reaching h other than through W_hh (dL/dh_T at first)
+  T* dGx;               // (n, 3H) input-side gate gradients of this step
+  T* dGh;               // (n, 3H) hidden-side gate gradients of this step
+  int64_t n, n_prev, n_prev_fwd, H;
+};
+
+struct BackwardTile {
+  template <typename T>
+  static GENFAST_INLINE void run(const BackwardStep<T>* s, int64_t panel, int64_t r0, int64_t r1, T* acc) {
+    const int64_t H = s->H;
+    const int64_t gemm_rows = std::min(r1, s->n_prev) - r0;
+    if (gemm_rows > 0)
+      gemm_panel<T>(gemm_rows, kGates * H, s->dGh_prev + r0 * kGates * H, kGates * H,
+                    s->packed_whh + panel * kGates * H * kUnits, kUnits, acc, kUnits);
+    const int64_t j0 = panel * kUnits, units = std::min(kUnits, H - j0);
+    static constexpr T zeros[kUnits] = {};
+    for (int64_t m = r0; m < r1; ++m, acc += kUnits) {
+      T* dh = s->dh_state + m * H + j0;
+      if (m >= s->n) {  // no longer active: collect the gradient of its initial state
+        if (m < s->n_prev)
+          for (int64_t u = 0; u < units; ++u) dh[u] += acc[u];
+        continue;
+      }
+      const T* rec = m < s->n_prev ? acc : zeros;
+      const T* go = s->grad_out + m * H + j0;
+      const T* g = s->rzn + m * kGates * H + j0;
+      const T* hn = s->hn + m * H + j0;
+      const T* h_prev = m < s->n_prev_fwd ? s->h_prev + m * H + j0 : s->hx + m * H + j0;
+      T* dGx = s->dGx + m * kGates * H + j0;
+      T* dGh = s->dGh + m * kGates * H + j0;
+      for (int64_t u = 0; u < units; ++u) {
+        const T d_h = go[u] + dh[u] + rec[u];
+        const auto grad = gates::gru_cell_backward<T>(d_h, g[u], g[H + u], g[2 * H + u], hn[u], h_prev[u]);
+        dGx[u] = grad.d_r;
+        dGx[H + u] = grad.d_z;
+        dGx[2 * H + u] = grad.d_xn;
+        dGh[u] = grad.d_r;
+        dGh[H + u] = grad.d_z;
+        dGh[2 * H + u] = grad.d_hn;
+        dh[u] = grad.d_h_prev;  // the direct z * dh term, added at the next step
+      }
+    }
+  }
+};
+
+template <typename T>
+void backward_loop(const Schedule& sc, bool reverse, const T* grad_out, const T* ws, const T* out, const T* hx,
+                   const T* packed_whh, T* dGx, T* dGh, T* dh_state, int64_t H) {
+  const int64_t N = sc.batch, S = sc.rows;
+  const int64_t threads = at::get_num_threads();
+  std::vector<T> scratch(threads * (N + 16) * kUnits);
+  int64_t prev_t = -1;
+  for (int64_t s = 0; s <= sc.steps; ++s) {  // the extra last pass finishes dL/dh_0
+    const bool last = s == sc.steps;
+    const int64_t t = last ? -1 : (reverse ? s : sc.steps - 1 - s);
+    const int64_t n = last ? 0 : sc.active[t];
+    const int64_t off = last ? 0 : sc.offset[t];
+    const int64_t n_prev = sc.active_at(prev_t);
+    const int64_t fwd_prev = last ? -1 : sc.previous(t, reverse);
+    BackwardStep<T> step{prev_t >= 0 ? dGh + sc.offset[prev_t] * kGates * H : nullptr,
+                         packed_whh,
+                         grad_out + off * H,
+                         ws + off * kGates * H,
+                         ws + S * kGates * H + off * H,
+                         fwd_prev >= 0 ? out + sc.offset[fwd_prev] * H : nullptr,
+                         hx,
+                         dh_state,
+                         dGx + off * kGates * H,
+                         dGh + off * kGates * H,
+                         n,
+                         n_prev,
+                         sc.active_at(fwd_prev),
+                         H};
+    const int64_t rows = std::max(n, n_prev);
+    const Partition part = partition(ceil_div(H, kUnits), rows);
+    for_each_item(part, 2.0 * n_prev * kGates * H * H, [&](int64_t item, int64_t tid) {
+      const int64_t r0 = (item % part.row_blocks) * part.block, r1 = std::min(rows, r0 + part.block);
+      if (r0 < r1)
+        simd_dispatch<BackwardTile>(&step, item / part.row_blocks, r0, r1, scratch.data() + tid * part.block * kUnits);
+    });
+    prev_t = t;
+  }
+}
+
+// ---------------------------------------------------------------- op boundary
+int64_t check_gru(const at::Tensor& input, const Schedule& sc, const at::Tensor& hx, const at::Tensor& w_ih,
+                  const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                  const std::optional<at::Tensor>& b_hh) {
+  check_input_dtype(input);
+  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) % kGates == 0, "w_ih: expected a (3*hidden_size, input_size) matrix, got ",
+              w_ih.sizes());
+  const int64_t H = w_ih.size(0) / kGates;
+  TORCH_CHECK(w_ih.size(1) == input.size(-1), "input: has ", input.size(-1), " features but w_ih expects input_size ",
+              w_ih.size(1));
+  check_same(w_ih, "w_ih", input);
+  check_same(w_hh, "w_hh", input);
+  check_same(hx, "hx", input);
+  check_shape(w_hh, "w_hh", {kGates * H, H});
+  check_shape(hx, "hx", {sc.batch, H});
+  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), "b_ih, b_hh: give both biases or neither");
+  if (b_ih.has_value()) {
+    check_same(*b_ih, "b_ih", input);
+    check_same(*b_hh, "b_hh", input);
+    check_shape(*b_ih, "b_ih", {kGates * H});
+    check_shape(*b_hh, "b_hh", {kGates * H});
+  }
+  return H;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward(const at::Tensor& input_, const at::Tensor& hx_,
+                                                           const at::Tensor& w_ih_, const at::Tensor& w_hh_,
+                                                           const std::optional<at::Tensor>& b_ih,
+                                                           const std::optional<at::Tensor>& b_hh,
+                                                           const std::optional<at::Tensor>& batch_sizes, bool reverse,
+                                                           bool train) {
+  const Schedule sc = make_schedule(input_, batch_sizes);
+  const int64_t H = check_gru(input_, sc, hx_, w_ih_, w_hh_, b_ih, b_hh);
+  TORCH_CHECK(sc.steps > 0, "input: sequence length must be at least 1");
+  TORCH_CHECK(sc.batch > 0, "input: batch size must be at least 1");
+  const int64_t S = sc.rows;
+  const at::Tensor x = input_.reshape({S, input_.size(-1)}).contiguous();
+  const at::Tensor w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
+  at::Tensor gx = b_ih.has_value() ? at::addmm(*b_ih, x, w_ih.t()) : at::mm(x, w_ih.t());
+  at::Tensor bias_hh = b_hh.has_value() ? b_hh->contiguous() : at::zeros({kGates * H}, x.options());
+  at::Tensor out = at::empty({S, H}, x.options());
+  at::Tensor hbuf = hx_.unsqueeze(0).expand({2, sc.batch, H}).contiguous();
+  at::Tensor hy = at::empty({sc.batch, H}, x.options());
+  at::Tensor ws = at::empty({train ? S * (kGates + 1) * H : 0}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "genfast::gru_forward", [&] {
+    const int64_t panels = ceil_div(H, kUnits);
+    at::Tensor packed = at::empty({panels * H * kWidth}, x.options());
+    pack_panels<scalar_t>(w_hh.data_ptr<scalar_t>(), 1, H, H, panels, kWidth,
+                          [&](int64_t p, int64_t col) {
+                            const int64_t j = p * kUnits + col % kUnits;
+                            return j < H ? (col / kUnits) * H + j : -1;
+                          },
+                          packed.data_ptr<scalar_t>());
+    forward_loop<scalar_t>(sc, reverse, gx.data_ptr<scalar_t>(), packed.data_ptr<scalar_t>(),
+                           bias_hh.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), hbuf.data_ptr<scalar_t>(),
+                           train ? ws.data_ptr<scalar_t>() : nullptr, H);
+    // Final state of each sequence: its output at the last step it was active.
+    const scalar_t* o = out.data_ptr<scalar_t>();
+    for (int64_t m = 0; m < sc.batch; ++m) {
+      int64_t t_last = 0;
+      if (!reverse)
+        while (t_last + 1 < sc.steps && m < sc.active[t_last + 1]) ++t_last;
+      std::copy(o + (sc.offset[t_last] + m) * H, o + (sc.offset[t_last] + m + 1) * H, hy.data_ptr<scalar_t>() + m * H);
+    }
+  });
+  std::vector<int64_t> out_shape(input_.sizes().begin(), input_.sizes().end());
+  out_shape.back() = H;
+  return {out.view(out_shape), hy, ws};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_backward(
+    const at::Tensor& grad_output, const at::Tensor& grad_hy, const at::Tensor& input_, const at::Tensor& hx_,
+    const at::Tensor& w_ih_, const at::Tensor& w_hh_, const at::Tensor& output, const at::Tensor& workspace,
+    const std::optional<at::Tensor>& batch_sizes, bool reverse) {
+  const Schedule sc = make_schedule(input_, batch_sizes);
+  const int64_t H = check_gru(input_, sc, hx_, w_ih_, w_hh_, std::nullopt, std::nullopt);
+  const int64_t S = sc.rows;
+  TORCH_CHECK(workspace.numel() == S * (kGates + 1) * H,
+              "workspace: wrong size; it must come from gru_forward(..., train=True) on the same inputs");
+  check_same(grad_output, "grad_output", input_);
+  check_shape(grad_hy, "grad_hy", {sc.batch, H});
+  const at::Tensor x = input_.reshape({S, input_.size(-1)}).contiguous();
+  const at::Tensor go = grad_output.reshape({S, H}).contiguous();
+  const at::Tensor out = output.reshape({S, H}).contiguous();
+  const at::Tensor ws = workspace.contiguous(), hx = hx_.contiguous();
+  const at::Tensor w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
+  at::Tensor dGx = at::empty({S, kGates * H}, x.options());
+  at::Tensor dGh = at::empty({S, kGates * H}, x.options());
+  at::Tensor dh_state = grad_hy.contiguous().clone();
+  at::Tensor h_prev = at::empty({S, H}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "genfast::gru_backward", [&] {
+    const int64_t panels = ceil_div(H, kUnits);
+    at::Tensor packed = at::empty({panels * kGates * H * kUnits}, x.options());
+    pack_panels<scalar_t>(w_hh.data_ptr<scalar_t>(), H, 1, kGates * H, panels, kUnits,
+                          [&](int64_t p, int64_t col) { return p * kUnits + col < H ? p * kUnits + col : -1; },
+                          packed.data_ptr<scalar_t>());
+    backward_loop<scalar_t>(sc, reverse, go.data_ptr<scalar_t>(), ws.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                            hx.data_ptr<scalar_t>(), packed.data_ptr<scalar_t>(), dGx.data_ptr<scalar_t>(),
+                            dGh.data_ptr<scalar_t>(), dh_state.data_ptr<scalar_t>(), H);
+    const scalar_t* o = out.data_ptr<scalar_t>();
+    const scalar_t* h0 = hx.data_ptr<scalar_t>();
+    scalar_t* hp = h_prev.data_ptr<scalar_t>();
+    for (int64_t t = 0; t < sc.steps; ++t) {
+      const int64_t p = sc.previous(t, reverse);
+      for (int64_t m = 0; m < sc.active[t]; ++m) {
+        const scalar_t* src = (p >= 0 && m < sc.active[p]) ? o + (sc.offset[p] + m) * H : h0 + m * H;
+        std::copy(src, src + H, hp + (sc.offset[t] + m) * H);
+      }
+    }
+  });
+  at::Tensor grad_input = at::mm(dGx, w_ih).view(input_.sizes());
+  return {grad_input, dh_state, at::mm(dGx.t(), x), at::mm(dGh.t(), h_prev), dGx.sum(0), dGh.sum(0)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(genfast, CPU, m) {
+  m.impl("gru_forward", &gru_forward);
+  m.impl("gru_backward", &gru_backward);
+}
+
+}  // namespace genfast::cpu

@@ -1,0 +1,499 @@
+// Fused LSTM over a whole sequence on the CPU: one layer, one direction per call.
+//
+// Forward, per call:  G = X W_ih^T + b_ih + b_hh for all steps (one large GEMM), then
+// for each step one parallel pass in which every thread owns a panel of 16 hidden
+// units: it multiplies h_{t-1} by its packed slice of W_hh^T (all four gates of its
+// units) and applies the cell update to that tile while it is still in L1.
+// With proj_size a second pass per step computes h_t = W_hr r_t.
+//
+// Backward (BPTT) mirrors it: per step, one pass computes dh = dG_{t+1} W_hh for a
+// thread's units and the cell backward for them; the weight gradients are then
+// large GEMMs over all steps.
+//
+// Workspace (filled when train=true): [activated gates i,f,g,o (S, 4H) | c_t (S, H) |
+// r_t = o * tanh(c_t) (S, H), only with projection].
+#include <torch/library.h>
+
+#include "cpu/rnn_common.h"
+#include "cpu/simd.h"
+#include "gate_math.h"
+
+namespace genfast::cpu {
+namespace {
+
+constexpr int64_t kGates = 4;
+constexpr int64_t kWidth = kGates * kUnits;  // columns in a forward weight panel
+
+// ---------------------------------------------------------------- forward
+template <typename T>
+struct ForwardStep {
+  const T* h_prev;      // (N, Hout) state read by this step
+  const T* packed_whh;  // panels of (Hout x kWidth): W_hh^T, gates of 16 units side by side
+  const T* gx;          // (n, 4H) input projection rows of this step, biases folded in
+  T* c;                 // (N, H) cell state, updated in place
+  T* h_out;             // (n, H) rows receiving o*tanh(c): the output, or r_t when projecting
+  T* h_next;            // (N, Hout) next state, or nullptr when projecting (the projection writes it)
+  T* saved_gates;       // (n, 4H) or nullptr
+  T* saved_c;           // (n, H) or nullptr
+  int64_t H, Hout, ld_h_out;
+};
+
+struct ForwardTile {
+  template <typename T>
+  static GENFAST_INLINE void run(const ForwardStep<T>* s, int64_t panel, int64_t r0, int64_t r1, T* acc) {
+    const int64_t H = s->H;
+    gemm_panel<T>(r1 - r0, s->Hout, s->h_prev + r0 * s->Hout, s->Hout, s->packed_whh + panel * s->Hout * kWidth,
+                  kWidth, acc, kWidth);
+    const int64_t j0 = panel * kUnits;
+    const int64_t units = std::min(kUnits, H - j0);
+    for (int64_t m = r0; m < r1; ++m, acc += kWidth) {
+      const T* gx = s->gx + m * kGates * H + j0;
+      T* c = s->c + m * H + j0;
+      T* h = s->h_out + m * s->ld_h_out + j0;
+      T* h_next = s->h_next ? s->h_next + m * s->Hout + j0 : h;
+      T* g = s->saved_gates ? s->saved_gates + m * kGates * H + j0 : nullptr;
+      T* c_saved = s->saved_c ? s->saved_c + m * H + j0 : nullptr;
+      for (int64_t u = 0; u < units; ++u) {
+        const auto cell = gates::lstm_cell<T>(acc[u] + gx[u], acc[kUnits + u] + gx[H + u],
+                                              acc[2 * kUnits + u] + gx[2 * H + u], acc[3 * kUnits + u] + gx[3 * H + u],
+                                              c[u]);
+        c[u] = cell.c;
+        h[u] = cell.h;
+        h_next[u] = cell.h;
+        if (g) {  // loop-invariant: the compiler unswitches it
+          g[u] = cell.i;
+          g[H + u] = cell.f;
+          g[2 * H + u] = cell.g;
+          g[3 * H + u] = cell.o;
+          c_saved[u] = cell.c;
+        }
+      }
+    }
+  }
+};
+
+// h_t = r_t W_hr^T for `Hout` columns in panels of 16.
+template <typename T>
+struct ProjectStep {
+  const T* r;           // (n, H)
+  const T* packed_whr;  // panels of (H x kUnits): W_hr^T
+  T* out;               // (n, Hout) output rows
+  T* h_next;            // (N, Hout)
+  int64_t H, Hout;
+};
+
+struct ProjectTile {
+  template <typename T>
+  static GENFAST_INLINE void run(const ProjectStep<T>* s, int64_t panel, int64_t r0, int64_t r1, T* acc) {
+    gemm_panel<T>(r1 - r0, s->H, s->r + r0 * s->H, s->H, s->packed_whr + panel * s->H * kUnits, kUnits, acc, kUnits);
+    const int64_t j0 = panel * kUnits;
+    const int64_t cols = std::min(kUnits, s->Hout - j0);
+    for (int64_t m = r0; m < r1; ++m, acc += kUnits)
+      for (int64_t u = 0; u < cols; ++u) {
+        s->out[m * s->Hout + j0 + u] = acc[u];
+        s->h_next[m * s->Hout + j0 + u] = acc[u];
+      }
+  }
+};
+
+template <typename T>
+void forward_loop(const Schedule& sc, bool reverse, const T* gx, const T* packed_whh, const T* packed_whr, T* out,
+                  T* hbuf, T* c, T* ws, T* r_tmp, int64_t H, int64_t Hout) {
+  const bool project = packed_whr != nullptr;
+  const int64_t N = sc.batch, S = sc.rows;
+  const int64_t threads = at::get_num_threads();
+  // A row block never exceeds max(N, rows per micro-kernel) rows.
+  std::vector<T> scratch(threads * (N + 16) * kWidth);
+  T* saved_gates = ws;
+  T* saved_c = ws ? ws + S * kGates * H : nullptr;
+  T* saved_r = (ws && project) ? ws + S * (kGates + 1) * H : nullptr;
+  for (int64_t s = 0; s < sc.steps; ++s) {
+    const int64_t t = reverse ? sc.steps - 1 - s : s;
+    const int64_t n = sc.active[t], off = sc.offset[t];
+    T* h_prev = hbuf + (s % 2) * N * Hout;
+    T* h_next = hbuf + ((s + 1) % 2) * N * Hout;
+    ForwardStep<T> step{h_prev,
+                        packed_whh,
+                        gx + off * kGates * H,
+                        c,
+                        project ? (saved_r ? saved_r + off * H : r_tmp) : out + off * Hout,
+                        project ? nullptr : h_next,
+                        saved_gates ? saved_gates + off * kGates * H : nullptr,
+                        saved_c ? saved_c + off * H : nullptr,
+                        H,
+                        Hout,
+                        project ? H : Hout};
+    const Partition part = partition(ceil_div(H, kUnits), n);
+    for_each_item(part, 2.0 * n * Hout * kGates * H, [&](int64_t item, int64_t tid) {
+      const int64_t r0 = (item % part.row_blocks) * part.block, r1 = std::min(n, r0 + part.block);
+      if (r0 < r1)
+        simd_dispatch<ForwardTile>(&step, item / part.row_blocks, r0, r1, scratch.data() + tid * part.block * kWidth);
+    });
+    if (project) {
+      ProjectStep<T> proj{step.h_out, packed_whr, out + off * Hout, h_next, H, Hout};
+      const Partition part2 = partition(ceil_div(Hout, kUnits), n);
+      for_each_item(part2, 2.0 * n * Hout * H, [&](int64_t item, int64_t tid) {
+        const int64_t r0 = (item % part2.row_blocks) * part2.block, r1 = std::min(n, r0 + part2.block);
+        if (r0 < r1)
+          simd_dispatch<ProjectTile>(&proj, item / part2.row_blocks, r0, r1,
+                                     scratch.data() + tid * part2.block * kWidth);
+      });
+    }
+  }
+}
+
+// ---------------------------------------------------------------- backward
+template <typename T>
+struct BackwardStep {
+  const T* dG_prev;      // (n_prev, 4H) gate gradients of the step processed just before, or nullptr
+  const T* packed_whh;   // panels of (4H x kUnits): W_hh columns (hidden outputs) in natural order
+  const T* grad_out;     // (n, Hout) rows of dL/d output
+  const T* gates;        // (n, 4H) saved activations
+  const T* c_cur;        // (n, H) saved c_t
+  const T* c_prev;       // (n_prev_fwd, H) saved c of the previous forward step, or nullptr
+  const T* cx;           // (N, H)
+  const T* dh_total;     // projecting: (n, Hout) total dL/dh_t from phase A; else nullptr
+  const T* packed_whr;   // projecting: panels of (Hout x kUnits): W_hr columns
+  T* dh_state;           // (N, Hout) gradient reaching h from outside the recurrence (dL/dh_T at first)
+  T* dc_state;           // (N, H) dL/dc carried between steps
+  T* dG;                 // (n, 4H) gate gradients of this step (pre-activation)
+  T* dh_total_out;       // projecting, phase A: where dh_total goes
+  int64_t n, n_prev, n_prev_fwd, H, Hout;
+};
+
+template <typename T>
+GENFAST_INLINE void cell_backward_row(const BackwardStep<T>* s, int64_t m, int64_t j0, int64_t units, const T* d_h) {
+  const int64_t H = s->H;
+  const T* g = s->gates + m * kGates * H + j0;
+  const T* c_cur = s->c_cur + m * H + j0;
+  const T* c_prev = m < s->n_prev_fwd ? s->c_prev + m * H + j0 : s->cx + m * H + j0;
+  T* dc = s->dc_state + m * H + j0;
+  T* dG = s->dG + m * kGates * H + j0;
+  for (int64_t u = 0; u < units; ++u) {
+    const auto grad = gates::lstm_cell_backward<T>(d_h[u], dc[u], g[u], g[H + u], g[2 * H + u], g[3 * H + u],
+                                                   c_prev[u], c_cur[u]);
+    dG[u] = grad.d_i;
+    dG[H + u] = grad.d_f;
+    dG[2 * H + u] = grad.d_g;
+    dG[3 * H + u] = grad.d_o;
+    dc[u] = grad.d_c_prev;
+  }
+}
+
+// dL/dh_t for a panel of h's columns: output gradient + what reached h from outside
+// + dG_{prev} W_hh (rows active in the previous processed step). Rows no longer
+// active only collect the recurrent term: that is the gradient of their initial state.
+// Returns false for rows that are not active (nothing more to do for them).
+template <typename T>
+GENFAST_INLINE bool total_dh_row(const BackwardStep<T>* s, int64_t m, int64_t j0, int64_t cols, const T* rec,
+                                 T* d_h) {
+  T* dh = s->dh_state + m * s->Hout + j0;
+  if (m >= s->n) {
+    if (m < s->n_prev)
+      for (int64_t u = 0; u < cols; ++u) dh[u] += rec[u];
+    return false;
+  }
+  static constexpr T zeros[kUnits] = {};
+  const T* r = m < s->n_prev ? rec : zeros;
+  const T* go = s->grad_out + m * s->Hout + j0;
+  for (int64_t u = 0; u < cols; ++u) {
+    d_h[u] = go[u] + dh[u] + r[u];
+    dh[u] = T(0);
+  }
+  return true;
+}
+
+template <typename T>
+GENFAST_INLINE void recurrent_gemm(const BackwardStep<T>* s, int64_t panel, int64_t r0, int64_t r1, T* acc) {
+  const int64_t rows = std::min(r1, s->n_prev) - r0;
+  if (rows > 0)
+    gemm_panel<T>(rows, kGates * s->H, s->dG_prev + r0 * kGates * s->H, kGates * s->H,
+                  s->packed_whh + panel * kGates * s->H * kUnits, kUnits, acc, kUnits);
+}
+
+// Without projection: h's columns are the hidden units, so one tile does it all.
+struct BackwardTile {
+  template <typename T>
+  static GENFAST_INLINE void run(const BackwardStep<T>* s, int64_t panel, int64_t r0, int64_t r1, T* acc) {
+    recurrent_gemm(s, panel, r0, r1, acc);
+    const int64_t j0 = panel * kUnits, units = std::min(kUnits, s->H - j0);
+    T d_h[kUnits];
+    for (int64_t m = r0; m < r1; ++m)
+      if (total_dh_row(s, m, j0, units, acc + (m - r0) * kUnits, d_h)) cell_backward_row(s, m, j0, units, d_h);
+  }
+};
+
+// With projection, phase A: total dL/dh_t over Hout columns.
+struct BackwardProjectA {
+  template <typename T>
+  static GENFAST_INLINE void run(const BackwardStep<T>* s, int64_t panel, int64_t r0, int64_t r1, T* acc) {
+    recurrent_gemm(s, panel, r0, r1, acc);
+    const int64_t j0 = panel * kUnits, cols = std::min(kUnits, s->Hout - j0);
+    for (int64_t m = r0; m < r1; ++m)
+      total_dh_row(s, m, j0, cols, acc + (m - r0) * kUnits, s->dh_total_out + m * s->Hout + j0);
+  }
+};
+
+// Phase B: dL/dr_t = dh_t W_hr over the hidden units, then the cell backward.
+struct BackwardProjectB {
+  template <typename T>
+  static GENFAST_INLINE void run(const BackwardStep<T>* s, int64_t panel, int64_t r0, int64_t r1, T* acc) {
+    gemm_panel<T>(r1 - r0, s->Hout, s->dh_total + r0 * s->Hout, s->Hout, s->packed_whr + panel * s->Hout * kUnits,
+                  kUnits, acc, kUnits);
+    const int64_t j0 = panel * kUnits, units = std::min(kUnits, s->H - j0);
+    for (int64_t m = r0; m < r1; ++m) cell_backward_row(s, m, j0, units, acc + (m - r0) * kUnits);
+  }
+};
+
+template <typename T>
+void backward_loop(const Schedule& sc, bool reverse, const T* grad_out, const T* ws, const T* cx,
+                   const T* packed_whh, const T* packed_whr, T* dG, T* dh_state, T* dc_state, T* dh_total, int64_t H,
+                   int64_t Hout) {
+  const bool project = packed_whr != nullptr;
+  const int64_t N = sc.batch, S = sc.rows;
+  const int64_t threads = at::get_num_threads();
+  std::vector<T> scratch(threads * (N + 16) * kUnits);
+  const T* saved_gates = ws;
+  const T* saved_c = ws + S * kGates * H;
+  int64_t prev_t = -1;  // the step processed just before (the next one in forward order)
+  // One pass more than there are steps: the last one (n = 0) only adds dG_0 W_hh to
+  // the gradient of the initial state.
+  for (int64_t s = 0; s <= sc.steps; ++s) {
+    const bool last = s == sc.steps;
+    const int64_t t = last ? -1 : (reverse ? s : sc.steps - 1 - s);
+    const int64_t n = last ? 0 : sc.active[t];
+    const int64_t off = last ? 0 : sc.offset[t];
+    const int64_t n_prev = sc.active_at(prev_t);
+    const int64_t fwd_prev = last ? -1 : sc.previous(t, reverse);
+    BackwardStep<T> step{prev_t >= 0 ? dG + sc.offset[prev_t] * kGates * H : nullptr,
+                         packed_whh,
+                         grad_out + off * Hout,
+                         saved_gates + off * kGates * H,
+                         saved_c + off * H,
+                         fwd_prev >= 0 ? saved_c + sc.offset[fwd_prev] * H : nullptr,
+                         cx,
+                         dh_total ? dh_total + off * Hout : nullptr,
+                         packed_whr,
+                         dh_state,
+                         dc_state,
+                         dG + off * kGates * H,
+                         dh_total ? dh_total + off * Hout : nullptr,
+                         n,
+                         n_prev,
+                         sc.active_at(fwd_prev),
+                         H,
+                         Hout};
+    const int64_t rows = std::max(n, n_prev);
+    const double flops = 2.0 * n_prev * kGates * H * Hout;
+    if (!project) {
+      const Partition part = partition(ceil_div(H, kUnits), rows);
+      for_each_item(part, flops, [&](int64_t item, int64_t tid) {
+        const int64_t r0 = (item % part.row_blocks) * part.block, r1 = std::min(rows, r0 + part.block);
+        if (r0 < r1)
+          simd_dispatch<BackwardTile>(&step, item / part.row_blocks, r0, r1,
+                                      scratch.data() + tid * part.block * kUnits);
+      });
+    } else {
+      const Partition part_a = partition(ceil_div(Hout, kUnits), rows);
+      for_each_item(part_a, flops, [&](int64_t item, int64_t tid) {
+        const int64_t r0 = (item % part_a.row_blocks) * part_a.block, r1 = std::min(rows, r0 + part_a.block);
+        if (r0 < r1)
+          simd_dispatch<BackwardProjectA>(&step, item / part_a.row_blocks, r0, r1,
+                                          scratch.data() + tid * part_a.block * kUnits);
+      });
+      if (n > 0) {
+        const Partition part_b = partition(ceil_div(H, kUnits), n);
+        for_each_item(part_b, 2.0 * n * H * Hout, [&](int64_t item, int64_t tid) {
+          const int64_t r0 = (item % part_b.row_blocks) * part_b.block, r1 = std::min(n, r0 + part_b.block);
+          if (r0 < r1)
+            simd_dispatch<BackwardProjectB>(&step, item / part_b.row_blocks, r0, r1,
+                                            scratch.data() + tid * part_b.block * kUnits);
+        });
+      }
+    }
+    prev_t = t;
+  }
+}
+
+// ---------------------------------------------------------------- op boundary
+struct Dims {
+  int64_t I, H, Hout;
+};
+
+Dims check_lstm(const at::Tensor& input, const Schedule& sc, const at::Tensor& hx, const at::Tensor& cx,
+                const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr) {
+  check_input_dtype(input);
+  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) % kGates == 0, "w_ih: expected a (4*hidden_size, input_size) matrix, got ",
+              w_ih.sizes());
+  Dims d{input.size(-1), w_ih.size(0) / kGates, 0};
+  TORCH_CHECK(w_ih.size(1) == d.I, "input: has ", d.I, " features but w_ih expects input_size ", w_ih.size(1));
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == kGates * d.H, "w_hh: expected ", kGates * d.H, " rows, got ",
+              w_hh.sizes());
+  d.Hout = w_hh.size(1);
+  if (w_hr.has_value()) {
+    check_same(*w_hr, "w_hr", input);
+    check_shape(*w_hr, "w_hr", {d.Hout, d.H});
+  } else {
+    TORCH_CHECK(d.Hout == d.H, "w_hh: expected shape (", kGates * d.H, ", ", d.H, ") without projection, got ",
+                w_hh.sizes());
+  }
+  check_same(w_ih, "w_ih", input);
+  check_same(w_hh, "w_hh", input);
+  check_same(hx, "hx", input);
+  check_same(cx, "cx", input);
+  check_shape(hx, "hx", {sc.batch, d.Hout});
+  check_shape(cx, "cx", {sc.batch, d.H});
+  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), "b_ih, b_hh: give both biases or neither");
+  if (b_ih.has_value()) {
+    check_same(*b_ih, "b_ih", input);
+    check_same(*b_hh, "b_hh", input);
+    check_shape(*b_ih, "b_ih", {kGates * d.H});
+    check_shape(*b_hh, "b_hh", {kGates * d.H});
+  }
+  return d;
+}
+
+template <typename T>
+at::Tensor pack_forward_whh(const at::Tensor& w_hh, int64_t H, int64_t Hout) {
+  const int64_t panels = ceil_div(H, kUnits);
+  at::Tensor packed = at::empty({panels * Hout * kWidth}, w_hh.options());
+  pack_panels<T>(w_hh.data_ptr<T>(), 1, Hout, Hout, panels, kWidth,
+                 [&](int64_t p, int64_t col) {
+                   const int64_t j = p * kUnits + col % kUnits;
+                   return j < H ? (col / kUnits) * H + j : -1;
+                 },
+                 packed.data_ptr<T>());
+  return packed;
+}
+
+// Panels of kUnits columns of a (K x cols) row-major matrix, or of its transpose.
+template <typename T>
+at::Tensor pack_columns(const at::Tensor& w, bool transpose) {
+  const int64_t K = transpose ? w.size(1) : w.size(0);
+  const int64_t cols = transpose ? w.size(0) : w.size(1);
+  const int64_t panels = ceil_div(cols, kUnits);
+  at::Tensor packed = at::empty({panels * K * kUnits}, w.options());
+  const int64_t ld = w.size(1);
+  pack_panels<T>(w.data_ptr<T>(), transpose ? 1 : ld, transpose ? ld : 1, K, panels, kUnits,
+                 [&](int64_t p, int64_t col) { return p * kUnits + col < cols ? p * kUnits + col : -1; },
+                 packed.data_ptr<T>());
+  return packed;
+}
+
+// Final hidden state of each sequence: its output at the last step it was active.
+template <typename T>
+void gather_last_hidden(const Schedule& sc, bool reverse, const T* out, T* hy, int64_t Hout) {
+  for (int64_t m = 0; m < sc.batch; ++m) {
+    int64_t t_last = 0;
+    if (!reverse)
+      while (t_last + 1 < sc.steps && m < sc.active[t_last + 1]) ++t_last;
+    std::copy(out + (sc.offset[t_last] + m) * Hout, out + (sc.offset[t_last] + m + 1) * Hout, hy + m * Hout);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward(
+    const at::Tensor& input_, const at::Tensor& hx_, const at::Tensor& cx_, const at::Tensor& w_ih_,
+    const at::Tensor& w_hh_, const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+    const std::optional<at::Tensor>& w_hr_, const std::optional<at::Tensor>& batch_sizes, bool reverse, bool train) {
+  const Schedule sc = make_schedule(input_, batch_sizes);
+  const Dims d = check_lstm(input_, sc, hx_, cx_, w_ih_, w_hh_, b_ih, b_hh, w_hr_);
+  TORCH_CHECK(sc.steps > 0, "input: sequence length must be at least 1");
+  TORCH_CHECK(sc.batch > 0, "input: batch size must be at least 1");
+  const int64_t S = sc.rows, H = d.H, Hout = d.Hout;
+  const at::Tensor x = input_.reshape({S, d.I}).contiguous();
+  const at::Tensor w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
+  const bool project = w_hr_.has_value();
+  at::Tensor gx = b_ih.has_value() ? at::addmm(*b_ih + *b_hh, x, w_ih.t()) : at::mm(x, w_ih.t());
+  at::Tensor out = at::empty({S, Hout}, x.options());
+  at::Tensor hbuf = hx_.unsqueeze(0).expand({2, sc.batch, Hout}).contiguous();
+  at::Tensor cy = cx_.contiguous().clone();
+  at::Tensor hy = at::empty({sc.batch, Hout}, x.options());
+  at::Tensor ws = at::empty({train ? S * (kGates + 1 + (project ? 1 : 0)) * H : 0}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "genfast::lstm_forward", [&] {
+    at::Tensor packed_whh = pack_forward_whh<scalar_t>(w_hh, H, Hout);
+    at::Tensor packed_whr, r_tmp;
+    if (project) {
+      packed_whr = pack_columns<scalar_t>(w_hr_->contiguous(), /*transpose=*/true);
+      if (!train) r_tmp = at::empty({sc.batch, H}, x.options());
+    }
+    forward_loop<scalar_t>(sc, reverse, gx.data_ptr<scalar_t>(), packed_whh.data_ptr<scalar_t>(),
+                           project ? packed_whr.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
+                           hbuf.data_ptr<scalar_t>(), cy.data_ptr<scalar_t>(), train ? ws.data_ptr<scalar_t>() : nullptr,
+                           r_tmp.defined() ? r_tmp.data_ptr<scalar_t>() : nullptr, H, Hout);
+    gather_last_hidden<scalar_t>(sc, reverse, out.data_ptr<scalar_t>(), hy.data_ptr<scalar_t>(), Hout);
+  });
+  std::vector<int64_t> out_shape(input_.sizes().begin(), input_.sizes().end());
+  out_shape.back() = Hout;
+  return {out.view(out_shape), hy, cy, ws};
+}
+
+// h_{t-1} for every row of the sequence: the previous step's output, or hx.
+template <typename T>
+void gather_previous_hidden(const Schedule& sc, bool reverse, const T* out, const T* hx, T* h_prev, int64_t Hout) {
+  at::parallel_for(0, sc.steps, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t p = sc.previous(t, reverse);
+      for (int64_t m = 0; m < sc.active[t]; ++m) {
+        const T* src = (p >= 0 && m < sc.active[p]) ? out + (sc.offset[p] + m) * Hout : hx + m * Hout;
+        std::copy(src, src + Hout, h_prev + (sc.offset[t] + m) * Hout);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_backward(
+    const at::Tensor& grad_output, const at::Tensor& grad_hy, const at::Tensor& grad_cy, const at::Tensor& input_,
+    const at::Tensor& hx_, const at::Tensor& cx_, const at::Tensor& w_ih_, const at::Tensor& w_hh_,
+    const std::optional<at::Tensor>& w_hr_, const at::Tensor& output, const at::Tensor& workspace,
+    const std::optional<at::Tensor>& batch_sizes, bool reverse) {
+  const Schedule sc = make_schedule(input_, batch_sizes);
+  const Dims d = check_lstm(input_, sc, hx_, cx_, w_ih_, w_hh_, std::nullopt, std::nullopt, w_hr_);
+  const int64_t S = sc.rows, H = d.H, Hout = d.Hout;
+  const bool project = w_hr_.has_value();
+  TORCH_CHECK(workspace.numel() == S * (kGates + 1 + (project ? 1 : 0)) * H,
+              "workspace: wrong size; it must come from lstm_forward(..., train=True) on the same inputs");
+  check_same(grad_output, "grad_output", input_);
+  check_shape(grad_hy, "grad_hy", {sc.batch, Hout});
+  check_shape(grad_cy, "grad_cy", {sc.batch, H});
+  const at::Tensor x = input_.reshape({S, d.I}).contiguous();
+  const at::Tensor go = grad_output.reshape({S, Hout}).contiguous();
+  const at::Tensor out = output.reshape({S, Hout}).contiguous();
+  const at::Tensor ws = workspace.contiguous(), hx = hx_.contiguous(), cx = cx_.contiguous();
+  const at::Tensor w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
+  at::Tensor dG = at::empty({S, kGates * H}, x.options());
+  at::Tensor dh_state = grad_hy.contiguous().clone();
+  at::Tensor dc_state = grad_cy.contiguous().clone();
+  at::Tensor dh_total = project ? at::empty({S, Hout}, x.options()) : at::Tensor();
+  at::Tensor h_prev = at::empty({S, Hout}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "genfast::lstm_backward", [&] {
+    at::Tensor packed_whh = pack_columns<scalar_t>(w_hh, /*transpose=*/false);
+    at::Tensor packed_whr = project ? pack_columns<scalar_t>(w_hr_->contiguous(), false) : at::Tensor();
+    backward_loop<scalar_t>(sc, reverse, go.data_ptr<scalar_t>(), ws.data_ptr<scalar_t>(), cx.data_ptr<scalar_t>(),
+                            packed_whh.data_ptr<scalar_t>(), project ? packed_whr.data_ptr<scalar_t>() : nullptr,
+                            dG.data_ptr<scalar_t>(), dh_state.data_ptr<scalar_t>(), dc_state.data_ptr<scalar_t>(),
+                            project ? dh_total.data_ptr<scalar_t>() : nullptr, H, Hout);
+    gather_previous_hidden<scalar_t>(sc, reverse, out.data_ptr<scalar_t>(), hx.data_ptr<scalar_t>(),
+                                     h_prev.data_ptr<scalar_t>(), Hout);
+  });
+  // Weight gradients: one large GEMM each over all steps.
+  at::Tensor grad_input = at::mm(dG, w_ih).view(input_.sizes());
+  at::Tensor grad_w_ih = at::mm(dG.t(), x);
+  at::Tensor grad_w_hh = at::mm(dG.t(), h_prev);
+  at::Tensor grad_bias = dG.sum(0);
+  at::Tensor grad_w_hr = at::empty({0}, x.options());
+  if (project) {
+    const at::Tensor r = ws.narrow(0, S * (kGates + 1) * H, S * H).view({S, H});
+    grad_w_hr = at::mm(dh_total.t(), r);
+  }
+  return {grad_input, dh_state, dc_state, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(genfast, CPU, m) {
+  m.impl("lstm_forward", &lstm_forward);
+  m.impl("lstm_backward", &lstm_backward);
+}
+
+}  // namespace genfast::cpu

@@ -1,0 +1,125 @@
+// What the CPU LSTM and GRU kernels share: argument checks, the time-step schedule
+// (padded or packed), and how one time step's work is split over threads.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <optional>
+#include <vector>
+
+#include "cpu/gemm.h"
+
+namespace genfast::cpu {
+
+// Hidden units per panel. A panel of the recurrent weight holds the columns of every
+// gate of kUnits consecutive units, so one thread computes all gates of its units and
+// applies the cell update without waiting for anyone.
+constexpr int64_t kUnits = 16;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Which rows of the (S, features) sequence matrix step t uses: rows
+// [offset[t], offset[t] + batch[t]). Padded input is the packed case with equal
+// batch sizes. PackedSequence sorts sequences by length, so batch sizes never grow
+// with t: sequence m is active at step t exactly when m < batch[t].
+struct Schedule {
+  int64_t steps = 0;        // T
+  int64_t batch = 0;        // N (rows at the longest step)
+  int64_t rows = 0;         // S = sum of batch sizes
+  std::vector<int64_t> offset, active;
+
+  // The step processed before `t` in the forward pass (t-1, or t+1 when reversed), or -1.
+  int64_t previous(int64_t t, bool reverse) const {
+    const int64_t p = reverse ? t + 1 : t - 1;
+    return (p >= 0 && p < steps) ? p : -1;
+  }
+  int64_t active_at(int64_t t) const { return t < 0 ? 0 : active[t]; }
+};
+
+inline Schedule make_schedule(const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes) {
+  Schedule s;
+  if (!batch_sizes.has_value()) {
+    TORCH_CHECK(input.dim() == 3, "input: expected a 3-D (T, N, features) tensor, got ", input.dim(), "-D");
+    s.steps = input.size(0);
+    s.batch = input.size(1);
+    for (int64_t t = 0; t < s.steps; ++t) {
+      s.offset.push_back(t * s.batch);
+      s.active.push_back(s.batch);
+    }
+    s.rows = s.steps * s.batch;
+    return s;
+  }
+  const at::Tensor& bs = *batch_sizes;
+  TORCH_CHECK(input.dim() == 2, "input: packed input must be 2-D (sum(batch_sizes), features), got ", input.dim(),
+              "-D");
+  TORCH_CHECK(bs.dim() == 1 && bs.scalar_type() == at::kLong && bs.device().is_cpu(),
+              "batch_sizes: expected a 1-D int64 CPU tensor");
+  auto sizes = bs.contiguous();
+  const int64_t* b = sizes.data_ptr<int64_t>();
+  s.steps = sizes.numel();
+  int64_t total = 0;
+  for (int64_t t = 0; t < s.steps; ++t) {
+    TORCH_CHECK(b[t] > 0, "batch_sizes: entries must be positive, got ", b[t], " at step ", t);
+    TORCH_CHECK(t == 0 || b[t] <= b[t - 1], "batch_sizes: must be non-increasing (sorted PackedSequence)");
+    s.offset.push_back(total);
+    s.active.push_back(b[t]);
+    total += b[t];
+  }
+  s.batch = s.steps ? b[0] : 0;
+  s.rows = total;
+  TORCH_CHECK(total == input.size(0), "input: has ", input.size(0), " rows but batch_sizes sum to ", total);
+  return s;
+}
+
+// Checks shared by every RNN op: dtype, device, shapes of the weights and states.
+inline void check_same(const at::Tensor& t, const char* name, const at::Tensor& ref) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, ": dtype ", t.scalar_type(), " does not match input dtype ",
+              ref.scalar_type());
+  TORCH_CHECK(t.device() == ref.device(), name, ": on ", t.device(), " but input is on ", ref.device());
+}
+
+inline void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected) {
+  TORCH_CHECK(t.sizes() == expected, name, ": expected shape ", expected, ", got ", t.sizes());
+}
+
+inline void check_input_dtype(const at::Tensor& input) {
+  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
+              "input: genfast's CPU RNN kernels support float32 and float64, got ", input.scalar_type());
+  TORCH_CHECK(input.device().is_cpu(), "input: expected a CPU tensor, got ", input.device());
+}
+
+// How one time step is cut into work items: `panels` column panels times row blocks
+// of `block` rows. Items are numbered panel-major so a thread's consecutive items
+// share a weight panel, and each thread keeps the same panels step after step.
+struct Partition {
+  int64_t panels = 0, block = 0, row_blocks = 0;
+  int64_t items() const { return panels * row_blocks; }
+};
+
+inline Partition partition(int64_t panels, int64_t rows) {
+  Partition p;
+  p.panels = panels;
+  const int64_t threads = at::get_num_threads();
+  const int64_t per_row = gemm_rows_per_kernel();
+  // Enough items to keep every thread busy; rows are split only when panels are few.
+  const int64_t want_blocks = std::max<int64_t>(1, ceil_div(2 * threads, std::max<int64_t>(panels, 1)));
+  p.block = std::max<int64_t>(1, rows);
+  if (want_blocks > 1) p.block = std::max<int64_t>(per_row, ceil_div(ceil_div(rows, want_blocks), per_row) * per_row);
+  p.row_blocks = std::max<int64_t>(1, ceil_div(rows, p.block));
+  return p;
+}
+
+// Runs body(item, thread_scratch) for every item of a step, in parallel when the
+// step carries enough work (flops) to pay for waking the other threads.
+template <typename Body>
+void for_each_item(const Partition& part, double flops, Body&& body) {
+  const int64_t items = part.items();
+  const int64_t grain = flops < 2e5 ? items : 1;
+  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) body(item, static_cast<int64_t>(at::get_thread_num()));
+  });
+}
+
+}  // namespace genfast::cpu

@@ -1,0 +1,264 @@
+"""Drop-in replacements for torch.nn.LSTM, GRU, LSTMCell and GRUCell.
+
+Same constructor, parameter names, initialisation, state_dict, forward signature and
+outputs as torch.nn; the work runs in genfast's fused kernels:
+
+    LSTM.forward -> genfast.ops.rnn.lstm (one call per layer and direction)
+                 -> torch.ops.genfast.lstm_forward -> csrc/cpu/lstm.cpp
+
+The modules derive from torch.nn.RNNBase / RNNCellBase for their parameters and
+argument checks, but are not torch.nn.LSTM/GRU subclasses: torch.compile graph-breaks
+on those, and captures these whole.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence
+
+from genfast import _extension, ops
+
+__all__ = ["LSTM", "GRU", "LSTMCell", "GRUCell", "replace_rnns"]
+
+
+def _check_backend(input: Tensor) -> None:
+    if input.is_cuda and not _extension.load().cuda_built():
+        raise RuntimeError(
+            "genfast was built without its CUDA kernels (the installed torch had no CUDA, or CUDA_HOME was "
+            "unset), so it cannot run on a CUDA tensor; rebuild with a CUDA torch, or use torch.nn on the GPU")
+
+
+def _apply_permutation(tensor: Tensor, permutation: Tensor | None, dim: int = 1) -> Tensor:
+    return tensor if permutation is None else tensor.index_select(dim, permutation)
+
+
+class _FusedRNNBase(torch.nn.RNNBase):
+    """The layer/direction loop shared by LSTM and GRU; subclasses run one layer."""
+
+    def _run_layers(self, input: Tensor, states: list[Tensor], batch_sizes: Tensor | None):
+        """states: per state kind, a (layers*directions, N, *) tensor. Returns output and final states."""
+        directions = 2 if self.bidirectional else 1
+        final: list[list[Tensor]] = [[] for _ in states]
+        layer_input = input
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(directions):
+                index = layer * directions + direction
+                suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+                output, *last = self._layer(layer_input, [s[index] for s in states], suffix, batch_sizes,
+                                            direction == 1)
+                outputs.append(output)
+                for kind, value in enumerate(last):
+                    final[kind].append(value)
+            layer_input = outputs[0] if directions == 1 else torch.cat(outputs, dim=-1)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, self.dropout, training=True)
+        return layer_input, [torch.stack(f) for f in final]
+
+    def _weights(self, suffix: str):
+        w_ih = getattr(self, "weight_ih" + suffix)
+        w_hh = getattr(self, "weight_hh" + suffix)
+        b_ih = getattr(self, "bias_ih" + suffix) if self.bias else None
+        b_hh = getattr(self, "bias_hh" + suffix) if self.bias else None
+        return w_ih, w_hh, b_ih, b_hh
+
+    def _prepare(self, input, hx, state_shapes):
+        """Unpacks PackedSequence / batch_first / unbatched input and makes default states.
+
+        Returns (input (T, N, I) or packed data, list of states, batch_sizes, sorted, unsorted, unbatched).
+        """
+        _check_backend(input.data if isinstance(input, PackedSequence) else input)
+        if isinstance(input, PackedSequence):
+            input, batch_sizes, sorted_indices, unsorted_indices = input
+            batch = int(batch_sizes[0])
+            unbatched = False
+        else:
+            batch_sizes = sorted_indices = unsorted_indices = None
+            if input.dim() not in (2, 3):
+                raise ValueError(f"{type(self).__name__}: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            unbatched = input.dim() == 2
+            if unbatched:
+                input = input.unsqueeze(1)
+            elif self.batch_first:
+                input = input.transpose(0, 1)
+            batch = input.size(1)
+        if hx is None:
+            states = [torch.zeros(self.num_layers * (2 if self.bidirectional else 1), batch, size,
+                                  dtype=input.dtype, device=input.device) for size in state_shapes]
+        else:
+            states = list(hx) if isinstance(hx, (tuple, list)) else [hx]
+            if unbatched:
+                for s in states:
+                    if s.dim() != 2:
+                        raise RuntimeError(
+                            f"For unbatched 2-D input, hx should also be 2-D but got {s.dim()}-D tensor")
+                states = [s.unsqueeze(1) for s in states]
+            else:
+                for s in states:
+                    if s.dim() != 3:
+                        raise RuntimeError(
+                            f"For batched 3-D input, hx should also be 3-D but got {s.dim()}-D tensor")
+            states = [_apply_permutation(s, sorted_indices) for s in states]
+        self.check_input(input, batch_sizes)
+        expected = lambda size: (self.num_layers * (2 if self.bidirectional else 1), batch, size)
+        for s, size in zip(states, state_shapes):
+            self.check_hidden_size(s, expected(size))
+        if batch == 0:
+            raise ValueError(f"{type(self).__name__}: input has an empty batch (batch size 0)")
+        if input.size(0) == 0:
+            raise ValueError(f"{type(self).__name__}: input has sequence length 0")
+        return input, states, batch_sizes, sorted_indices, unsorted_indices, unbatched
+
+    def _finish(self, output, states, batch_sizes, sorted_indices, unsorted_indices, unbatched):
+        states = [_apply_permutation(s, unsorted_indices) for s in states]
+        if batch_sizes is not None:
+            return PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices), states
+        if unbatched:
+            return output.squeeze(1), [s.squeeze(1) for s in states]
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        return output, states
+
+    @classmethod
+    def from_torch(cls, module: torch.nn.RNNBase):
+        """A genfast copy of a torch.nn module: same configuration, same weights (copied)."""
+        kwargs = dict(input_size=module.input_size, hidden_size=module.hidden_size, num_layers=module.num_layers,
+                      bias=module.bias, batch_first=module.batch_first, dropout=module.dropout,
+                      bidirectional=module.bidirectional)
+        if getattr(module, "proj_size", 0):
+            kwargs["proj_size"] = module.proj_size
+        weight = next(module.parameters())
+        new = cls(**kwargs, device=weight.device, dtype=weight.dtype)
+        new.load_state_dict(module.state_dict())
+        new.train(module.training)
+        return new
+
+
+class LSTM(_FusedRNNBase):
+    """torch.nn.LSTM, computed by genfast's fused LSTM kernels. See torch.nn.LSTM for the API."""
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 proj_size: int = 0, device=None, dtype=None) -> None:
+        super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         proj_size, device=device, dtype=dtype)
+
+    def _layer(self, input, states, suffix, batch_sizes, reverse):
+        w_ih, w_hh, b_ih, b_hh = self._weights(suffix)
+        w_hr = getattr(self, "weight_hr" + suffix) if self.proj_size > 0 else None
+        return ops.lstm(input, states[0], states[1], w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
+
+    def forward(self, input, hx: tuple[Tensor, Tensor] | None = None):
+        out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        if hx is not None and not (isinstance(hx, (tuple, list)) and len(hx) == 2):
+            raise TypeError("LSTM: hx must be a tuple (h_0, c_0)")
+        input, states, batch_sizes, sorted_i, unsorted_i, unbatched = self._prepare(
+            input, hx, (out_size, self.hidden_size))
+        output, states = self._run_layers(input, states, batch_sizes)
+        output, (h_n, c_n) = self._finish(output, states, batch_sizes, sorted_i, unsorted_i, unbatched)
+        return output, (h_n, c_n)
+
+
+class GRU(_FusedRNNBase):
+    """torch.nn.GRU, computed by genfast's fused GRU kernels. See torch.nn.GRU for the API."""
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 device=None, dtype=None) -> None:
+        super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         device=device, dtype=dtype)
+
+    def _layer(self, input, states, suffix, batch_sizes, reverse):
+        w_ih, w_hh, b_ih, b_hh = self._weights(suffix)
+        return ops.gru(input, states[0], w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)
+
+    def forward(self, input, hx: Tensor | None = None):
+        input, states, batch_sizes, sorted_i, unsorted_i, unbatched = self._prepare(input, hx, (self.hidden_size,))
+        output, states = self._run_layers(input, states, batch_sizes)
+        output, (h_n,) = self._finish(output, states, batch_sizes, sorted_i, unsorted_i, unbatched)
+        return output, h_n
+
+
+class _FusedCellBase(torch.nn.RNNCellBase):
+    def _prepare(self, input: Tensor, hx, n_states: int):
+        _check_backend(input)
+        if input.dim() not in (1, 2):
+            raise ValueError(f"{type(self).__name__}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if input.size(-1) != self.input_size:
+            raise RuntimeError(
+                f"{type(self).__name__}: input has inconsistent input_size: got {input.size(-1)} "
+                f"expected {self.input_size}")
+        batched = input.dim() == 2
+        if not batched:
+            input = input.unsqueeze(0)
+        if input.size(0) == 0:
+            raise ValueError(f"{type(self).__name__}: input has an empty batch (batch size 0)")
+        if hx is None:
+            states = [input.new_zeros(input.size(0), self.hidden_size) for _ in range(n_states)]
+        else:
+            states = list(hx) if n_states > 1 else [hx]
+            for s in states:
+                if s.dim() != (2 if batched else 1):
+                    raise RuntimeError(
+                        f"{type(self).__name__}: Expected hidden to be {2 if batched else 1}D for "
+                        f"{2 if batched else 1}D input, got {s.dim()}D instead")
+            if not batched:
+                states = [s.unsqueeze(0) for s in states]
+            for s in states:
+                if s.shape != (input.size(0), self.hidden_size):
+                    raise RuntimeError(
+                        f"{type(self).__name__}: hidden state has shape {tuple(s.shape)}, expected "
+                        f"{(input.size(0), self.hidden_size)}")
+        # The fused sequence kernel, one step long (T = 1).
+        return input.unsqueeze(0), states, batched
+
+    @classmethod
+    def from_torch(cls, module: torch.nn.RNNCellBase):
+        weight = module.weight_ih
+        new = cls(module.input_size, module.hidden_size, module.bias, device=weight.device, dtype=weight.dtype)
+        new.load_state_dict(module.state_dict())
+        return new
+
+
+class LSTMCell(_FusedCellBase):
+    """torch.nn.LSTMCell on genfast's fused LSTM step. See torch.nn.LSTMCell for the API."""
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype)
+
+    def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        x, (h, c), batched = self._prepare(input, hx, 2)
+        _, h, c = ops.lstm(x, h, c, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
+
+
+class GRUCell(_FusedCellBase):
+    """torch.nn.GRUCell on genfast's fused GRU step. See torch.nn.GRUCell for the API."""
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__(input_size, hidden_size, bias, num_chunks=3, device=device, dtype=dtype)
+
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        x, (h,), batched = self._prepare(input, hx, 1)
+        _, h = ops.gru(x, h, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        return h if batched else h.squeeze(0)
+
+
+_REPLACEMENTS = {torch.nn.LSTM: LSTM, torch.nn.GRU: GRU, torch.nn.LSTMCell: LSTMCell, torch.nn.GRUCell: GRUCell}
+
+
+def replace_rnns(model: torch.nn.Module) -> torch.nn.Module:
+    """Swaps every torch.nn LSTM/GRU/LSTMCell/GRUCell inside ``model`` (in place) for genfast's, keeping weights.
+
+    Returns the model (or the replacement, if ``model`` itself is one of those modules).
+    """
+    if type(model) in _REPLACEMENTS:
+        return _REPLACEMENTS[type(model)].from_torch(model)
+    for name, child in model.named_children():
+        replacement = _REPLACEMENTS.get(type(child))
+        if replacement is not None:
+            setattr(model, name, replacement.from_torch(child))
+        else:
+            replace_rnns(child)
+    return model

@@ -1,0 +1,13 @@
+"""Typed wrappers over the compiled operators ``torch.ops.genfast.*``.
+
+Importing this package loads ``genfast._C`` (raising ImportError with build
+instructions if it is missing) and registers, for each op, its fake (meta) kernel
+for torch.compile / export and its autograd formula. One module per op family.
+"""
+from genfast import _extension
+
+_extension.load()
+
+from genfast.ops.rnn import gru, lstm  # noqa: E402
+
+__all__ = ["lstm", "gru"]
