@@ -203,6 +203,8 @@ def test_lstm_op_opcheck(proj, packed, train):
     if packed:
         batch_sizes = torch.tensor([3, 2, 2])
         args[0] = torch.randn(7, 2, requires_grad=True)
+    if not train:  # inference mode: no workspace is kept, so nothing may ask for gradients
+        args = [a.detach() if a is not None else None for a in args]
     torch.library.opcheck(torch.ops.genfast.lstm_forward.default, (*args, batch_sizes, False, train))
 
 
