@@ -108,6 +108,20 @@ _AUTOTUNE_KEY = ["seqlen_q", "seqlen_k", "BLOCK_D", "IS_CAUSAL"]
 # Forward
 # --------------------------------------------------------------------------------------------------
 
+@triton.jit
+def _dot(a, b, acc, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_BF16: tl.constexpr):
+    """a @ b (+ acc), accumulated in ACC_DTYPE.
+
+    UPCAST_BF16 is set only under the Triton interpreter: its tl.dot multiplies bfloat16 operands as
+    their raw uint16 bit patterns (triton 3.9). Upcasting to fp32 first is exact (a bf16 x bf16
+    product fits in fp32) and gives what tensor cores compute.
+    """
+    if UPCAST_BF16:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+
+
 @triton.autotune(configs=_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _flash_attention_forward_kernel(
@@ -122,6 +136,7 @@ def _flash_attention_forward_kernel(
     BLOCK_D: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    UPCAST_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -162,7 +177,7 @@ def _flash_attention_forward_kernel(
         k = tl.load(k_ptr + cols[:, None] * stride_kn + dims[None, :] * stride_kd, mask=kv_mask, other=0.0)
         v = tl.load(v_ptr + cols[:, None] * stride_vn + dims[None, :] * stride_vd, mask=kv_mask, other=0.0)
 
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale_log2
+        scores = _dot(q, tl.trans(k), None, ACC_DTYPE, DOT_PRECISION, UPCAST_BF16) * qk_scale_log2
         visible = col_valid[None, :]
         if IS_CAUSAL:
             visible = visible & (cols[None, :] <= rows[:, None])
@@ -176,7 +191,7 @@ def _flash_attention_forward_kernel(
         rescale = tl.exp2(row_max - safe_max)
         row_sum = row_sum * rescale + tl.sum(probs, 1)
         acc = acc * rescale[:, None]
-        acc = tl.dot(probs.to(v.dtype), v, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        acc = _dot(probs.to(v.dtype), v, acc, ACC_DTYPE, DOT_PRECISION, UPCAST_BF16)
         row_max = new_max
 
     # Rows with no visible key (only when Lk == 0) have row_sum == 0: output zeros, lse = -inf.
@@ -234,6 +249,7 @@ def _flash_attention_backward_dkdv_kernel(
     BLOCK_D: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    UPCAST_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -278,18 +294,17 @@ def _flash_attention_backward_dkdv_kernel(
             delta = tl.load(delta_ptr + row_stats + rows, mask=row_valid, other=0.0)
 
             # Transposed tile (keys x queries) so that dV += P^T dO and dK += dS^T Q need no transpose.
-            scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+            scores_t = _dot(k, tl.trans(q), None, ACC_DTYPE, DOT_PRECISION, UPCAST_BF16)
             probs_t = tl.exp2(scores_t * qk_scale_log2 - (lse * 1.4426950408889634)[None, :])
             visible = col_valid[:, None] & row_valid[None, :]
             if IS_CAUSAL:
                 visible = visible & (cols[:, None] <= rows[None, :])
             probs_t = tl.where(visible, probs_t, 0.0)
 
-            grad_v = tl.dot(probs_t.to(grad_out.dtype), grad_out, grad_v,
-                            input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-            grad_probs_t = tl.dot(v, tl.trans(grad_out), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+            grad_v = _dot(probs_t.to(grad_out.dtype), grad_out, grad_v, ACC_DTYPE, DOT_PRECISION, UPCAST_BF16)
+            grad_probs_t = _dot(v, tl.trans(grad_out), None, ACC_DTYPE, DOT_PRECISION, UPCAST_BF16)
             grad_scores_t = probs_t * (grad_probs_t - delta[None, :])
-            grad_k = tl.dot(grad_scores_t.to(q.dtype), q, grad_k, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+            grad_k = _dot(grad_scores_t.to(q.dtype), q, grad_k, ACC_DTYPE, DOT_PRECISION, UPCAST_BF16)
 
     grad_k = grad_k * scale
     tl.store(grad_k_ptr + batch.to(tl.int64) * stride_dkb + kv_head.to(tl.int64) * stride_dkh
@@ -315,6 +330,7 @@ def _flash_attention_backward_dq_kernel(
     BLOCK_D: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    UPCAST_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -354,16 +370,16 @@ def _flash_attention_backward_dq_kernel(
         k = tl.load(k_base + cols[:, None] * stride_kn + dims[None, :] * stride_kd, mask=kv_mask, other=0.0)
         v = tl.load(v_base + cols[:, None] * stride_vn + dims[None, :] * stride_vd, mask=kv_mask, other=0.0)
 
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        scores = _dot(q, tl.trans(k), None, ACC_DTYPE, DOT_PRECISION, UPCAST_BF16)
         probs = tl.exp2(scores * qk_scale_log2 - lse_log2[:, None])
         visible = row_valid[:, None] & col_valid[None, :]
         if IS_CAUSAL:
             visible = visible & (cols[None, :] <= rows[:, None])
         probs = tl.where(visible, probs, 0.0)
 
-        grad_probs = tl.dot(grad_out, tl.trans(v), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        grad_probs = _dot(grad_out, tl.trans(v), None, ACC_DTYPE, DOT_PRECISION, UPCAST_BF16)
         grad_scores = probs * (grad_probs - delta[:, None])
-        grad_q = tl.dot(grad_scores.to(k.dtype), k, grad_q, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        grad_q = _dot(grad_scores.to(k.dtype), k, grad_q, ACC_DTYPE, DOT_PRECISION, UPCAST_BF16)
 
     grad_q = grad_q * scale
     tl.store(grad_q_ptr + batch.to(tl.int64) * stride_dqb + q_head.to(tl.int64) * stride_dqh
@@ -388,19 +404,34 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _upcast_bf16(dtype: torch.dtype) -> bool:
+    return _INTERPRETED and dtype == torch.bfloat16
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs: IEEE products, so results track an fp32 reference instead of TF32's 10-bit mantissa.
     # fp16/bf16 ignore this knob (their tensor-core products are exact in fp32).
-    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+    if dtype in (torch.float32, torch.float64) or _upcast_bf16(dtype):
+        return "ieee"
+    return "tf32"
 
 
-@triton_op("genfast::flash_attention_forward", mutates_args=())
-def flash_attention_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
-    """(out (B, Hq, Lq, D) in q's dtype, lse (B, Hq, Lq) float32 natural-log logsumexp of the scaled scores)."""
+def _forward_outputs(q: Tensor) -> tuple[Tensor, Tensor]:
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(q.shape[:3], dtype=_stats_dtype(q.dtype), device=q.device)
+    return out, lse
+
+
+def _backward_outputs(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _flash_attention_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """(out (B, Hq, Lq, D) in q's dtype, lse (B, Hq, Lq): natural-log logsumexp of the scaled scores,
+    float32 (float64 for float64 inputs); -inf for rows that see no key)."""
     batch, num_q_heads, seqlen_q, head_dim = q.shape
     num_kv_heads, seqlen_k = k.shape[1], k.shape[2]
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty((batch, num_q_heads, seqlen_q), dtype=_stats_dtype(q.dtype), device=q.device)
+    out, lse = _forward_outputs(q)
     if out.numel() == 0:
         return out, lse
 
@@ -416,19 +447,17 @@ def flash_attention_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale
         BLOCK_D=_block_d(head_dim),
         ACC_DTYPE=_acc_dtype(q.dtype),
         DOT_PRECISION=_dot_precision(q.dtype),
+        UPCAST_BF16=_upcast_bf16(q.dtype),
     )
     return out, lse
 
 
-@triton_op("genfast::flash_attention_backward", mutates_args=())
-def flash_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                             causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+def _flash_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                              causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) for flash_attention_forward, recomputing the probabilities from lse."""
     batch, num_q_heads, seqlen_q, head_dim = q.shape
     num_kv_heads, seqlen_k = k.shape[1], k.shape[2]
-    grad_q = torch.empty_like(q, memory_format=torch.contiguous_format)
-    grad_k = torch.empty_like(k, memory_format=torch.contiguous_format)
-    grad_v = torch.empty_like(v, memory_format=torch.contiguous_format)
+    grad_q, grad_k, grad_v = _backward_outputs(q, k, v)
     if seqlen_q == 0 or seqlen_k == 0 or batch == 0 or num_q_heads == 0:
         # No query sees any key: every gradient is an empty sum.
         return grad_q.zero_(), grad_k.zero_(), grad_v.zero_()
@@ -446,7 +475,8 @@ def flash_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, 
     )
 
     common = dict(GROUP_SIZE=num_q_heads // num_kv_heads, IS_CAUSAL=causal, BLOCK_D=block_d,
-                  ACC_DTYPE=acc_dtype, DOT_PRECISION=_dot_precision(q.dtype))
+                  ACC_DTYPE=acc_dtype, DOT_PRECISION=_dot_precision(q.dtype),
+                  UPCAST_BF16=_upcast_bf16(q.dtype))
 
     def dkdv_grid(meta):
         return (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * num_kv_heads)
@@ -468,6 +498,25 @@ def flash_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, 
         **common,
     )
     return grad_q, grad_k, grad_v
+
+
+def _register_op(name: str, impl, fake):
+    if _INTERPRETED:
+        # torch's wrap_triton cannot trace an interpreted kernel (it would run it on fake tensors), so
+        # under the interpreter the op is an opaque custom op with a shape-only fake implementation.
+        op = torch.library.custom_op(name, impl, mutates_args=())
+        op.register_fake(fake)
+        return op
+    # On a GPU: triton_op, so torch.compile sees the kernels themselves (its fake is impl, traced).
+    return triton_op(name, impl, mutates_args=())
+
+
+flash_attention_forward = _register_op(
+    "genfast::flash_attention_forward", _flash_attention_forward,
+    lambda q, k, v, causal, scale: _forward_outputs(q))
+flash_attention_backward = _register_op(
+    "genfast::flash_attention_backward", _flash_attention_backward,
+    lambda grad_out, q, k, v, out, lse, causal, scale: _backward_outputs(q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
