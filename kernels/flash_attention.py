@@ -62,33 +62,35 @@ _LOG2E = 1.4426950408889634  # the kernels use exp2, so scores are carried in ba
 # --------------------------------------------------------------------------------------------------
 
 def _gpu_configs() -> list[triton.Config]:
-    # Ampere (sm80) and Hopper (sm90) both like 128x64 or 64x64 tiles with 4-8 warps; deeper software
-    # pipelines (stages) pay off on Hopper, shallow ones fit Ampere's shared memory at D=128..256.
-    configs = []
-    for block_m in (64, 128):
-        for block_n in (64, 128):
-            for num_warps in (4, 8):
-                for num_stages in (2, 3, 4):
-                    if block_m == 128 and block_n == 128 and num_warps == 4:
-                        continue  # too many registers per thread; never the winner
-                    configs.append(triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n},
-                                                 num_warps=num_warps, num_stages=num_stages))
-    return configs
+    # (BLOCK_M, BLOCK_N, num_warps, num_stages). Ampere (sm80, 164 KB shared memory) favours 64-128 x 64
+    # tiles with 2-3 stages; Hopper (sm90, 227 KB) favours 128 x 64/128 tiles, 8 warps, 3-4 stages.
+    # Kept to eight so that first-call autotuning stays short (every kernel x length x head dim).
+    shapes = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3),
+              (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+_MAX_SHARED_MEMORY_BYTES = 227 * 1024  # sm90's opt-in limit; the autotuner drops what fails on smaller parts
 
 
 def _prune_for_head_dim(configs, named_args, **kwargs):
-    # Large head dims with large tiles and deep pipelines overflow shared memory; drop them up front
-    # instead of letting the autotuner compile and reject each one.
-    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-    kept = []
-    for config in configs:
-        tile = max(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"])
-        if block_d >= 256 and (tile > 64 or config.num_stages > 2):
-            continue
-        if block_d >= 128 and tile == 128 and config.num_stages > 3:
-            continue
-        kept.append(config)
-    return kept or configs[:1]
+    """Drop configurations that cannot fit in shared memory at this head dim and element size.
+
+    Rough estimate: num_stages copies of one BLOCK_M x D and one BLOCK_N x D tile (what the software
+    pipeline buffers). Whatever still fails to launch is scored as infinitely slow by the autotuner,
+    so the estimate only needs to be cheap. fp32/fp64 inputs (IEEE products, no tensor cores) keep
+    only the smallest tile: large ones compile for minutes and spill.
+    """
+    block_d = kwargs.get("BLOCK_D") or named_args.get("BLOCK_D") or 64
+    q = named_args.get("q_ptr", kwargs.get("q_ptr"))
+    element_size = q.element_size() if hasattr(q, "element_size") else 2
+    smallest = min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))
+    if element_size >= 4:
+        return [smallest]
+    kept = [config for config in configs
+            if (config.kwargs["BLOCK_M"] + config.kwargs["BLOCK_N"]) * block_d * element_size * config.num_stages
+            <= _MAX_SHARED_MEMORY_BYTES]
+    return kept or [smallest]
 
 
 if _INTERPRETED:
