@@ -36,7 +36,8 @@ The op is registered with ``torch.library.triton_op`` as ``genfast::flash_attent
 autograd goes through ``register_autograd``. Double backward is not supported.
 
 Under the Triton interpreter (TRITON_INTERPRET=1, read at import time) each kernel uses a single small
-tile configuration so that CPU tests stay fast; on a GPU the tiles are autotuned.
+tile configuration so that CPU tests stay fast; on a GPU the tiles are autotuned (eight configurations
+for Ampere/Hopper, pruned by shared memory; GENFAST_FLASH_AUTOTUNE=0 takes the first that fits).
 """
 from __future__ import annotations
 
@@ -53,6 +54,9 @@ __all__ = ["flash_attention", "MAX_HEAD_DIM"]
 
 MAX_HEAD_DIM = 256
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# GENFAST_FLASH_AUTOTUNE=0: take the first configuration that fits instead of timing all of them
+# (each is a separate compile, seconds apiece); for correctness runs where tuning time is waste.
+_AUTOTUNE = os.environ.get("GENFAST_FLASH_AUTOTUNE", "1") != "0"
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _LOG2E = 1.4426950408889634  # the kernels use exp2, so scores are carried in base 2
 
@@ -65,8 +69,9 @@ def _gpu_configs() -> list[triton.Config]:
     # (BLOCK_M, BLOCK_N, num_warps, num_stages). Ampere (sm80, 164 KB shared memory) favours 64-128 x 64
     # tiles with 2-3 stages; Hopper (sm90, 227 KB) favours 128 x 64/128 tiles, 8 warps, 3-4 stages.
     # Kept to eight so that first-call autotuning stays short (every kernel x length x head dim).
-    shapes = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3),
-              (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3)]
+    # The first one that fits is the untuned default (GENFAST_FLASH_AUTOTUNE=0), so it leads the list.
+    shapes = [(128, 64, 8, 3), (64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3),
+              (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
@@ -84,13 +89,15 @@ def _prune_for_head_dim(configs, named_args, **kwargs):
     block_d = kwargs.get("BLOCK_D") or named_args.get("BLOCK_D") or 64
     q = named_args.get("q_ptr", kwargs.get("q_ptr"))
     element_size = q.element_size() if hasattr(q, "element_size") else 2
-    smallest = min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))
+    smallest = min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages, c.num_warps))
     if element_size >= 4:
         return [smallest]
     kept = [config for config in configs
             if (config.kwargs["BLOCK_M"] + config.kwargs["BLOCK_N"]) * block_d * element_size * config.num_stages
             <= _MAX_SHARED_MEMORY_BYTES]
-    return kept or [smallest]
+    if not kept:
+        return [smallest]
+    return kept if _AUTOTUNE else kept[:1]
 
 
 if _INTERPRETED:
@@ -115,7 +122,7 @@ def _dot(a, b, acc, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST
     """a @ b (+ acc), accumulated in ACC_DTYPE.
 
     UPCAST_BF16 is set only under the Triton interpreter: its tl.dot multiplies bfloat16 operands as
-    their raw uint16 bit patterns (triton 3.9). Upcasting to fp32 first is exact (a bf16 x bf16
+    their raw uint16 bit patterns (triton 3.9; triton-lang/triton#11584). Upcasting to fp32 first is exact (a bf16 x bf16
     product fits in fp32) and gives what tensor cores compute.
     """
     if UPCAST_BF16:
