@@ -564,6 +564,10 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
             raise ValueError(f"flash_attention: {name}.dtype ({tensor.dtype}) must match q.dtype ({q.dtype})")
         if tensor.device != q.device:
             raise RuntimeError(f"flash_attention: {name} is on {tensor.device} but q is on {q.device}")
+    if not _INTERPRETED and q.device.type not in ("cuda", "meta"):
+        raise RuntimeError(f"flash_attention: q is on {q.device}, but the compiled Triton kernels need a GPU "
+                           f"tensor (on CPU use genfast.reference.attention or torch's SDPA; TRITON_INTERPRET=1 "
+                           f"runs these kernels on CPU slowly, for testing)")
     if q.dtype not in _SUPPORTED_DTYPES:
         raise ValueError(f"flash_attention: q.dtype must be one of float16, bfloat16, float32, float64; "
                          f"got {q.dtype}")

@@ -140,6 +140,12 @@ def test_torch_compile_traces_into_the_kernels():
         torch.testing.assert_close(a, b, atol=2e-2, rtol=1e-2)
 
 
+def test_cpu_tensors_are_refused_with_a_clear_error():
+    q = torch.zeros(1, 1, 4, 16)
+    with pytest.raises(RuntimeError, match="q is on cpu"):
+        flash_attention(q, q, q)
+
+
 def _ahead_of_time_compile(kernel, capability, constants, num_warps, num_stages):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
