@@ -1,0 +1,187 @@
+"""The Triton flash-attention kernels on the compiled (non-interpreted) path.
+
+Must run WITHOUT TRITON_INTERPRET (the Makefile's main pytest process). Most tests need a CUDA GPU
+and are skipped without one; the first call of each shape autotunes, so shapes are few and shared.
+test_kernels_compile_for_ampere_and_hopper needs no GPU: it compiles the kernels ahead of time for
+sm80 and sm90 with the ptxas that ships in the triton wheel, so CI catches GPU-only compile errors
+that the interpreter cannot see.
+"""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+pytestmark = pytest.mark.skipif(INTERPRETED, reason="TRITON_INTERPRET=1 is set; these tests check the compiled "
+                                                    "kernels (run them in a process without it)")
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+
+if not INTERPRETED:
+    import triton
+    import triton.language as tl
+
+    from genfast import reference
+    from genfast.kernels import flash_attention as flash_module
+    from genfast.kernels.flash_attention import flash_attention
+
+
+def _inputs(batch, q_heads, kv_heads, len_q, len_k, head_dim, dtype, seed=0):
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    make = lambda *shape: torch.randn(*shape, generator=generator, device="cuda", dtype=torch.float32).to(dtype)
+    return (make(batch, q_heads, len_q, head_dim), make(batch, kv_heads, len_k, head_dim),
+            make(batch, kv_heads, len_k, head_dim), make(batch, q_heads, len_q, head_dim))
+
+
+def _output_and_grads(fn, q, k, v, grad_out):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v)
+    out.backward(grad_out.to(out.dtype))
+    return [t.detach().float() for t in (out, q.grad, k.grad, v.grad)]
+
+
+def _fp32_reference(q, k, v, grad_out, causal):
+    # IEEE fp32 matmuls (no TF32) so the reference is a reference.
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        return _output_and_grads(lambda a, b, c: reference.attention(a, b, c, is_causal=causal, enable_gqa=True),
+                                 q.float(), k.float(), v.float(), grad_out.float())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+# (batch, q heads, kv heads, Lq, Lk, head dim)
+LOW_PRECISION_SHAPES = [
+    (2, 4, 4, 1000, 1000, 64),
+    (2, 4, 2, 513, 1000, 128),    # GQA, Lq != Lk, odd lengths
+    (1, 4, 4, 257, 300, 80),      # non-power-of-two head dim
+]
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", LOW_PRECISION_SHAPES)
+def test_low_precision_error_at_most_twice_torch_sdpa(shape, causal, dtype):
+    # FlashAttention-2's acceptance rule: against an fp32 reference on the same rounded inputs, the
+    # kernel's error may be at most twice PyTorch's own error in the same dtype (plus 1e-5 slack for
+    # cases where both are ~0).
+    q, k, v, grad_out = _inputs(*shape, dtype=dtype)
+    causal_flag = causal
+    ours = _output_and_grads(lambda a, b, c: flash_attention(a, b, c, causal=causal_flag), q, k, v, grad_out)
+    torchs = _output_and_grads(
+        lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=causal_flag, enable_gqa=True),
+        q, k, v, grad_out)
+    expected = _fp32_reference(q, k, v, grad_out, causal)
+    for name, got, theirs, want in zip(("out", "dq", "dk", "dv"), ours, torchs, expected):
+        our_error = (got - want).abs().max().item()
+        torch_error = (theirs - want).abs().max().item()
+        assert our_error <= 2 * torch_error + 1e-5, (
+            f"{name}: flash_attention error {our_error:.3g} > 2 x SDPA error {torch_error:.3g}")
+
+
+@requires_cuda
+@pytest.mark.parametrize("len_q,len_k,head_dim,causal", [
+    (1, 1, 16, True), (17, 130, 24, True), (130, 17, 256, True), (1000, 1000, 112, False)])
+def test_fp32_matches_float64_reference(len_q, len_k, head_dim, causal):
+    q, k, v, grad_out = _inputs(1, 4, 2, len_q, len_k, head_dim, dtype=torch.float32)
+    ours = _output_and_grads(lambda a, b, c: flash_attention(a, b, c, causal=causal), q, k, v, grad_out)
+    expected = _output_and_grads(
+        lambda a, b, c: reference.attention(a, b, c, is_causal=causal, enable_gqa=True),
+        q.double(), k.double(), v.double(), grad_out.double())
+    for name, got, want in zip(("out", "dq", "dk", "dv"), ours, expected):
+        # IEEE fp32 products, fp32 accumulation over <= 1000 terms (x2 heads for dK/dV): rounding
+        # ~sqrt(terms) * 6e-8 of the result's scale; 1e-4 leaves margin while catching any masking bug.
+        tolerance = 1e-4 * max(1.0, want.abs().max().item())
+        error = (got.double() - want.double()).abs().max().item()
+        assert error <= tolerance, f"{name}: max error {error:.3g} > {tolerance:.3g}"
+
+
+@requires_cuda
+def test_compiled_kernels_run_not_the_interpreter():
+    assert not flash_module._INTERPRETED
+    q, k, v, grad_out = _inputs(1, 2, 2, 200, 200, 64, dtype=torch.bfloat16)
+    _output_and_grads(lambda a, b, c: flash_attention(a, b, c, causal=True), q, k, v, grad_out)
+    # The autotuners picked a compiled configuration for each kernel (the interpreter has only one).
+    for kernel in (flash_module._flash_attention_forward_kernel, flash_module._flash_attention_backward_dkdv_kernel,
+                   flash_module._flash_attention_backward_dq_kernel):
+        assert kernel.best_config is not None
+        assert kernel.best_config.kwargs["BLOCK_M"] >= 64
+
+
+@requires_cuda
+def test_gradcheck_float64():
+    q, k, v, _ = _inputs(1, 2, 1, 9, 13, 16, dtype=torch.float64)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    assert torch.autograd.gradcheck(lambda a, b, c: flash_attention(a, b, c, causal=True), (q, k, v),
+                                    fast_mode=True)
+
+
+@requires_cuda
+def test_opcheck():
+    q, k, v, grad_out = _inputs(1, 2, 1, 65, 33, 64, dtype=torch.float16)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(torch.ops.genfast.flash_attention_forward.default, (q, k, v, True, 0.125))
+    out, lse = torch.ops.genfast.flash_attention_forward(q.detach(), k.detach(), v.detach(), True, 0.125)
+    torch.library.opcheck(torch.ops.genfast.flash_attention_backward.default,
+                          (grad_out, q.detach(), k.detach(), v.detach(), out, lse, True, 0.125))
+
+
+@requires_cuda
+def test_torch_compile_traces_into_the_kernels():
+    q, k, v, grad_out = _inputs(2, 4, 2, 300, 300, 64, dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda a, b, c: flash_attention(a, b, c, causal=True) * 2.0, fullgraph=True)
+    got = _output_and_grads(compiled, q, k, v, grad_out)
+    want = _output_and_grads(lambda a, b, c: flash_attention(a, b, c, causal=True) * 2.0, q, k, v, grad_out)
+    for a, b in zip(got, want):
+        # Same kernels, same tiles; only the fused "* 2.0" epilogue may round differently (1 bf16 ulp).
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=1e-2)
+
+
+def test_cpu_tensors_are_refused_with_a_clear_error():
+    q = torch.zeros(1, 1, 4, 16)
+    with pytest.raises(RuntimeError, match="q is on cpu"):
+        flash_attention(q, q, q)
+
+
+def _ahead_of_time_compile(kernel, capability, constants, num_warps, num_stages):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+    constants = {name: value for name, value in constants.items() if name in fn.arg_names}
+    signature = {}
+    for name in fn.arg_names:
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name in ("lse_ptr", "delta_ptr"):
+            signature[name] = "*fp32"
+        elif name.endswith("_ptr"):
+            signature[name] = "*bf16"
+        elif name in ("scale", "qk_scale_log2"):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    source = ASTSource(fn, signature, constants)
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+@pytest.mark.parametrize("capability", [80, 90])
+def test_kernels_compile_for_ampere_and_hopper(capability):
+    # bf16, head dim 80 (padded to 128), causal GQA, with a tile configuration from the autotune list.
+    constants = dict(GROUP_SIZE=2, IS_CAUSAL=True, BLOCK_D=128, ACC_DTYPE=tl.float32, DOT_PRECISION="tf32",
+                     UPCAST_BF16=False, BLOCK_M=128, BLOCK_N=64)
+    assert any(c.kwargs == {"BLOCK_M": 128, "BLOCK_N": 64} and c.num_warps == 8 and c.num_stages == 3
+               for c in flash_module._CONFIGS)
+    for kernel in (flash_module._flash_attention_forward_kernel, flash_module._flash_attention_backward_dkdv_kernel,
+                   flash_module._flash_attention_backward_dq_kernel):
+        compiled = _ahead_of_time_compile(kernel, capability, constants, num_warps=8, num_stages=3)
+        assert compiled.asm["cubin"], kernel
+        # Hopper's opt-in limit is 227 KB, Ampere's 163 KB: this configuration must fit both.
+        assert compiled.metadata.shared <= 163 * 1024, (kernel, compiled.metadata.shared)
+    preprocess = _ahead_of_time_compile(flash_module._flash_attention_backward_preprocess_kernel, capability,
+                                        dict(BLOCK_D=128, ACC_DTYPE=tl.float32, BLOCK_M=64), 4, 1)
+    assert preprocess.asm["cubin"]
