@@ -23,7 +23,12 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
 
 #include "cpu/attention_gemm.h"
 #include "cpu/simd.h"
@@ -186,8 +191,94 @@ GENFAST_SOFTMAX_COPY(baseline, )
 GENFAST_SOFTMAX_COPY(avx2, GENFAST_TARGET_AVX2)
 GENFAST_SOFTMAX_COPY(avx512, GENFAST_TARGET_AVX512)
 
+
+// ---- float softmax with explicit vectors (AVX2 / AVX-512) ------------------------------
+// GCC does not vectorise the float reductions above without -ffast-math, so the float
+// copies for AVX2 and AVX-512 use intrinsics; exp is the same Cody-Waite + degree-6
+// polynomial as genfast::gates::exp_fast, lane by lane.
+#if GENFAST_X86
+struct Avx2 {
+  using V = __m256;
+  static constexpr int kWidth = 8;
+  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V load(const float* p) { return _mm256_loadu_ps(p); }
+  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V set1(float x) { return _mm256_set1_ps(x); }
+  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V vmax(V a, V b) { return _mm256_max_ps(a, b); }
+  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V vmin(V a, V b) { return _mm256_min_ps(a, b); }
+  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V add(V a, V b) { return _mm256_add_ps(a, b); }
+  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V fnma(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }
+  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V floor(V x) { return _mm256_floor_ps(x); }
+  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V pow2i(V n) {
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_castsi256_ps(bits);
+  }
+  // x where x != -inf, else 0
+  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V zero_if_neg_inf(V x, V value) {
+    return _mm256_andnot_ps(_mm256_cmp_ps(x, set1(-std::numeric_limits<float>::infinity()), _CMP_EQ_OQ), value);
+  }
+};
+
+struct Avx512 {
+  using V = __m512;
+  static constexpr int kWidth = 16;
+  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V load(const float* p) { return _mm512_loadu_ps(p); }
+  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V set1(float x) { return _mm512_set1_ps(x); }
+  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V vmax(V a, V b) { return _mm512_max_ps(a, b); }
+  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V vmin(V a, V b) { return _mm512_min_ps(a, b); }
+  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V add(V a, V b) { return _mm512_add_ps(a, b); }
+  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V fnma(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }
+  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V floor(V x) {
+    return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  }
+  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V pow2i(V n) {
+    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_castsi512_ps(bits);
+  }
+  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V zero_if_neg_inf(V x, V value) {
+    const __mmask16 is_neg_inf =
+        _mm512_cmp_ps_mask(x, set1(-std::numeric_limits<float>::infinity()), _CMP_EQ_OQ);
+    return _mm512_mask_blend_ps(is_neg_inf, value, _mm512_setzero_ps());
+  }
+};
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+using S = Avx2;
+#include "cpu/attention_softmax.inc"
+}  // namespace avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
+namespace avx512 {
+using S = Avx512;
+#include "cpu/attention_softmax.inc"
+}  // namespace avx512
+#pragma GCC pop_options
+#endif
+
 template <typename T>
 SoftmaxKernels<T> softmax_kernels() {
+#if GENFAST_X86
+  if constexpr (std::is_same_v<T, float>) {
+    switch (simd_level()) {
+      case SimdLevel::kAVX512:
+        return {avx512::online_softmax_f32, avx512::softmax_grad_f32, scale_rows_avx512<float>};
+      case SimdLevel::kAVX2:
+        return {avx2::online_softmax_f32, avx2::softmax_grad_f32, scale_rows_avx2<float>};
+      default:
+        break;
+    }
+  }
+#endif
   switch (simd_level()) {
     case SimdLevel::kAVX512:
       return {online_softmax_avx512<T>, softmax_grad_avx512<T>, scale_rows_avx512<T>};
