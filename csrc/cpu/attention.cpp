@@ -38,8 +38,8 @@ namespace genfast::cpu::attention {
 
 namespace {
 
-constexpr int64_t kBlockQ = 64;   // query rows per task / tile
-constexpr int64_t kBlockK = 128;  // key rows per tile
+constexpr int64_t kBlockQ = 128;  // query rows per task / tile
+constexpr int64_t kBlockK = 256;  // key rows per tile
 
 // Mask description, already broadcast to (B, Hq, Lq, Lk) through strides (0 where broadcast).
 template <typename T>
