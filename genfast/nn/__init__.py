@@ -7,6 +7,9 @@ from genfast import _extension
 
 _extension.load()
 
+from genfast.nn import functional  # noqa: E402
+from genfast.nn.attention import MultiheadAttention, replace_attention  # noqa: E402
 from genfast.nn.rnn import GRU, LSTM, GRUCell, LSTMCell, replace_rnns  # noqa: E402
 
-__all__ = ["LSTM", "GRU", "LSTMCell", "GRUCell", "replace_rnns"]
+__all__ = ["LSTM", "GRU", "LSTMCell", "GRUCell", "replace_rnns", "functional", "MultiheadAttention",
+           "replace_attention"]

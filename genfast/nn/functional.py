@@ -212,8 +212,7 @@ def _triton_unsupported(query, key, value, attn_mask, dropout_p, is_causal) -> s
         return f"head dim {query.shape[-1]} > 256"
     if value.shape[-1] != query.shape[-1]:
         return "value head dim differs from query's"
-    if is_causal and query.shape[-2] != key.shape[-2]:
-        return "causal with query length != key length"
+    # The Triton kernel aligns the causal mask top-left, as torch does, so Lq != Lk is fine.
     return None
 
 

@@ -8,6 +8,7 @@ from genfast import _extension
 
 _extension.load()
 
+from genfast.ops import attention  # noqa: E402
 from genfast.ops.rnn import gru, lstm  # noqa: E402
 
-__all__ = ["lstm", "gru"]
+__all__ = ["lstm", "gru", "attention"]
