@@ -87,6 +87,68 @@ inline __attribute__((always_inline)) void panel_rows(int64_t M, int64_t K, cons
   }
 }
 
+// C[m][c] = dot(A row m, weight row c): each weight row is streamed once and used
+// for all MB rows of A (MB <= kMaxDotRows), with vector accumulators.
+template <typename T, int VB, int MB>
+inline __attribute__((always_inline)) void dot_rows(int64_t K, const T* A, int64_t lda, const T* const* rows,
+                                                    int64_t width, T* C, int64_t ldc) {
+  using V = typename VecOf<T, VB>::type;
+  constexpr int L = VB / static_cast<int>(sizeof(T));
+  const int64_t K_vec = K / L * L;
+  for (int64_t c = 0; c < width; ++c) {
+    const T* w = rows[c];
+    if (w == nullptr) {
+      for (int m = 0; m < MB; ++m) C[m * ldc + c] = T(0);
+      continue;
+    }
+    V acc[MB];
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) acc[m] = V{};
+    for (int64_t k = 0; k < K_vec; k += L) {
+      const V wv = *reinterpret_cast<const V*>(w + k);
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m) acc[m] += wv * *reinterpret_cast<const V*>(A + m * lda + k);
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) {
+      T sum = T(0);
+      for (int l = 0; l < L; ++l) sum += acc[m][l];
+      for (int64_t k = K_vec; k < K; ++k) sum += w[k] * A[m * lda + k];
+      C[m * ldc + c] = sum;
+    }
+  }
+}
+
+template <typename T, int VB>
+inline __attribute__((always_inline)) void dot_panel_rows(int64_t M, int64_t K, const T* A, int64_t lda,
+                                                          const T* const* rows, int64_t width, T* C, int64_t ldc) {
+  switch (M) {
+#define GENFAST_DOT(R) \
+  case R:              \
+    return dot_rows<T, VB, R>(K, A, lda, rows, width, C, ldc);
+    GENFAST_DOT(1) GENFAST_DOT(2) GENFAST_DOT(3) GENFAST_DOT(4) GENFAST_DOT(5) GENFAST_DOT(6) GENFAST_DOT(7)
+    GENFAST_DOT(8)
+#undef GENFAST_DOT
+    default: break;
+  }
+}
+
+template <typename T>
+GENFAST_TARGET_AVX512 void dot_panel_avx512(int64_t M, int64_t K, const T* A, int64_t lda, const T* const* rows,
+                                            int64_t width, T* C, int64_t ldc) {
+  dot_panel_rows<T, 64>(M, K, A, lda, rows, width, C, ldc);
+}
+template <typename T>
+GENFAST_TARGET_AVX2 void dot_panel_avx2(int64_t M, int64_t K, const T* A, int64_t lda, const T* const* rows,
+                                        int64_t width, T* C, int64_t ldc) {
+  dot_panel_rows<T, 32>(M, K, A, lda, rows, width, C, ldc);
+}
+template <typename T>
+void dot_panel_baseline(int64_t M, int64_t K, const T* A, int64_t lda, const T* const* rows, int64_t width, T* C,
+                        int64_t ldc) {
+  dot_panel_rows<T, 16>(M, K, A, lda, rows, width, C, ldc);
+}
+
 // Rows per micro-kernel call: as many accumulators as the register file holds
 // while leaving room for the B vector and the broadcast A value.
 constexpr int kRowsAVX512 = 12;  // 12 of 32 zmm
@@ -126,6 +188,24 @@ void gemm_panel(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel, i
     default: return gemm_panel_baseline<T>(M, K, A, lda, panel, width, C, ldc);
   }
 }
+
+template <typename T>
+void dot_panel(int64_t M, int64_t K, const T* A, int64_t lda, const T* const* rows, int64_t width, T* C, int64_t ldc) {
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxDotRows) {
+    const int64_t mb = std::min(kMaxDotRows, M - m0);
+    const T* a = A + m0 * lda;
+    T* c = C + m0 * ldc;
+    switch (simd_level()) {
+      case SimdLevel::kAVX512: dot_panel_avx512<T>(mb, K, a, lda, rows, width, c, ldc); break;
+      case SimdLevel::kAVX2: dot_panel_avx2<T>(mb, K, a, lda, rows, width, c, ldc); break;
+      default: dot_panel_baseline<T>(mb, K, a, lda, rows, width, c, ldc); break;
+    }
+  }
+}
+
+template void dot_panel<float>(int64_t, int64_t, const float*, int64_t, const float* const*, int64_t, float*, int64_t);
+template void dot_panel<double>(int64_t, int64_t, const double*, int64_t, const double* const*, int64_t, double*,
+                                int64_t);
 
 template void gemm_panel<float>(int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t);
 template void gemm_panel<double>(int64_t, int64_t, const double*, int64_t, const double*, int64_t, double*, int64_t);

@@ -42,6 +42,13 @@ void pack_panels(const T* b, int64_t stride_k, int64_t stride_n, int64_t K, int6
 template <typename T>
 void gemm_panel(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel, int64_t width, T* C, int64_t ldc);
 
+// C[m][c] = dot(A[m, 0:K], rows[c][0:K]) for m < M (M <= kMaxDotRows), c < width;
+// rows[c] == nullptr gives 0. For a single time step (decode) the weight is used once,
+// so packing it would cost more than the product: this reads it in place, once.
+constexpr int64_t kMaxDotRows = 8;
+template <typename T>
+void dot_panel(int64_t M, int64_t K, const T* A, int64_t lda, const T* const* rows, int64_t width, T* C, int64_t ldc);
+
 // Rows of A the micro-kernel handles at once for the current SIMD level (a good
 // row-block size is a multiple of this).
 int64_t gemm_rows_per_kernel();

@@ -24,7 +24,8 @@ constexpr int64_t kWidth = kGates * kUnits;
 template <typename T>
 struct ForwardStep {
   const T* h_prev;      // (N, H)
-  const T* packed_whh;  // panels of (H x kWidth): W_hh^T, gates of 16 units side by side
+  const T* packed_whh;  // panels of (H x kWidth): W_hh^T, gates of 16 units side by side; or nullptr:
+  const T* w_hh;        // (3H, H) unpacked, read in place by dot products (few steps and rows)
   const T* gx;          // (n, 3H) W_ih x + b_ih for this step
   const T* b_hh;        // (3H)
   T* out;               // (n, H)
@@ -38,9 +39,16 @@ struct ForwardTile {
   template <typename T>
   static GENFAST_INLINE void run(const ForwardStep<T>* s, int64_t panel, int64_t r0, int64_t r1, T* acc) {
     const int64_t H = s->H;
-    gemm_panel<T>(r1 - r0, H, s->h_prev + r0 * H, H, s->packed_whh + panel * H * kWidth, kWidth, acc, kWidth);
     const int64_t j0 = panel * kUnits;
     const int64_t units = std::min(kUnits, H - j0);
+    if (s->packed_whh) {
+      gemm_panel<T>(r1 - r0, H, s->h_prev + r0 * H, H, s->packed_whh + panel * H * kWidth, kWidth, acc, kWidth);
+    } else {
+      const T* rows[kWidth];
+      for (int64_t c = 0; c < kWidth; ++c)
+        rows[c] = c % kUnits < units ? s->w_hh + ((c / kUnits) * H + j0 + c % kUnits) * H : nullptr;
+      dot_panel<T>(r1 - r0, H, s->h_prev + r0 * H, H, rows, kWidth, acc, kWidth);
+    }
     const T* b = s->b_hh + j0;
     for (int64_t m = r0; m < r1; ++m, acc += kWidth) {
       const T* gx = s->gx + m * kGates * H + j0;
@@ -67,7 +75,8 @@ struct ForwardTile {
 };
 
 template <typename T>
-void forward_loop(const Schedule& sc, bool reverse, const T* gx, const T* packed_whh, const T* b_hh, T* out, T* hbuf,
+void forward_loop(const Schedule& sc, bool reverse, const T* gx, const T* packed_whh, const T* w_hh, const T* b_hh,
+                  T* out, T* hbuf,
                   T* ws, int64_t H) {
   const int64_t N = sc.batch, S = sc.rows;
   const int64_t threads = at::get_num_threads();
@@ -77,6 +86,7 @@ void forward_loop(const Schedule& sc, bool reverse, const T* gx, const T* packed
     const int64_t n = sc.active[t], off = sc.offset[t];
     ForwardStep<T> step{hbuf + (s % 2) * N * H,
                         packed_whh,
+                        w_hh,
                         gx + off * kGates * H,
                         b_hh,
                         out + off * H,
@@ -233,14 +243,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward(const at::Tensor& inp
   at::Tensor ws = at::empty({train ? S * (kGates + 1) * H : 0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "genfast::gru_forward", [&] {
     const int64_t panels = ceil_div(H, kUnits);
-    at::Tensor packed = at::empty({panels * H * kWidth}, x.options());
-    pack_panels<scalar_t>(w_hh.data_ptr<scalar_t>(), 1, H, H, panels, kWidth,
-                          [&](int64_t p, int64_t col) {
-                            const int64_t j = p * kUnits + col % kUnits;
-                            return j < H ? (col / kUnits) * H + j : -1;
-                          },
-                          packed.data_ptr<scalar_t>());
-    forward_loop<scalar_t>(sc, reverse, gx.data_ptr<scalar_t>(), packed.data_ptr<scalar_t>(),
+    at::Tensor packed;
+    if (!read_weight_in_place(sc)) {
+      packed = at::empty({panels * H * kWidth}, x.options());
+      pack_panels<scalar_t>(w_hh.data_ptr<scalar_t>(), 1, H, H, panels, kWidth,
+                            [&](int64_t p, int64_t col) {
+                              const int64_t j = p * kUnits + col % kUnits;
+                              return j < H ? (col / kUnits) * H + j : -1;
+                            },
+                            packed.data_ptr<scalar_t>());
+    }
+    forward_loop<scalar_t>(sc, reverse, gx.data_ptr<scalar_t>(), packed.defined() ? packed.data_ptr<scalar_t>() : nullptr,
+                           w_hh.data_ptr<scalar_t>(),
                            bias_hh.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), hbuf.data_ptr<scalar_t>(),
                            train ? ws.data_ptr<scalar_t>() : nullptr, H);
     // Final state of each sequence: its output at the last step it was active.

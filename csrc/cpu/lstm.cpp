@@ -28,7 +28,8 @@ constexpr int64_t kWidth = kGates * kUnits;  // columns in a forward weight pane
 template <typename T>
 struct ForwardStep {
   const T* h_prev;      // (N, Hout) state read by this step
-  const T* packed_whh;  // panels of (Hout x kWidth): W_hh^T, gates of 16 units side by side
+  const T* packed_whh;  // panels of (Hout x kWidth): W_hh^T, gates of 16 units side by side; or nullptr:
+  const T* w_hh;        // (4H, Hout) unpacked, read in place by dot products (few steps and rows)
   const T* gx;          // (n, 4H) input projection rows of this step, biases folded in
   T* c;                 // (N, H) cell state, updated in place
   T* h_out;             // (n, H) rows receiving o*tanh(c): the output, or r_t when projecting
@@ -42,10 +43,17 @@ struct ForwardTile {
   template <typename T>
   static GENFAST_INLINE void run(const ForwardStep<T>* s, int64_t panel, int64_t r0, int64_t r1, T* acc) {
     const int64_t H = s->H;
-    gemm_panel<T>(r1 - r0, s->Hout, s->h_prev + r0 * s->Hout, s->Hout, s->packed_whh + panel * s->Hout * kWidth,
-                  kWidth, acc, kWidth);
     const int64_t j0 = panel * kUnits;
     const int64_t units = std::min(kUnits, H - j0);
+    if (s->packed_whh) {
+      gemm_panel<T>(r1 - r0, s->Hout, s->h_prev + r0 * s->Hout, s->Hout, s->packed_whh + panel * s->Hout * kWidth,
+                    kWidth, acc, kWidth);
+    } else {
+      const T* rows[kWidth];
+      for (int64_t c = 0; c < kWidth; ++c)
+        rows[c] = c % kUnits < units ? s->w_hh + ((c / kUnits) * H + j0 + c % kUnits) * s->Hout : nullptr;
+      dot_panel<T>(r1 - r0, s->Hout, s->h_prev + r0 * s->Hout, s->Hout, rows, kWidth, acc, kWidth);
+    }
     for (int64_t m = r0; m < r1; ++m, acc += kWidth) {
       const T* gx = s->gx + m * kGates * H + j0;
       T* c = s->c + m * H + j0;
@@ -97,7 +105,8 @@ struct ProjectTile {
 };
 
 template <typename T>
-void forward_loop(const Schedule& sc, bool reverse, const T* gx, const T* packed_whh, const T* packed_whr, T* out,
+void forward_loop(const Schedule& sc, bool reverse, const T* gx, const T* packed_whh, const T* w_hh,
+                  const T* packed_whr, T* out,
                   T* hbuf, T* c, T* ws, T* r_tmp, int64_t H, int64_t Hout) {
   const bool project = packed_whr != nullptr;
   const int64_t N = sc.batch, S = sc.rows;
@@ -114,6 +123,7 @@ void forward_loop(const Schedule& sc, bool reverse, const T* gx, const T* packed
     T* h_next = hbuf + ((s + 1) % 2) * N * Hout;
     ForwardStep<T> step{h_prev,
                         packed_whh,
+                        w_hh,
                         gx + off * kGates * H,
                         c,
                         project ? (saved_r ? saved_r + off * H : r_tmp) : out + off * Hout,
@@ -411,13 +421,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward(
   at::Tensor hy = at::empty({sc.batch, Hout}, x.options());
   at::Tensor ws = at::empty({train ? S * (kGates + 1 + (project ? 1 : 0)) * H : 0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "genfast::lstm_forward", [&] {
-    at::Tensor packed_whh = pack_forward_whh<scalar_t>(w_hh, H, Hout);
+    at::Tensor packed_whh;
+    if (!read_weight_in_place(sc)) packed_whh = pack_forward_whh<scalar_t>(w_hh, H, Hout);
     at::Tensor packed_whr, r_tmp;
     if (project) {
       packed_whr = pack_columns<scalar_t>(w_hr_->contiguous(), /*transpose=*/true);
       if (!train) r_tmp = at::empty({sc.batch, H}, x.options());
     }
-    forward_loop<scalar_t>(sc, reverse, gx.data_ptr<scalar_t>(), packed_whh.data_ptr<scalar_t>(),
+    forward_loop<scalar_t>(sc, reverse, gx.data_ptr<scalar_t>(),
+                           packed_whh.defined() ? packed_whh.data_ptr<scalar_t>() : nullptr, w_hh.data_ptr<scalar_t>(),
                            project ? packed_whr.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
                            hbuf.data_ptr<scalar_t>(), cy.data_ptr<scalar_t>(), train ? ws.data_ptr<scalar_t>() : nullptr,
                            r_tmp.defined() ? r_tmp.data_ptr<scalar_t>() : nullptr, H, Hout);

@@ -73,6 +73,13 @@ inline Schedule make_schedule(const at::Tensor& input, const std::optional<at::T
   return s;
 }
 
+// Packing the recurrent weight costs about two passes over it; the packed GEMM then
+// reads it once per step. With one or two steps of at most kMaxDotRows rows each,
+// dot products over the weight in place (dot_panel) do less memory traffic.
+inline bool read_weight_in_place(const Schedule& sc) {
+  return sc.steps * ceil_div(sc.batch, kMaxDotRows) <= 2;
+}
+
 // Checks shared by every RNN op: dtype, device, shapes of the weights and states.
 inline void check_same(const at::Tensor& t, const char* name, const at::Tensor& ref) {
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, ": dtype ", t.scalar_type(), " does not match input dtype ",
