@@ -1,0 +1,1 @@
+"""genfast benchmark command."""
