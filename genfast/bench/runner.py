@@ -79,11 +79,15 @@ def run_case(case: Case, device: str, plan: timing.TimingPlan, peak_gflops: floa
             r.status, r.reason = "error", f"workload: {_error_text(err)}"
         return outcome
 
-    fns, outputs = {}, {}
+    if device == "cuda" and timer is None:
+        timer = timing.CudaTimer()
+    timer = timer or timing.CpuTimer()
+    fns, outputs, first_call_s = {}, {}, {}
     for name, r in results.items():
         try:
             fn = providers.PROVIDERS[case.kind][name].build(work)
-            outputs[name] = fn()  # first call: doubles as warm-up and gives the agreement check
+            # The first call is the first warm-up call and gives the output for the agreement check.
+            first_call_s[name] = timer.time_calls(lambda: outputs.__setitem__(name, fn()), 1)
             fns[name] = fn
         except providers.Unavailable as err:
             r.status, r.reason = err.status, err.reason
@@ -99,10 +103,8 @@ def run_case(case: Case, device: str, plan: timing.TimingPlan, peak_gflops: floa
         outcome.checks["max_abs_diff"] = agreement
     del outputs
 
-    if device == "cuda" and timer is None:
-        timer = timing.CudaTimer()
     try:
-        samples = timing.run_interleaved(fns, plan, timer)
+        samples = timing.run_interleaved(fns, plan, timer, first_call_s)
     except Exception as err:  # noqa: BLE001
         for name in fns:
             results[name].status, results[name].reason = "error", f"while timing: {_error_text(err)}"

@@ -129,11 +129,14 @@ class TimingPlan:
 
 
 def run_interleaved(fns: dict[str, Callable[[], object]], plan: TimingPlan = TimingPlan(),
-                    timer: CpuTimer | None = None) -> dict[str, list[float]]:
+                    timer: CpuTimer | None = None,
+                    first_call_s: dict[str, float] | None = None) -> dict[str, list[float]]:
     """Time every callable in `fns` in interleaved rounds; returns seconds per call, per round.
 
     All lists have the same length (the number of rounds) and index i of each list
-    comes from the same round, so they can be paired.
+    comes from the same round, so they can be paired. `first_call_s` names callables
+    the caller has already called once (and how long that took): that call counts as
+    the first warm-up call, so a slow op is not run once more just to warm up.
     """
     if not fns:
         return {}
@@ -146,8 +149,9 @@ def run_interleaved(fns: dict[str, Callable[[], object]], plan: TimingPlan = Tim
     for name in names:
         fn = fns[name]
         started = timer.now()
-        calls = 0
-        per_call = math.inf
+        calls, per_call = 0, math.inf
+        if first_call_s and name in first_call_s:
+            calls, per_call = 1, first_call_s[name]
         while calls < plan.warmup_calls or timer.now() - started < plan.warmup_s:
             per_call = timer.time_calls(fn, 1)
             calls += 1
