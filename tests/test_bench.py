@@ -246,6 +246,14 @@ def test_compile_timeout_becomes_a_skipped_row(monkeypatch):
     assert raised.value.status == "skipped" and "compile >" in raised.value.reason
 
 
+def test_math_attention_refuses_to_materialise_huge_scores(monkeypatch):
+    monkeypatch.setattr(providers, "MATH_SCORES_LIMIT_BYTES", 1000)
+    work = providers.make_attention_workload(cases.find("attention.tiny.b1.h2.n16.d8.causal.inference"), "cpu")
+    with pytest.raises(providers.Unavailable) as raised:
+        providers.math_attention(work)  # 2 heads * 16 * 16 * 4 bytes = 2048 > 1000
+    assert raised.value.status == "skipped" and "GiB of scores" in raised.value.reason
+
+
 def test_every_case_name_is_unique_and_every_provider_exists():
     for set_name in cases.SETS:
         selected = cases.cases(set_name)

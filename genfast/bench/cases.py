@@ -89,7 +89,7 @@ def _imdb(mode, **overrides) -> Case:
 
 def _attention(B, L, D, causal, mode, baselines, heads=12, prefix="") -> Case:
     params = {"B": B, "heads": heads, "L": L, "D": D, "causal": causal, "seed": 0}
-    masking = "causal" if causal else "full"
+    masking = "causal" if causal else "noncausal"
     name = f"attention.{prefix}b{B}.h{heads}.n{L}.d{D}.{masking}.{mode}"
     return Case(name, "attention", "attention", mode, params, ("genfast", "genfast_triton"),
                 tuple(baselines), measure_memory=True)

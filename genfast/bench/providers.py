@@ -225,6 +225,9 @@ def compiled_reference_rnn(work: RnnWorkload, probe: bool = True):
     fn = _reference_fn(work)
     if probe:
         _probe_compile(work.case_name, work.device)
+    # Each case compiles afresh: dynamo's per-code-object recompile limit would otherwise
+    # turn later cases silently back into eager code.
+    torch._dynamo.reset()
     compiled = torch.compile(fn, dynamic=False)
 
     def run():
@@ -241,8 +244,9 @@ def _probe_compile(case_name: str, device: str) -> None:
     except subprocess.TimeoutExpired:
         raise Unavailable("skipped", f"compile > {COMPILE_TIMEOUT_S:.0f}s") from None
     if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
-        raise Unavailable("error", f"does not compile: {last}")
+        lines = done.stderr.strip().splitlines() or ["(no message)"]
+        message = next((line for line in reversed(lines) if "Error" in line), lines[-1])
+        raise Unavailable("error", f"does not compile: {message.strip()}")
 
 
 # --------------------------------------------------------------------------- attention

@@ -115,12 +115,16 @@ def header_text(header: dict, peak: dict, plan, set_name: str) -> str:
         f"cpu: {header['cpu']}  cores: {header['cores']}  simd: {header['simd']}  threads: {header['threads']}"
         f"  device: {header['device']}" + (f" ({header['gpu']})" if header['device'] == "cuda" else ""),
         f"torch {header['torch']}  genfast {header['genfast']}  python {header['python']}",
-        f"peak ({peak['dtype']} GEMM, best of {len(peak['all'])} measured): {peak['gflops']:.1f} GFLOP/s "
-        f"from {peak['source']}",
+        f"peak ({peak['dtype']} GEMM, best over {peak['rounds']} rounds of {len(peak['all'])} shapes/kernels): "
+        f"{peak['gflops']:.1f} GFLOP/s from {peak['source']}",
         f"timing: warm-up, then >= {plan.min_rounds} interleaved rounds (A B .. B A ..); time = median per call,"
         f" ±IQR = interquartile range / median;",
         "x<baseline> = median over rounds of baseline/genfast time (>1: genfast faster); %peak = GFLOP/s / peak.",
     ]
+    load, cores = header.get("load_avg"), header.get("cores") or 0
+    if header["device"] == "cpu" and load is not None and cores and load > 0.75 * cores:
+        lines.append(f"WARNING: load average {load} on {cores} cores at start: other processes compete for the "
+                     "CPUs, so times are inflated and noisy (ratios, taken round by round, suffer least).")
     return "\n".join(lines)
 
 
