@@ -19,7 +19,9 @@ PLANS = {
     "full": dict(warmup_calls=2, warmup_s=0.2, min_sample_s=0.005, min_rounds=7, budget_s=3.0),
     "smoke": dict(warmup_calls=1, warmup_s=0.0, min_sample_s=0.0002, min_rounds=5, budget_s=0.0),
 }
-PEAK_BUDGET_S = {"quick": 5.0, "full": 8.0, "smoke": 0.5}
+PEAK_BUDGET_S = {"quick": 4.0, "full": 8.0, "smoke": 0.2}
+# The smoke set measures nothing worth a peak; a small GEMM keeps its tests fast.
+PEAK_SHAPES = {"smoke": ((512, 512, 512),)}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, metavar="N", help="torch.set_num_threads(N) (default: torch's)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: cuda when available, else cpu")
+    parser.add_argument("--compile-timeout", type=float, metavar="S",
+                        help="compiled_reference (--full): give up compiling after S seconds "
+                             "(default 120, or $GENFAST_BENCH_COMPILE_TIMEOUT)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     parser.add_argument("--list", action="store_true", help="print the selected case names and exit")
     parser.set_defaults(set="quick")
@@ -60,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from genfast.bench import cases as case_sets
-    from genfast.bench import machine, report, runner, timing
+    from genfast.bench import machine, providers, report, runner, timing
 
     selected = case_sets.cases(args.set, args.filter)
     if args.list:
@@ -82,11 +87,15 @@ def main(argv: list[str] | None = None) -> int:
         print("--device cuda: torch sees no CUDA device", file=sys.stderr)
         return 2
 
+    if args.compile_timeout is not None:
+        providers.COMPILE_TIMEOUT_S = args.compile_timeout
     header = machine.header(device, torch.get_num_threads())
-    peak = machine.measure_peak(device, torch.float32, budget_s=PEAK_BUDGET_S[args.set])
+    peak_shapes = PEAK_SHAPES.get(args.set)
+    peak = machine.measure_peak(device, torch.float32, budget_s=PEAK_BUDGET_S[args.set], shapes=peak_shapes)
     peaks = {"float32": peak}
     if device == "cuda":  # attention runs in fp16 on GPU, and is compared with the fp16 peak
-        peaks["float16"] = machine.measure_peak(device, torch.float16, budget_s=PEAK_BUDGET_S[args.set])
+        peaks["float16"] = machine.measure_peak(device, torch.float16, budget_s=PEAK_BUDGET_S[args.set],
+                                                shapes=peak_shapes)
     plan = timing.TimingPlan(**PLANS[args.set])
 
     results = []

@@ -101,14 +101,15 @@ def _mm_gflops_once(operands, device: str) -> float:
 
 
 def measure_peak(device: str = "cpu", dtype: torch.dtype = torch.float32, budget_s: float = 4.0,
-                 repeats: int = 4) -> dict:
+                 repeats: int = 4, shapes=None) -> dict:
     """Best GFLOP/s of torch.mm (and genfast's packed GEMM when exposed) on a few shapes.
 
     This is the machine's *achievable* GEMM peak, the yardstick for "% of peak"; it is
     not the datasheet number. Returns {"gflops": best, "source": "...", "all": {...}}.
     """
     deadline = time.perf_counter() + budget_s
-    shapes = CUDA_PEAK_SHAPES if device == "cuda" else CPU_PEAK_SHAPES
+    if shapes is None:
+        shapes = CUDA_PEAK_SHAPES if device == "cuda" else CPU_PEAK_SHAPES
     operands = {}
     for m, n, k in shapes:
         operands[f"torch.mm {m}x{n}x{k}"] = (torch.randn(m, k, device=device, dtype=dtype),
