@@ -143,7 +143,7 @@ def to_json(header: dict, peak: dict, plan, set_name: str, results: list[CaseRes
                 "stats_s": _stats_dict(p.stats), "gflops": p.gflops, "pct_peak": p.pct_peak,
                 "peak_memory_bytes": p.peak_memory_bytes} for p in r.providers.values()},
             "speedups": {s: {b: _stats_dict(st) for b, st in per.items()} for s, per in r.speedups.items()},
-            "checks": r.checks,
+            "checks": r.checks, "wall_s": r.wall_s,
         })
     return {"header": header, "peak": peak, "set": set_name, "plan": dataclasses.asdict(plan), "cases": cases}
 

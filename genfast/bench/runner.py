@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +34,7 @@ class CaseResult:
     providers: dict[str, ProviderResult]
     speedups: dict[str, dict[str, timing.Stats]]   # subject -> baseline -> stats of baseline/subject
     checks: dict = field(default_factory=dict)
+    wall_s: float = 0.0                            # the whole case: build, check, time, memory
 
     def subjects(self) -> list[ProviderResult]:
         return [p for p in self.providers.values() if p.role == "subject"]
@@ -69,6 +71,14 @@ def finish_stats(result: CaseResult, flops: float, peak_gflops: float) -> None:
 
 def run_case(case: Case, device: str, plan: timing.TimingPlan, peak_gflops: float,
              timer: timing.CpuTimer | None = None) -> CaseResult:
+    started = time.perf_counter()
+    result = _run_case(case, device, plan, peak_gflops, timer)
+    result.wall_s = time.perf_counter() - started
+    return result
+
+
+def _run_case(case: Case, device: str, plan: timing.TimingPlan, peak_gflops: float,
+              timer: timing.CpuTimer | None) -> CaseResult:
     roles = {name: "subject" for name in case.subjects} | {name: "baseline" for name in case.baselines}
     results = {name: ProviderResult(name, role) for name, role in roles.items()}
     outcome = CaseResult(case, results, {})
