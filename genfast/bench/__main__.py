@@ -75,11 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     if not selected:
         print(f"no case in the {args.set} set matches --filter {args.filter!r} (see --list)", file=sys.stderr)
         return 2
-    if args.threads is not None:
-        if args.threads < 1:
-            print(f"--threads must be >= 1, got {args.threads}", file=sys.stderr)
-            return 2
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 1:
+        print(f"--threads must be >= 1, got {args.threads}", file=sys.stderr)
+        return 2
+    # Fixed for the whole run (and printed in the header), whether given or torch's default.
+    torch.set_num_threads(args.threads or torch.get_num_threads())
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
