@@ -1,0 +1,140 @@
+"""The benchmark command: genfast against the PyTorch baselines, side by side.
+
+    python -m genfast.bench                 # --quick: a representative subset, < 3 min on 2 cores
+    python -m genfast.bench --full          # every case
+    python -m genfast.bench --filter lstm.fastrnns --json out.json --plot speedups.png
+    python -m genfast.bench --list          # case names, for --filter
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+# Set-dependent timing: --quick keeps to the minimum number of rounds on heavy cases;
+# --full spends longer per case for tighter spreads; smoke is for the suite's tests.
+PLANS = {
+    "quick": dict(warmup_calls=1, warmup_s=0.05, min_sample_s=0.002, min_rounds=5, budget_s=0.6),
+    "full": dict(warmup_calls=2, warmup_s=0.2, min_sample_s=0.005, min_rounds=7, budget_s=3.0),
+    "smoke": dict(warmup_calls=1, warmup_s=0.0, min_sample_s=0.0002, min_rounds=5, budget_s=0.0),
+}
+PEAK_BUDGET_S = {"quick": 4.0, "full": 8.0, "smoke": 0.2}
+# The smoke set measures nothing worth a peak; a small GEMM keeps its tests fast.
+PEAK_SHAPES = {"smoke": ((512, 512, 512),)}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m genfast.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--quick", dest="set", action="store_const", const="quick",
+                       help="representative subset, under 3 minutes on a 2-core CPU (default)")
+    which.add_argument("--full", dest="set", action="store_const", const="full", help="every case")
+    which.add_argument("--smoke", dest="set", action="store_const", const="smoke",
+                       help="tiny shapes: checks the suite runs, measures nothing useful")
+    parser.add_argument("--filter", metavar="SUBSTR", help="only cases whose name contains SUBSTR")
+    parser.add_argument("--json", metavar="PATH", help="write every sample and statistic as JSON")
+    parser.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of genfast's speedups")
+    parser.add_argument("--csv", metavar="PATH", help="append the run to this CSV "
+                        "(default: benchmarks/results/runs.csv in the checkout, else ./benchmarks/results/)")
+    parser.add_argument("--no-csv", action="store_true", help="don't append the run to the CSV log")
+    parser.add_argument("--threads", type=int, metavar="N", help="torch.set_num_threads(N) (default: torch's)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: cuda when available, else cpu")
+    parser.add_argument("--compile-timeout", type=float, metavar="S",
+                        help="compiled_reference (--full): give up compiling after S seconds "
+                             "(default 120, or $GENFAST_BENCH_COMPILE_TIMEOUT)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    parser.add_argument("--list", action="store_true", help="print the selected case names and exit")
+    parser.set_defaults(set="quick")
+    return parser
+
+
+def default_csv_path() -> Path:
+    from genfast.bench.machine import repo_root
+
+    root = repo_root() or Path.cwd()
+    return root / "benchmarks" / "results" / "runs.csv"
+
+
+def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()
+    args = _parser().parse_args(argv)
+
+    import torch
+
+    from genfast.bench import cases as case_sets
+    from genfast.bench import machine, providers, report, runner, timing
+
+    selected = case_sets.cases(args.set, args.filter)
+    if args.list:
+        for case in selected:
+            print(case.name)
+        return 0
+    if not selected:
+        print(f"no case in the {args.set} set matches --filter {args.filter!r} (see --list)", file=sys.stderr)
+        return 2
+    if args.threads is not None and args.threads < 1:
+        print(f"--threads must be >= 1, got {args.threads}", file=sys.stderr)
+        return 2
+    # Fixed for the whole run (and printed in the header), whether given or torch's default.
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: torch sees no CUDA device", file=sys.stderr)
+        return 2
+
+    if args.compile_timeout is not None:
+        providers.COMPILE_TIMEOUT_S = args.compile_timeout
+    header = machine.header(device, torch.get_num_threads())
+    setup_s = time.perf_counter() - started
+    peak_shapes = PEAK_SHAPES.get(args.set)
+    peak = machine.measure_peak(device, torch.float32, budget_s=PEAK_BUDGET_S[args.set], shapes=peak_shapes)
+    peaks = {"float32": peak}
+    if device == "cuda":  # attention runs in fp16 on GPU, and is compared with the fp16 peak
+        peaks["float16"] = machine.measure_peak(device, torch.float16, budget_s=PEAK_BUDGET_S[args.set],
+                                                shapes=peak_shapes)
+    plan = timing.TimingPlan(**PLANS[args.set])
+
+    peak_s = time.perf_counter() - started - setup_s
+    results = []
+    progress = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=len(selected), file=sys.stderr, unit="case", dynamic_ncols=True)
+    for case in selected:
+        if progress is not None:
+            progress.set_description(case.name)
+        dtype = "float16" if device == "cuda" and case.kind == "attention" else "float32"
+        results.append(runner.run_case(case, device, plan, peaks[dtype]["gflops"]))
+        if progress is not None:
+            progress.update(1)
+    if progress is not None:
+        progress.close()
+
+    print(report.header_text(header, peak, plan, args.set))
+    print()
+    print(report.table(results))
+    document = report.to_json(header, peaks, plan, args.set, results)
+    document.update(wall_s=time.perf_counter() - started, import_s=setup_s, peak_s=peak_s)
+    if args.json:
+        report.write_json(args.json, document)
+        print(f"\nJSON: {args.json}")
+    if args.plot:
+        report.plot(args.plot, results, f"genfast speedups ({args.set}, {header['cpu']}, "
+                                        f"{header['threads']} threads, {header['date']})")
+        print(f"plot: {args.plot}")
+    if not args.no_csv:
+        path = Path(args.csv) if args.csv else default_csv_path()
+        lines = report.append_csv(path, header, results)
+        print(f"CSV: appended {lines} lines to {path}")
+    print(f"wall time: {time.perf_counter() - started:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Every benchmark case, by name, and the named sets that select them.
+
+A case name reads family.workload.details.mode (e.g. ``lstm.fastrnns.training``) and is
+what --filter matches. Sets: ``quick`` (the default: a representative subset that runs
+in under 3 minutes on a 2-core CPU), ``full`` (everything) and ``smoke`` (tiny shapes,
+for the suite's own tests). A case appears in several sets under the same name; its
+provider list may be shorter in ``quick``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from genfast.bench import flops
+from genfast.bench.providers import rnn_lengths
+
+SETS = ("quick", "full", "smoke")
+
+
+@dataclass(frozen=True, eq=False)
+class Case:
+    name: str
+    op: str                 # lstm | gru | attention | imdb: which benchmarks/bench_<op>.py
+    kind: str               # rnn | attention | imdb: which providers and workload
+    mode: str               # inference | training
+    params: dict = field(default_factory=dict)
+    subjects: tuple[str, ...] = ("genfast",)
+    baselines: tuple[str, ...] = ()
+    unit: str = "ms"        # how the table prints times: ms, or us for latency cases
+    measure_memory: bool = False
+
+    @property
+    def training(self) -> bool:
+        return self.mode == "training"
+
+    @property
+    def providers(self) -> tuple[str, ...]:
+        return self.subjects + self.baselines
+
+    @property
+    def flops(self) -> float:
+        p = self.params
+        if self.kind == "rnn":
+            steps = p["T"] * p["N"]
+            if p.get("packed"):
+                steps = int(rnn_lengths(p["T"], p["N"], p.get("seed", 0)).sum())
+            return flops.rnn(p["cell"], steps, p["input_size"], p["hidden_size"], self.training)
+        if self.kind == "attention":
+            return flops.attention(p["B"], p["heads"], p["L"], p["L"], p["D"], p["causal"], self.training)
+        if self.kind == "imdb":
+            steps = p["batch"] * p["T"]
+            return (flops.rnn("lstm", steps, p["embed"], p["hidden"], self.training)
+                    + flops.rnn("lstm", steps, p["hidden"], p["hidden"], self.training)
+                    + flops.linear(p["batch"], p["hidden"], 1, self.training))
+        raise ValueError(f"unknown case kind {self.kind!r}")
+
+
+MODES = ("inference", "training")
+RNN_BASELINES_FULL = ("torch", "cell_loop", "reference", "compiled_reference")
+
+
+def _rnn(cell: str, workload: str, mode: str, baselines, subjects=("genfast",), unit="ms", **shape) -> Case:
+    params = {"cell": cell, "seed": 0, **shape}
+    return Case(f"{cell}.{workload}.{mode}", cell, "rnn", mode, params, tuple(subjects), tuple(baselines), unit)
+
+
+def _fastrnns(cell, mode, baselines):
+    # The fastrnns benchmark's default shape (pytorch/benchmarks/fastrnns).
+    return _rnn(cell, "fastrnns", mode, baselines, T=100, N=64, input_size=512, hidden_size=512)
+
+
+def _packed(cell, mode, baselines):
+    return _rnn(cell, "packed", mode, baselines, T=100, N=64, input_size=512, hidden_size=512, packed=True)
+
+
+def _decode(cell, hidden, baselines):
+    return _rnn(cell, f"decode.h{hidden}", "inference", baselines, subjects=("genfast", "genfast_cell"),
+                unit="us", T=1, N=1, input_size=hidden, hidden_size=hidden)
+
+
+def _long(cell, mode, baselines):
+    return _rnn(cell, "long", mode, baselines, T=1000, N=16, input_size=256, hidden_size=256)
+
+
+def _imdb(mode, **overrides) -> Case:
+    params = {"vocab": 10000, "embed": 256, "hidden": 64, "batch": 32, "T": 100, "steps_checked": 20,
+              "lr": 1e-3, "seed": 0, **overrides}
+    return Case(f"imdb.{mode}", "imdb", "imdb", mode, params, ("genfast",), ("torch",))
+
+
+def _attention(B, L, D, causal, mode, baselines, heads=12, prefix="") -> Case:
+    params = {"B": B, "heads": heads, "L": L, "D": D, "causal": causal, "seed": 0}
+    masking = "causal" if causal else "noncausal"
+    name = f"attention.{prefix}b{B}.h{heads}.n{L}.d{D}.{masking}.{mode}"
+    return Case(name, "attention", "attention", mode, params, ("genfast", "genfast_triton"),
+                tuple(baselines), measure_memory=True)
+
+
+ATTENTION_BASELINES = ("torch_sdpa", "math")
+
+
+def _quick() -> list[Case]:
+    cases = []
+    # The slow baselines (reference, cell_loop) cost 2-4x torch per call on the big RNN
+    # shapes, so here those shapes compare with torch only; the cheap decode case shows
+    # every RNN baseline, and --full runs them all everywhere.
+    for cell in ("lstm", "gru"):
+        for mode in MODES:
+            cases.append(_fastrnns(cell, mode, ("torch",)))
+    cases += [_imdb("training"), _imdb("inference")]
+    cases.append(_decode("lstm", 256, ("torch", "cell_loop", "reference")))
+    cases.append(_packed("lstm", "inference", ("torch",)))
+    for causal in (True, False):
+        cases.append(_attention(1, 1024, 64, causal, "inference", ATTENTION_BASELINES))
+    return cases
+
+
+def _full() -> list[Case]:
+    cases = []
+    for cell in ("lstm", "gru"):
+        for mode in MODES:
+            cases.append(_fastrnns(cell, mode, RNN_BASELINES_FULL))
+        for mode in MODES:
+            cases.append(_packed(cell, mode, ("torch", "cell_loop")))
+        for hidden in (256, 1024):
+            cases.append(_decode(cell, hidden, RNN_BASELINES_FULL))
+        for mode in MODES:
+            cases.append(_long(cell, mode, ("torch", "cell_loop", "reference")))
+    cases += [_imdb("training"), _imdb("inference")]
+    for B in (1, 8):
+        for L in (128, 512, 1024, 4096):
+            for causal in (True, False):
+                cases.append(_attention(B, L, 64, causal, "inference", ATTENTION_BASELINES))
+    for L in (1024, 4096):
+        for causal in (True, False):
+            cases.append(_attention(1, L, 128, causal, "inference", ATTENTION_BASELINES))
+    for L in (512, 1024):
+        for causal in (True, False):
+            cases.append(_attention(1, L, 64, causal, "training", ATTENTION_BASELINES))
+    return cases
+
+
+def _smoke() -> list[Case]:
+    """Tiny shapes that exercise every workload and provider kind in well under a second."""
+    tiny = dict(T=5, N=3, input_size=8, hidden_size=8)
+    cases = []
+    for cell in ("lstm", "gru"):
+        for mode in MODES:
+            cases.append(_rnn(cell, "tiny", mode, ("torch", "cell_loop", "reference"), **tiny))
+        cases.append(_rnn(cell, "tiny_packed", "training", ("torch", "cell_loop"), packed=True, **tiny))
+        cases.append(_rnn(cell, "tiny_decode", "inference", ("torch", "cell_loop", "reference"),
+                          subjects=("genfast", "genfast_cell"), unit="us",
+                          T=1, N=1, input_size=8, hidden_size=8))
+    for mode in MODES:
+        cases.append(Case(f"imdb.tiny.{mode}", "imdb", "imdb", mode,
+                          {"vocab": 50, "embed": 8, "hidden": 8, "batch": 4, "T": 6, "steps_checked": 3,
+                           "lr": 1e-3, "seed": 0}, ("genfast",), ("torch",)))
+        cases.append(_attention(1, 16, 8, True, mode, ATTENTION_BASELINES, heads=2, prefix="tiny."))
+    return cases
+
+
+_BUILDERS = {"quick": _quick, "full": _full, "smoke": _smoke}
+
+
+def cases(set_name: str = "quick", name_filter: str | None = None) -> list[Case]:
+    """The cases of a set, optionally only those whose name contains `name_filter`."""
+    if set_name not in _BUILDERS:
+        raise ValueError(f"set_name must be one of {SETS}, got {set_name!r}")
+    selected = _BUILDERS[set_name]()
+    if name_filter:
+        selected = [c for c in selected if name_filter in c.name]
+    return selected
+
+
+def find(name: str) -> Case:
+    """A case by exact name, looked up in full, then smoke."""
+    for set_name in ("full", "smoke", "quick"):
+        for case in _BUILDERS[set_name]():
+            if case.name == name:
+                return case
+    raise KeyError(f"no benchmark case named {name!r}")

@@ -1,0 +1,428 @@
+"""Named providers: who computes each benchmarked op, built from one shared workload.
+
+A workload holds a case's inputs and the torch module whose weights every provider
+copies, so all providers compute the same function of the same numbers. A provider's
+`build(workload)` returns a zero-argument callable that runs the op once (forward, or
+forward + backward for training) and returns the forward output, or raises
+Unavailable saying why it can't run here ("not built: <import error>", "needs CUDA",
+"skipped: ...").
+
+RNN providers:       genfast (genfast.nn.LSTM/GRU), genfast_cell (genfast.nn.LSTMCell/GRUCell,
+                     decode cases), torch (nn.LSTM/GRU: oneDNN/ATen on CPU, cuDNN on GPU),
+                     cell_loop (Python loop over nn.LSTMCell/GRUCell), reference
+                     (genfast.reference equations), compiled_reference (torch.compile of it).
+Attention providers: genfast (genfast.nn.functional.scaled_dot_product_attention),
+                     genfast_triton (genfast.kernels.flash_attention, CUDA only),
+                     torch_sdpa (F.scaled_dot_product_attention, default backend),
+                     math (genfast.reference.attention: materialised softmax).
+IMDB providers:      genfast (the model with genfast.nn.LSTM layers), torch (with nn.LSTM).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+from genfast import reference
+
+
+class Unavailable(Exception):
+    """A provider that can't run here; `status` goes in the table, the message with it."""
+
+    def __init__(self, status: str, reason: str):
+        super().__init__(f"{status}: {reason}")
+        self.status = status
+        self.reason = reason
+
+
+def _import_genfast(module: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise Unavailable("not built", f"{type(err).__name__}: {err}") from err
+
+
+# --------------------------------------------------------------------------------- RNN
+@dataclass(eq=False)
+class RnnWorkload:
+    cell: str                    # "lstm" | "gru"
+    module: nn.Module            # the torch nn.LSTM / nn.GRU every provider copies
+    x: torch.Tensor              # (T, N, I) padded input
+    packed: PackedSequence | None
+    hx: tuple[torch.Tensor, ...]  # (h0,) or (h0, c0), each (1, N, H)
+    training: bool
+    device: str
+    case_name: str
+
+    @property
+    def stateful(self) -> bool:
+        return self.cell == "lstm"
+
+    def module_state(self):
+        return self.hx if self.cell == "lstm" else self.hx[0]
+
+
+def make_rnn_workload(case, device: str) -> RnnWorkload:
+    p = case.params
+    generator = torch.Generator().manual_seed(p.get("seed", 0))
+    torch.manual_seed(p.get("seed", 0))
+    rnn_cls = nn.LSTM if p["cell"] == "lstm" else nn.GRU
+    module = rnn_cls(p["input_size"], p["hidden_size"]).to(device)
+    T, N = p["T"], p["N"]
+    x = torch.randn(T, N, p["input_size"], generator=generator).to(device)
+    packed = None
+    if p.get("packed"):
+        lengths = rnn_lengths(T, N, p.get("seed", 0))
+        packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+    states = 2 if p["cell"] == "lstm" else 1
+    hx = tuple(torch.randn(1, N, p["hidden_size"], generator=generator).to(device) for _ in range(states))
+    if case.mode == "training":
+        module.requires_grad_(True)
+    return RnnWorkload(p["cell"], module, x, packed, hx, case.mode == "training", device, case.name)
+
+
+def rnn_lengths(T: int, N: int, seed: int) -> torch.Tensor:
+    """Sequence lengths uniform in [T/3, T], fixed seed; the longest is always T."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    lengths = torch.randint(max(1, T // 3), T + 1, (N,), generator=generator)
+    lengths[0] = T
+    return lengths
+
+
+def _finish(work, output: torch.Tensor) -> torch.Tensor:
+    if work.training:
+        output.sum().backward()
+    return output.detach()
+
+
+def _run_module(work: RnnWorkload, module: nn.Module) -> Callable[[], torch.Tensor]:
+    inputs = work.packed if work.packed is not None else work.x
+    state = work.module_state()
+
+    def run():
+        with torch.set_grad_enabled(work.training):
+            out, _ = module(inputs, state)
+            return _finish(work, out.data if isinstance(out, PackedSequence) else out)
+
+    return run
+
+
+def torch_rnn(work: RnnWorkload):
+    return _run_module(work, work.module)
+
+
+def genfast_rnn(work: RnnWorkload):
+    gnn = _import_genfast("genfast.nn")
+    cls = gnn.LSTM if work.cell == "lstm" else gnn.GRU
+    return _run_module(work, cls.from_torch(work.module).to(work.device))
+
+
+def _torch_cell(work: RnnWorkload) -> nn.Module:
+    m = work.module
+    cls = nn.LSTMCell if work.cell == "lstm" else nn.GRUCell
+    cell = cls(m.input_size, m.hidden_size).to(work.device)
+    with torch.no_grad():
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(cell, name).copy_(getattr(m, f"{name}_l0"))
+    cell.requires_grad_(work.training)
+    return cell
+
+
+def _cell_loop(work: RnnWorkload, cell: nn.Module) -> Callable[[], torch.Tensor]:
+    lstm = work.cell == "lstm"
+    h0 = work.hx[0][0]
+    c0 = work.hx[1][0] if lstm else None
+
+    if work.packed is None:
+        def run():
+            with torch.set_grad_enabled(work.training):
+                h, c = h0, c0
+                outputs = []
+                for x_t in work.x.unbind(0):
+                    if lstm:
+                        h, c = cell(x_t, (h, c))
+                    else:
+                        h = cell(x_t, h)
+                    outputs.append(h)
+                return _finish(work, torch.stack(outputs))
+        return run
+
+    packed = work.packed
+    batch_sizes = packed.batch_sizes.tolist()
+    # The packed rows are in sorted-by-length order; the initial state must follow it.
+    order = packed.sorted_indices.to(h0.device)
+    h0, c0 = h0[order], (c0[order] if lstm else None)
+
+    def run_packed():
+        with torch.set_grad_enabled(work.training):
+            h, c = h0, c0
+            outputs = []
+            offset = 0
+            for rows in batch_sizes:
+                x_t = packed.data[offset:offset + rows]
+                offset += rows
+                if lstm:
+                    h, c = cell(x_t, (h[:rows], c[:rows]))
+                else:
+                    h = cell(x_t, h[:rows])
+                outputs.append(h)
+            return _finish(work, torch.cat(outputs))
+    return run_packed
+
+
+def cell_loop(work: RnnWorkload):
+    return _cell_loop(work, _torch_cell(work))
+
+
+def genfast_cell(work: RnnWorkload):
+    """genfast.nn.LSTMCell / GRUCell stepped from Python (the decode-step API)."""
+    gnn = _import_genfast("genfast.nn")
+    cls = gnn.LSTMCell if work.cell == "lstm" else gnn.GRUCell
+    torch_cell = _torch_cell(work)
+    cell = cls(torch_cell.input_size, torch_cell.hidden_size).to(work.device)
+    cell.load_state_dict(torch_cell.state_dict())
+    cell.requires_grad_(work.training)
+    return _cell_loop(work, cell)
+
+
+def _reference_fn(work: RnnWorkload) -> Callable[[torch.Tensor], torch.Tensor]:
+    if work.packed is not None:
+        raise Unavailable("skipped", "genfast.reference has no PackedSequence form (cell_loop covers it)")
+    m = work.module
+    w = [getattr(m, f"{n}_l0") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+    h0 = work.hx[0][0]
+    if work.cell == "lstm":
+        c0 = work.hx[1][0]
+        return lambda x: reference.lstm_layer(x, h0, c0, w[0], w[1], w[2], w[3])[0]
+    return lambda x: reference.gru_layer(x, h0, w[0], w[1], w[2], w[3])[0]
+
+
+def reference_rnn(work: RnnWorkload):
+    fn = _reference_fn(work)
+
+    def run():
+        with torch.set_grad_enabled(work.training):
+            return _finish(work, fn(work.x))
+    return run
+
+
+# Compiling the reference loop unrolls it T times; on a small CPU that can take minutes.
+# A child process tries first, under a time limit; only if it finishes does this process
+# compile (then mostly from the on-disk cache the child filled).
+COMPILE_TIMEOUT_S = float(os.environ.get("GENFAST_BENCH_COMPILE_TIMEOUT", "120"))
+
+
+def compiled_reference_rnn(work: RnnWorkload, probe: bool = True):
+    fn = _reference_fn(work)
+    if probe:
+        _probe_compile(work.case_name, work.device)
+    # Each case compiles afresh: dynamo's per-code-object recompile limit would otherwise
+    # turn later cases silently back into eager code.
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, dynamic=False)
+
+    def run():
+        with torch.set_grad_enabled(work.training):
+            return _finish(work, compiled(work.x))
+    return run
+
+
+def _probe_compile(case_name: str, device: str) -> None:
+    command = [sys.executable, "-m", "genfast.bench.compile_probe", case_name, device,
+               str(torch.get_num_threads())]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise Unavailable("skipped", f"compile > {COMPILE_TIMEOUT_S:.0f}s") from None
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or ["(no message)"]
+        message = next((line for line in reversed(lines) if "Error" in line), lines[-1])
+        raise Unavailable("error", f"does not compile: {message.strip()}")
+
+
+# --------------------------------------------------------------------------- attention
+# The math baseline materialises B*H*L*L scores (and as much again for the softmax);
+# beyond this it would push a small machine into swap, so it is skipped, saying so.
+MATH_SCORES_LIMIT_BYTES = 2 * 2**30
+
+
+@dataclass(eq=False)
+class AttentionWorkload:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    causal: bool
+    training: bool
+    device: str
+
+
+def make_attention_workload(case, device: str) -> AttentionWorkload:
+    p = case.params
+    generator = torch.Generator().manual_seed(p.get("seed", 0))
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    shape = (p["B"], p["heads"], p["L"], p["D"])
+    q, k, v = (torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+               .requires_grad_(case.mode == "training") for _ in range(3))
+    return AttentionWorkload(q, k, v, p["causal"], case.mode == "training", device)
+
+
+def _run_attention(work: AttentionWorkload, fn) -> Callable[[], torch.Tensor]:
+    def run():
+        with torch.set_grad_enabled(work.training):
+            return _finish(work, fn(work.q, work.k, work.v, work.causal))
+    return run
+
+
+def genfast_sdpa(work: AttentionWorkload):
+    functional = _import_genfast("genfast.nn.functional")
+    return _run_attention(work, lambda q, k, v, causal: functional.scaled_dot_product_attention(
+        q, k, v, is_causal=causal))
+
+
+def genfast_triton(work: AttentionWorkload):
+    flash = _import_genfast("genfast.kernels.flash_attention")
+    if work.device != "cuda":
+        raise Unavailable("needs CUDA", f"Triton kernel; this run is on {work.device}")
+    return _run_attention(work, lambda q, k, v, causal: flash.flash_attention(q, k, v, causal=causal))
+
+
+def torch_sdpa(work: AttentionWorkload):
+    return _run_attention(work, lambda q, k, v, causal: torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=causal))
+
+
+def math_attention(work: AttentionWorkload):
+    B, H, L, _ = work.q.shape
+    scores_bytes = B * H * L * L * work.q.element_size()
+    limit = MATH_SCORES_LIMIT_BYTES
+    if work.device == "cuda":  # scores, softmax and (training) their gradients must fit with room
+        limit = torch.cuda.get_device_properties(0).total_memory // 8
+    if scores_bytes > limit:
+        raise Unavailable("skipped", f"would materialise {scores_bytes / 2**30:.1f} GiB of scores")
+    return _run_attention(work, lambda q, k, v, causal: reference.attention(q, k, v, is_causal=causal))
+
+
+# -------------------------------------------------------------------------------- IMDB
+class ImdbModel(nn.Module):
+    """Embedding(vocab, 256) -> LSTM(64, sequences) -> LSTM(64, last state) -> Linear -> sigmoid."""
+
+    def __init__(self, vocab: int, embed: int, hidden: int, lstm_cls=nn.LSTM):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, embed)
+        self.lstm1 = lstm_cls(embed, hidden, batch_first=True)
+        self.lstm2 = lstm_cls(hidden, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, 1)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        sequence, _ = self.lstm1(self.embedding(tokens))
+        _, (h_last, _) = self.lstm2(sequence)
+        return torch.sigmoid(self.head(h_last[-1])).squeeze(-1)
+
+
+@dataclass(eq=False)
+class ImdbWorkload:
+    model: ImdbModel             # initial weights, shared by every provider (each copies it)
+    batches: list[torch.Tensor]  # synthetic token batches (B, T)
+    labels: list[torch.Tensor]   # 0/1 float labels (B,)
+    training: bool
+    device: str
+    lr: float
+
+
+def make_imdb_workload(case, device: str) -> ImdbWorkload:
+    p = case.params
+    torch.manual_seed(p.get("seed", 0))
+    generator = torch.Generator().manual_seed(p.get("seed", 0))
+    model = ImdbModel(p["vocab"], p["embed"], p["hidden"]).to(device)
+    batches = [torch.randint(0, p["vocab"], (p["batch"], p["T"]), generator=generator).to(device)
+               for _ in range(p["steps_checked"])]
+    labels = [torch.randint(0, 2, (p["batch"],), generator=generator).float().to(device)
+              for _ in range(p["steps_checked"])]
+    return ImdbWorkload(model, batches, labels, case.mode == "training", device, p.get("lr", 1e-3))
+
+
+def imdb_model_for(provider: str, work: ImdbWorkload) -> ImdbModel:
+    model = copy.deepcopy(work.model)
+    if provider == "genfast":
+        gnn = _import_genfast("genfast.nn")
+        model.lstm1 = gnn.LSTM.from_torch(model.lstm1).to(work.device)
+        model.lstm2 = gnn.LSTM.from_torch(model.lstm2).to(work.device)
+    return model
+
+
+def imdb_train_losses(provider: str, work: ImdbWorkload) -> list[float]:
+    """Loss of each of len(work.batches) Adam steps from the shared initial weights."""
+    model = imdb_model_for(provider, work)
+    optimizer = torch.optim.Adam(model.parameters(), lr=work.lr)
+    losses = []
+    for tokens, labels in zip(work.batches, work.labels):
+        optimizer.zero_grad(set_to_none=True)
+        loss = nn.functional.binary_cross_entropy(model(tokens), labels)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _imdb_provider(provider: str):
+    def build(work: ImdbWorkload):
+        model = imdb_model_for(provider, work)
+        tokens, labels = work.batches[0], work.labels[0]
+        if not work.training:
+            model.eval()
+
+            def infer():
+                with torch.no_grad():
+                    return model(tokens)
+            return infer
+        optimizer = torch.optim.Adam(model.parameters(), lr=work.lr)
+
+        def train_step():
+            optimizer.zero_grad(set_to_none=True)
+            probabilities = model(tokens)
+            nn.functional.binary_cross_entropy(probabilities, labels).backward()
+            optimizer.step()
+            return probabilities.detach()
+        return train_step
+    return build
+
+
+# ---------------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    build: Callable
+    description: str
+
+
+PROVIDERS: dict[str, dict[str, Provider]] = {
+    "rnn": {p.name: p for p in (
+        Provider("genfast", genfast_rnn, "genfast.nn.LSTM/GRU"),
+        Provider("genfast_cell", genfast_cell, "genfast.nn.LSTMCell/GRUCell"),
+        Provider("torch", torch_rnn, "torch.nn.LSTM/GRU (oneDNN/ATen on CPU, cuDNN on GPU)"),
+        Provider("cell_loop", cell_loop, "Python loop over torch.nn.LSTMCell/GRUCell"),
+        Provider("reference", reference_rnn, "genfast.reference equations"),
+        Provider("compiled_reference", compiled_reference_rnn, "torch.compile(genfast.reference)"),
+    )},
+    "attention": {p.name: p for p in (
+        Provider("genfast", genfast_sdpa, "genfast.nn.functional.scaled_dot_product_attention"),
+        Provider("genfast_triton", genfast_triton, "genfast.kernels.flash_attention (Triton)"),
+        Provider("torch_sdpa", torch_sdpa, "torch F.scaled_dot_product_attention (default backend)"),
+        Provider("math", math_attention, "genfast.reference.attention (materialised softmax)"),
+    )},
+    "imdb": {p.name: p for p in (
+        Provider("genfast", _imdb_provider("genfast"), "IMDB model with genfast.nn.LSTM"),
+        Provider("torch", _imdb_provider("torch"), "IMDB model with torch.nn.LSTM"),
+    )},
+}
+
+WORKLOADS = {"rnn": make_rnn_workload, "attention": make_attention_workload, "imdb": make_imdb_workload}

@@ -1,0 +1,264 @@
+"""Tests of the benchmark suite itself (genfast.bench): arithmetic, interleaving, rows, outputs.
+
+Timings are never asserted; these check what the suite computes from given timings,
+and that the command produces a parseable table, JSON, CSV and PNG on tiny shapes.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import sys
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from genfast.bench import cases, flops, providers, runner, timing
+from genfast.bench.__main__ import main
+
+
+# ----------------------------------------------------------------- statistics and ratios
+def test_summarize_median_quartiles_and_range():
+    stats = timing.summarize([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (stats.median, stats.q1, stats.q3, stats.min, stats.max, stats.n) == (3.0, 2.0, 4.0, 1.0, 5.0, 5)
+    assert stats.iqr == 2.0
+    with pytest.raises(ValueError, match="at least one sample"):
+        timing.summarize([])
+
+
+def test_speedup_is_the_median_of_per_round_ratios_not_a_ratio_of_medians():
+    # Round 5 hit the subject with a slow outlier (drift); pairing keeps it out of the result.
+    baseline = [2.0, 4.0, 6.0, 8.0, 100.0]
+    subject = [1.0, 2.0, 3.0, 4.0, 1.0]
+    assert timing.paired_ratios(baseline, subject) == [2.0, 2.0, 2.0, 2.0, 100.0]
+    assert timing.speedup(baseline, subject).median == 2.0
+    assert timing.summarize(baseline).median / timing.summarize(subject).median == 3.0
+    with pytest.raises(ValueError, match="equal length"):
+        timing.paired_ratios([1.0, 2.0], [1.0])
+
+
+def test_gflops_arithmetic():
+    assert timing.gflops(3e9, 0.5) == pytest.approx(6.0)
+
+
+def test_flop_counts_follow_the_documented_formulas():
+    # fastrnns LSTM: 2 * T*N * 4H * (I + H)
+    assert flops.rnn("lstm", 100 * 64, 512, 512, training=False) == 2 * 6400 * 2048 * 1024
+    assert flops.rnn("lstm", 10, 8, 4, training=True) == 3 * 2 * 10 * 16 * 12
+    assert flops.rnn("gru", 10, 8, 4, training=False) == 2 * 10 * 12 * 12
+    assert flops.lstm_forward(10, 8, 4, proj_size=2) == 2 * 10 * 16 * 10 + 2 * 10 * 4 * 2
+    full = flops.attention(8, 12, 1024, 1024, 64, causal=False, training=False)
+    assert full == 4 * 8 * 12 * 1024 * 1024 * 64
+    assert flops.attention(8, 12, 1024, 1024, 64, causal=True, training=False) == full / 2
+    assert flops.attention(8, 12, 1024, 1024, 64, causal=False, training=True) == 2.5 * full
+    packed = cases.find("lstm.packed.inference")
+    steps = int(providers.rnn_lengths(100, 64, 0).sum())
+    assert packed.flops == flops.rnn("lstm", steps, 512, 512, training=False)
+
+
+def test_packed_lengths_are_in_range_and_seeded():
+    lengths = providers.rnn_lengths(99, 64, seed=0)
+    assert lengths.min() >= 33 and lengths.max() == 99
+    assert torch.equal(lengths, providers.rnn_lengths(99, 64, seed=0))
+
+
+# ------------------------------------------------------------ interleaving on a fake clock
+class FakeClock:
+    """A clock that only moves when a fake op 'runs', by that op's scripted duration."""
+
+    def __init__(self):
+        self.now = 0.0
+        self.calls: list[str] = []
+
+    def __call__(self):
+        return self.now
+
+    def op(self, name: str, seconds: float):
+        def run():
+            self.calls.append(name)
+            self.now += seconds
+        return run
+
+
+def test_run_interleaved_alternates_order_and_batches_short_calls():
+    clock = FakeClock()
+    fns = {"genfast": clock.op("genfast", 0.001), "torch": clock.op("torch", 0.004)}
+    plan = timing.TimingPlan(warmup_calls=1, warmup_s=0.0, min_sample_s=0.004, min_rounds=5, budget_s=0.0)
+    samples = timing.run_interleaved(fns, plan, timing.CpuTimer(clock))
+    assert samples["genfast"] == pytest.approx([0.001] * 5)
+    assert samples["torch"] == pytest.approx([0.004] * 5)
+    timed = clock.calls[2:]  # after one warm-up call each
+    # genfast is batched 4 calls per sample (0.004 s / 0.001 s), torch 1; order A B, B A, A B, ...
+    assert timed[:10] == ["genfast"] * 4 + ["torch"] + ["torch"] + ["genfast"] * 4
+    assert timed.count("genfast") == 20 and timed.count("torch") == 5
+
+
+def test_run_interleaved_fills_the_time_budget_then_stops():
+    clock = FakeClock()
+    fns = {"a": clock.op("a", 0.01), "b": clock.op("b", 0.01)}
+    plan = timing.TimingPlan(warmup_calls=1, warmup_s=0.0, min_sample_s=0.0, min_rounds=5, budget_s=1.0,
+                             max_rounds=1000)
+    samples = timing.run_interleaved(fns, plan, timing.CpuTimer(clock), first_call_s={"a": 0.01, "b": 0.01})
+    assert len(samples["a"]) == len(samples["b"]) == 50  # 1 s budget / 0.02 s per round
+    assert clock.calls.count("a") == 50  # the caller's first call counted as the warm-up
+
+
+def test_finish_stats_from_injected_samples():
+    case = cases.Case("fake.case.inference", "lstm", "rnn", "inference", {}, ("genfast",), ("torch", "slow"))
+    result = runner.CaseResult(case, {
+        "genfast": runner.ProviderResult("genfast", "subject", samples=[0.010, 0.020, 0.010, 0.010, 0.012]),
+        "torch": runner.ProviderResult("torch", "baseline", samples=[0.020, 0.020, 0.030, 0.020, 0.024]),
+        "slow": runner.ProviderResult("slow", "baseline", status="not built", reason="ImportError: nope"),
+    }, {})
+    runner.finish_stats(result, flops=1e9, peak_gflops=200.0)
+    genfast = result.providers["genfast"]
+    assert genfast.stats.median == 0.010
+    assert genfast.gflops == pytest.approx(100.0)      # 1e9 FLOP / 0.010 s
+    assert genfast.pct_peak == pytest.approx(50.0)      # of 200 GFLOP/s
+    # per-round ratios: 2, 1, 3, 2, 2 -> median 2
+    assert result.speedups["genfast"]["torch"].median == pytest.approx(2.0)
+    assert "slow" not in result.speedups["genfast"]
+    assert result.providers["slow"].stats is None
+
+
+# ------------------------------------------------------------------------ fake genfast
+def _fake_genfast_nn() -> dict[str, types.ModuleType]:
+    """Stand-ins for genfast.nn (copies of the torch modules) so the 'built' path is exercised."""
+    class _FromTorch:
+        @staticmethod
+        def from_torch(module):
+            return copy.deepcopy(module)
+
+    gnn = types.ModuleType("genfast.nn")
+    gnn.LSTM, gnn.GRU = type("LSTM", (_FromTorch,), {}), type("GRU", (_FromTorch,), {})
+    gnn.LSTMCell, gnn.GRUCell = nn.LSTMCell, nn.GRUCell
+    functional = types.ModuleType("genfast.nn.functional")
+    functional.scaled_dot_product_attention = torch.nn.functional.scaled_dot_product_attention
+    gnn.functional = functional
+    flash = types.ModuleType("genfast.kernels.flash_attention")
+    flash.flash_attention = lambda q, k, v, *, causal=False, scale=None: None
+    return {"genfast.nn": gnn, "genfast.nn.functional": functional, "genfast.kernels.flash_attention": flash}
+
+
+@pytest.fixture
+def fake_genfast(monkeypatch):
+    for name, module in _fake_genfast_nn().items():
+        monkeypatch.setitem(sys.modules, name, module)
+
+
+@pytest.fixture
+def no_genfast(monkeypatch):
+    # A None entry makes `import genfast.nn` raise ImportError, as when it isn't built.
+    for name in ("genfast.nn", "genfast.nn.functional", "genfast.kernels.flash_attention"):
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+def _run_main(tmp_path, capsys, name_filter):
+    paths = {k: tmp_path / f"out.{k}" for k in ("json", "png", "csv")}
+    code = main(["--smoke", "--filter", name_filter, "--no-progress", "--device", "cpu", "--threads", "1",
+                 "--json", str(paths["json"]), "--plot", str(paths["png"]), "--csv", str(paths["csv"])])
+    assert code == 0
+    out = capsys.readouterr().out
+    document = json.loads(paths["json"].read_text())
+    import matplotlib.image
+
+    image = matplotlib.image.imread(paths["png"])
+    assert image.ndim == 3 and image.shape[0] > 100
+    with paths["csv"].open() as handle:
+        rows = list(csv.DictReader(handle))
+    return out, document, rows
+
+
+def test_main_end_to_end_with_genfast_built(tmp_path, capsys, fake_genfast):
+    out, document, rows = _run_main(tmp_path, capsys, "lstm.tiny.inference")
+    assert "lstm.tiny.inference" in out and "threads: 1" in out and "peak (float32 GEMM" in out
+    assert document["header"]["threads"] == 1
+    (case,) = document["cases"]
+    assert case["name"] == "lstm.tiny.inference"
+    assert set(case["providers"]) == {"genfast", "torch", "cell_loop", "reference"}
+    assert all(p["status"] == "ok" and len(p["samples_s"]) >= 5 for p in case["providers"].values())
+    for baseline in ("torch", "cell_loop", "reference"):
+        ratio = case["speedups"]["genfast"][baseline]["median"]
+        samples = case["providers"]
+        expected = timing.speedup(samples[baseline]["samples_s"], samples["genfast"]["samples_s"]).median
+        assert ratio == pytest.approx(expected)
+    genfast = case["providers"]["genfast"]
+    assert genfast["gflops"] == pytest.approx(case["flops"] / genfast["stats_s"]["median"] / 1e9)
+    assert genfast["pct_peak"] == pytest.approx(100 * genfast["gflops"] / document["peak"]["float32"]["gflops"])
+    # the stand-in computes exactly what torch does
+    assert case["checks"]["max_abs_diff"]["genfast vs torch"] <= 1e-6
+    assert len(rows) == 4 and {r["provider"] for r in rows} == set(case["providers"])
+    assert all(rows[0][k] for k in ("date", "cpu", "cores", "simd", "threads", "torch", "genfast"))
+    torch_row = next(r for r in rows if r["provider"] == "torch")
+    assert float(torch_row["genfast_speedup"]) == pytest.approx(case["speedups"]["genfast"]["torch"]["median"])
+
+
+def test_main_shows_not_built_rows_when_genfast_import_fails(tmp_path, capsys, no_genfast):
+    out, document, rows = _run_main(tmp_path, capsys, "gru.tiny_decode")
+    (case,) = document["cases"]
+    for subject in ("genfast", "genfast_cell"):
+        assert case["providers"][subject]["status"] == "not built"
+        assert "genfast.nn" in case["providers"][subject]["reason"]  # the import error, verbatim
+    assert case["providers"]["torch"]["status"] == "ok"
+    assert case["speedups"] == {}
+    table_row = next(line for line in out.splitlines() if line.startswith("gru.tiny_decode.inference"))
+    assert "not built" in table_row and "genfast.nn" in table_row
+    assert {r["status"] for r in rows if r["role"] == "subject"} == {"not built"}
+
+
+def test_attention_rows_memory_and_needs_cuda(tmp_path, capsys, fake_genfast):
+    out, document, _ = _run_main(tmp_path, capsys, "attention.tiny.b1.h2.n16.d8.causal.inference")
+    (case,) = document["cases"]
+    assert case["providers"]["genfast_triton"]["status"] == "needs CUDA"
+    for name in ("genfast", "torch_sdpa", "math"):
+        provider = case["providers"][name]
+        assert provider["status"] == "ok"
+        assert provider["peak_memory_bytes"] > 0
+    # the math path materialises the (16 x 16) scores per head; the fused kernel doesn't
+    assert case["providers"]["math"]["peak_memory_bytes"] >= 2 * 16 * 16 * 4
+    assert "needs CUDA" in out
+
+
+def test_imdb_training_reports_loss_agreement(tmp_path, capsys, fake_genfast):
+    out, document, _ = _run_main(tmp_path, capsys, "imdb.tiny.training")
+    (case,) = document["cases"]
+    loss = case["checks"]["loss_after_steps"]
+    assert loss["steps"] == 3 and loss["abs_diff"] == abs(loss["genfast"] - loss["torch"])
+    assert loss["abs_diff"] == 0.0  # the stand-in is a copy of the torch model, same numbers
+    assert "loss after 3 steps" in out
+
+
+def test_filter_list_and_no_match(capsys):
+    assert main(["--smoke", "--filter", "gru.tiny", "--list"]) == 0
+    names = capsys.readouterr().out.split()
+    assert names and all("gru.tiny" in n for n in names)
+    assert main(["--smoke", "--filter", "no-such-case", "--no-csv"]) == 2
+
+
+def test_compile_timeout_becomes_a_skipped_row(monkeypatch):
+    monkeypatch.setattr(providers, "COMPILE_TIMEOUT_S", 0.01)
+    case = cases.find("lstm.tiny.inference")
+    work = providers.make_rnn_workload(case, "cpu")
+    with pytest.raises(providers.Unavailable) as raised:
+        providers.compiled_reference_rnn(work)
+    assert raised.value.status == "skipped" and "compile >" in raised.value.reason
+
+
+def test_math_attention_refuses_to_materialise_huge_scores(monkeypatch):
+    monkeypatch.setattr(providers, "MATH_SCORES_LIMIT_BYTES", 1000)
+    work = providers.make_attention_workload(cases.find("attention.tiny.b1.h2.n16.d8.causal.inference"), "cpu")
+    with pytest.raises(providers.Unavailable) as raised:
+        providers.math_attention(work)  # 2 heads * 16 * 16 * 4 bytes = 2048 > 1000
+    assert raised.value.status == "skipped" and "GiB of scores" in raised.value.reason
+
+
+def test_every_case_name_is_unique_and_every_provider_exists():
+    for set_name in cases.SETS:
+        selected = cases.cases(set_name)
+        names = [c.name for c in selected]
+        assert len(names) == len(set(names)), set_name
+        for case in selected:
+            assert set(case.providers) <= set(providers.PROVIDERS[case.kind]), case.name
+            assert case.flops > 0
