@@ -63,21 +63,22 @@ template <typename T, int VB, int MR>
 inline __attribute__((always_inline)) void panel_rows(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel,
                                                       int64_t width, T* C, int64_t ldc) {
   constexpr int64_t S = kSubWidth<T>;
-  int64_t m = 0;
-  for (; m + MR <= M; m += MR)
-    for (int64_t s = 0; s < width; s += S)
-      micro_kernel<T, VB, MR>(K, A + m * lda, lda, panel + s, width, C + m * ldc + s, ldc);
-  const int64_t rest = M - m;
-  if (rest == 0) return;
+  const int64_t full = M / MR * MR, rest = M - full;
+  // Column slice outermost: its K x 16 slice of the panel stays in L1 while every row
+  // block of A streams past it.
   for (int64_t s = 0; s < width; s += S) {
+    for (int64_t m = 0; m < full; m += MR)
+      micro_kernel<T, VB, MR>(K, A + m * lda, lda, panel + s * K, S, C + m * ldc + s, ldc);
+    if (rest == 0) continue;
+    const int64_t m = full;
     const T* a = A + m * lda;
-    const T* b = panel + s;
+    const T* b = panel + s * K;
     T* c = C + m * ldc + s;
     // A switch over compile-time row counts keeps the tail in registers too.
     switch (rest) {
 #define GENFAST_TAIL(R) \
   case R:               \
-    if constexpr (R < MR) micro_kernel<T, VB, R>(K, a, lda, b, width, c, ldc); \
+    if constexpr (R < MR) micro_kernel<T, VB, R>(K, a, lda, b, S, c, ldc); \
     break;
       GENFAST_TAIL(1) GENFAST_TAIL(2) GENFAST_TAIL(3) GENFAST_TAIL(4) GENFAST_TAIL(5) GENFAST_TAIL(6)
       GENFAST_TAIL(7) GENFAST_TAIL(8) GENFAST_TAIL(9) GENFAST_TAIL(10) GENFAST_TAIL(11)

@@ -1,8 +1,8 @@
 // A small packed GEMM for the recurrent step of the RNN kernels.
 //
 // The recurrent weight is reused at every time step, so it is packed once per call
-// into column panels: panel p holds columns [p*W, p*W + W) of B as a K x W row-major
-// block (W = panel width, a multiple of kSubWidth<T>). One call of gemm_panel then
+// into column panels: panel p holds columns [p*W, p*W + W) of B (W = panel width, a
+// multiple of kSubWidth<T>), stored as W / 16 contiguous K x 16 row-major slices. One call of gemm_panel then
 // computes C (M x W) = A (M x K) * panel with a register-blocked micro-kernel; the
 // caller fuses its epilogue (gate math) right after, while C is still in L1.
 //
@@ -27,12 +27,15 @@ void pack_panels(const T* b, int64_t stride_k, int64_t stride_n, int64_t K, int6
   for (int64_t p = 0; p < num_panels; ++p) {
     T* panel = out + p * K * width;
     for (int64_t c = 0; c < width; ++c) {
+      // Within a panel, each 16-column slice is a contiguous K x 16 block, so the
+      // micro-kernel streams it sequentially.
+      T* slice = panel + (c / kSubWidth<T>) * K * kSubWidth<T> + c % kSubWidth<T>;
       const int64_t n = source_column(p, c);
       if (n < 0) {
-        for (int64_t k = 0; k < K; ++k) panel[k * width + c] = T(0);
+        for (int64_t k = 0; k < K; ++k) slice[k * kSubWidth<T>] = T(0);
       } else {
         const T* src = b + n * stride_n;
-        for (int64_t k = 0; k < K; ++k) panel[k * width + c] = src[k * stride_k];
+        for (int64_t k = 0; k < K; ++k) slice[k * kSubWidth<T>] = src[k * stride_k];
       }
     }
   }

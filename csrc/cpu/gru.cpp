@@ -55,21 +55,34 @@ struct ForwardTile {
       const T* h_prev = s->h_prev + m * H + j0;
       T* out = s->out + m * H + j0;
       T* h_next = s->h_next + m * H + j0;
-      T* rzn = s->saved_rzn ? s->saved_rzn + m * kGates * H + j0 : nullptr;
-      T* hn_saved = s->saved_hn ? s->saved_hn + m * H + j0 : nullptr;
-      for (int64_t u = 0; u < units; ++u) {
-        const T h_n = acc[2 * kUnits + u] + b[2 * H + u];
-        const auto cell = gates::gru_cell<T>(gx[u], gx[H + u], gx[2 * H + u], acc[u] + b[u],
-                                             acc[kUnits + u] + b[H + u], h_n, h_prev[u]);
-        out[u] = cell.h;
-        h_next[u] = cell.h;
-        if (rzn) {  // loop-invariant: the compiler unswitches it
-          rzn[u] = cell.r;
-          rzn[H + u] = cell.z;
-          rzn[2 * H + u] = cell.n;
-          hn_saved[u] = h_n;
-        }
+      T act[kGates + 1][kUnits];
+      cells(units, acc, gx, b, H, h_prev, out, h_next, act);
+      if (s->saved_rzn) {  // training: keep what backward needs
+        T* rzn = s->saved_rzn + m * kGates * H + j0;
+        for (int64_t gate = 0; gate < kGates; ++gate)
+          for (int64_t u = 0; u < units; ++u) rzn[gate * H + u] = act[gate][u];
+        T* hn_saved = s->saved_hn + m * H + j0;
+        for (int64_t u = 0; u < units; ++u) hn_saved[u] = act[kGates][u];
       }
+    }
+  }
+
+  // The fused update of one row of 16 units: branch-free over restrict pointers, so
+  // the compiler vectorises it.
+  template <typename T>
+  static GENFAST_INLINE void cells(int64_t units, const T* __restrict__ acc, const T* __restrict__ gx,
+                                   const T* __restrict__ b, int64_t H, const T* __restrict__ h_prev,
+                                   T* __restrict__ out, T* __restrict__ h_next, T (*__restrict__ act)[kUnits]) {
+    for (int64_t u = 0; u < units; ++u) {
+      const T h_n = acc[2 * kUnits + u] + b[2 * H + u];
+      const auto cell = gates::gru_cell<T>(gx[u], gx[H + u], gx[2 * H + u], acc[u] + b[u],
+                                           acc[kUnits + u] + b[H + u], h_n, h_prev[u]);
+      out[u] = cell.h;
+      h_next[u] = cell.h;
+      act[0][u] = cell.r;
+      act[1][u] = cell.z;
+      act[2][u] = cell.n;
+      act[3][u] = h_n;
     }
   }
 };
@@ -141,19 +154,29 @@ struct BackwardTile {
       const T* g = s->rzn + m * kGates * H + j0;
       const T* hn = s->hn + m * H + j0;
       const T* h_prev = m < s->n_prev_fwd ? s->h_prev + m * H + j0 : s->hx + m * H + j0;
-      T* dGx = s->dGx + m * kGates * H + j0;
-      T* dGh = s->dGh + m * kGates * H + j0;
-      for (int64_t u = 0; u < units; ++u) {
-        const T d_h = go[u] + dh[u] + rec[u];
-        const auto grad = gates::gru_cell_backward<T>(d_h, g[u], g[H + u], g[2 * H + u], hn[u], h_prev[u]);
-        dGx[u] = grad.d_r;
-        dGx[H + u] = grad.d_z;
-        dGx[2 * H + u] = grad.d_xn;
-        dGh[u] = grad.d_r;
-        dGh[H + u] = grad.d_z;
-        dGh[2 * H + u] = grad.d_hn;
-        dh[u] = grad.d_h_prev;  // the direct z * dh term, added at the next step
-      }
+      cell_backward_units(units, H, go, dh, rec, g, hn, h_prev, s->dGx + m * kGates * H + j0,
+                          s->dGh + m * kGates * H + j0);
+    }
+  }
+
+  // Branch-free over restrict pointers, so it vectorises. dh holds what reached h
+  // from outside the recurrence; it leaves holding the direct z * dh term.
+  template <typename T>
+  static GENFAST_INLINE void cell_backward_units(int64_t units, int64_t H, const T* __restrict__ go,
+                                                 T* __restrict__ dh, const T* __restrict__ rec,
+                                                 const T* __restrict__ g, const T* __restrict__ hn,
+                                                 const T* __restrict__ h_prev, T* __restrict__ dGx,
+                                                 T* __restrict__ dGh) {
+    for (int64_t u = 0; u < units; ++u) {
+      const T d_h = go[u] + dh[u] + rec[u];
+      const auto grad = gates::gru_cell_backward<T>(d_h, g[u], g[H + u], g[2 * H + u], hn[u], h_prev[u]);
+      dGx[u] = grad.d_r;
+      dGx[H + u] = grad.d_z;
+      dGx[2 * H + u] = grad.d_xn;
+      dGh[u] = grad.d_r;
+      dGh[H + u] = grad.d_z;
+      dGh[2 * H + u] = grad.d_hn;
+      dh[u] = grad.d_h_prev;
     }
   }
 };

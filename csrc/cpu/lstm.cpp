@@ -58,25 +58,39 @@ struct ForwardTile {
       const T* gx = s->gx + m * kGates * H + j0;
       T* c = s->c + m * H + j0;
       T* h = s->h_out + m * s->ld_h_out + j0;
-      T* h_next = s->h_next ? s->h_next + m * s->Hout + j0 : h;
-      T* g = s->saved_gates ? s->saved_gates + m * kGates * H + j0 : nullptr;
-      T* c_saved = s->saved_c ? s->saved_c + m * H + j0 : nullptr;
-      for (int64_t u = 0; u < units; ++u) {
-        const auto cell = gates::lstm_cell<T>(acc[u] + gx[u], acc[kUnits + u] + gx[H + u],
-                                              acc[2 * kUnits + u] + gx[2 * H + u], acc[3 * kUnits + u] + gx[3 * H + u],
-                                              c[u]);
-        c[u] = cell.c;
-        h[u] = cell.h;
-        h_next[u] = cell.h;
-        if (g) {  // loop-invariant: the compiler unswitches it
-          g[u] = cell.i;
-          g[H + u] = cell.f;
-          g[2 * H + u] = cell.g;
-          g[3 * H + u] = cell.o;
-          c_saved[u] = cell.c;
-        }
+      T act[kGates][kUnits], unused[kUnits];
+      T* h_next = s->h_next ? s->h_next + m * s->Hout + j0 : unused;  // projecting: phase 2 writes the state
+      cells(units, acc, gx, H, c, h, h_next, act);
+      if (s->saved_gates) {  // training: keep what backward needs
+        T* g = s->saved_gates + m * kGates * H + j0;
+        for (int64_t gate = 0; gate < kGates; ++gate)
+          for (int64_t u = 0; u < units; ++u) g[gate * H + u] = act[gate][u];
+        T* c_saved = s->saved_c + m * H + j0;
+        for (int64_t u = 0; u < units; ++u) c_saved[u] = c[u];
       }
     }
+  }
+
+  // The fused cell update of one row of 16 units: a branch-free loop over restrict
+  // pointers, which the compiler vectorises (exp/tanh are polynomials, gate_math.h).
+  template <typename T>
+  static GENFAST_INLINE void cells(int64_t units, const T* __restrict__ acc, const T* __restrict__ gx, int64_t H,
+                                   T* __restrict__ c, T* __restrict__ h, T* __restrict__ h_next,
+                                   T (*__restrict__ act)[kUnits]) {
+    T h_tmp[kUnits];
+    for (int64_t u = 0; u < units; ++u) {
+      const auto cell = gates::lstm_cell<T>(acc[u] + gx[u], acc[kUnits + u] + gx[H + u],
+                                            acc[2 * kUnits + u] + gx[2 * H + u], acc[3 * kUnits + u] + gx[3 * H + u],
+                                            c[u]);
+      c[u] = cell.c;
+      h[u] = cell.h;
+      h_tmp[u] = cell.h;
+      act[1][u] = cell.f;
+      act[2][u] = cell.g;
+      act[3][u] = cell.o;
+      act[0][u] = cell.i;
+    }
+    for (int64_t u = 0; u < units; ++u) h_next[u] = h_tmp[u];
   }
 };
 
@@ -171,14 +185,11 @@ struct BackwardStep {
   int64_t n, n_prev, n_prev_fwd, H, Hout;
 };
 
+// The cell backward of one row of units: branch-free over restrict pointers, so it vectorises.
 template <typename T>
-GENFAST_INLINE void cell_backward_row(const BackwardStep<T>* s, int64_t m, int64_t j0, int64_t units, const T* d_h) {
-  const int64_t H = s->H;
-  const T* g = s->gates + m * kGates * H + j0;
-  const T* c_cur = s->c_cur + m * H + j0;
-  const T* c_prev = m < s->n_prev_fwd ? s->c_prev + m * H + j0 : s->cx + m * H + j0;
-  T* dc = s->dc_state + m * H + j0;
-  T* dG = s->dG + m * kGates * H + j0;
+GENFAST_INLINE void cell_backward_units(int64_t units, int64_t H, const T* __restrict__ d_h, T* __restrict__ dc,
+                                        const T* __restrict__ g, const T* __restrict__ c_prev,
+                                        const T* __restrict__ c_cur, T* __restrict__ dG) {
   for (int64_t u = 0; u < units; ++u) {
     const auto grad = gates::lstm_cell_backward<T>(d_h[u], dc[u], g[u], g[H + u], g[2 * H + u], g[3 * H + u],
                                                    c_prev[u], c_cur[u]);
@@ -188,6 +199,14 @@ GENFAST_INLINE void cell_backward_row(const BackwardStep<T>* s, int64_t m, int64
     dG[3 * H + u] = grad.d_o;
     dc[u] = grad.d_c_prev;
   }
+}
+
+template <typename T>
+GENFAST_INLINE void cell_backward_row(const BackwardStep<T>* s, int64_t m, int64_t j0, int64_t units, const T* d_h) {
+  const int64_t H = s->H;
+  const T* c_prev = m < s->n_prev_fwd ? s->c_prev + m * H + j0 : s->cx + m * H + j0;
+  cell_backward_units(units, H, d_h, s->dc_state + m * H + j0, s->gates + m * kGates * H + j0, c_prev,
+                      s->c_cur + m * H + j0, s->dG + m * kGates * H + j0);
 }
 
 // dL/dh_t for a panel of h's columns: output gradient + what reached h from outside
