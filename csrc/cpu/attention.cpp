@@ -31,6 +31,7 @@
 #endif
 
 #include "cpu/attention_gemm.h"
+#include "cpu/gemm.h"
 #include "cpu/simd.h"
 #include "gate_math.h"
 
@@ -155,13 +156,17 @@ GENFAST_ALWAYS_INLINE void softmax_grad_impl(T* s, T* dp, int64_t rows, int64_t 
   }
 }
 
+// acc = alpha * acc + pv, row by row (both rows x cols, contiguous rows): the online
+// softmax's rescale fused with the accumulation of this tile's P V.
 template <typename T>
-GENFAST_ALWAYS_INLINE void scale_rows_impl(T* acc, int64_t rows, int64_t cols, int64_t ld, const T* factor) {
+GENFAST_ALWAYS_INLINE void rescale_add_impl(T* __restrict acc, const T* __restrict pv, int64_t rows, int64_t cols,
+                                            const T* alpha) {
   for (int64_t r = 0; r < rows; ++r) {
-    const T f = factor[r];
-    T* row = acc + r * ld;
+    const T a = alpha[r];
+    T* row = acc + r * cols;
+    const T* add = pv + r * cols;
 #pragma omp simd
-    for (int64_t c = 0; c < cols; ++c) row[c] *= f;
+    for (int64_t c = 0; c < cols; ++c) row[c] = a * row[c] + add[c];
   }
 }
 
@@ -169,7 +174,7 @@ template <typename T>
 struct SoftmaxKernels {
   void (*online_softmax)(T*, int64_t, int64_t, int64_t, T*, T*, T*);
   void (*softmax_grad)(T*, T*, int64_t, int64_t, int64_t, const T*, const T*);
-  void (*scale_rows)(T*, int64_t, int64_t, int64_t, const T*);
+  void (*rescale_add)(T*, const T*, int64_t, int64_t, const T*);
 };
 
 #define GENFAST_SOFTMAX_COPY(SUFFIX, TARGET)                                                             \
@@ -183,8 +188,8 @@ struct SoftmaxKernels {
     softmax_grad_impl<T>(s, dp, rows, cols, ld, lse, delta);                                              \
   }                                                                                                       \
   template <typename T>                                                                                   \
-  TARGET void scale_rows_##SUFFIX(T* acc, int64_t rows, int64_t cols, int64_t ld, const T* f) {          \
-    scale_rows_impl<T>(acc, rows, cols, ld, f);                                                           \
+  TARGET void rescale_add_##SUFFIX(T* acc, const T* pv, int64_t rows, int64_t cols, const T* alpha) {    \
+    rescale_add_impl<T>(acc, pv, rows, cols, alpha);                                                      \
   }
 
 GENFAST_SOFTMAX_COPY(baseline, )
@@ -271,9 +276,9 @@ SoftmaxKernels<T> softmax_kernels() {
   if constexpr (std::is_same_v<T, float>) {
     switch (simd_level()) {
       case SimdLevel::kAVX512:
-        return {avx512::online_softmax_f32, avx512::softmax_grad_f32, scale_rows_avx512<float>};
+        return {avx512::online_softmax_f32, avx512::softmax_grad_f32, rescale_add_avx512<float>};
       case SimdLevel::kAVX2:
-        return {avx2::online_softmax_f32, avx2::softmax_grad_f32, scale_rows_avx2<float>};
+        return {avx2::online_softmax_f32, avx2::softmax_grad_f32, rescale_add_avx2<float>};
       default:
         break;
     }
@@ -281,49 +286,113 @@ SoftmaxKernels<T> softmax_kernels() {
 #endif
   switch (simd_level()) {
     case SimdLevel::kAVX512:
-      return {online_softmax_avx512<T>, softmax_grad_avx512<T>, scale_rows_avx512<T>};
+      return {online_softmax_avx512<T>, softmax_grad_avx512<T>, rescale_add_avx512<T>};
     case SimdLevel::kAVX2:
-      return {online_softmax_avx2<T>, softmax_grad_avx2<T>, scale_rows_avx2<T>};
+      return {online_softmax_avx2<T>, softmax_grad_avx2<T>, rescale_add_avx2<T>};
     default:
-      return {online_softmax_baseline<T>, softmax_grad_baseline<T>, scale_rows_baseline<T>};
+      return {online_softmax_baseline<T>, softmax_grad_baseline<T>, rescale_add_baseline<T>};
   }
 }
 
 // ---- forward ---------------------------------------------------------------------------
+//
+// Both forward GEMMs run on genfast's register-blocked micro-kernel (cpu/gemm.h), which
+// reads the right-hand operand as packed panels and A in place, so nothing is packed
+// inside the tile loop (MKL packs both operands on every call, and at these sizes the
+// packing and its small-matrix overheads cost about as much as the FMAs):
+//   S  = Q_tile (rows x D, read in place) * K^T panels   K^T packed once per (batch, kv head)
+//   PV = P (rows x cols) * V rows                       V used in place when its rows are
+//                                                       contiguous panel rows, else packed once
+// Key-side panels are shared by every query block and every query head of a GQA group.
+
+// Query rows per task: a multiple of every ISA's micro-kernel row count (3, 6, 12) so no
+// row block ends in a slow partial tail. Keys per tile: 128 amortises the per-row softmax
+// bookkeeping and the accumulator rescale (1/128 of the FMAs) while the K^T panels of one
+// tile (D x 128) and the V tile stay in L1/L2.
+constexpr int64_t kFwdBlockQ = 96;
+constexpr int64_t kFwdBlockK = 128;
+
+// K^T of one (batch, kv head) as gemm_panel panels: panel j holds keys [jW, jW + W) as a
+// dim_qk x W row-major block, kt[d][c] = scale * K[jW + c][d] (zero past len_k). Folding
+// the scale in here saves a pass over every score tile.
+template <typename T>
+void pack_scaled_keys(const Problem<T>& p, const T* k, T* kt) {
+  constexpr int64_t W = kSubWidth<T>;
+  const int64_t panels = (p.len_k + W - 1) / W;
+  for (int64_t j = 0; j < panels; ++j) {
+    T* panel = kt + j * p.dim_qk * W;
+    for (int64_t c = 0; c < W; ++c) {
+      const int64_t key = j * W + c;
+      if (key >= p.len_k) {
+        for (int64_t d = 0; d < p.dim_qk; ++d) panel[d * W + c] = T(0);
+        continue;
+      }
+      const T* row = k + key * p.k_sr;
+      for (int64_t d = 0; d < p.dim_qk; ++d) panel[d * W + c] = p.scale * row[d];
+    }
+  }
+}
+
+// V of one (batch, kv head) as one len_k x width_v panel (rows zero-padded to width_v).
+template <typename T>
+void pack_values(const Problem<T>& p, const T* v, int64_t width_v, T* out) {
+  for (int64_t r = 0; r < p.len_k; ++r) {
+    std::copy(v + r * p.v_sr, v + r * p.v_sr + p.dim_v, out + r * width_v);
+    std::fill(out + r * width_v + p.dim_v, out + (r + 1) * width_v, T(0));
+  }
+}
 
 template <typename T>
 void forward_kernel(const Problem<T>& p, T* out, T* lse) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  constexpr int64_t W = kSubWidth<T>;
   const SoftmaxKernels<T> sk = softmax_kernels<T>();
   const int64_t group = p.heads_q / p.heads_kv;
-  const int64_t q_blocks = (p.len_q + kBlockQ - 1) / kBlockQ;
+  const int64_t q_blocks = (p.len_q + kFwdBlockQ - 1) / kFwdBlockQ;
   const int64_t tasks = p.batch * p.heads_q * q_blocks;
+  const int64_t key_panels = (p.len_k + W - 1) / W;
+  const int64_t wv = (p.dim_v + W - 1) / W * W;  // PV's columns
+  // V's rows already form a panel when they are contiguous and a whole number of vectors wide.
+  const bool v_in_place = p.dim_v == wv && (p.v_sr == p.dim_v || p.len_k == 1);
+  // Tasks run in (batch, head, query block) order and each thread gets a contiguous range,
+  // so a thread packs the key side of each kv head it meets once, into its own buffers,
+  // and reuses it for all query blocks (and GQA query heads) of that head that it owns.
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> scores(kBlockQ * kBlockK), acc(kBlockQ * p.dim_v), m(kBlockQ), l(kBlockQ), alpha(kBlockQ);
+    std::vector<T> kt(key_panels * W * p.dim_qk), v_packed(v_in_place ? 0 : p.len_k * wv);
+    std::vector<T> scores(kFwdBlockQ * kFwdBlockK), pv(kFwdBlockQ * wv), acc(kFwdBlockQ * wv);
+    std::vector<T> m(kFwdBlockQ), l(kFwdBlockQ), alpha(kFwdBlockQ);
+    int64_t packed_head = -1;  // b * heads_kv + hk whose keys kt holds
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qb = task % q_blocks;
       const int64_t h = (task / q_blocks) % p.heads_q;
       const int64_t b = task / (q_blocks * p.heads_q);
       const int64_t hk = h / group;
-      const int64_t i0 = qb * kBlockQ;
-      const int64_t rows = std::min(kBlockQ, p.len_q - i0);
-      const T* q = p.q + b * p.q_sb + h * p.q_sh + i0 * p.q_sr;
-      const T* k = p.k + b * p.k_sb + hk * p.k_sh;
       const T* v = p.v + b * p.v_sb + hk * p.v_sh;
+      if (packed_head != b * p.heads_kv + hk) {
+        packed_head = b * p.heads_kv + hk;
+        pack_scaled_keys(p, p.k + b * p.k_sb + hk * p.k_sh, kt.data());
+        if (!v_in_place) pack_values(p, v, wv, v_packed.data());
+      }
+      if (!v_in_place) v = v_packed.data();
+      const int64_t i0 = qb * kFwdBlockQ;
+      const int64_t rows = std::min(kFwdBlockQ, p.len_q - i0);
+      const T* q = p.q + b * p.q_sb + h * p.q_sh + i0 * p.q_sr;
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), T(0));
       std::fill(acc.begin(), acc.end(), T(0));
       // Causal: query i sees keys 0..i, so this block needs keys < i0 + rows.
       const int64_t key_end = p.causal ? std::min(p.len_k, i0 + rows) : p.len_k;
-      for (int64_t j0 = 0; j0 < key_end; j0 += kBlockK) {
-        const int64_t cols = std::min(kBlockK, key_end - j0);
-        gemm_nt<T>(rows, cols, p.dim_qk, p.scale, q, p.q_sr, k + j0 * p.k_sr, p.k_sr, T(0), scores.data(),
-                   kBlockK);
-        apply_mask(p, b, h, i0, rows, j0, cols, scores.data(), kBlockK);
-        sk.online_softmax(scores.data(), rows, cols, kBlockK, m.data(), l.data(), alpha.data());
-        if (j0 > 0) sk.scale_rows(acc.data(), rows, p.dim_v, p.dim_v, alpha.data());
-        gemm_nn<T>(rows, p.dim_v, cols, T(1), scores.data(), kBlockK, v + j0 * p.v_sr, p.v_sr, T(1), acc.data(),
-                   p.dim_v);
+      for (int64_t j0 = 0; j0 < key_end; j0 += kFwdBlockK) {
+        const int64_t cols = std::min(kFwdBlockK, key_end - j0);
+        // One call per K^T panel: the panel (dim_qk x W) stays in L1 while all query rows
+        // pass. Columns past `cols` in the last panel are padding; the softmax ignores them.
+        for (int64_t c = 0; c < cols; c += W)
+          gemm_panel<T>(rows, p.dim_qk, q, p.q_sr, kt.data() + (j0 + c) * p.dim_qk, W, scores.data() + c,
+                        kFwdBlockK);
+        apply_mask(p, b, h, i0, rows, j0, cols, scores.data(), kFwdBlockK);
+        sk.online_softmax(scores.data(), rows, cols, kFwdBlockK, m.data(), l.data(), alpha.data());
+        gemm_panel<T>(rows, cols, scores.data(), kFwdBlockK, v + j0 * wv, wv, pv.data(), wv);
+        sk.rescale_add(acc.data(), pv.data(), rows, wv, alpha.data());
       }
       T* o = out + ((b * p.heads_q + h) * p.len_q + i0) * p.dim_v;
       T* row_lse = lse + (b * p.heads_q + h) * p.len_q + i0;
@@ -331,7 +400,7 @@ void forward_kernel(const Problem<T>& p, T* out, T* lse) {
         // A row with every key masked has l = 0: torch returns 0 there.
         const bool empty = l[r] == T(0);
         const T inv = empty ? T(0) : T(1) / l[r];
-        for (int64_t c = 0; c < p.dim_v; ++c) o[r * p.dim_v + c] = acc[r * p.dim_v + c] * inv;
+        for (int64_t c = 0; c < p.dim_v; ++c) o[r * p.dim_v + c] = acc[r * wv + c] * inv;
         row_lse[r] = empty ? kNegInf : m[r] + std::log(l[r]);
       }
     }
@@ -500,10 +569,6 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q_in, con
   at::Tensor lse = at::empty({batch, heads, len_q}, q.options());
   if (out.numel() > 0 || lse.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_forward", [&] {
-      if (!blas_available<scalar_t>()) {
-        TORCH_WARN_ONCE("genfast attention: this torch exports no BLAS sgemm_/dgemm_; the CPU attention "
-                        "kernels use their slow reference loop nest instead");
-      }
       const Problem<scalar_t> p = make_problem<scalar_t>(q, k, v, mask, is_causal, scale);
       forward_kernel<scalar_t>(p, out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>());
     });
@@ -535,6 +600,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   at::Tensor grad_v = at::zeros(v.sizes(), v.options().memory_format(at::MemoryFormat::Contiguous));
   if (grad_q.numel() > 0 && k.size(2) > 0) {
     AT_DISPATCH_FLOATING_TYPES(kdtype, "attention_backward", [&] {
+      if (!blas_available<scalar_t>()) {
+        TORCH_WARN_ONCE("genfast attention: this torch exports no BLAS sgemm_/dgemm_; the CPU attention "
+                        "backward uses its slow reference loop nest instead");
+      }
       const Problem<scalar_t> p = make_problem<scalar_t>(q, k, v, mask, is_causal, scale);
       backward_kernel<scalar_t>(p, grad_out.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                                 lse.data_ptr<scalar_t>(), grad_q.data_ptr<scalar_t>(), grad_k.data_ptr<scalar_t>(),
