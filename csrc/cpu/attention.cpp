@@ -220,6 +220,17 @@ struct Avx2 {
     const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_castsi256_ps(bits);
   }
+  // Horizontal max / sum of the 8 lanes.
+  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE float hmax(V v) {
+    __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
+  }
+  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE float hsum(V v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+  }
   // x where x != -inf, else 0
   GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V zero_if_neg_inf(V x, V value) {
     return _mm256_andnot_ps(_mm256_cmp_ps(x, set1(-std::numeric_limits<float>::infinity()), _CMP_EQ_OQ), value);
@@ -246,6 +257,8 @@ struct Avx512 {
     const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
     return _mm512_castsi512_ps(bits);
   }
+  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE float hmax(V v) { return _mm512_reduce_max_ps(v); }
+  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE float hsum(V v) { return _mm512_reduce_add_ps(v); }
   GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V zero_if_neg_inf(V x, V value) {
     const __mmask16 is_neg_inf =
         _mm512_cmp_ps_mask(x, set1(-std::numeric_limits<float>::infinity()), _CMP_EQ_OQ);
@@ -352,6 +365,8 @@ void forward_kernel(const Problem<T>& p, T* out, T* lse) {
   const int64_t tasks = p.batch * p.heads_q * q_blocks;
   const int64_t key_panels = (p.len_k + W - 1) / W;
   const int64_t wv = (p.dim_v + W - 1) / W * W;  // PV's columns
+  const int64_t row_step = gemm_rows_per_kernel();  // kFwdBlockQ is a multiple of it
+  const int64_t causal_chunk = 4 * row_step;
   // V's rows already form a panel when they are contiguous and a whole number of vectors wide.
   const bool v_in_place = p.dim_v == wv && (p.v_sr == p.dim_v || p.len_k == 1);
   // Tasks run in (batch, head, query block) order and each thread gets a contiguous range,
@@ -384,14 +399,29 @@ void forward_kernel(const Problem<T>& p, T* out, T* lse) {
       const int64_t key_end = p.causal ? std::min(p.len_k, i0 + rows) : p.len_k;
       for (int64_t j0 = 0; j0 < key_end; j0 += kFwdBlockK) {
         const int64_t cols = std::min(kFwdBlockK, key_end - j0);
-        // One call per K^T panel: the panel (dim_qk x W) stays in L1 while all query rows
+        // One call per K^T panel: the panel (dim_qk x W) stays in L1 while the query rows
         // pass. Columns past `cols` in the last panel are padding; the softmax ignores them.
-        for (int64_t c = 0; c < cols; c += W)
-          gemm_panel<T>(rows, p.dim_qk, q, p.q_sr, kt.data() + (j0 + c) * p.dim_qk, W, scores.data() + c,
-                        kFwdBlockK);
+        // Causal: rows above the first one that sees a key of the panel are skipped (whole
+        // micro-kernel row blocks only); apply_mask overwrites their stale scores with -inf.
+        for (int64_t c = 0; c < cols; c += W) {
+          const int64_t r0 = p.causal ? std::clamp<int64_t>(j0 + c - i0, 0, rows) / row_step * row_step : 0;
+          gemm_panel<T>(rows - r0, p.dim_qk, q + r0 * p.q_sr, p.q_sr, kt.data() + (j0 + c) * p.dim_qk, W,
+                        scores.data() + r0 * kFwdBlockK + c, kFwdBlockK);
+        }
         apply_mask(p, b, h, i0, rows, j0, cols, scores.data(), kFwdBlockK);
         sk.online_softmax(scores.data(), rows, cols, kFwdBlockK, m.data(), l.data(), alpha.data());
-        gemm_panel<T>(rows, cols, scores.data(), kFwdBlockK, v + j0 * wv, wv, pv.data(), wv);
+        if (p.causal && j0 + cols > i0 + 1) {
+          // Diagonal tile: row r's probabilities are exactly 0 past key i0 + r, so each chunk
+          // of rows multiplies only the V rows its last row can see.
+          for (int64_t r0 = 0; r0 < rows; r0 += causal_chunk) {
+            const int64_t r1 = std::min(rows, r0 + causal_chunk);
+            const int64_t depth = std::clamp<int64_t>(i0 + r1 - j0, 0, cols);
+            gemm_panel<T>(r1 - r0, depth, scores.data() + r0 * kFwdBlockK, kFwdBlockK, v + j0 * wv, wv,
+                          pv.data() + r0 * wv, wv);
+          }
+        } else {
+          gemm_panel<T>(rows, cols, scores.data(), kFwdBlockK, v + j0 * wv, wv, pv.data(), wv);
+        }
         sk.rescale_add(acc.data(), pv.data(), rows, wv, alpha.data());
       }
       T* o = out + ((b * p.heads_q + h) * p.len_q + i0) * p.dim_v;
