@@ -325,33 +325,35 @@ SoftmaxKernels<T> softmax_kernels() {
 constexpr int64_t kFwdBlockQ = 96;
 constexpr int64_t kFwdBlockK = 128;
 
-// K^T of one (batch, kv head) as gemm_panel panels: panel j holds keys [jW, jW + W) as a
-// dim_qk x W row-major block, kt[d][c] = scale * K[jW + c][d] (zero past len_k). Folding
-// the scale in here saves a pass over every score tile.
+// A (len x dim) row-major matrix X with rows `stride` apart, transposed into gemm_panel
+// panels: panel j holds rows [jW, jW + W) of X as a dim x W block, out[d][c] =
+// factor * X[jW + c][d] (zero past len). For K^T (factor = scale: folding it in here
+// saves a pass over every score tile) and, in the backward, V^T.
 template <typename T>
-void pack_scaled_keys(const Problem<T>& p, const T* k, T* kt) {
+void pack_transposed(const T* x, int64_t stride, int64_t len, int64_t dim, T factor, T* out) {
   constexpr int64_t W = kSubWidth<T>;
-  const int64_t panels = (p.len_k + W - 1) / W;
+  const int64_t panels = (len + W - 1) / W;
   for (int64_t j = 0; j < panels; ++j) {
-    T* panel = kt + j * p.dim_qk * W;
+    T* panel = out + j * dim * W;
     for (int64_t c = 0; c < W; ++c) {
-      const int64_t key = j * W + c;
-      if (key >= p.len_k) {
-        for (int64_t d = 0; d < p.dim_qk; ++d) panel[d * W + c] = T(0);
+      const int64_t row = j * W + c;
+      if (row >= len) {
+        for (int64_t d = 0; d < dim; ++d) panel[d * W + c] = T(0);
         continue;
       }
-      const T* row = k + key * p.k_sr;
-      for (int64_t d = 0; d < p.dim_qk; ++d) panel[d * W + c] = p.scale * row[d];
+      const T* src = x + row * stride;
+      for (int64_t d = 0; d < dim; ++d) panel[d * W + c] = factor * src[d];
     }
   }
 }
 
-// V of one (batch, kv head) as one len_k x width_v panel (rows zero-padded to width_v).
+// X (len x dim, rows `stride` apart) as one len x width panel, rows zero-padded to width.
+// Needed only when X's rows are not already contiguous and a whole number of vectors wide.
 template <typename T>
-void pack_values(const Problem<T>& p, const T* v, int64_t width_v, T* out) {
-  for (int64_t r = 0; r < p.len_k; ++r) {
-    std::copy(v + r * p.v_sr, v + r * p.v_sr + p.dim_v, out + r * width_v);
-    std::fill(out + r * width_v + p.dim_v, out + (r + 1) * width_v, T(0));
+void pack_rows(const T* x, int64_t stride, int64_t len, int64_t dim, int64_t width, T* out) {
+  for (int64_t r = 0; r < len; ++r) {
+    std::copy(x + r * stride, x + r * stride + dim, out + r * width);
+    std::fill(out + r * width + dim, out + (r + 1) * width, T(0));
   }
 }
 
@@ -385,8 +387,8 @@ void forward_kernel(const Problem<T>& p, T* out, T* lse) {
       const T* v = p.v + b * p.v_sb + hk * p.v_sh;
       if (packed_head != b * p.heads_kv + hk) {
         packed_head = b * p.heads_kv + hk;
-        pack_scaled_keys(p, p.k + b * p.k_sb + hk * p.k_sh, kt.data());
-        if (!v_in_place) pack_values(p, v, wv, v_packed.data());
+        pack_transposed(p.k + b * p.k_sb + hk * p.k_sh, p.k_sr, p.len_k, p.dim_qk, p.scale, kt.data());
+        if (!v_in_place) pack_rows(v, p.v_sr, p.len_k, p.dim_v, wv, v_packed.data());
       }
       if (!v_in_place) v = v_packed.data();
       const int64_t i0 = qb * kFwdBlockQ;
@@ -442,11 +444,18 @@ void forward_kernel(const Problem<T>& p, T* out, T* lse) {
 template <typename T>
 void backward_kernel(const Problem<T>& p, const T* grad_out, const T* out, const T* lse, T* grad_q, T* grad_k,
                      T* grad_v) {
+  constexpr int64_t W = kSubWidth<T>;
   const SoftmaxKernels<T> sk = softmax_kernels<T>();
   const int64_t group = p.heads_q / p.heads_kv;
   const int64_t tasks = p.batch * p.heads_kv;
+  const int64_t key_panels = (p.len_k + W - 1) / W;
+  const int64_t wqk = (p.dim_qk + W - 1) / W * W;  // dQ tile's columns
+  // K's rows already form a panel (for dQ += dS K) when contiguous and whole vectors wide.
+  const bool k_in_place = p.dim_qk == wqk && (p.k_sr == p.dim_qk || p.len_k == 1);
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> probs(kBlockQ * kBlockK), dprobs(kBlockQ * kBlockK), delta(kBlockQ);
+    std::vector<T> kt(key_panels * W * p.dim_qk), vt(key_panels * W * p.dim_v), dq_tile(kBlockQ * wqk);
+    std::vector<T> k_packed(k_in_place ? 0 : p.len_k * wqk);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t hk = task % p.heads_kv;
       const int64_t b = task / p.heads_kv;
@@ -454,6 +463,14 @@ void backward_kernel(const Problem<T>& p, const T* grad_out, const T* out, const
       const T* v = p.v + b * p.v_sb + hk * p.v_sh;
       T* dk = grad_k + (b * p.heads_kv + hk) * p.len_k * p.dim_qk;
       T* dv = grad_v + (b * p.heads_kv + hk) * p.len_k * p.dim_v;
+      // The GEMMs with a key-side right operand run on gemm_panel with this head's K^T,
+      // V^T and K packed once. The scale is folded into K^T (S = scale Q K^T) and into V^T
+      // and delta, which makes the dS that softmax_grad writes already scale * dS: the
+      // dQ and dK products then need no alpha.
+      pack_transposed(k, p.k_sr, p.len_k, p.dim_qk, p.scale, kt.data());
+      pack_transposed(v, p.v_sr, p.len_k, p.dim_v, p.scale, vt.data());
+      if (!k_in_place) pack_rows(k, p.k_sr, p.len_k, p.dim_qk, wqk, k_packed.data());
+      const T* k_rows = k_in_place ? k : k_packed.data();
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
         const int64_t bh = b * p.heads_q + h;
         for (int64_t i0 = 0; i0 < p.len_q; i0 += kBlockQ) {
@@ -463,29 +480,34 @@ void backward_kernel(const Problem<T>& p, const T* grad_out, const T* out, const
           const T* o = out + (bh * p.len_q + i0) * p.dim_v;
           const T* row_lse = lse + bh * p.len_q + i0;
           T* dq = grad_q + (bh * p.len_q + i0) * p.dim_qk;
-          // delta_i = sum_c dO_ic O_ic  (= rowsum(P * dP), the softmax-Jacobian term)
+          // delta_i = scale * sum_c dO_ic O_ic  (scale * rowsum(P * dP), the softmax-Jacobian term)
           for (int64_t r = 0; r < rows; ++r) {
             T sum = 0;
             for (int64_t c = 0; c < p.dim_v; ++c) sum += dout[r * p.dim_v + c] * o[r * p.dim_v + c];
-            delta[r] = sum;
+            delta[r] = p.scale * sum;
           }
           const int64_t key_end = p.causal ? std::min(p.len_k, i0 + rows) : p.len_k;
           for (int64_t j0 = 0; j0 < key_end; j0 += kBlockK) {
             const int64_t cols = std::min(kBlockK, key_end - j0);
-            gemm_nt<T>(rows, cols, p.dim_qk, p.scale, q, p.q_sr, k + j0 * p.k_sr, p.k_sr, T(0), probs.data(),
-                       kBlockK);
+            // S = scale Q K^T and scale dP = dO (scale V)^T, one K^T / V^T panel at a time
+            // (padding columns past `cols` are ignored).
+            for (int64_t c = 0; c < cols; c += W) {
+              gemm_panel<T>(rows, p.dim_qk, q, p.q_sr, kt.data() + (j0 + c) * p.dim_qk, W, probs.data() + c,
+                            kBlockK);
+              gemm_panel<T>(rows, p.dim_v, dout, p.dim_v, vt.data() + (j0 + c) * p.dim_v, W, dprobs.data() + c,
+                            kBlockK);
+            }
             apply_mask(p, b, h, i0, rows, j0, cols, probs.data(), kBlockK);
-            // dP = dO V^T
-            gemm_nt<T>(rows, cols, p.dim_v, T(1), dout, p.dim_v, v + j0 * p.v_sr, p.v_sr, T(0), dprobs.data(),
-                       kBlockK);
             sk.softmax_grad(probs.data(), dprobs.data(), rows, cols, kBlockK, row_lse, delta.data());
-            // dV += P^T dO ; dQ += scale dS K ; dK += scale dS^T Q
+            // dV += P^T dO ; dK += (scale dS)^T Q  (transposed left operands: BLAS)
             gemm_tn<T>(cols, p.dim_v, rows, T(1), probs.data(), kBlockK, dout, p.dim_v, T(1), dv + j0 * p.dim_v,
                        p.dim_v);
-            gemm_nn<T>(rows, p.dim_qk, cols, p.scale, dprobs.data(), kBlockK, k + j0 * p.k_sr, p.k_sr, T(1), dq,
+            gemm_tn<T>(cols, p.dim_qk, rows, T(1), dprobs.data(), kBlockK, q, p.q_sr, T(1), dk + j0 * p.dim_qk,
                        p.dim_qk);
-            gemm_tn<T>(cols, p.dim_qk, rows, p.scale, dprobs.data(), kBlockK, q, p.q_sr, T(1),
-                       dk + j0 * p.dim_qk, p.dim_qk);
+            // dQ += (scale dS) K, through a tile because gemm_panel overwrites its output.
+            gemm_panel<T>(rows, cols, dprobs.data(), kBlockK, k_rows + j0 * wqk, wqk, dq_tile.data(), wqk);
+            for (int64_t r = 0; r < rows; ++r)
+              for (int64_t d = 0; d < p.dim_qk; ++d) dq[r * p.dim_qk + d] += dq_tile[r * wqk + d];
           }
         }
       }
