@@ -4,7 +4,12 @@
 // the keys in blocks of BK: S = scale * Q K^T (one GEMM), mask, online softmax
 // (running row max m and row sum l; the accumulator is rescaled when m grows),
 // acc += P V (one GEMM). Out = acc / l and logsumexp = m + log(l) are written at
-// the end. Memory per task is O(BQ * (BK + Dv)); nothing of size Lq x Lk exists.
+// the end. Memory per thread is O(BQ * (BK + Dv)) plus the packed key side of one
+// head, O(Lk * (D + Dv)); nothing of size Lq x Lk exists.
+//
+// The GEMMs whose right operand is key-side (K^T, V, V^T, K) run on genfast's packed-panel
+// micro-kernel (cpu/gemm.h) with that operand packed once per (batch, kv head); the two
+// backward products with a transposed left operand (dV, dK) use BLAS (attention_gemm.h).
 //
 // Backward recomputes P = exp(S - logsumexp) tile by tile. A task owns one
 // (batch, key/value head): it accumulates dK and dV of that head without races
@@ -39,7 +44,8 @@ namespace genfast::cpu::attention {
 
 namespace {
 
-constexpr int64_t kBlockQ = 128;  // query rows per task / tile
+// Backward tiles (the forward's are kFwdBlockQ x kFwdBlockK below).
+constexpr int64_t kBlockQ = 128;  // query rows per tile
 constexpr int64_t kBlockK = 256;  // key rows per tile
 
 // Mask description, already broadcast to (B, Hq, Lq, Lk) through strides (0 where broadcast).
