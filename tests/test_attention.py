@@ -18,7 +18,7 @@ from genfast.nn.attention import MultiheadAttention, replace_attention
 from genfast.ops import attention as ops
 
 # Tolerances. float64: both sides are exact up to summation order, ~1e-15 relative.
-# float32: the kernel sums in a different order (tiles of 256 keys, online rescaling)
+# float32: the kernel sums in a different order (tiles of 128/256 keys, online rescaling)
 # and uses a polynomial exp (~2 ulp); errors grow like sqrt(L) * eps * |values| for
 # L <= 300 keys, so 2e-5 absolute / 1e-4 relative leaves a margin of ~10x over what
 # we observe, while a wrong mask, scale or index gives errors of order 1e-1.
@@ -47,7 +47,7 @@ def _compare(q, k, v, dtype, **kwargs):
 @pytest.mark.parametrize("causal", [False, True])
 def test_matches_torch_shapes(dtype, head_dim, causal):
     torch.manual_seed(head_dim)
-    # odd lengths, Lq != Lk both ways, Lk > one key tile (256) so the online rescaling runs
+    # odd lengths, Lq != Lk both ways, Lk > one key tile (128 fwd, 256 bwd) so the online rescaling runs
     for len_q, len_k in [(37, 37), (70, 300), (300, 45)]:
         q = _randn(2, 3, len_q, head_dim, dtype=dtype)
         k = _randn(2, 3, len_k, head_dim, dtype=dtype)

@@ -4,7 +4,12 @@
 // the keys in blocks of BK: S = scale * Q K^T (one GEMM), mask, online softmax
 // (running row max m and row sum l; the accumulator is rescaled when m grows),
 // acc += P V (one GEMM). Out = acc / l and logsumexp = m + log(l) are written at
-// the end. Memory per task is O(BQ * (BK + Dv)); nothing of size Lq x Lk exists.
+// the end. Memory per thread is O(BQ * (BK + Dv)) plus the packed key side of one
+// head, O(Lk * (D + Dv)); nothing of size Lq x Lk exists.
+//
+// The GEMMs whose right operand is key-side (K^T, V, V^T, K) run on genfast's packed-panel
+// micro-kernel (cpu/gemm.h) with that operand packed once per (batch, kv head); the two
+// backward products with a transposed left operand (dV, dK) use BLAS (attention_gemm.h).
 //
 // Backward recomputes P = exp(S - logsumexp) tile by tile. A task owns one
 // (batch, key/value head): it accumulates dK and dV of that head without races
@@ -31,6 +36,7 @@
 #endif
 
 #include "cpu/attention_gemm.h"
+#include "cpu/gemm.h"
 #include "cpu/simd.h"
 #include "gate_math.h"
 
@@ -38,7 +44,8 @@ namespace genfast::cpu::attention {
 
 namespace {
 
-constexpr int64_t kBlockQ = 128;  // query rows per task / tile
+// Backward tiles (the forward's are kFwdBlockQ x kFwdBlockK below).
+constexpr int64_t kBlockQ = 128;  // query rows per tile
 constexpr int64_t kBlockK = 256;  // key rows per tile
 
 // Mask description, already broadcast to (B, Hq, Lq, Lk) through strides (0 where broadcast).
@@ -155,13 +162,17 @@ GENFAST_ALWAYS_INLINE void softmax_grad_impl(T* s, T* dp, int64_t rows, int64_t 
   }
 }
 
+// acc = alpha * acc + pv, row by row (both rows x cols, contiguous rows): the online
+// softmax's rescale fused with the accumulation of this tile's P V.
 template <typename T>
-GENFAST_ALWAYS_INLINE void scale_rows_impl(T* acc, int64_t rows, int64_t cols, int64_t ld, const T* factor) {
+GENFAST_ALWAYS_INLINE void rescale_add_impl(T* __restrict acc, const T* __restrict pv, int64_t rows, int64_t cols,
+                                            const T* alpha) {
   for (int64_t r = 0; r < rows; ++r) {
-    const T f = factor[r];
-    T* row = acc + r * ld;
+    const T a = alpha[r];
+    T* row = acc + r * cols;
+    const T* add = pv + r * cols;
 #pragma omp simd
-    for (int64_t c = 0; c < cols; ++c) row[c] *= f;
+    for (int64_t c = 0; c < cols; ++c) row[c] = a * row[c] + add[c];
   }
 }
 
@@ -169,7 +180,7 @@ template <typename T>
 struct SoftmaxKernels {
   void (*online_softmax)(T*, int64_t, int64_t, int64_t, T*, T*, T*);
   void (*softmax_grad)(T*, T*, int64_t, int64_t, int64_t, const T*, const T*);
-  void (*scale_rows)(T*, int64_t, int64_t, int64_t, const T*);
+  void (*rescale_add)(T*, const T*, int64_t, int64_t, const T*);
 };
 
 #define GENFAST_SOFTMAX_COPY(SUFFIX, TARGET)                                                             \
@@ -183,8 +194,8 @@ struct SoftmaxKernels {
     softmax_grad_impl<T>(s, dp, rows, cols, ld, lse, delta);                                              \
   }                                                                                                       \
   template <typename T>                                                                                   \
-  TARGET void scale_rows_##SUFFIX(T* acc, int64_t rows, int64_t cols, int64_t ld, const T* f) {          \
-    scale_rows_impl<T>(acc, rows, cols, ld, f);                                                           \
+  TARGET void rescale_add_##SUFFIX(T* acc, const T* pv, int64_t rows, int64_t cols, const T* alpha) {    \
+    rescale_add_impl<T>(acc, pv, rows, cols, alpha);                                                      \
   }
 
 GENFAST_SOFTMAX_COPY(baseline, )
@@ -215,6 +226,17 @@ struct Avx2 {
     const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_castsi256_ps(bits);
   }
+  // Horizontal max / sum of the 8 lanes.
+  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE float hmax(V v) {
+    __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
+  }
+  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE float hsum(V v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+  }
   // x where x != -inf, else 0
   GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V zero_if_neg_inf(V x, V value) {
     return _mm256_andnot_ps(_mm256_cmp_ps(x, set1(-std::numeric_limits<float>::infinity()), _CMP_EQ_OQ), value);
@@ -241,6 +263,8 @@ struct Avx512 {
     const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
     return _mm512_castsi512_ps(bits);
   }
+  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE float hmax(V v) { return _mm512_reduce_max_ps(v); }
+  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE float hsum(V v) { return _mm512_reduce_add_ps(v); }
   GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V zero_if_neg_inf(V x, V value) {
     const __mmask16 is_neg_inf =
         _mm512_cmp_ps_mask(x, set1(-std::numeric_limits<float>::infinity()), _CMP_EQ_OQ);
@@ -271,9 +295,9 @@ SoftmaxKernels<T> softmax_kernels() {
   if constexpr (std::is_same_v<T, float>) {
     switch (simd_level()) {
       case SimdLevel::kAVX512:
-        return {avx512::online_softmax_f32, avx512::softmax_grad_f32, scale_rows_avx512<float>};
+        return {avx512::online_softmax_f32, avx512::softmax_grad_f32, rescale_add_avx512<float>};
       case SimdLevel::kAVX2:
-        return {avx2::online_softmax_f32, avx2::softmax_grad_f32, scale_rows_avx2<float>};
+        return {avx2::online_softmax_f32, avx2::softmax_grad_f32, rescale_add_avx2<float>};
       default:
         break;
     }
@@ -281,49 +305,132 @@ SoftmaxKernels<T> softmax_kernels() {
 #endif
   switch (simd_level()) {
     case SimdLevel::kAVX512:
-      return {online_softmax_avx512<T>, softmax_grad_avx512<T>, scale_rows_avx512<T>};
+      return {online_softmax_avx512<T>, softmax_grad_avx512<T>, rescale_add_avx512<T>};
     case SimdLevel::kAVX2:
-      return {online_softmax_avx2<T>, softmax_grad_avx2<T>, scale_rows_avx2<T>};
+      return {online_softmax_avx2<T>, softmax_grad_avx2<T>, rescale_add_avx2<T>};
     default:
-      return {online_softmax_baseline<T>, softmax_grad_baseline<T>, scale_rows_baseline<T>};
+      return {online_softmax_baseline<T>, softmax_grad_baseline<T>, rescale_add_baseline<T>};
   }
 }
 
 // ---- forward ---------------------------------------------------------------------------
+//
+// Both forward GEMMs run on genfast's register-blocked micro-kernel (cpu/gemm.h), which
+// reads the right-hand operand as packed panels and A in place, so nothing is packed
+// inside the tile loop (MKL packs both operands on every call, and at these sizes the
+// packing and its small-matrix overheads cost about as much as the FMAs):
+//   S  = Q_tile (rows x D, read in place) * K^T panels   K^T packed once per (batch, kv head)
+//   PV = P (rows x cols) * V rows                       V used in place when its rows are
+//                                                       contiguous panel rows, else packed once
+// Key-side panels are shared by every query block and every query head of a GQA group.
+
+// Query rows per task: a multiple of every ISA's micro-kernel row count (3, 6, 12) so no
+// row block ends in a slow partial tail. Keys per tile: 128 amortises the per-row softmax
+// bookkeeping and the accumulator rescale (1/128 of the FMAs) while the K^T panels of one
+// tile (D x 128) and the V tile stay in L1/L2.
+constexpr int64_t kFwdBlockQ = 96;
+constexpr int64_t kFwdBlockK = 128;
+
+// A (len x dim) row-major matrix X with rows `stride` apart, transposed into gemm_panel
+// panels: panel j holds rows [jW, jW + W) of X as a dim x W block, out[d][c] =
+// factor * X[jW + c][d] (zero past len). For K^T (factor = scale: folding it in here
+// saves a pass over every score tile) and, in the backward, V^T.
+template <typename T>
+void pack_transposed(const T* x, int64_t stride, int64_t len, int64_t dim, T factor, T* out) {
+  constexpr int64_t W = kSubWidth<T>;
+  const int64_t panels = (len + W - 1) / W;
+  for (int64_t j = 0; j < panels; ++j) {
+    T* panel = out + j * dim * W;
+    for (int64_t c = 0; c < W; ++c) {
+      const int64_t row = j * W + c;
+      if (row >= len) {
+        for (int64_t d = 0; d < dim; ++d) panel[d * W + c] = T(0);
+        continue;
+      }
+      const T* src = x + row * stride;
+      for (int64_t d = 0; d < dim; ++d) panel[d * W + c] = factor * src[d];
+    }
+  }
+}
+
+// X (len x dim, rows `stride` apart) as one len x width panel, rows zero-padded to width.
+// Needed only when X's rows are not already contiguous and a whole number of vectors wide.
+template <typename T>
+void pack_rows(const T* x, int64_t stride, int64_t len, int64_t dim, int64_t width, T* out) {
+  for (int64_t r = 0; r < len; ++r) {
+    std::copy(x + r * stride, x + r * stride + dim, out + r * width);
+    std::fill(out + r * width + dim, out + (r + 1) * width, T(0));
+  }
+}
 
 template <typename T>
 void forward_kernel(const Problem<T>& p, T* out, T* lse) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  constexpr int64_t W = kSubWidth<T>;
   const SoftmaxKernels<T> sk = softmax_kernels<T>();
   const int64_t group = p.heads_q / p.heads_kv;
-  const int64_t q_blocks = (p.len_q + kBlockQ - 1) / kBlockQ;
+  const int64_t q_blocks = (p.len_q + kFwdBlockQ - 1) / kFwdBlockQ;
   const int64_t tasks = p.batch * p.heads_q * q_blocks;
+  const int64_t key_panels = (p.len_k + W - 1) / W;
+  const int64_t wv = (p.dim_v + W - 1) / W * W;  // PV's columns
+  const int64_t row_step = gemm_rows_per_kernel();  // kFwdBlockQ is a multiple of it
+  const int64_t causal_chunk = 4 * row_step;
+  // V's rows already form a panel when they are contiguous and a whole number of vectors wide.
+  const bool v_in_place = p.dim_v == wv && (p.v_sr == p.dim_v || p.len_k == 1);
+  // Tasks run in (batch, head, query block) order and each thread gets a contiguous range,
+  // so a thread packs the key side of each kv head it meets once, into its own buffers,
+  // and reuses it for all query blocks (and GQA query heads) of that head that it owns.
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> scores(kBlockQ * kBlockK), acc(kBlockQ * p.dim_v), m(kBlockQ), l(kBlockQ), alpha(kBlockQ);
+    std::vector<T> kt(key_panels * W * p.dim_qk), v_packed(v_in_place ? 0 : p.len_k * wv);
+    std::vector<T> scores(kFwdBlockQ * kFwdBlockK), pv(kFwdBlockQ * wv), acc(kFwdBlockQ * wv);
+    std::vector<T> m(kFwdBlockQ), l(kFwdBlockQ), alpha(kFwdBlockQ);
+    int64_t packed_head = -1;  // b * heads_kv + hk whose keys kt holds
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qb = task % q_blocks;
       const int64_t h = (task / q_blocks) % p.heads_q;
       const int64_t b = task / (q_blocks * p.heads_q);
       const int64_t hk = h / group;
-      const int64_t i0 = qb * kBlockQ;
-      const int64_t rows = std::min(kBlockQ, p.len_q - i0);
-      const T* q = p.q + b * p.q_sb + h * p.q_sh + i0 * p.q_sr;
-      const T* k = p.k + b * p.k_sb + hk * p.k_sh;
       const T* v = p.v + b * p.v_sb + hk * p.v_sh;
+      if (packed_head != b * p.heads_kv + hk) {
+        packed_head = b * p.heads_kv + hk;
+        pack_transposed(p.k + b * p.k_sb + hk * p.k_sh, p.k_sr, p.len_k, p.dim_qk, p.scale, kt.data());
+        if (!v_in_place) pack_rows(v, p.v_sr, p.len_k, p.dim_v, wv, v_packed.data());
+      }
+      if (!v_in_place) v = v_packed.data();
+      const int64_t i0 = qb * kFwdBlockQ;
+      const int64_t rows = std::min(kFwdBlockQ, p.len_q - i0);
+      const T* q = p.q + b * p.q_sb + h * p.q_sh + i0 * p.q_sr;
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), T(0));
       std::fill(acc.begin(), acc.end(), T(0));
       // Causal: query i sees keys 0..i, so this block needs keys < i0 + rows.
       const int64_t key_end = p.causal ? std::min(p.len_k, i0 + rows) : p.len_k;
-      for (int64_t j0 = 0; j0 < key_end; j0 += kBlockK) {
-        const int64_t cols = std::min(kBlockK, key_end - j0);
-        gemm_nt<T>(rows, cols, p.dim_qk, p.scale, q, p.q_sr, k + j0 * p.k_sr, p.k_sr, T(0), scores.data(),
-                   kBlockK);
-        apply_mask(p, b, h, i0, rows, j0, cols, scores.data(), kBlockK);
-        sk.online_softmax(scores.data(), rows, cols, kBlockK, m.data(), l.data(), alpha.data());
-        if (j0 > 0) sk.scale_rows(acc.data(), rows, p.dim_v, p.dim_v, alpha.data());
-        gemm_nn<T>(rows, p.dim_v, cols, T(1), scores.data(), kBlockK, v + j0 * p.v_sr, p.v_sr, T(1), acc.data(),
-                   p.dim_v);
+      for (int64_t j0 = 0; j0 < key_end; j0 += kFwdBlockK) {
+        const int64_t cols = std::min(kFwdBlockK, key_end - j0);
+        // One call per K^T panel: the panel (dim_qk x W) stays in L1 while the query rows
+        // pass. Columns past `cols` in the last panel are padding; the softmax ignores them.
+        // Causal: rows above the first one that sees a key of the panel are skipped (whole
+        // micro-kernel row blocks only); apply_mask overwrites their stale scores with -inf.
+        for (int64_t c = 0; c < cols; c += W) {
+          const int64_t r0 = p.causal ? std::clamp<int64_t>(j0 + c - i0, 0, rows) / row_step * row_step : 0;
+          gemm_panel<T>(rows - r0, p.dim_qk, q + r0 * p.q_sr, p.q_sr, kt.data() + (j0 + c) * p.dim_qk, W,
+                        scores.data() + r0 * kFwdBlockK + c, kFwdBlockK);
+        }
+        apply_mask(p, b, h, i0, rows, j0, cols, scores.data(), kFwdBlockK);
+        sk.online_softmax(scores.data(), rows, cols, kFwdBlockK, m.data(), l.data(), alpha.data());
+        if (p.causal && j0 + cols > i0 + 1) {
+          // Diagonal tile: row r's probabilities are exactly 0 past key i0 + r, so each chunk
+          // of rows multiplies only the V rows its last row can see.
+          for (int64_t r0 = 0; r0 < rows; r0 += causal_chunk) {
+            const int64_t r1 = std::min(rows, r0 + causal_chunk);
+            const int64_t depth = std::clamp<int64_t>(i0 + r1 - j0, 0, cols);
+            gemm_panel<T>(r1 - r0, depth, scores.data() + r0 * kFwdBlockK, kFwdBlockK, v + j0 * wv, wv,
+                          pv.data() + r0 * wv, wv);
+          }
+        } else {
+          gemm_panel<T>(rows, cols, scores.data(), kFwdBlockK, v + j0 * wv, wv, pv.data(), wv);
+        }
+        sk.rescale_add(acc.data(), pv.data(), rows, wv, alpha.data());
       }
       T* o = out + ((b * p.heads_q + h) * p.len_q + i0) * p.dim_v;
       T* row_lse = lse + (b * p.heads_q + h) * p.len_q + i0;
@@ -331,7 +438,7 @@ void forward_kernel(const Problem<T>& p, T* out, T* lse) {
         // A row with every key masked has l = 0: torch returns 0 there.
         const bool empty = l[r] == T(0);
         const T inv = empty ? T(0) : T(1) / l[r];
-        for (int64_t c = 0; c < p.dim_v; ++c) o[r * p.dim_v + c] = acc[r * p.dim_v + c] * inv;
+        for (int64_t c = 0; c < p.dim_v; ++c) o[r * p.dim_v + c] = acc[r * wv + c] * inv;
         row_lse[r] = empty ? kNegInf : m[r] + std::log(l[r]);
       }
     }
@@ -343,11 +450,18 @@ void forward_kernel(const Problem<T>& p, T* out, T* lse) {
 template <typename T>
 void backward_kernel(const Problem<T>& p, const T* grad_out, const T* out, const T* lse, T* grad_q, T* grad_k,
                      T* grad_v) {
+  constexpr int64_t W = kSubWidth<T>;
   const SoftmaxKernels<T> sk = softmax_kernels<T>();
   const int64_t group = p.heads_q / p.heads_kv;
   const int64_t tasks = p.batch * p.heads_kv;
+  const int64_t key_panels = (p.len_k + W - 1) / W;
+  const int64_t wqk = (p.dim_qk + W - 1) / W * W;  // dQ tile's columns
+  // K's rows already form a panel (for dQ += dS K) when contiguous and whole vectors wide.
+  const bool k_in_place = p.dim_qk == wqk && (p.k_sr == p.dim_qk || p.len_k == 1);
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> probs(kBlockQ * kBlockK), dprobs(kBlockQ * kBlockK), delta(kBlockQ);
+    std::vector<T> kt(key_panels * W * p.dim_qk), vt(key_panels * W * p.dim_v), dq_tile(kBlockQ * wqk);
+    std::vector<T> k_packed(k_in_place ? 0 : p.len_k * wqk);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t hk = task % p.heads_kv;
       const int64_t b = task / p.heads_kv;
@@ -355,6 +469,14 @@ void backward_kernel(const Problem<T>& p, const T* grad_out, const T* out, const
       const T* v = p.v + b * p.v_sb + hk * p.v_sh;
       T* dk = grad_k + (b * p.heads_kv + hk) * p.len_k * p.dim_qk;
       T* dv = grad_v + (b * p.heads_kv + hk) * p.len_k * p.dim_v;
+      // The GEMMs with a key-side right operand run on gemm_panel with this head's K^T,
+      // V^T and K packed once. The scale is folded into K^T (S = scale Q K^T) and into V^T
+      // and delta, which makes the dS that softmax_grad writes already scale * dS: the
+      // dQ and dK products then need no alpha.
+      pack_transposed(k, p.k_sr, p.len_k, p.dim_qk, p.scale, kt.data());
+      pack_transposed(v, p.v_sr, p.len_k, p.dim_v, p.scale, vt.data());
+      if (!k_in_place) pack_rows(k, p.k_sr, p.len_k, p.dim_qk, wqk, k_packed.data());
+      const T* k_rows = k_in_place ? k : k_packed.data();
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
         const int64_t bh = b * p.heads_q + h;
         for (int64_t i0 = 0; i0 < p.len_q; i0 += kBlockQ) {
@@ -364,29 +486,34 @@ void backward_kernel(const Problem<T>& p, const T* grad_out, const T* out, const
           const T* o = out + (bh * p.len_q + i0) * p.dim_v;
           const T* row_lse = lse + bh * p.len_q + i0;
           T* dq = grad_q + (bh * p.len_q + i0) * p.dim_qk;
-          // delta_i = sum_c dO_ic O_ic  (= rowsum(P * dP), the softmax-Jacobian term)
+          // delta_i = scale * sum_c dO_ic O_ic  (scale * rowsum(P * dP), the softmax-Jacobian term)
           for (int64_t r = 0; r < rows; ++r) {
             T sum = 0;
             for (int64_t c = 0; c < p.dim_v; ++c) sum += dout[r * p.dim_v + c] * o[r * p.dim_v + c];
-            delta[r] = sum;
+            delta[r] = p.scale * sum;
           }
           const int64_t key_end = p.causal ? std::min(p.len_k, i0 + rows) : p.len_k;
           for (int64_t j0 = 0; j0 < key_end; j0 += kBlockK) {
             const int64_t cols = std::min(kBlockK, key_end - j0);
-            gemm_nt<T>(rows, cols, p.dim_qk, p.scale, q, p.q_sr, k + j0 * p.k_sr, p.k_sr, T(0), probs.data(),
-                       kBlockK);
+            // S = scale Q K^T and scale dP = dO (scale V)^T, one K^T / V^T panel at a time
+            // (padding columns past `cols` are ignored).
+            for (int64_t c = 0; c < cols; c += W) {
+              gemm_panel<T>(rows, p.dim_qk, q, p.q_sr, kt.data() + (j0 + c) * p.dim_qk, W, probs.data() + c,
+                            kBlockK);
+              gemm_panel<T>(rows, p.dim_v, dout, p.dim_v, vt.data() + (j0 + c) * p.dim_v, W, dprobs.data() + c,
+                            kBlockK);
+            }
             apply_mask(p, b, h, i0, rows, j0, cols, probs.data(), kBlockK);
-            // dP = dO V^T
-            gemm_nt<T>(rows, cols, p.dim_v, T(1), dout, p.dim_v, v + j0 * p.v_sr, p.v_sr, T(0), dprobs.data(),
-                       kBlockK);
             sk.softmax_grad(probs.data(), dprobs.data(), rows, cols, kBlockK, row_lse, delta.data());
-            // dV += P^T dO ; dQ += scale dS K ; dK += scale dS^T Q
+            // dV += P^T dO ; dK += (scale dS)^T Q  (transposed left operands: BLAS)
             gemm_tn<T>(cols, p.dim_v, rows, T(1), probs.data(), kBlockK, dout, p.dim_v, T(1), dv + j0 * p.dim_v,
                        p.dim_v);
-            gemm_nn<T>(rows, p.dim_qk, cols, p.scale, dprobs.data(), kBlockK, k + j0 * p.k_sr, p.k_sr, T(1), dq,
+            gemm_tn<T>(cols, p.dim_qk, rows, T(1), dprobs.data(), kBlockK, q, p.q_sr, T(1), dk + j0 * p.dim_qk,
                        p.dim_qk);
-            gemm_tn<T>(cols, p.dim_qk, rows, p.scale, dprobs.data(), kBlockK, q, p.q_sr, T(1),
-                       dk + j0 * p.dim_qk, p.dim_qk);
+            // dQ += (scale dS) K, through a tile because gemm_panel overwrites its output.
+            gemm_panel<T>(rows, cols, dprobs.data(), kBlockK, k_rows + j0 * wqk, wqk, dq_tile.data(), wqk);
+            for (int64_t r = 0; r < rows; ++r)
+              for (int64_t d = 0; d < p.dim_qk; ++d) dq[r * p.dim_qk + d] += dq_tile[r * wqk + d];
           }
         }
       }
@@ -500,10 +627,6 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q_in, con
   at::Tensor lse = at::empty({batch, heads, len_q}, q.options());
   if (out.numel() > 0 || lse.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_forward", [&] {
-      if (!blas_available<scalar_t>()) {
-        TORCH_WARN_ONCE("genfast attention: this torch exports no BLAS sgemm_/dgemm_; the CPU attention "
-                        "kernels use their slow reference loop nest instead");
-      }
       const Problem<scalar_t> p = make_problem<scalar_t>(q, k, v, mask, is_causal, scale);
       forward_kernel<scalar_t>(p, out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>());
     });
@@ -535,6 +658,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   at::Tensor grad_v = at::zeros(v.sizes(), v.options().memory_format(at::MemoryFormat::Contiguous));
   if (grad_q.numel() > 0 && k.size(2) > 0) {
     AT_DISPATCH_FLOATING_TYPES(kdtype, "attention_backward", [&] {
+      if (!blas_available<scalar_t>()) {
+        TORCH_WARN_ONCE("genfast attention: this torch exports no BLAS sgemm_/dgemm_; the CPU attention "
+                        "backward uses its slow reference loop nest instead");
+      }
       const Problem<scalar_t> p = make_problem<scalar_t>(q, k, v, mask, is_causal, scale);
       backward_kernel<scalar_t>(p, grad_out.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                                 lse.data_ptr<scalar_t>(), grad_q.data_ptr<scalar_t>(), grad_k.data_ptr<scalar_t>(),
