@@ -424,11 +424,11 @@ void forward_kernel(const Problem<T>& p, T* out, T* lse) {
           for (int64_t r0 = 0; r0 < rows; r0 += causal_chunk) {
             const int64_t r1 = std::min(rows, r0 + causal_chunk);
             const int64_t depth = std::clamp<int64_t>(i0 + r1 - j0, 0, cols);
-            gemm_panel<T>(r1 - r0, depth, scores.data() + r0 * kFwdBlockK, kFwdBlockK, v + j0 * wv, wv,
-                          pv.data() + r0 * wv, wv);
+            gemm_rowmajor<T>(r1 - r0, depth, scores.data() + r0 * kFwdBlockK, kFwdBlockK, v + j0 * wv, wv,
+                             pv.data() + r0 * wv, wv);
           }
         } else {
-          gemm_panel<T>(rows, cols, scores.data(), kFwdBlockK, v + j0 * wv, wv, pv.data(), wv);
+          gemm_rowmajor<T>(rows, cols, scores.data(), kFwdBlockK, v + j0 * wv, wv, pv.data(), wv);
         }
         sk.rescale_add(acc.data(), pv.data(), rows, wv, alpha.data());
       }
@@ -511,7 +511,7 @@ void backward_kernel(const Problem<T>& p, const T* grad_out, const T* out, const
             gemm_tn<T>(cols, p.dim_qk, rows, T(1), dprobs.data(), kBlockK, q, p.q_sr, T(1), dk + j0 * p.dim_qk,
                        p.dim_qk);
             // dQ += (scale dS) K, through a tile because gemm_panel overwrites its output.
-            gemm_panel<T>(rows, cols, dprobs.data(), kBlockK, k_rows + j0 * wqk, wqk, dq_tile.data(), wqk);
+            gemm_rowmajor<T>(rows, cols, dprobs.data(), kBlockK, k_rows + j0 * wqk, wqk, dq_tile.data(), wqk);
             for (int64_t r = 0; r < rows; ++r)
               for (int64_t d = 0; d < p.dim_qk; ++d) dq[r * p.dim_qk + d] += dq_tile[r * wqk + d];
           }

@@ -61,24 +61,25 @@ inline __attribute__((always_inline)) void micro_kernel(int64_t K, const T* A, i
 // The row loop: full blocks of MR rows, then one call for the remaining rows.
 template <typename T, int VB, int MR>
 inline __attribute__((always_inline)) void panel_rows(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel,
-                                                      int64_t width, T* C, int64_t ldc) {
+                                                      int64_t width, int64_t slice_stride, int64_t ldb, T* C,
+                                                      int64_t ldc) {
   constexpr int64_t S = kSubWidth<T>;
   const int64_t full = M / MR * MR, rest = M - full;
   // Column slice outermost: its K x 16 slice of the panel stays in L1 while every row
   // block of A streams past it.
   for (int64_t s = 0; s < width; s += S) {
     for (int64_t m = 0; m < full; m += MR)
-      micro_kernel<T, VB, MR>(K, A + m * lda, lda, panel + s * K, S, C + m * ldc + s, ldc);
+      micro_kernel<T, VB, MR>(K, A + m * lda, lda, panel + s / S * slice_stride, ldb, C + m * ldc + s, ldc);
     if (rest == 0) continue;
     const int64_t m = full;
     const T* a = A + m * lda;
-    const T* b = panel + s * K;
+    const T* b = panel + s / S * slice_stride;
     T* c = C + m * ldc + s;
     // A switch over compile-time row counts keeps the tail in registers too.
     switch (rest) {
 #define GENFAST_TAIL(R) \
   case R:               \
-    if constexpr (R < MR) micro_kernel<T, VB, R>(K, a, lda, b, S, c, ldc); \
+    if constexpr (R < MR) micro_kernel<T, VB, R>(K, a, lda, b, ldb, c, ldc); \
     break;
       GENFAST_TAIL(1) GENFAST_TAIL(2) GENFAST_TAIL(3) GENFAST_TAIL(4) GENFAST_TAIL(5) GENFAST_TAIL(6)
       GENFAST_TAIL(7) GENFAST_TAIL(8) GENFAST_TAIL(9) GENFAST_TAIL(10) GENFAST_TAIL(11)
@@ -158,37 +159,57 @@ constexpr int kRowsBaseline = 3; // 12 of 16 xmm
 
 template <typename T>
 GENFAST_TARGET_AVX512 void gemm_panel_avx512(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel,
-                                             int64_t width, T* C, int64_t ldc) {
-  panel_rows<T, 64, kRowsAVX512>(M, K, A, lda, panel, width, C, ldc);
+                      int64_t width, int64_t slice_stride, int64_t ldb, T* C, int64_t ldc) {
+  panel_rows<T, 64, kRowsAVX512>(M, K, A, lda, panel, width, slice_stride, ldb, C, ldc);
 }
 
 template <typename T>
 GENFAST_TARGET_AVX2 void gemm_panel_avx2(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel,
-                                         int64_t width, T* C, int64_t ldc) {
-  panel_rows<T, 32, kRowsAVX2>(M, K, A, lda, panel, width, C, ldc);
+                      int64_t width, int64_t slice_stride, int64_t ldb, T* C, int64_t ldc) {
+  panel_rows<T, 32, kRowsAVX2>(M, K, A, lda, panel, width, slice_stride, ldb, C, ldc);
 }
 
 template <typename T>
-void gemm_panel_baseline(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel, int64_t width, T* C,
-                         int64_t ldc) {
-  panel_rows<T, 16, kRowsBaseline>(M, K, A, lda, panel, width, C, ldc);
+void gemm_panel_baseline(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel,
+                      int64_t width, int64_t slice_stride, int64_t ldb, T* C, int64_t ldc) {
+  panel_rows<T, 16, kRowsBaseline>(M, K, A, lda, panel, width, slice_stride, ldb, C, ldc);
 }
 
 }  // namespace
 
+namespace {
+
+// B element (k, c) at b[(c / S) * slice_stride + k * ldb + c % S], S = kSubWidth<T>.
 template <typename T>
-void gemm_panel(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel, int64_t width, T* C, int64_t ldc) {
+void gemm_strided(int64_t M, int64_t K, const T* A, int64_t lda, const T* B, int64_t width, int64_t slice_stride,
+                  int64_t ldb, T* C, int64_t ldc) {
   if (M <= 0) return;
   if (K == 0) {
     for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + width, T(0));
     return;
   }
   switch (simd_level()) {
-    case SimdLevel::kAVX512: return gemm_panel_avx512<T>(M, K, A, lda, panel, width, C, ldc);
-    case SimdLevel::kAVX2: return gemm_panel_avx2<T>(M, K, A, lda, panel, width, C, ldc);
-    default: return gemm_panel_baseline<T>(M, K, A, lda, panel, width, C, ldc);
+    case SimdLevel::kAVX512: return gemm_panel_avx512<T>(M, K, A, lda, B, width, slice_stride, ldb, C, ldc);
+    case SimdLevel::kAVX2: return gemm_panel_avx2<T>(M, K, A, lda, B, width, slice_stride, ldb, C, ldc);
+    default: return gemm_panel_baseline<T>(M, K, A, lda, B, width, slice_stride, ldb, C, ldc);
   }
 }
+
+}  // namespace
+
+template <typename T>
+void gemm_panel(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel, int64_t width, T* C, int64_t ldc) {
+  gemm_strided<T>(M, K, A, lda, panel, width, K * kSubWidth<T>, kSubWidth<T>, C, ldc);
+}
+
+template <typename T>
+void gemm_rowmajor(int64_t M, int64_t K, const T* A, int64_t lda, const T* B, int64_t width, T* C, int64_t ldc) {
+  gemm_strided<T>(M, K, A, lda, B, width, kSubWidth<T>, width, C, ldc);
+}
+
+template void gemm_rowmajor<float>(int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t);
+template void gemm_rowmajor<double>(int64_t, int64_t, const double*, int64_t, const double*, int64_t, double*,
+                                    int64_t);
 
 template <typename T>
 void dot_panel(int64_t M, int64_t K, const T* A, int64_t lda, const T* const* rows, int64_t width, T* C, int64_t ldc) {

@@ -45,6 +45,11 @@ void pack_panels(const T* b, int64_t stride_k, int64_t stride_n, int64_t K, int6
 template <typename T>
 void gemm_panel(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel, int64_t width, T* C, int64_t ldc);
 
+// The same product with B stored plainly: a K x width row-major matrix, rows ldb apart
+// (for operands used in place, like attention's V tiles).
+template <typename T>
+void gemm_rowmajor(int64_t M, int64_t K, const T* A, int64_t lda, const T* B, int64_t width, T* C, int64_t ldc);
+
 // C[m][c] = dot(A[m, 0:K], rows[c][0:K]) for m < M (M <= kMaxDotRows), c < width;
 // rows[c] == nullptr gives 0. For a single time step (decode) the weight is used once,
 // so packing it would cost more than the product: this reads it in place, once.
