@@ -36,6 +36,15 @@ TORCH_LIBRARY(genfast, m) {
       "Tensor grad_b_hh)");
   // ---- attention (csrc/cpu/attention.cpp) ------------------------------------------
   // ATTENTION_SCHEMAS
+  // q (B, Hq, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv) with Hq % Hk == 0 (GQA when unequal);
+  // attn_mask bool (true = keep) or additive with q's dtype, broadcastable to (B, Hq, Lq, Lk);
+  // causal is top-left aligned. logsumexp (B, Hq, Lq) is float32 for half inputs, else q's dtype.
+  m.def(
+      "attention_forward(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, bool is_causal, float scale) "
+      "-> (Tensor out, Tensor logsumexp)");
+  m.def(
+      "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor logsumexp, "
+      "Tensor? attn_mask, bool is_causal, float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
   // ---- sampling (csrc/cpu/sampling.cpp) --------------------------------------------
   // SAMPLING_SCHEMAS
 }

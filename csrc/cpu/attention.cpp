@@ -1,0 +1,555 @@
+// Fused scaled-dot-product attention for the CPU, FlashAttention-2 style.
+//
+// Forward: each task owns one (batch, query head, block of BQ query rows). It walks
+// the keys in blocks of BK: S = scale * Q K^T (one GEMM), mask, online softmax
+// (running row max m and row sum l; the accumulator is rescaled when m grows),
+// acc += P V (one GEMM). Out = acc / l and logsumexp = m + log(l) are written at
+// the end. Memory per task is O(BQ * (BK + Dv)); nothing of size Lq x Lk exists.
+//
+// Backward recomputes P = exp(S - logsumexp) tile by tile. A task owns one
+// (batch, key/value head): it accumulates dK and dV of that head without races
+// and dQ of the query heads that share it (GQA), so no atomics are needed.
+//
+// Rows whose keys are all masked produce 0 (and logsumexp -inf, zero gradients),
+// as torch's CPU SDPA does in torch 2.13. NaN in a float mask gives a NaN row.
+//
+// bfloat16/float16 inputs are widened to float32 at the op boundary (O(L * D) extra
+// memory) and the result narrowed back: fp32 accumulation throughout.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
+#include "cpu/attention_gemm.h"
+#include "cpu/simd.h"
+#include "gate_math.h"
+
+namespace genfast::cpu::attention {
+
+namespace {
+
+constexpr int64_t kBlockQ = 128;  // query rows per task / tile
+constexpr int64_t kBlockK = 256;  // key rows per tile
+
+// Mask description, already broadcast to (B, Hq, Lq, Lk) through strides (0 where broadcast).
+template <typename T>
+struct Mask {
+  enum Kind { kNone, kBool, kAdditive } kind = kNone;
+  const bool* boolean = nullptr;
+  const T* additive = nullptr;
+  int64_t stride_b = 0, stride_h = 0, stride_q = 0, stride_k = 0;
+};
+
+template <typename T>
+struct Problem {
+  int64_t batch, heads_q, heads_kv, len_q, len_k, dim_qk, dim_v;
+  const T *q, *k, *v;
+  // Strides (elements) of the batch, head and row dims; the last dim is contiguous.
+  int64_t q_sb, q_sh, q_sr, k_sb, k_sh, k_sr, v_sb, v_sh, v_sr;
+  Mask<T> mask;
+  bool causal;
+  T scale;
+};
+
+// Mask and causal limit applied to one score tile (rows i0.., keys j0..).
+template <typename T>
+void apply_mask(const Problem<T>& p, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
+                int64_t cols, T* s, int64_t lds) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  const Mask<T>& m = p.mask;
+  if (m.kind == Mask<T>::kAdditive) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* row = m.additive + b * m.stride_b + h * m.stride_h + (i0 + r) * m.stride_q + j0 * m.stride_k;
+      T* out = s + r * lds;
+      for (int64_t c = 0; c < cols; ++c) out[c] += row[c * m.stride_k];
+    }
+  } else if (m.kind == Mask<T>::kBool) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const bool* row = m.boolean + b * m.stride_b + h * m.stride_h + (i0 + r) * m.stride_q + j0 * m.stride_k;
+      T* out = s + r * lds;
+      for (int64_t c = 0; c < cols; ++c)
+        if (!row[c * m.stride_k]) out[c] = kNegInf;
+    }
+  }
+  if (p.causal && j0 + cols - 1 > i0) {  // some key in the tile lies right of the diagonal
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t first_hidden = std::max<int64_t>(i0 + r + 1 - j0, 0);
+      T* out = s + r * lds;
+      for (int64_t c = first_hidden; c < cols; ++c) out[c] = kNegInf;
+    }
+  }
+}
+
+// ---- softmax pieces, compiled per ISA ------------------------------------------------
+// The *_impl templates are always inlined into the target-attributed wrappers below, so
+// the `omp simd` loops vectorise to the width of each ISA (exp_ is the polynomial exp
+// for float, branch-free).
+
+#define GENFAST_ALWAYS_INLINE inline __attribute__((always_inline))
+
+// One online-softmax step over a score tile: P = exp(S - m_new) in place (0 where the
+// score is -inf), row sums folded into l, and alpha = exp(m_old - m_new) returned
+// for rescaling the accumulator.
+template <typename T>
+GENFAST_ALWAYS_INLINE void online_softmax_impl(T* s, int64_t rows, int64_t cols, int64_t lds, T* m, T* l,
+                                               T* alpha) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  for (int64_t r = 0; r < rows; ++r) {
+    T* row = s + r * lds;
+    T tile_max = kNegInf;
+#pragma omp simd reduction(max : tile_max)
+    for (int64_t c = 0; c < cols; ++c) tile_max = row[c] > tile_max ? row[c] : tile_max;
+    const T m_old = m[r];
+    const T m_new = tile_max > m_old ? tile_max : m_old;
+    // While every key so far is masked (m_new = -inf), subtract 0 so exp(-inf) = 0, not NaN.
+    const T base = m_new == kNegInf ? T(0) : m_new;
+    T sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t c = 0; c < cols; ++c) {
+      const T x = row[c];
+      const T e = genfast::gates::exp_<T>(x - base);
+      const T prob = x == kNegInf ? T(0) : e;  // the polynomial exp clamps: force exact 0
+      row[c] = prob;
+      sum += prob;
+    }
+    const T a = m_old == kNegInf ? T(0) : genfast::gates::exp_<T>(m_old - base);
+    alpha[r] = a;
+    l[r] = l[r] * a + sum;
+    m[r] = m_new;
+  }
+}
+
+// Backward: P = exp(S - lse) (0 for masked scores and for fully masked rows), then
+// dS = P * (dP - delta) written over dP.
+template <typename T>
+GENFAST_ALWAYS_INLINE void softmax_grad_impl(T* s, T* dp, int64_t rows, int64_t cols, int64_t ld, const T* lse,
+                                             const T* delta) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  for (int64_t r = 0; r < rows; ++r) {
+    T* srow = s + r * ld;
+    T* dprow = dp + r * ld;
+    const T lse_r = lse[r];
+    const T delta_r = delta[r];
+    if (lse_r == kNegInf) {
+      for (int64_t c = 0; c < cols; ++c) srow[c] = dprow[c] = T(0);
+      continue;
+    }
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) {
+      const T x = srow[c];
+      const T e = genfast::gates::exp_<T>(x - lse_r);
+      const T prob = x == kNegInf ? T(0) : e;
+      srow[c] = prob;
+      dprow[c] = prob * (dprow[c] - delta_r);
+    }
+  }
+}
+
+template <typename T>
+GENFAST_ALWAYS_INLINE void scale_rows_impl(T* acc, int64_t rows, int64_t cols, int64_t ld, const T* factor) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T f = factor[r];
+    T* row = acc + r * ld;
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) row[c] *= f;
+  }
+}
+
+template <typename T>
+struct SoftmaxKernels {
+  void (*online_softmax)(T*, int64_t, int64_t, int64_t, T*, T*, T*);
+  void (*softmax_grad)(T*, T*, int64_t, int64_t, int64_t, const T*, const T*);
+  void (*scale_rows)(T*, int64_t, int64_t, int64_t, const T*);
+};
+
+#define GENFAST_SOFTMAX_COPY(SUFFIX, TARGET)                                                             \
+  template <typename T>                                                                                   \
+  TARGET void online_softmax_##SUFFIX(T* s, int64_t rows, int64_t cols, int64_t lds, T* m, T* l, T* a) { \
+    online_softmax_impl<T>(s, rows, cols, lds, m, l, a);                                                  \
+  }                                                                                                       \
+  template <typename T>                                                                                   \
+  TARGET void softmax_grad_##SUFFIX(T* s, T* dp, int64_t rows, int64_t cols, int64_t ld, const T* lse,   \
+                                    const T* delta) {                                                     \
+    softmax_grad_impl<T>(s, dp, rows, cols, ld, lse, delta);                                              \
+  }                                                                                                       \
+  template <typename T>                                                                                   \
+  TARGET void scale_rows_##SUFFIX(T* acc, int64_t rows, int64_t cols, int64_t ld, const T* f) {          \
+    scale_rows_impl<T>(acc, rows, cols, ld, f);                                                           \
+  }
+
+GENFAST_SOFTMAX_COPY(baseline, )
+GENFAST_SOFTMAX_COPY(avx2, GENFAST_TARGET_AVX2)
+GENFAST_SOFTMAX_COPY(avx512, GENFAST_TARGET_AVX512)
+
+
+// ---- float softmax with explicit vectors (AVX2 / AVX-512) ------------------------------
+// GCC does not vectorise the float reductions above without -ffast-math, so the float
+// copies for AVX2 and AVX-512 use intrinsics; exp is the same Cody-Waite + degree-6
+// polynomial as genfast::gates::exp_fast, lane by lane.
+#if GENFAST_X86
+struct Avx2 {
+  using V = __m256;
+  static constexpr int kWidth = 8;
+  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V load(const float* p) { return _mm256_loadu_ps(p); }
+  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V set1(float x) { return _mm256_set1_ps(x); }
+  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V vmax(V a, V b) { return _mm256_max_ps(a, b); }
+  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V vmin(V a, V b) { return _mm256_min_ps(a, b); }
+  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V add(V a, V b) { return _mm256_add_ps(a, b); }
+  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V fnma(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }
+  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V floor(V x) { return _mm256_floor_ps(x); }
+  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V pow2i(V n) {
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_castsi256_ps(bits);
+  }
+  // x where x != -inf, else 0
+  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V zero_if_neg_inf(V x, V value) {
+    return _mm256_andnot_ps(_mm256_cmp_ps(x, set1(-std::numeric_limits<float>::infinity()), _CMP_EQ_OQ), value);
+  }
+};
+
+struct Avx512 {
+  using V = __m512;
+  static constexpr int kWidth = 16;
+  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V load(const float* p) { return _mm512_loadu_ps(p); }
+  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V set1(float x) { return _mm512_set1_ps(x); }
+  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V vmax(V a, V b) { return _mm512_max_ps(a, b); }
+  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V vmin(V a, V b) { return _mm512_min_ps(a, b); }
+  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V add(V a, V b) { return _mm512_add_ps(a, b); }
+  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V fnma(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }
+  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V floor(V x) {
+    return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  }
+  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V pow2i(V n) {
+    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_castsi512_ps(bits);
+  }
+  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V zero_if_neg_inf(V x, V value) {
+    const __mmask16 is_neg_inf =
+        _mm512_cmp_ps_mask(x, set1(-std::numeric_limits<float>::infinity()), _CMP_EQ_OQ);
+    return _mm512_mask_blend_ps(is_neg_inf, value, _mm512_setzero_ps());
+  }
+};
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+using S = Avx2;
+#include "cpu/attention_softmax.inc"
+}  // namespace avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
+namespace avx512 {
+using S = Avx512;
+#include "cpu/attention_softmax.inc"
+}  // namespace avx512
+#pragma GCC pop_options
+#endif
+
+template <typename T>
+SoftmaxKernels<T> softmax_kernels() {
+#if GENFAST_X86
+  if constexpr (std::is_same_v<T, float>) {
+    switch (simd_level()) {
+      case SimdLevel::kAVX512:
+        return {avx512::online_softmax_f32, avx512::softmax_grad_f32, scale_rows_avx512<float>};
+      case SimdLevel::kAVX2:
+        return {avx2::online_softmax_f32, avx2::softmax_grad_f32, scale_rows_avx2<float>};
+      default:
+        break;
+    }
+  }
+#endif
+  switch (simd_level()) {
+    case SimdLevel::kAVX512:
+      return {online_softmax_avx512<T>, softmax_grad_avx512<T>, scale_rows_avx512<T>};
+    case SimdLevel::kAVX2:
+      return {online_softmax_avx2<T>, softmax_grad_avx2<T>, scale_rows_avx2<T>};
+    default:
+      return {online_softmax_baseline<T>, softmax_grad_baseline<T>, scale_rows_baseline<T>};
+  }
+}
+
+// ---- forward ---------------------------------------------------------------------------
+
+template <typename T>
+void forward_kernel(const Problem<T>& p, T* out, T* lse) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  const SoftmaxKernels<T> sk = softmax_kernels<T>();
+  const int64_t group = p.heads_q / p.heads_kv;
+  const int64_t q_blocks = (p.len_q + kBlockQ - 1) / kBlockQ;
+  const int64_t tasks = p.batch * p.heads_q * q_blocks;
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> scores(kBlockQ * kBlockK), acc(kBlockQ * p.dim_v), m(kBlockQ), l(kBlockQ), alpha(kBlockQ);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t qb = task % q_blocks;
+      const int64_t h = (task / q_blocks) % p.heads_q;
+      const int64_t b = task / (q_blocks * p.heads_q);
+      const int64_t hk = h / group;
+      const int64_t i0 = qb * kBlockQ;
+      const int64_t rows = std::min(kBlockQ, p.len_q - i0);
+      const T* q = p.q + b * p.q_sb + h * p.q_sh + i0 * p.q_sr;
+      const T* k = p.k + b * p.k_sb + hk * p.k_sh;
+      const T* v = p.v + b * p.v_sb + hk * p.v_sh;
+      std::fill(m.begin(), m.end(), kNegInf);
+      std::fill(l.begin(), l.end(), T(0));
+      std::fill(acc.begin(), acc.end(), T(0));
+      // Causal: query i sees keys 0..i, so this block needs keys < i0 + rows.
+      const int64_t key_end = p.causal ? std::min(p.len_k, i0 + rows) : p.len_k;
+      for (int64_t j0 = 0; j0 < key_end; j0 += kBlockK) {
+        const int64_t cols = std::min(kBlockK, key_end - j0);
+        gemm_nt<T>(rows, cols, p.dim_qk, p.scale, q, p.q_sr, k + j0 * p.k_sr, p.k_sr, T(0), scores.data(),
+                   kBlockK);
+        apply_mask(p, b, h, i0, rows, j0, cols, scores.data(), kBlockK);
+        sk.online_softmax(scores.data(), rows, cols, kBlockK, m.data(), l.data(), alpha.data());
+        if (j0 > 0) sk.scale_rows(acc.data(), rows, p.dim_v, p.dim_v, alpha.data());
+        gemm_nn<T>(rows, p.dim_v, cols, T(1), scores.data(), kBlockK, v + j0 * p.v_sr, p.v_sr, T(1), acc.data(),
+                   p.dim_v);
+      }
+      T* o = out + ((b * p.heads_q + h) * p.len_q + i0) * p.dim_v;
+      T* row_lse = lse + (b * p.heads_q + h) * p.len_q + i0;
+      for (int64_t r = 0; r < rows; ++r) {
+        // A row with every key masked has l = 0: torch returns 0 there.
+        const bool empty = l[r] == T(0);
+        const T inv = empty ? T(0) : T(1) / l[r];
+        for (int64_t c = 0; c < p.dim_v; ++c) o[r * p.dim_v + c] = acc[r * p.dim_v + c] * inv;
+        row_lse[r] = empty ? kNegInf : m[r] + std::log(l[r]);
+      }
+    }
+  });
+}
+
+// ---- backward --------------------------------------------------------------------------
+
+template <typename T>
+void backward_kernel(const Problem<T>& p, const T* grad_out, const T* out, const T* lse, T* grad_q, T* grad_k,
+                     T* grad_v) {
+  const SoftmaxKernels<T> sk = softmax_kernels<T>();
+  const int64_t group = p.heads_q / p.heads_kv;
+  const int64_t tasks = p.batch * p.heads_kv;
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> probs(kBlockQ * kBlockK), dprobs(kBlockQ * kBlockK), delta(kBlockQ);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t hk = task % p.heads_kv;
+      const int64_t b = task / p.heads_kv;
+      const T* k = p.k + b * p.k_sb + hk * p.k_sh;
+      const T* v = p.v + b * p.v_sb + hk * p.v_sh;
+      T* dk = grad_k + (b * p.heads_kv + hk) * p.len_k * p.dim_qk;
+      T* dv = grad_v + (b * p.heads_kv + hk) * p.len_k * p.dim_v;
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        const int64_t bh = b * p.heads_q + h;
+        for (int64_t i0 = 0; i0 < p.len_q; i0 += kBlockQ) {
+          const int64_t rows = std::min(kBlockQ, p.len_q - i0);
+          const T* q = p.q + b * p.q_sb + h * p.q_sh + i0 * p.q_sr;
+          const T* dout = grad_out + (bh * p.len_q + i0) * p.dim_v;
+          const T* o = out + (bh * p.len_q + i0) * p.dim_v;
+          const T* row_lse = lse + bh * p.len_q + i0;
+          T* dq = grad_q + (bh * p.len_q + i0) * p.dim_qk;
+          // delta_i = sum_c dO_ic O_ic  (= rowsum(P * dP), the softmax-Jacobian term)
+          for (int64_t r = 0; r < rows; ++r) {
+            T sum = 0;
+            for (int64_t c = 0; c < p.dim_v; ++c) sum += dout[r * p.dim_v + c] * o[r * p.dim_v + c];
+            delta[r] = sum;
+          }
+          const int64_t key_end = p.causal ? std::min(p.len_k, i0 + rows) : p.len_k;
+          for (int64_t j0 = 0; j0 < key_end; j0 += kBlockK) {
+            const int64_t cols = std::min(kBlockK, key_end - j0);
+            gemm_nt<T>(rows, cols, p.dim_qk, p.scale, q, p.q_sr, k + j0 * p.k_sr, p.k_sr, T(0), probs.data(),
+                       kBlockK);
+            apply_mask(p, b, h, i0, rows, j0, cols, probs.data(), kBlockK);
+            // dP = dO V^T
+            gemm_nt<T>(rows, cols, p.dim_v, T(1), dout, p.dim_v, v + j0 * p.v_sr, p.v_sr, T(0), dprobs.data(),
+                       kBlockK);
+            sk.softmax_grad(probs.data(), dprobs.data(), rows, cols, kBlockK, row_lse, delta.data());
+            // dV += P^T dO ; dQ += scale dS K ; dK += scale dS^T Q
+            gemm_tn<T>(cols, p.dim_v, rows, T(1), probs.data(), kBlockK, dout, p.dim_v, T(1), dv + j0 * p.dim_v,
+                       p.dim_v);
+            gemm_nn<T>(rows, p.dim_qk, cols, p.scale, dprobs.data(), kBlockK, k + j0 * p.k_sr, p.k_sr, T(1), dq,
+                       p.dim_qk);
+            gemm_tn<T>(cols, p.dim_qk, rows, p.scale, dprobs.data(), kBlockK, q, p.q_sr, T(1),
+                       dk + j0 * p.dim_qk, p.dim_qk);
+          }
+        }
+      }
+    }
+  });
+}
+
+// ---- op boundary -----------------------------------------------------------------------
+
+// Inputs for the kernels: float/double kept, half types widened to float; last dim contiguous.
+at::Tensor kernel_input(const at::Tensor& t) {
+  at::Tensor x = t;
+  if (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf) x = x.to(at::kFloat);
+  if (x.size(-1) > 1 && x.stride(-1) != 1) x = x.contiguous();
+  return x;
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const c10::optional<at::Tensor>& attn_mask) {
+  TORCH_CHECK(q.dim() == 4, "attention: q must be (batch, heads, len_q, dim), got ", q.dim(), " dims");
+  TORCH_CHECK(k.dim() == 4, "attention: k must be (batch, heads_kv, len_k, dim), got ", k.dim(), " dims");
+  TORCH_CHECK(v.dim() == 4, "attention: v must be (batch, heads_kv, len_k, dim_v), got ", v.dim(), " dims");
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
+              "attention: q, k and v must be CPU tensors");
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "attention: q must be float32, float64, bfloat16 or float16, got ", dtype);
+  TORCH_CHECK(k.scalar_type() == dtype && v.scalar_type() == dtype,
+              "attention: q, k and v must share a dtype, got q ", dtype, ", k ", k.scalar_type(), ", v ",
+              v.scalar_type());
+  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0),
+              "attention: q, k and v must have the same batch size, got ", q.size(0), ", ", k.size(0), ", ",
+              v.size(0));
+  TORCH_CHECK(v.size(1) == k.size(1), "attention: k and v must have the same number of heads, got ", k.size(1),
+              " and ", v.size(1));
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "attention: the heads of q (", q.size(1),
+              ") must be a multiple of the heads of k and v (", k.size(1), ")");
+  TORCH_CHECK(v.size(2) == k.size(2), "attention: k and v must have the same length, got ", k.size(2), " and ",
+              v.size(2));
+  TORCH_CHECK(k.size(3) == q.size(3), "attention: q and k must have the same head dim, got ", q.size(3), " and ",
+              k.size(3));
+  if (attn_mask.has_value()) {
+    const at::Tensor& mask = *attn_mask;
+    TORCH_CHECK(mask.device().is_cpu(), "attention: attn_mask must be a CPU tensor");
+    TORCH_CHECK(mask.scalar_type() == at::kBool || mask.scalar_type() == dtype,
+                "attention: attn_mask must be bool or have q's dtype (", dtype, "), got ", mask.scalar_type());
+    TORCH_CHECK(mask.dim() <= 4, "attention: attn_mask must have at most 4 dims, got ", mask.dim());
+    const std::vector<int64_t> full{q.size(0), q.size(1), q.size(2), k.size(2)};
+    const auto sizes = mask.sizes();
+    for (int64_t d = 0; d < mask.dim(); ++d) {
+      const int64_t want = full[4 - mask.dim() + d];
+      TORCH_CHECK(sizes[d] == want || sizes[d] == 1, "attention: attn_mask of shape ", sizes,
+                  " does not broadcast to (batch, heads, len_q, len_k) = ", at::IntArrayRef(full));
+    }
+  }
+}
+
+template <typename T>
+Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                        bool is_causal, double scale) {
+  Problem<T> p;
+  p.batch = q.size(0);
+  p.heads_q = q.size(1);
+  p.heads_kv = k.size(1);
+  p.len_q = q.size(2);
+  p.len_k = k.size(2);
+  p.dim_qk = q.size(3);
+  p.dim_v = v.size(3);
+  p.q = q.data_ptr<T>();
+  p.k = k.data_ptr<T>();
+  p.v = v.data_ptr<T>();
+  p.q_sb = q.stride(0), p.q_sh = q.stride(1), p.q_sr = q.stride(2);
+  p.k_sb = k.stride(0), p.k_sh = k.stride(1), p.k_sr = k.stride(2);
+  p.v_sb = v.stride(0), p.v_sh = v.stride(1), p.v_sr = v.stride(2);
+  // A row stride must be at least the row length for the GEMMs' leading dimensions.
+  if (p.len_q == 1) p.q_sr = std::max<int64_t>(p.q_sr, p.dim_qk);
+  if (p.len_k == 1) p.k_sr = std::max<int64_t>(p.k_sr, p.dim_qk), p.v_sr = std::max<int64_t>(p.v_sr, p.dim_v);
+  p.causal = is_causal;
+  p.scale = static_cast<T>(scale);
+  if (mask.defined()) {
+    const at::Tensor full = mask.expand({p.batch, p.heads_q, p.len_q, p.len_k});
+    p.mask.stride_b = full.stride(0), p.mask.stride_h = full.stride(1);
+    p.mask.stride_q = full.stride(2), p.mask.stride_k = full.stride(3);
+    if (mask.scalar_type() == at::kBool) {
+      p.mask.kind = Mask<T>::kBool;
+      p.mask.boolean = full.data_ptr<bool>();
+    } else {
+      p.mask.kind = Mask<T>::kAdditive;
+      p.mask.additive = full.data_ptr<T>();
+    }
+  }
+  return p;
+}
+
+at::Tensor kernel_mask(const c10::optional<at::Tensor>& attn_mask, at::ScalarType kernel_dtype) {
+  if (!attn_mask.has_value()) return at::Tensor();
+  at::Tensor mask = *attn_mask;
+  if (mask.scalar_type() != at::kBool && mask.scalar_type() != kernel_dtype) mask = mask.to(kernel_dtype);
+  return mask;
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                     const at::Tensor& v_in,
+                                                     const c10::optional<at::Tensor>& attn_mask, bool is_causal,
+                                                     double scale) {
+  check_inputs(q_in, k_in, v_in, attn_mask);
+  const at::Tensor q = kernel_input(q_in), k = kernel_input(k_in), v = kernel_input(v_in);
+  const at::Tensor mask = kernel_mask(attn_mask, q.scalar_type());
+  const int64_t batch = q.size(0), heads = q.size(1), len_q = q.size(2);
+  at::Tensor out = at::empty({batch, heads, len_q, v.size(3)}, q.options());
+  at::Tensor lse = at::empty({batch, heads, len_q}, q.options());
+  if (out.numel() > 0 || lse.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_forward", [&] {
+      if (!blas_available<scalar_t>()) {
+        TORCH_WARN_ONCE("genfast attention: this torch exports no BLAS sgemm_/dgemm_; the CPU attention "
+                        "kernels use their slow reference loop nest instead");
+      }
+      const Problem<scalar_t> p = make_problem<scalar_t>(q, k, v, mask, is_causal, scale);
+      forward_kernel<scalar_t>(p, out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>());
+    });
+  }
+  if (q_in.scalar_type() != q.scalar_type()) out = out.to(q_in.scalar_type());
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& lse_in, const c10::optional<at::Tensor>& attn_mask, bool is_causal,
+    double scale) {
+  check_inputs(q_in, k_in, v_in, attn_mask);
+  const std::vector<int64_t> out_shape{q_in.size(0), q_in.size(1), q_in.size(2), v_in.size(3)};
+  TORCH_CHECK(grad_out_in.sizes() == at::IntArrayRef(out_shape), "attention_backward: grad_out must have shape ",
+              at::IntArrayRef(out_shape), ", got ", grad_out_in.sizes());
+  TORCH_CHECK(out_in.sizes() == at::IntArrayRef(out_shape), "attention_backward: out must have shape ",
+              at::IntArrayRef(out_shape), ", got ", out_in.sizes());
+  TORCH_CHECK(lse_in.sizes() == at::IntArrayRef({q_in.size(0), q_in.size(1), q_in.size(2)}),
+              "attention_backward: logsumexp must have shape (batch, heads, len_q), got ", lse_in.sizes());
+  const at::Tensor q = kernel_input(q_in), k = kernel_input(k_in), v = kernel_input(v_in);
+  const auto kdtype = q.scalar_type();
+  const at::Tensor grad_out = grad_out_in.to(kdtype).contiguous();
+  const at::Tensor out = out_in.to(kdtype).contiguous();
+  const at::Tensor lse = lse_in.to(kdtype).contiguous();
+  const at::Tensor mask = kernel_mask(attn_mask, kdtype);
+  at::Tensor grad_q = at::zeros(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor grad_k = at::zeros(k.sizes(), k.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor grad_v = at::zeros(v.sizes(), v.options().memory_format(at::MemoryFormat::Contiguous));
+  if (grad_q.numel() > 0 && k.size(2) > 0) {
+    AT_DISPATCH_FLOATING_TYPES(kdtype, "attention_backward", [&] {
+      const Problem<scalar_t> p = make_problem<scalar_t>(q, k, v, mask, is_causal, scale);
+      backward_kernel<scalar_t>(p, grad_out.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                                lse.data_ptr<scalar_t>(), grad_q.data_ptr<scalar_t>(), grad_k.data_ptr<scalar_t>(),
+                                grad_v.data_ptr<scalar_t>());
+    });
+  }
+  const auto dtype = q_in.scalar_type();
+  return {grad_q.to(dtype), grad_k.to(dtype), grad_v.to(dtype)};
+}
+
+}  // namespace
+
+}  // namespace genfast::cpu::attention
+
+TORCH_LIBRARY_IMPL(genfast, CPU, m) {
+  m.impl("attention_forward", &genfast::cpu::attention::attention_forward);
+  m.impl("attention_backward", &genfast::cpu::attention::attention_backward);
+}

@@ -1,0 +1,220 @@
+"""Drop-in ``scaled_dot_product_attention`` with torch's signature, semantics and errors.
+
+Dispatch (the last decision is kept: ``last_dispatch()``, and logged at DEBUG level):
+  CPU tensors             -> genfast's fused C++ kernel (torch.ops.genfast.attention_forward)
+  CPU with dropout_p > 0  -> genfast's documented non-fused path: the softmax matrix is
+                             materialised and torch.nn.functional.dropout (torch's generator) applied
+  CUDA tensors            -> genfast's Triton kernel when it supports the call (no mask, no
+                             dropout, fp16/bf16/fp32, head dim <= 256), else torch's SDPA
+  anything else           -> torch's SDPA
+Calls that genfast does not handle go to torch's SDPA with the reason recorded.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+_last_dispatch: dict = {"backend": None, "reason": "no call yet"}
+
+_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def last_dispatch() -> dict:
+    """Which backend the latest scaled_dot_product_attention call used, and why."""
+    return dict(_last_dispatch)
+
+
+def _record(backend: str, reason: str) -> None:
+    # Skipped while torch.compile traces: logging would break the graph, and the
+    # decision is made once at trace time anyway.
+    if torch.compiler.is_compiling():
+        return
+    _last_dispatch["backend"] = backend
+    _last_dispatch["reason"] = reason
+    logger.debug("scaled_dot_product_attention -> %s (%s)", backend, reason)
+
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
+                                 dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                                 enable_gqa: bool = False) -> Tensor:
+    """Same as torch.nn.functional.scaled_dot_product_attention, on genfast's kernels.
+
+    query (..., Hq, L, E), key (..., Hk, S, E), value (..., Hk, S, Ev); leading dims broadcast.
+    Rows whose keys are all masked give 0, as torch's CPU kernel does.
+    """
+    if query.dim() < 2 or key.dim() < 2 or value.dim() < 2:
+        raise RuntimeError(
+            "scaled_dot_product_attention: expected query, key, and value to all be at least 2 dimensional, "
+            f"but got query.dim: {query.dim()} key.dim: {key.dim()} and value.dim: {value.dim()} instead.")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise RuntimeError(
+            "scaled_dot_product_attention: expected query, key, and value to have the same dtype, but got "
+            f"query.dtype: {query.dtype} key.dtype: {key.dtype} and value.dtype: {value.dtype} instead.")
+    if not (query.device == key.device == value.device):
+        raise RuntimeError(
+            "scaled_dot_product_attention: expected query, key, and value to be on the same device, but got "
+            f"{query.device}, {key.device} and {value.device}.")
+    if query.dtype not in _FLOATS:
+        raise RuntimeError(f"scaled_dot_product_attention: query must be a floating point tensor, got {query.dtype}")
+    if query.shape[-1] != key.shape[-1]:
+        raise RuntimeError(
+            f"scaled_dot_product_attention: query and key must have the same embedding size, got "
+            f"query.shape[-1]={query.shape[-1]} and key.shape[-1]={key.shape[-1]}")
+    if key.shape[-2] != value.shape[-2]:
+        raise RuntimeError(
+            f"scaled_dot_product_attention: key and value must have the same sequence length, got "
+            f"key.shape[-2]={key.shape[-2]} and value.shape[-2]={value.shape[-2]}")
+    if attn_mask is not None:
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+            raise RuntimeError(
+                "scaled_dot_product_attention: expected attn_mask dtype to be bool or to match query dtype, "
+                f"but got attn_mask.dtype: {attn_mask.dtype} and query.dtype: {query.dtype} instead.")
+        if attn_mask.device != query.device:
+            raise RuntimeError(f"scaled_dot_product_attention: attn_mask is on {attn_mask.device}, "
+                               f"query on {query.device}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"scaled_dot_product_attention: dropout_p must be in [0, 1], got {dropout_p}")
+
+    batch, heads_q, heads_kv, out_lead = _leading_shapes(query, key, value, enable_gqa)
+    len_q, len_k = query.shape[-2], key.shape[-2]
+    out_shape = (*out_lead, len_q, value.shape[-1])
+    if attn_mask is not None:
+        full = (*out_lead, len_q, len_k)
+        try:
+            fits = torch.broadcast_shapes(attn_mask.shape, full) == torch.Size(full)
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise RuntimeError(
+                f"scaled_dot_product_attention: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast "
+                f"to the attention shape {full} (batch..., heads, query length, key length)")
+    scale_value = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+
+    def torch_sdpa(reason: str) -> Tensor:
+        _record("torch", reason)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+
+    device = query.device.type
+    if device == "cpu":
+        if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
+            return torch_sdpa("attn_mask requires grad; genfast's kernel gives no mask gradient")
+        if query.numel() == 0 or key.numel() == 0 or value.numel() == 0:
+            return torch_sdpa("empty input")
+        q4, k4, v4, mask4 = _to_bhld(query, key, value, attn_mask, batch, heads_q, heads_kv)
+        if dropout_p > 0.0:
+            _record("genfast-cpu-unfused", "dropout_p > 0: softmax materialised, torch dropout applied")
+            out = _attention_with_dropout(q4, k4, v4, mask4, is_causal, scale_value, dropout_p)
+        else:
+            _record("genfast-cpu", "fused C++ kernel")
+            from genfast.ops.attention import attention_forward
+
+            out, _ = attention_forward(q4, k4, v4, mask4, is_causal, scale_value)
+        return out.reshape(out_shape)
+
+    if device == "cuda":
+        reason = _triton_unsupported(query, key, value, attn_mask, dropout_p, is_causal)
+        if reason is None:
+            try:
+                from genfast.kernels.flash_attention import flash_attention
+            except ImportError as err:
+                reason = f"Triton kernel unavailable ({err})"
+        if reason is not None:
+            return torch_sdpa(reason)
+        _record("genfast-triton", "flash_attention kernel")
+        q4, k4, v4, _ = _to_bhld(query, key, value, None, batch, heads_q, heads_kv)
+        out = flash_attention(q4, k4, v4, causal=is_causal, scale=scale_value)
+        return out.reshape(out_shape)
+
+    return torch_sdpa(f"no genfast kernel for device {device!r}")
+
+
+def _leading_shapes(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool):
+    """(batch dims, query heads, key/value heads, output's leading dims) by torch's broadcasting rules."""
+    if enable_gqa and query.dim() >= 3 and key.dim() >= 3 and value.dim() >= 3:
+        heads_q, heads_k, heads_v = query.shape[-3], key.shape[-3], value.shape[-3]
+        if heads_k != heads_v or heads_k == 0 or heads_q % heads_k != 0:
+            raise RuntimeError(
+                "scaled_dot_product_attention: number of heads in key and value must be equal and divide the "
+                f"number of heads in query, got query {heads_q}, key {heads_k}, value {heads_v}")
+        batch = tuple(torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3]))
+        return batch, heads_q, heads_k, (*batch, heads_q)
+    try:
+        lead = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+    except RuntimeError as err:
+        hint = ""
+        if query.dim() >= 3 and key.dim() >= 3 and query.shape[-3] != key.shape[-3]:
+            hint = (f" (query has {query.shape[-3]} heads and key {key.shape[-3]}: "
+                    "pass enable_gqa=True for grouped-query attention)")
+        raise RuntimeError(f"scaled_dot_product_attention: the leading dims of query {tuple(query.shape)}, "
+                           f"key {tuple(key.shape)} and value {tuple(value.shape)} do not broadcast{hint}") from err
+    lead = tuple(lead)
+    if not lead:
+        return (), 1, 1, ()
+    return lead[:-1], lead[-1], lead[-1], lead
+
+
+def _to_bhld(query, key, value, attn_mask, batch, heads_q, heads_kv):
+    """Broadcast and flatten to (B, H, L, D); views where the strides allow."""
+    def flat(x: Tensor, heads: int) -> Tensor:
+        x = x.expand(*batch, heads, x.shape[-2], x.shape[-1])
+        return x.reshape(-1, heads, x.shape[-2], x.shape[-1])
+
+    q4, k4, v4 = flat(query, heads_q), flat(key, heads_kv), flat(value, heads_kv)
+    mask4 = attn_mask
+    if attn_mask is not None and (len(batch) != 1 or attn_mask.dim() > 4):
+        mask4 = attn_mask.expand(*batch, heads_q, query.shape[-2], key.shape[-2])
+        mask4 = mask4.reshape(-1, heads_q, query.shape[-2], key.shape[-2])
+    return q4, k4, v4, mask4
+
+
+def _attention_with_dropout(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool,
+                            scale: float, dropout_p: float) -> Tensor:
+    """The textbook equations plus dropout on the probabilities (torch's generator).
+
+    Fully masked rows give 0, like the fused kernel and torch's CPU SDPA.
+    """
+    if k.shape[1] != q.shape[1]:
+        groups = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-2, -1)) * scale
+    if is_causal:
+        keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
+    all_masked = scores.isneginf().all(dim=-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(all_masked, 0.0), dim=-1).masked_fill(all_masked, 0.0)
+    probs = F.dropout(probs, p=dropout_p, training=True)
+    return probs @ v
+
+
+def _triton_unsupported(query, key, value, attn_mask, dropout_p, is_causal) -> str | None:
+    """Why the Triton kernel cannot take this call, or None if it can."""
+    if attn_mask is not None:
+        return "attn_mask given; the Triton kernel has no mask"
+    if dropout_p > 0.0:
+        return "dropout_p > 0; the Triton kernel has no dropout"
+    if query.dtype not in _TRITON_DTYPES:
+        return f"dtype {query.dtype} not supported by the Triton kernel"
+    if query.shape[-1] > 256:
+        return f"head dim {query.shape[-1]} > 256"
+    if value.shape[-1] != query.shape[-1]:
+        return "value head dim differs from query's"
+    if is_causal and query.shape[-2] != key.shape[-2]:
+        return "causal with query length != key length"
+    return None
+
+
+__all__ = ["scaled_dot_product_attention", "last_dispatch"]
