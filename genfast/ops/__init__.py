@@ -9,5 +9,7 @@ from genfast import _extension
 _extension.load()
 
 from genfast.ops.rnn import gru, lstm  # noqa: E402
+from genfast.ops.sampling import sampling_draw, sampling_filter  # noqa: E402
+from genfast.ops.decode_attention import decode_attention  # noqa: E402
 
-__all__ = ["lstm", "gru"]
+__all__ = ["lstm", "gru", "sampling_filter", "sampling_draw", "decode_attention"]
