@@ -75,10 +75,12 @@ A filter_row(const T* logits, int64_t vocab, A temperature, int64_t top_k, A top
   if (!(top_p < A(1))) return max_x;
 
   // top-p needs the survivors' total mass, then the largest ones in descending order.
-  A total = 0;
+  // Masses are summed in double: thousands of float terms would drift by ~1e-5, enough
+  // to move the top-p cut by a token.
+  double total = 0;
   for (int64_t i = 0; i < vocab; ++i)
-    if (s.keep[i]) total += std::exp(s.scaled[i] - max_x);
-  const A mass_limit = top_p * total;
+    if (s.keep[i]) total += std::exp(static_cast<double>(s.scaled[i] - max_x));
+  const double mass_limit = static_cast<double>(top_p) * total;
   auto by_value_desc = [](const std::pair<A, int64_t>& a, const std::pair<A, int64_t>& b) {
     return a.first > b.first || (a.first == b.first && a.second < b.second);
   };
@@ -92,19 +94,19 @@ A filter_row(const T* logits, int64_t vocab, A temperature, int64_t top_k, A top
       std::nth_element(s.cands.begin(), s.cands.begin() + sorted, s.cands.end(), by_value_desc);
     }
     std::sort(s.cands.begin(), s.cands.begin() + sorted, by_value_desc);
-    A mass = 0;
-    for (int64_t r = 0; r < sorted; ++r) mass += std::exp(s.cands[r].first - max_x);
+    double mass = 0;
+    for (int64_t r = 0; r < sorted; ++r) mass += std::exp(static_cast<double>(s.cands[r].first - max_x));
     // The cut lies inside the sorted prefix once that prefix alone reaches the limit.
     if (sorted == n_cands || mass >= mass_limit) break;
     sorted = std::min<int64_t>(n_cands, sorted * 4);
   }
   // Walk descending; the first token with exclusive prefix mass >= limit starts the removal.
   std::fill(s.keep.begin(), s.keep.end(), uint8_t(0));
-  A before = 0;
+  double before = 0;
   for (int64_t r = 0; r < sorted; ++r) {
     if (r > 0 && before >= mass_limit) break;
     s.keep[s.cands[r].second] = 1;
-    before += std::exp(s.cands[r].first - max_x);
+    before += std::exp(static_cast<double>(s.cands[r].first - max_x));
   }
   return max_x;
 }
@@ -183,7 +185,7 @@ at::Tensor sampling_draw(const at::Tensor& logits_in, const at::Tensor& uniforms
       for (int64_t r = begin; r < end; ++r) {
         const A max_x = filter_row<scalar_t, A>(src + r * vocab, vocab, static_cast<A>(cfg.temperature),
                                                 cfg.top_k, static_cast<A>(cfg.top_p), scratch);
-        A total = 0;
+        double total = 0;  // double, as for top-p: the CDF over many small terms
         int64_t last_kept = 0;
         for (int64_t i = 0; i < vocab; ++i) {
           if (!scratch.keep[i]) continue;
@@ -191,9 +193,9 @@ at::Tensor sampling_draw(const at::Tensor& logits_in, const at::Tensor& uniforms
           total += scratch.scaled[i];
           last_kept = i;
         }
-        const A target = static_cast<A>(u[r]) * total;
+        const double target = u[r] * total;
         int64_t chosen = last_kept;  // rounding can leave target >= the final running sum
-        A running = 0;
+        double running = 0;
         for (int64_t i = 0; i < vocab; ++i) {
           if (!scratch.keep[i]) continue;
           running += scratch.scaled[i];

@@ -71,11 +71,12 @@ class CharRNN(nn.Module):
         device = self.head.weight.device
         logits, state = self(self.encode(prompt).to(device)[:, None])
         logits = logits[-1]
-        for _ in range(length):
+        for i in range(length):
             token = sample(logits.float(), temperature, top_k, top_p, generator=generator)
             yield self.config.vocab[int(token)]
-            logits, state = self(token[None, :], state)  # one T = 1 step per layer, state carried
-            logits = logits[-1]
+            if i + 1 < length:
+                logits, state = self(token[None, :], state)  # one T = 1 step per layer, state carried
+                logits = logits[-1]
 
     def generate(self, prompt: str, length: int, **kwargs) -> str:
         return "".join(self.stream(prompt, length, **kwargs))
