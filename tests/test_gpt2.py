@@ -44,6 +44,16 @@ def make_hf(name="tiny", seed=0, **overrides) -> GPT2LMHeadModel:
     return model
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models: intra-op threads only add fork/join cost, which on a busy CI machine can
+    # be a scheduler time slice per op. Restored afterwards for the other test modules.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def hf_tiny():
     return make_hf("tiny")
