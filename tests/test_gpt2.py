@@ -242,3 +242,46 @@ def test_bad_arguments_raise_clear_errors(hf_tiny):
         ours.generate(ids.float(), 4)
     with pytest.raises(ValueError, match="n_embd"):
         GPT2Config(n_embd=30, n_head=4)
+
+
+def _write_tiny_tokenizer(directory):
+    # Byte-level BPE over the letters a-z and the space marker "Ġ", a few merges, and
+    # <|endoftext|>: enough for GPT2TokenizerFast to load from local files.
+    import json
+
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = {tok: i for i, tok in enumerate(letters + ["Ġ", "Ġt", "th", "Ġth", "he", "<|endoftext|>"])}
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\nĠ t\nt h\nĠ th\nh e\n")
+
+
+def _generate_cli(*args):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "genfast.generate", *args], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def test_generate_cli_streams_text_and_names_missing_files(tmp_path):
+    hf = make_hf("tiny", vocab_size=32)
+    hf.save_pretrained(tmp_path)
+    r = _generate_cli("--model", str(tmp_path), "--prompt", "the cat", "--max-new-tokens", "5")
+    assert r.returncode == 2 and "tokenizer.json (or vocab.json + merges.txt)" in r.stderr
+    _write_tiny_tokenizer(tmp_path)
+    r = _generate_cli("--model", str(tmp_path), "--prompt", "the cat", "--max-new-tokens", "6")
+    assert r.returncode == 0, r.stderr
+    from transformers import GPT2TokenizerFast
+
+    tok = GPT2TokenizerFast.from_pretrained(str(tmp_path), local_files_only=True)
+    ids = tok("the cat", return_tensors="pt").input_ids
+    expected = hf.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=0)
+    assert r.stdout.rstrip("\n") == tok.decode(expected[0])
+    r = _generate_cli("--model", str(tmp_path), "--prompt", "the", "--max-new-tokens", "4", "--top-k", "5",
+                      "--num-return-sequences", "2", "--seed", "0")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("=== sequence") == 2
+    r = _generate_cli("--model", str(tmp_path / "absent"), "--prompt", "x")
+    assert r.returncode == 2 and "does not exist" in r.stderr and "downloads nothing" in r.stderr

@@ -18,6 +18,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/simd.h"
+
 namespace genfast::cpu::decode_attention {
 
 namespace {
@@ -27,6 +29,62 @@ using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 // Below this many cache elements read per call, stay on one thread.
 constexpr int64_t kSerialElements = 1 << 18;
+
+template <typename T>
+struct Problem {
+  const T *q, *k, *v;
+  T* out;
+  int64_t heads_q, group, dim, dim_v, length;
+  double scale;
+  int64_t ks_b, ks_h, ks_r, vs_b, vs_h, vs_r;
+};
+
+// Dot product with 8 independent partial sums, so the compiler can keep them in one
+// vector register (a single running sum would serialise on the add latency).
+template <typename T, typename A>
+GENFAST_INLINE A dot(const A* x, const T* y, int64_t n) {
+  A part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8)
+    for (int l = 0; l < 8; ++l) part[l] += x[d + l] * static_cast<A>(y[d + l]);
+  A sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+  for (; d < n; ++d) sum += x[d] * static_cast<A>(y[d]);
+  return sum;
+}
+
+// Tasks [begin, end) of (batch, query head); compiled per SIMD level by simd_dispatch.
+struct DecodeKernel {
+  template <typename T>
+  static GENFAST_INLINE void run(const Problem<T>* p, acc_t<T>* scratch, int64_t begin, int64_t end) {
+    using A = acc_t<T>;
+    A* query = scratch;
+    A* scores = scratch + p->dim;
+    A* acc = scores + p->length;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / p->heads_q, g = (task % p->heads_q) / p->group;
+      const T* qrow = p->q + task * p->dim;
+      for (int64_t d = 0; d < p->dim; ++d) query[d] = static_cast<A>(qrow[d]);
+      const T* kbase = p->k + b * p->ks_b + g * p->ks_h;
+      const T* vbase = p->v + b * p->vs_b + g * p->vs_h;
+      A max_score = -std::numeric_limits<A>::infinity();
+      for (int64_t j = 0; j < p->length; ++j) {
+        scores[j] = dot<T, A>(query, kbase + j * p->ks_r, p->dim) * static_cast<A>(p->scale);
+        max_score = std::max(max_score, scores[j]);
+      }
+      for (int64_t d = 0; d < p->dim_v; ++d) acc[d] = 0;
+      A total = 0;
+      for (int64_t j = 0; j < p->length; ++j) {
+        const A w = std::exp(scores[j] - max_score);
+        total += w;
+        const T* vrow = vbase + j * p->vs_r;
+        for (int64_t d = 0; d < p->dim_v; ++d) acc[d] += w * static_cast<A>(vrow[d]);
+      }
+      T* orow = p->out + task * p->dim_v;
+      const A inv = A(1) / total;
+      for (int64_t d = 0; d < p->dim_v; ++d) orow[d] = static_cast<T>(acc[d] * inv);
+    }
+  }
+};
 
 }  // namespace
 
@@ -69,40 +127,14 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "decode_attention", [&] {
     using A = acc_t<scalar_t>;
-    const scalar_t* qp = qc.const_data_ptr<scalar_t>();
-    const scalar_t* kp = k_cache.const_data_ptr<scalar_t>();
-    const scalar_t* vp = v_cache.const_data_ptr<scalar_t>();
-    scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    const int64_t ks_b = k_cache.stride(0), ks_h = k_cache.stride(1), ks_r = k_cache.stride(2);
-    const int64_t vs_b = v_cache.stride(0), vs_h = v_cache.stride(1), vs_r = v_cache.stride(2);
+    const Problem<scalar_t> p{qc.const_data_ptr<scalar_t>(), k_cache.const_data_ptr<scalar_t>(),
+                              v_cache.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+                              heads_q, group, dim, dim_v, length, scale,
+                              k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                              v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)};
     at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-      std::vector<A> query(dim), scores(length), acc(dim_v);
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / heads_q, h = task % heads_q, g = h / group;
-        const scalar_t* qrow = qp + task * dim;
-        for (int64_t d = 0; d < dim; ++d) query[d] = static_cast<A>(qrow[d]);
-        const scalar_t* kbase = kp + b * ks_b + g * ks_h;
-        const scalar_t* vbase = vp + b * vs_b + g * vs_h;
-        A max_score = -std::numeric_limits<A>::infinity();
-        for (int64_t j = 0; j < length; ++j) {
-          const scalar_t* krow = kbase + j * ks_r;
-          A dot = 0;
-          for (int64_t d = 0; d < dim; ++d) dot += query[d] * static_cast<A>(krow[d]);
-          scores[j] = dot * static_cast<A>(scale);
-          max_score = std::max(max_score, scores[j]);
-        }
-        std::fill(acc.begin(), acc.end(), A(0));
-        A total = 0;
-        for (int64_t j = 0; j < length; ++j) {
-          const A p = std::exp(scores[j] - max_score);
-          total += p;
-          const scalar_t* vrow = vbase + j * vs_r;
-          for (int64_t d = 0; d < dim_v; ++d) acc[d] += p * static_cast<A>(vrow[d]);
-        }
-        scalar_t* orow = op + task * dim_v;
-        const A inv = A(1) / total;
-        for (int64_t d = 0; d < dim_v; ++d) orow[d] = static_cast<scalar_t>(acc[d] * inv);
-      }
+      std::vector<A> scratch(dim + length + dim_v);
+      genfast::cpu::simd_dispatch<DecodeKernel>(&p, scratch.data(), begin, end);
     });
   });
   return out;
