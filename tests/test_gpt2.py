@@ -285,3 +285,16 @@ def test_generate_cli_streams_text_and_names_missing_files(tmp_path):
     assert r.stdout.count("=== sequence") == 2
     r = _generate_cli("--model", str(tmp_path / "absent"), "--prompt", "x")
     assert r.returncode == 2 and "does not exist" in r.stderr and "downloads nothing" in r.stderr
+
+
+def test_inference_output_projection_follows_in_place_weight_updates(hf_tiny):
+    # Inference uses a transposed copy of the tied embedding; it must never go stale.
+    ours = GPT2.from_hf(hf_tiny)
+    ids = torch.randint(0, 100, (1, 6), generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        ours(ids)  # builds the copy
+        ours.wte.weight.mul_(0.5)
+        inference = ours(ids)
+    training_path = ours(ids)  # grad enabled, weight requires grad: F.linear on the live weight
+    assert training_path.requires_grad
+    torch.testing.assert_close(inference, training_path.detach(), atol=1e-6, rtol=1e-6)

@@ -184,7 +184,8 @@ class GPT2(nn.Module):
         Costs one extra copy of the embedding matrix in memory."""
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
         if self._output_t_key != key:
-            self._output_t = weight.detach().t().contiguous()
+            with torch.inference_mode(False):  # a normal tensor, usable later where autograd records
+                self._output_t = weight.detach().t().contiguous()
             self._output_t_key = key
         return self._output_t
 
