@@ -47,7 +47,11 @@ def run_generation_benchmark(prompt_len: int = 16, new_tokens: int = 128, config
     achieved weight bandwidth of genfast's decode and the copy bandwidth, and whether
     the tokens were identical. Best of `repeats` runs each, after one warm-up.
     """
-    from transformers import GPT2Config as HFConfig, GPT2LMHeadModel
+    try:
+        from transformers import GPT2Config as HFConfig, GPT2LMHeadModel
+    except ImportError as err:
+        raise ImportError("the generation benchmark builds its model with transformers: "
+                          "pip install -r requirements-dev.txt") from err
 
     from genfast.models.gpt2 import GPT2
 
