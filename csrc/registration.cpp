@@ -47,6 +47,13 @@ TORCH_LIBRARY(genfast, m) {
       "Tensor? attn_mask, bool is_causal, float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
   // ---- sampling (csrc/cpu/sampling.cpp) --------------------------------------------
   // SAMPLING_SCHEMAS
+  // logits (N, V) -> scores: logits / temperature, -inf where top-k / top-p remove (HF's warpers).
+  m.def("sampling_filter(Tensor logits, float temperature, int top_k, float top_p) -> Tensor");
+  // The same filter, then one token per row by inverse CDF at uniforms (N,) in [0, 1) -> int64 (N,).
+  m.def("sampling_draw(Tensor logits, Tensor uniforms, float temperature, int top_k, float top_p) -> Tensor");
+  // ---- decode attention (csrc/cpu/decode_attention.cpp): one query token vs a KV cache ---
+  // q (B, Hq, D), caches (B, Hk, max_len, D|Dv), first `length` rows used -> (B, Hq, Dv).
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, int length, float scale) -> Tensor");
 }
 
 namespace {

@@ -97,3 +97,45 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
         else:
             scores = scores + attn_mask
     return torch.softmax(scores, dim=-1) @ v
+
+
+# ---------------------------------------------------------------- generation: logits processing
+# Hugging Face's semantics (transformers' RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+# TopKLogitsWarper, TopPLogitsWarper, applied in that order), written out in plain PyTorch.
+
+def repetition_penalty(scores: Tensor, token_ids: Tensor, penalty: float) -> Tensor:
+    """Scores (N, V) of tokens present in token_ids (N, T): divided by penalty if > 0, else multiplied."""
+    seen = torch.gather(scores, 1, token_ids)
+    seen = torch.where(seen < 0, seen * penalty, seen / penalty)
+    return scores.scatter(1, token_ids, seen)
+
+
+def process_logits(scores: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Temperature, then top-k, then top-p on scores (N, V); removed tokens become -inf.
+
+    top-k keeps every score >= the k-th largest (ties kept). top-p sorts ascending and
+    removes tokens whose cumulative probability is <= 1 - top_p, keeping at least the
+    largest. top_k=0 / top_p=1 disable the filter.
+    """
+    scores = scores / temperature
+    if 0 < top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        ascending, order = torch.sort(scores, dim=-1)
+        cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
+        remove_sorted = cumulative <= 1 - top_p
+        remove_sorted[..., -1] = False
+        remove = remove_sorted.scatter(-1, order, remove_sorted)
+        scores = scores.masked_fill(remove, float("-inf"))
+    return scores
+
+
+def draw_from_scores(scores: Tensor, uniforms: Tensor) -> Tensor:
+    """One token per row of scores (N, V): the inverse CDF of softmax(scores), in vocabulary
+    order, at uniforms (N,) in [0, 1). The first index whose cumulative mass exceeds u * total."""
+    cdf = torch.softmax(scores.to(torch.float64), dim=-1).cumsum(dim=-1)
+    target = uniforms.to(torch.float64)[:, None] * cdf[:, -1:]
+    tokens = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    last_kept = (scores.shape[-1] - 1) - torch.isfinite(scores).flip(-1).int().argmax(dim=-1)
+    return torch.minimum(tokens, last_kept)
