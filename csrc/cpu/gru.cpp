@@ -280,14 +280,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward(const at::Tensor& inp
                            w_hh.data_ptr<scalar_t>(),
                            bias_hh.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), hbuf.data_ptr<scalar_t>(),
                            train ? ws.data_ptr<scalar_t>() : nullptr, H);
-    // Final state of each sequence: its output at the last step it was active.
-    const scalar_t* o = out.data_ptr<scalar_t>();
-    for (int64_t m = 0; m < sc.batch; ++m) {
-      int64_t t_last = 0;
-      if (!reverse)
-        while (t_last + 1 < sc.steps && m < sc.active[t_last + 1]) ++t_last;
-      std::copy(o + (sc.offset[t_last] + m) * H, o + (sc.offset[t_last] + m + 1) * H, hy.data_ptr<scalar_t>() + m * H);
-    }
+    gather_last_hidden<scalar_t>(sc, reverse, out.data_ptr<scalar_t>(), hy.data_ptr<scalar_t>(), H);
   });
   std::vector<int64_t> out_shape(input_.sizes().begin(), input_.sizes().end());
   out_shape.back() = H;
@@ -323,16 +316,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     backward_loop<scalar_t>(sc, reverse, go.data_ptr<scalar_t>(), ws.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                             hx.data_ptr<scalar_t>(), packed.data_ptr<scalar_t>(), dGx.data_ptr<scalar_t>(),
                             dGh.data_ptr<scalar_t>(), dh_state.data_ptr<scalar_t>(), H);
-    const scalar_t* o = out.data_ptr<scalar_t>();
-    const scalar_t* h0 = hx.data_ptr<scalar_t>();
-    scalar_t* hp = h_prev.data_ptr<scalar_t>();
-    for (int64_t t = 0; t < sc.steps; ++t) {
-      const int64_t p = sc.previous(t, reverse);
-      for (int64_t m = 0; m < sc.active[t]; ++m) {
-        const scalar_t* src = (p >= 0 && m < sc.active[p]) ? o + (sc.offset[p] + m) * H : h0 + m * H;
-        std::copy(src, src + H, hp + (sc.offset[t] + m) * H);
-      }
-    }
+    gather_previous_hidden<scalar_t>(sc, reverse, out.data_ptr<scalar_t>(), hx.data_ptr<scalar_t>(),
+                                     h_prev.data_ptr<scalar_t>(), H);
   });
   at::Tensor grad_input = at::mm(dGx, w_ih).view(input_.sizes());
   return {grad_input, dh_state, at::mm(dGx.t(), x), at::mm(dGh.t(), h_prev), dGx.sum(0), dGh.sum(0)};

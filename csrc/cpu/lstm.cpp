@@ -410,17 +410,6 @@ at::Tensor pack_columns(const at::Tensor& w, bool transpose) {
   return packed;
 }
 
-// Final hidden state of each sequence: its output at the last step it was active.
-template <typename T>
-void gather_last_hidden(const Schedule& sc, bool reverse, const T* out, T* hy, int64_t Hout) {
-  for (int64_t m = 0; m < sc.batch; ++m) {
-    int64_t t_last = 0;
-    if (!reverse)
-      while (t_last + 1 < sc.steps && m < sc.active[t_last + 1]) ++t_last;
-    std::copy(out + (sc.offset[t_last] + m) * Hout, out + (sc.offset[t_last] + m + 1) * Hout, hy + m * Hout);
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward(
     const at::Tensor& input_, const at::Tensor& hx_, const at::Tensor& cx_, const at::Tensor& w_ih_,
     const at::Tensor& w_hh_, const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
@@ -457,20 +446,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward(
   std::vector<int64_t> out_shape(input_.sizes().begin(), input_.sizes().end());
   out_shape.back() = Hout;
   return {out.view(out_shape), hy, cy, ws};
-}
-
-// h_{t-1} for every row of the sequence: the previous step's output, or hx.
-template <typename T>
-void gather_previous_hidden(const Schedule& sc, bool reverse, const T* out, const T* hx, T* h_prev, int64_t Hout) {
-  at::parallel_for(0, sc.steps, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t p = sc.previous(t, reverse);
-      for (int64_t m = 0; m < sc.active[t]; ++m) {
-        const T* src = (p >= 0 && m < sc.active[p]) ? out + (sc.offset[p] + m) * Hout : hx + m * Hout;
-        std::copy(src, src + Hout, h_prev + (sc.offset[t] + m) * Hout);
-      }
-    }
-  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_backward(

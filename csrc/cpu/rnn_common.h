@@ -80,6 +80,31 @@ inline bool read_weight_in_place(const Schedule& sc) {
   return sc.steps * ceil_div(sc.batch, kMaxDotRows) <= 2;
 }
 
+// Final hidden state of each sequence: its output at the last step it was active.
+template <typename T>
+void gather_last_hidden(const Schedule& sc, bool reverse, const T* out, T* hy, int64_t Hout) {
+  for (int64_t m = 0; m < sc.batch; ++m) {
+    int64_t t_last = 0;
+    if (!reverse)
+      while (t_last + 1 < sc.steps && m < sc.active[t_last + 1]) ++t_last;
+    std::copy(out + (sc.offset[t_last] + m) * Hout, out + (sc.offset[t_last] + m + 1) * Hout, hy + m * Hout);
+  }
+}
+
+// h_{t-1} for every row of the sequence: the previous step's output, or hx.
+template <typename T>
+void gather_previous_hidden(const Schedule& sc, bool reverse, const T* out, const T* hx, T* h_prev, int64_t Hout) {
+  at::parallel_for(0, sc.steps, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t p = sc.previous(t, reverse);
+      for (int64_t m = 0; m < sc.active[t]; ++m) {
+        const T* src = (p >= 0 && m < sc.active[p]) ? out + (sc.offset[p] + m) * Hout : hx + m * Hout;
+        std::copy(src, src + Hout, h_prev + (sc.offset[t] + m) * Hout);
+      }
+    }
+  });
+}
+
 // Checks shared by every RNN op: dtype, device, shapes of the weights and states.
 inline void check_same(const at::Tensor& t, const char* name, const at::Tensor& ref) {
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, ": dtype ", t.scalar_type(), " does not match input dtype ",
