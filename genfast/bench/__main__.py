@@ -115,6 +115,16 @@ def main(argv: list[str] | None = None) -> int:
             progress.update(1)
     if progress is not None:
         progress.close()
+    if args.set != "smoke":
+        # Measure the peak again at the end and keep the better of the two: on a shared
+        # machine a peak taken while others load the CPU is too low, and % of peak too high.
+        again = machine.measure_peak(device, torch.float32, budget_s=PEAK_BUDGET_S[args.set], shapes=peak_shapes)
+        if again["gflops"] > peak["gflops"]:
+            peak = peaks["float32"] = again
+            for result in results:
+                for p in result.providers.values():
+                    if p.gflops is not None and not (device == "cuda" and result.case.kind == "attention"):
+                        p.pct_peak = 100.0 * p.gflops / peak["gflops"]
 
     print(report.header_text(header, peak, plan, args.set))
     print()
