@@ -309,3 +309,15 @@ def test_replace_attention_keeps_weights():
     single = nn.MultiheadAttention(16, 2)
     assert isinstance(replace_attention(single), MultiheadAttention)
     assert isinstance(MultiheadAttention.from_torch(single), nn.MultiheadAttention)
+
+
+def test_missing_kernel_for_device_warns_once_and_records_reason():
+    """No silent fallback: a device without a genfast kernel is said loudly (once), and recorded."""
+    from genfast.nn import functional as gF
+
+    q = torch.empty(1, 2, 3, 8, device="meta")
+    with pytest.warns(UserWarning, match="no genfast kernel for device 'meta'"):
+        out = gF.scaled_dot_product_attention(q, q, q)
+    assert out.shape == (1, 2, 3, 8)
+    assert gF.last_dispatch()["backend"] == "torch"
+    assert "meta" in gF.last_dispatch()["reason"]

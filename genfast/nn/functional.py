@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,17 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def last_dispatch() -> dict:
     """Which backend the latest scaled_dot_product_attention call used, and why."""
     return dict(_last_dispatch)
+
+
+_warned_missing: set[str] = set()
+
+
+def _warn_missing_kernel(reason: str) -> None:
+    """A missing kernel (not an unsupported argument) is said loudly, once per reason."""
+    if reason not in _warned_missing and not torch.compiler.is_compiling():
+        _warned_missing.add(reason)
+        warnings.warn(f"genfast.nn.functional.scaled_dot_product_attention: {reason}; using torch's "
+                      "scaled_dot_product_attention instead", stacklevel=3)
 
 
 def _record(backend: str, reason: str) -> None:
@@ -126,6 +138,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
                 from genfast.kernels.flash_attention import flash_attention
             except ImportError as err:
                 reason = f"Triton kernel unavailable ({err})"
+                _warn_missing_kernel(reason)
         if reason is not None:
             return torch_sdpa(reason)
         _record("genfast-triton", "flash_attention kernel")
@@ -133,6 +146,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         out = flash_attention(q4, k4, v4, causal=is_causal, scale=scale_value)
         return out.reshape(out_shape)
 
+    _warn_missing_kernel(f"no genfast kernel for device {device!r}")
     return torch_sdpa(f"no genfast kernel for device {device!r}")
 
 
