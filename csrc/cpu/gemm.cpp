@@ -232,6 +232,45 @@ template void dot_panel<double>(int64_t, int64_t, const double*, int64_t, const 
 template void gemm_panel<float>(int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t);
 template void gemm_panel<double>(int64_t, int64_t, const double*, int64_t, const double*, int64_t, double*, int64_t);
 
+template <typename T>
+void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* b, int64_t stride_k, int64_t stride_n,
+            const T* bias, T* C, int64_t ldc) {
+  constexpr int64_t kWidth = 64;  // columns per panel: four micro-kernel slices
+  constexpr int64_t kRows = 96;   // rows per tile: a multiple of every level's micro-kernel rows
+  if (M <= 0 || N <= 0) return;
+  const int64_t panels = (N + kWidth - 1) / kWidth;
+  std::vector<T> packed(panels * K * kWidth);
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    pack_panels<T>(b + p0 * kWidth * stride_n, stride_k, stride_n, K, p1 - p0, kWidth,
+                   [&](int64_t p, int64_t c) { return (p0 + p) * kWidth + c < N ? p * kWidth + c : -1; },
+                   packed.data() + p0 * K * kWidth);
+  });
+  const int64_t row_blocks = (M + kRows - 1) / kRows;
+  // Row-block-major: a thread's consecutive tiles share rows of A (in L2) while the
+  // panels stream from L3.
+  at::parallel_for(0, row_blocks * panels, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> tile(kRows * kWidth);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t r0 = (item / panels) * kRows, p = item % panels;
+      const int64_t rows = std::min(kRows, M - r0), c0 = p * kWidth, cols = std::min(kWidth, N - c0);
+      gemm_panel<T>(rows, K, A + r0 * lda, lda, packed.data() + p * K * kWidth, kWidth, tile.data(), kWidth);
+      for (int64_t r = 0; r < rows; ++r) {
+        T* c = C + (r0 + r) * ldc + c0;
+        const T* t = tile.data() + r * kWidth;
+        if (bias)
+          for (int64_t j = 0; j < cols; ++j) c[j] = t[j] + bias[c0 + j];
+        else
+          std::copy(t, t + cols, c);
+      }
+    }
+  });
+}
+
+template void matmul<float>(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, int64_t,
+                            const float*, float*, int64_t);
+template void matmul<double>(int64_t, int64_t, int64_t, const double*, int64_t, const double*, int64_t, int64_t,
+                             const double*, double*, int64_t);
+
 int64_t gemm_rows_per_kernel() {
   switch (simd_level()) {
     case SimdLevel::kAVX512: return kRowsAVX512;

@@ -57,6 +57,14 @@ constexpr int64_t kMaxDotRows = 8;
 template <typename T>
 void dot_panel(int64_t M, int64_t K, const T* A, int64_t lda, const T* const* rows, int64_t width, T* C, int64_t ldc);
 
+// C (M x N) = A (M x K) * B (K x N) (+ bias over columns), B(k, n) = b[k * stride_k + n * stride_n],
+// whole and in parallel: B is packed once into 64-column panels, then (row block x panel)
+// tiles are split over threads. For the large products next to the recurrence (the input
+// projection of every step at once, dX in backward).
+template <typename T>
+void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* b, int64_t stride_k, int64_t stride_n,
+            const T* bias, T* C, int64_t ldc);
+
 // Rows of A the micro-kernel handles at once for the current SIMD level (a good
 // row-block size is a multiple of this).
 int64_t gemm_rows_per_kernel();

@@ -258,13 +258,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward(const at::Tensor& inp
   const int64_t S = sc.rows;
   const at::Tensor x = input_.reshape({S, input_.size(-1)}).contiguous();
   const at::Tensor w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
-  at::Tensor gx = b_ih.has_value() ? at::addmm(*b_ih, x, w_ih.t()) : at::mm(x, w_ih.t());
+  at::Tensor gx = at::empty({S, kGates * H}, x.options());
+  const int64_t I = input_.size(-1);
+  const at::Tensor bias_ih = b_ih.has_value() ? b_ih->contiguous() : at::Tensor();
   at::Tensor bias_hh = b_hh.has_value() ? b_hh->contiguous() : at::zeros({kGates * H}, x.options());
   at::Tensor out = at::empty({S, H}, x.options());
   at::Tensor hbuf = hx_.unsqueeze(0).expand({2, sc.batch, H}).contiguous();
   at::Tensor hy = at::empty({sc.batch, H}, x.options());
   at::Tensor ws = at::empty({train ? S * (kGates + 1) * H : 0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "genfast::gru_forward", [&] {
+    // W_ih x + b_ih for every step at once (b_hh stays apart: r multiplies W_hn h + b_hn).
+    matmul<scalar_t>(S, kGates * H, I, x.data_ptr<scalar_t>(), I, w_ih.data_ptr<scalar_t>(), 1, I,
+                     bias_ih.defined() ? bias_ih.data_ptr<scalar_t>() : nullptr, gx.data_ptr<scalar_t>(),
+                     kGates * H);
     const int64_t panels = ceil_div(H, kUnits);
     at::Tensor packed;
     if (!read_weight_in_place(sc)) {
@@ -319,7 +325,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     gather_previous_hidden<scalar_t>(sc, reverse, out.data_ptr<scalar_t>(), hx.data_ptr<scalar_t>(),
                                      h_prev.data_ptr<scalar_t>(), H);
   });
-  at::Tensor grad_input = at::mm(dGx, w_ih).view(input_.sizes());
+  const int64_t I = input_.size(-1);
+  at::Tensor grad_input = at::empty({S, I}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "genfast::gru_backward_input", [&] {
+    matmul<scalar_t>(S, I, kGates * H, dGx.data_ptr<scalar_t>(), kGates * H, w_ih.data_ptr<scalar_t>(), I, 1, nullptr,
+                     grad_input.data_ptr<scalar_t>(), I);
+  });
+  grad_input = grad_input.view(input_.sizes());
   return {grad_input, dh_state, at::mm(dGx.t(), x), at::mm(dGh.t(), h_prev), dGx.sum(0), dGh.sum(0)};
 }
 

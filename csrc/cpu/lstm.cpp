@@ -422,13 +422,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward(
   const at::Tensor x = input_.reshape({S, d.I}).contiguous();
   const at::Tensor w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
   const bool project = w_hr_.has_value();
-  at::Tensor gx = b_ih.has_value() ? at::addmm(*b_ih + *b_hh, x, w_ih.t()) : at::mm(x, w_ih.t());
+  at::Tensor gx = at::empty({S, kGates * H}, x.options());
+  const at::Tensor bias = b_ih.has_value() ? (*b_ih + *b_hh).contiguous() : at::Tensor();
   at::Tensor out = at::empty({S, Hout}, x.options());
   at::Tensor hbuf = hx_.unsqueeze(0).expand({2, sc.batch, Hout}).contiguous();
   at::Tensor cy = cx_.contiguous().clone();
   at::Tensor hy = at::empty({sc.batch, Hout}, x.options());
   at::Tensor ws = at::empty({train ? S * (kGates + 1 + (project ? 1 : 0)) * H : 0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "genfast::lstm_forward", [&] {
+    // G = X W_ih^T + b_ih + b_hh for every step at once.
+    matmul<scalar_t>(S, kGates * H, d.I, x.data_ptr<scalar_t>(), d.I, w_ih.data_ptr<scalar_t>(), 1, d.I,
+                     bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, gx.data_ptr<scalar_t>(), kGates * H);
     at::Tensor packed_whh;
     if (!read_weight_in_place(sc)) packed_whh = pack_forward_whh<scalar_t>(w_hh, H, Hout);
     at::Tensor packed_whr, r_tmp;
@@ -483,7 +487,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                      h_prev.data_ptr<scalar_t>(), Hout);
   });
   // Weight gradients: one large GEMM each over all steps.
-  at::Tensor grad_input = at::mm(dG, w_ih).view(input_.sizes());
+  at::Tensor grad_input = at::empty({S, d.I}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "genfast::lstm_backward_input", [&] {
+    matmul<scalar_t>(S, d.I, kGates * H, dG.data_ptr<scalar_t>(), kGates * H, w_ih.data_ptr<scalar_t>(), d.I, 1,
+                     nullptr, grad_input.data_ptr<scalar_t>(), d.I);
+  });
+  grad_input = grad_input.view(input_.sizes());
   at::Tensor grad_w_ih = at::mm(dG.t(), x);
   at::Tensor grad_w_hh = at::mm(dG.t(), h_prev);
   at::Tensor grad_bias = dG.sum(0);
