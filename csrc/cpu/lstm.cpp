@@ -288,12 +288,8 @@ void backward_loop(const Schedule& sc, bool reverse, const T* grad_out, const T*
   // One pass more than there are steps: the last one (n = 0) only adds dG_0 W_hh to
   // the gradient of the initial state.
   for (int64_t s = 0; s <= sc.steps; ++s) {
-    const bool last = s == sc.steps;
-    const int64_t t = last ? -1 : (reverse ? s : sc.steps - 1 - s);
-    const int64_t n = last ? 0 : sc.active[t];
-    const int64_t off = last ? 0 : sc.offset[t];
-    const int64_t n_prev = sc.active_at(prev_t);
-    const int64_t fwd_prev = last ? -1 : sc.previous(t, reverse);
+    const auto pass = sc.backward_pass(s, reverse, prev_t);
+    const int64_t t = pass.t, n = pass.n, off = pass.offset, n_prev = pass.n_prev, fwd_prev = pass.fwd_prev;
     BackwardStep<T> step{prev_t >= 0 ? dG + sc.offset[prev_t] * kGates * H : nullptr,
                          packed_whh,
                          grad_out + off * Hout,

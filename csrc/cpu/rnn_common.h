@@ -36,6 +36,18 @@ struct Schedule {
     return (p >= 0 && p < steps) ? p : -1;
   }
   int64_t active_at(int64_t t) const { return t < 0 ? 0 : active[t]; }
+
+  // Where pass s of the backward (BPTT) loop stands. The loop runs steps in reverse
+  // forward order, plus one last pass with no step (t = -1, n = 0) that only adds
+  // dG W_hh of the final step to the gradient of the initial state.
+  struct BackwardPass {
+    int64_t t, n, offset, n_prev, fwd_prev;
+  };
+  BackwardPass backward_pass(int64_t s, bool reverse, int64_t prev_t) const {
+    const bool last = s == steps;
+    const int64_t t = last ? -1 : (reverse ? s : steps - 1 - s);
+    return {t, last ? 0 : active[t], last ? 0 : offset[t], active_at(prev_t), last ? -1 : previous(t, reverse)};
+  }
 };
 
 inline Schedule make_schedule(const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes) {
