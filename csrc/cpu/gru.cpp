@@ -41,14 +41,7 @@ struct ForwardTile {
     const int64_t H = s->H;
     const int64_t j0 = panel * kUnits;
     const int64_t units = std::min(kUnits, H - j0);
-    if (s->packed_whh) {
-      gemm_panel<T>(r1 - r0, H, s->h_prev + r0 * H, H, s->packed_whh + panel * H * kWidth, kWidth, acc, kWidth);
-    } else {
-      const T* rows[kWidth];
-      for (int64_t c = 0; c < kWidth; ++c)
-        rows[c] = c % kUnits < units ? s->w_hh + ((c / kUnits) * H + j0 + c % kUnits) * H : nullptr;
-      dot_panel<T>(r1 - r0, H, s->h_prev + r0 * H, H, rows, kWidth, acc, kWidth);
-    }
+    recurrent_tile<T, kGates>(s->packed_whh, s->w_hh, s->h_prev, H, H, panel, r0, r1, acc);
     const T* b = s->b_hh + j0;
     for (int64_t m = r0; m < r1; ++m, acc += kWidth) {
       const T* gx = s->gx + m * kGates * H + j0;

@@ -45,15 +45,7 @@ struct ForwardTile {
     const int64_t H = s->H;
     const int64_t j0 = panel * kUnits;
     const int64_t units = std::min(kUnits, H - j0);
-    if (s->packed_whh) {
-      gemm_panel<T>(r1 - r0, s->Hout, s->h_prev + r0 * s->Hout, s->Hout, s->packed_whh + panel * s->Hout * kWidth,
-                    kWidth, acc, kWidth);
-    } else {
-      const T* rows[kWidth];
-      for (int64_t c = 0; c < kWidth; ++c)
-        rows[c] = c % kUnits < units ? s->w_hh + ((c / kUnits) * H + j0 + c % kUnits) * s->Hout : nullptr;
-      dot_panel<T>(r1 - r0, s->Hout, s->h_prev + r0 * s->Hout, s->Hout, rows, kWidth, acc, kWidth);
-    }
+    recurrent_tile<T, kGates>(s->packed_whh, s->w_hh, s->h_prev, s->Hout, H, panel, r0, r1, acc);
     for (int64_t m = r0; m < r1; ++m, acc += kWidth) {
       const T* gx = s->gx + m * kGates * H + j0;
       T* c = s->c + m * H + j0;

@@ -85,6 +85,24 @@ inline Schedule make_schedule(const at::Tensor& input, const std::optional<at::T
   return s;
 }
 
+// The recurrent product of one work item: acc (rows r0..r1 x gates*16) = h_prev rows times
+// the W_hh columns of all gates of units [16*panel, 16*panel + 16). From the packed panel
+// (packed != nullptr), or by dot products over W_hh (gates*H x K) in place.
+template <typename T, int64_t Gates>
+inline void recurrent_tile(const T* packed, const T* w_hh, const T* h_prev, int64_t K, int64_t H, int64_t panel,
+                           int64_t r0, int64_t r1, T* acc) {
+  constexpr int64_t width = Gates * kUnits;
+  if (packed) {
+    gemm_panel<T>(r1 - r0, K, h_prev + r0 * K, K, packed + panel * K * width, width, acc, width);
+    return;
+  }
+  const int64_t j0 = panel * kUnits, units = std::min(kUnits, H - j0);
+  const T* rows[width];
+  for (int64_t c = 0; c < width; ++c)
+    rows[c] = c % kUnits < units ? w_hh + ((c / kUnits) * H + j0 + c % kUnits) * K : nullptr;
+  dot_panel<T>(r1 - r0, K, h_prev + r0 * K, K, rows, width, acc, width);
+}
+
 // Packing the recurrent weight costs about two passes over it; the packed GEMM then
 // reads it once per step. With one or two steps of at most kMaxDotRows rows each,
 // dot products over the weight in place (dot_panel) do less memory traffic.
