@@ -7,9 +7,11 @@
 
 #include <algorithm>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/gemm.h"
+#include "cpu/simd.h"
 
 namespace genfast::cpu {
 
@@ -19,6 +21,12 @@ namespace genfast::cpu {
 constexpr int64_t kUnits = 16;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The width of a full panel as a compile-time constant. Tiles pass it (instead of the
+// run-time count) to their cell loops when the panel is full, the common case: the loops
+// then compile to whole vectors with no remainder or overlap checks. Only the last panel
+// of a hidden size that is not a multiple of 16 takes the run-time path.
+using FullPanel = std::integral_constant<int64_t, kUnits>;
 
 // Which rows of the (S, features) sequence matrix step t uses: rows
 // [offset[t], offset[t] + batch[t]). Padded input is the packed case with equal
@@ -83,6 +91,22 @@ inline Schedule make_schedule(const at::Tensor& input, const std::optional<at::T
   s.rows = total;
   TORCH_CHECK(total == input.size(0), "input: has ", input.size(0), " rows but batch_sizes sum to ", total);
   return s;
+}
+
+// Asks the cache for one row of a tile's slice of the input projection: `gates` segments
+// of 16 units (one or two cache lines each), `gate_stride` apart. The projection of every
+// step was computed before the time loop and has left L1/L2 by the time a step reads it;
+// tiles prefetch their first kPrefetchRows rows before their recurrent product and then
+// row m + kPrefetchRows while updating row m, so the misses overlap with useful work
+// instead of stalling the cell update.
+constexpr int64_t kPrefetchRows = 8;
+
+template <typename T>
+GENFAST_INLINE void prefetch_gate_row(const T* row, int64_t gates, int64_t gate_stride) {
+  for (int64_t g = 0; g < gates; ++g) {
+    __builtin_prefetch(row + g * gate_stride, 0, 3);
+    __builtin_prefetch(row + g * gate_stride + kUnits - 1, 0, 3);
+  }
 }
 
 // The recurrent product of one work item: acc (rows r0..r1 x gates*16) = h_prev rows times

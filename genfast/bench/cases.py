@@ -19,8 +19,8 @@ SETS = ("quick", "full", "smoke")
 @dataclass(frozen=True, eq=False)
 class Case:
     name: str
-    op: str                 # lstm | gru | attention | imdb: which benchmarks/bench_<op>.py
-    kind: str               # rnn | attention | imdb: which providers and workload
+    op: str                 # lstm | gru | attention | imdb | gpt2: which benchmarks/bench_<op>.py
+    kind: str               # rnn | attention | imdb | generation: which providers and workload
     mode: str               # inference | training
     params: dict = field(default_factory=dict)
     subjects: tuple[str, ...] = ("genfast",)
@@ -51,6 +51,8 @@ class Case:
             return (flops.rnn("lstm", steps, p["embed"], p["hidden"], self.training)
                     + flops.rnn("lstm", steps, p["hidden"], p["hidden"], self.training)
                     + flops.linear(p["batch"], p["hidden"], 1, self.training))
+        if self.kind == "generation":
+            return flops.gpt2_generate(p["prompt_len"], p["new_tokens"], p.get("config", {}))
         raise ValueError(f"unknown case kind {self.kind!r}")
 
 
@@ -98,6 +100,17 @@ def _attention(B, L, D, causal, mode, baselines, heads=12, prefix="") -> Case:
 ATTENTION_BASELINES = ("torch_sdpa", "math")
 
 
+def _imdb_lstm(mode, baselines):
+    # One LSTM layer at the IMDB model's first-layer shape (the second LSTM target).
+    return _rnn("lstm", "imdb", mode, baselines, T=100, N=32, input_size=256, hidden_size=64)
+
+
+def _gpt2(new_tokens=128, prompt_len=16, name="gpt2.124m.greedy", config=None) -> Case:
+    # GPT2Config() defaults: the 124M model; random weights, fp32, batch 1.
+    params = {"prompt_len": prompt_len, "new_tokens": new_tokens, "config": config or {}, "seed": 0}
+    return Case(name, "gpt2", "generation", "inference", params, ("genfast",), ("transformers",))
+
+
 def _quick() -> list[Case]:
     cases = []
     # The slow baselines (reference, cell_loop) cost 2-4x torch per call on the big RNN
@@ -106,11 +119,16 @@ def _quick() -> list[Case]:
     for cell in ("lstm", "gru"):
         for mode in MODES:
             cases.append(_fastrnns(cell, mode, ("torch",)))
+    cases += [_imdb_lstm(mode, ("torch",)) for mode in MODES]
     cases += [_imdb("training"), _imdb("inference")]
     cases.append(_decode("lstm", 256, ("torch", "cell_loop", "reference")))
     cases.append(_packed("lstm", "inference", ("torch",)))
     for causal in (True, False):
         cases.append(_attention(1, 1024, 64, causal, "inference", ATTENTION_BASELINES))
+    for causal in (True, False):
+        cases.append(_attention(4, 512, 128, causal, "inference", ("torch_sdpa",), heads=8))
+    cases.append(_attention(1, 1024, 64, True, "training", ("torch_sdpa",)))
+    cases.append(_gpt2())
     return cases
 
 
@@ -125,6 +143,7 @@ def _full() -> list[Case]:
             cases.append(_decode(cell, hidden, RNN_BASELINES_FULL))
         for mode in MODES:
             cases.append(_long(cell, mode, ("torch", "cell_loop", "reference")))
+    cases += [_imdb_lstm(mode, RNN_BASELINES_FULL) for mode in MODES]
     cases += [_imdb("training"), _imdb("inference")]
     for B in (1, 8):
         for L in (128, 512, 1024, 4096):
@@ -133,9 +152,12 @@ def _full() -> list[Case]:
     for L in (1024, 4096):
         for causal in (True, False):
             cases.append(_attention(1, L, 128, causal, "inference", ATTENTION_BASELINES))
+    for causal in (True, False):
+        cases.append(_attention(4, 512, 128, causal, "inference", ATTENTION_BASELINES, heads=8))
     for L in (512, 1024):
         for causal in (True, False):
             cases.append(_attention(1, L, 64, causal, "training", ATTENTION_BASELINES))
+    cases.append(_gpt2())
     return cases
 
 
@@ -155,6 +177,8 @@ def _smoke() -> list[Case]:
                           {"vocab": 50, "embed": 8, "hidden": 8, "batch": 4, "T": 6, "steps_checked": 3,
                            "lr": 1e-3, "seed": 0}, ("genfast",), ("torch",)))
         cases.append(_attention(1, 16, 8, True, mode, ATTENTION_BASELINES, heads=2, prefix="tiny."))
+    cases.append(_gpt2(new_tokens=4, prompt_len=3, name="gpt2.tiny.greedy",
+                       config=dict(n_layer=2, n_embd=32, n_head=2, n_positions=32, vocab_size=100)))
     return cases
 
 

@@ -9,6 +9,7 @@ element-wise gate math and softmax are O(1/H) or O(1/D) of the total and are lef
   training       3 x forward  (backward = grad wrt inputs + grad wrt weights, each ~ forward)
   attention fwd  4 * B * H * Lq * Lk * D  (QK^T and PV); half of that with a causal mask
   attention f+b  2.5 x forward  (backward: 5 matmuls of the forward's 2, FlashAttention's count)
+  GPT-2 generate see gpt2_generate
 """
 from __future__ import annotations
 
@@ -51,6 +52,19 @@ def attention(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int, ca
 
 def linear(rows: int, in_features: int, out_features: int, training: bool) -> float:
     return 2.0 * rows * in_features * out_features * (TRAINING_FACTOR_RNN if training else 1.0)
+
+
+def gpt2_generate(prompt_len: int, new_tokens: int, config: dict) -> float:
+    """Matrix-product FLOPs of greedy generation: 2 per weight per token that passes through the
+    model (the prompt once, then each generated token but the last), plus the attention scores
+    and values against the cache; the tied output projection only for positions that are sampled."""
+    layers, width = config.get("n_layer", 12), config.get("n_embd", 768)
+    vocab = config.get("vocab_size", 50257)
+    block_weights = layers * 12 * width * width          # qkv 3C^2, proj C^2, mlp 8C^2
+    tokens = prompt_len + new_tokens - 1
+    context = sum(range(1, tokens + 1))                   # keys each token attends to
+    return (2.0 * tokens * block_weights + 4.0 * layers * width * context
+            + 2.0 * (new_tokens) * width * vocab)
 
 
 def gemm(m: int, n: int, k: int) -> float:

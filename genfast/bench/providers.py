@@ -16,6 +16,8 @@ Attention providers: genfast (genfast.nn.functional.scaled_dot_product_attention
                      torch_sdpa (F.scaled_dot_product_attention, default backend),
                      math (genfast.reference.attention: materialised softmax).
 IMDB providers:      genfast (the model with genfast.nn.LSTM layers), torch (with nn.LSTM).
+GPT-2 providers:     genfast (genfast.models.gpt2.GPT2.generate, greedy, KV cache),
+                     transformers (GPT2LMHeadModel.generate on the same weights).
 """
 from __future__ import annotations
 
@@ -396,6 +398,48 @@ def _imdb_provider(provider: str):
     return build
 
 
+# ------------------------------------------------------------------------------- GPT-2
+@dataclass(eq=False)
+class GenerationWorkload:
+    hf_model: nn.Module          # transformers.GPT2LMHeadModel, random weights (no download)
+    prompt: torch.Tensor         # (1, prompt_len) token ids
+    new_tokens: int
+    params: int                  # parameter count: the bytes a decode step streams are 4x this
+    device: str
+
+
+def make_generation_workload(case, device: str) -> GenerationWorkload:
+    p = case.params
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError as err:
+        raise Unavailable("not built", f"transformers is needed to build the model: {err}") from err
+    torch.manual_seed(p.get("seed", 0))
+    hf = GPT2LMHeadModel(GPT2Config(**p.get("config", {}))).eval().to(device)
+    hf.generation_config.eos_token_id = None  # every run generates all new_tokens
+    hf.generation_config.pad_token_id = None
+    generator = torch.Generator().manual_seed(p.get("seed", 0))
+    prompt = torch.randint(0, hf.config.vocab_size, (1, p["prompt_len"]), generator=generator).to(device)
+    # Counted like genfast's model: the tied output projection once.
+    params = sum(t.numel() for t in hf.parameters())
+    return GenerationWorkload(hf, prompt, p["new_tokens"], params, device)
+
+
+def genfast_generate(work: GenerationWorkload):
+    gpt2 = _import_genfast("genfast.models.gpt2")
+    model = gpt2.GPT2.from_hf(work.hf_model).to(work.device).eval()
+    return lambda: model.generate(work.prompt, work.new_tokens)[0, work.prompt.shape[1]:]
+
+
+def transformers_generate(work: GenerationWorkload):
+    def run():
+        with torch.inference_mode():
+            out = work.hf_model.generate(work.prompt, max_new_tokens=work.new_tokens,
+                                         min_new_tokens=work.new_tokens, do_sample=False)
+        return out[0, work.prompt.shape[1]:]
+    return run
+
+
 # ---------------------------------------------------------------------------- registry
 @dataclass(frozen=True)
 class Provider:
@@ -423,6 +467,11 @@ PROVIDERS: dict[str, dict[str, Provider]] = {
         Provider("genfast", _imdb_provider("genfast"), "IMDB model with genfast.nn.LSTM"),
         Provider("torch", _imdb_provider("torch"), "IMDB model with torch.nn.LSTM"),
     )},
+    "generation": {p.name: p for p in (
+        Provider("genfast", genfast_generate, "genfast.models.gpt2.GPT2.generate (KV cache)"),
+        Provider("transformers", transformers_generate, "transformers GPT2LMHeadModel.generate"),
+    )},
 }
 
-WORKLOADS = {"rnn": make_rnn_workload, "attention": make_attention_workload, "imdb": make_imdb_workload}
+WORKLOADS = {"rnn": make_rnn_workload, "attention": make_attention_workload, "imdb": make_imdb_workload,
+             "generation": make_generation_workload}

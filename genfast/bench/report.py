@@ -103,6 +103,15 @@ def _notes(r: CaseResult, subject: ProviderResult, first: bool) -> list[str]:
         if loss:
             notes.append(f"loss after {loss['steps']} steps: genfast {loss['genfast']:.6f} "
                          f"torch {loss['torch']:.6f} |diff| {loss['abs_diff']:.1e}")
+        if "identical_tokens" in r.checks:
+            notes.append("identical tokens" if r.checks["identical_tokens"] else "TOKENS DIFFER")
+        rates = [f"{k.removesuffix('_tokens_per_s')} {v:.1f} tok/s" for k, v in r.checks.items()
+                 if k.endswith("_tokens_per_s")]
+        notes += rates
+        if "genfast_weight_GBps" in r.checks:
+            copy = r.checks.get("copy_GBps_read_plus_write")
+            notes.append(f"weights streamed {r.checks['genfast_weight_GBps']:.1f} GB/s"
+                         + (f" (copy r+w {copy:.1f} GB/s)" if copy else ""))
         for b in r.baselines():
             if not b.ok:
                 notes.append(f"{b.name}: {b.status} ({_short(b.reason, 60)})")

@@ -84,6 +84,10 @@ def _run_case(case: Case, device: str, plan: timing.TimingPlan, peak_gflops: flo
     outcome = CaseResult(case, results, {})
     try:
         work = providers.WORKLOADS[case.kind](case, device)
+    except providers.Unavailable as err:
+        for r in results.values():
+            r.status, r.reason = err.status, err.reason
+        return outcome
     except Exception as err:  # noqa: BLE001  (any failure becomes a row, never a crash)
         for r in results.values():
             r.status, r.reason = "error", f"workload: {_error_text(err)}"
@@ -104,6 +108,9 @@ def _run_case(case: Case, device: str, plan: timing.TimingPlan, peak_gflops: flo
         except Exception as err:  # noqa: BLE001
             r.status, r.reason = "error", _error_text(err)
 
+    if case.kind == "generation" and len(outputs) == len(results):
+        first, *others = outputs.values()
+        outcome.checks["identical_tokens"] = all(torch.equal(first, o) for o in others)
     agreement = {}
     reference_name = next((b for b in case.baselines if b in outputs), None)
     for subject in case.subjects:
@@ -133,4 +140,21 @@ def _run_case(case: Case, device: str, plan: timing.TimingPlan, peak_gflops: flo
                                               "abs_diff": abs(ours[-1] - theirs[-1])}
 
     finish_stats(outcome, case.flops, peak_gflops)
+    if case.kind == "generation":
+        outcome.checks.update(_generation_rates(outcome, work))
     return outcome
+
+
+def _generation_rates(result: CaseResult, work) -> dict:
+    """tokens/s of each provider; the weight bytes genfast streams per second (every
+    generated token reads all fp32 weights once) next to this machine's copy bandwidth."""
+    from genfast.bench.generation import copy_bandwidth_gbps
+
+    rates = {f"{p.name}_tokens_per_s": work.new_tokens / p.stats.median
+             for p in result.providers.values() if p.ok and p.stats}
+    ours = result.providers.get("genfast")
+    if ours is not None and ours.ok and ours.stats:
+        rates["genfast_weight_GBps"] = work.params * 4 * work.new_tokens / ours.stats.median / 1e9
+        if work.device == "cpu":
+            rates["copy_GBps_read_plus_write"] = copy_bandwidth_gbps()
+    return rates
