@@ -8,6 +8,9 @@ DEPS   := $(VENV)/.deps-installed
 
 .PHONY: setup build bench test test-fast clean
 
+# Triton kernels tested on the CPU under the Triton interpreter (their own pytest process, see `test`).
+INTERPRETED_TESTS := tests/test_flash_attention.py tests/test_sampling_triton.py tests/test_decode_attention_triton.py
+
 # torch first, pinned, so no later install can resolve a bare `torch` (a multi-GB CUDA build).
 $(DEPS): requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +29,8 @@ bench: setup
 # The Triton interpreter suite runs in its own process: TRITON_INTERPRET must be set
 # before triton is imported, and it must not leak into the other tests.
 test: setup
-	$(PY) -m pytest tests -q --ignore=tests/test_flash_attention.py
-	TRITON_INTERPRET=1 $(PY) -m pytest tests/test_flash_attention.py -q
+	$(PY) -m pytest tests -q $(addprefix --ignore=,$(INTERPRETED_TESTS))
+	TRITON_INTERPRET=1 $(PY) -m pytest $(INTERPRETED_TESTS) -q
 
 clean:
 	rm -rf build *.egg-info genfast/_C*.so

@@ -1,12 +1,12 @@
 """Building blocks of autoregressive generation: logits processing, sampling, decode attention.
 
 The one API that checks arguments and dispatches by device:
-  process_logits / sample   CPU -> genfast's fused C++ op (torch.ops.genfast.sampling_*);
-                            other devices -> the plain-PyTorch reference, with a one-time
-                            warning (no Triton sampling kernel yet)
-  decode_attention          CPU -> torch.ops.genfast.decode_attention (one query token vs
-                            the KV cache); other devices -> genfast's scaled_dot_product_attention
-                            on the cache's filled rows
+  process_logits / sample   CPU, CUDA -> genfast's fused op (torch.ops.genfast.sampling_*: C++ on
+                            CPU, Triton on CUDA); other devices -> the plain-PyTorch reference,
+                            with a one-time warning
+  decode_attention          CPU, CUDA -> torch.ops.genfast.decode_attention (one query token vs
+                            the KV cache; C++ on CPU, Triton flash-decoding on CUDA); other
+                            devices -> genfast's scaled_dot_product_attention on the filled rows
   apply_repetition_penalty  plain PyTorch (a gather and a scatter; nothing to fuse)
 
 Semantics are Hugging Face's (transformers' logits processors): repetition penalty,
@@ -24,6 +24,7 @@ from genfast import reference
 from genfast.nn import functional as gf
 
 _warned_devices: set[str] = set()
+_OP_DEVICES = ("cpu", "cuda")  # devices with a genfast kernel for the ops below
 
 
 def _warn_fallback(device: torch.device, what: str) -> None:
@@ -52,7 +53,7 @@ def process_logits(logits: Tensor, temperature: float = 1.0, top_k: int | None =
                    top_p: float = 1.0) -> Tensor:
     """logits (N, V) -> scores / temperature with -inf where top-k / top-p remove the token."""
     top_k = _check_settings(logits, temperature, top_k, top_p)
-    if logits.device.type == "cpu":
+    if logits.device.type in _OP_DEVICES:
         from genfast.ops.sampling import sampling_filter
 
         return sampling_filter(logits, temperature, top_k, top_p)
@@ -70,10 +71,10 @@ def sample(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, t
     top_k = _check_settings(logits, temperature, top_k, top_p)
     uniforms = torch.rand(logits.shape[0], generator=generator, dtype=torch.float64,
                           device=generator.device if generator is not None else logits.device)
-    if logits.device.type == "cpu":
+    if logits.device.type in _OP_DEVICES:
         from genfast.ops.sampling import sampling_draw
 
-        return sampling_draw(logits, uniforms.cpu(), temperature, top_k, top_p)
+        return sampling_draw(logits, uniforms.to(logits.device), temperature, top_k, top_p)
     _warn_fallback(logits.device, "sampling")
     scores = reference.process_logits(logits, temperature, top_k, top_p)
     return reference.draw_from_scores(scores, uniforms.to(logits.device))
@@ -94,7 +95,7 @@ def apply_repetition_penalty(scores: Tensor, token_ids: Tensor, penalty: float) 
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: int, scale: float) -> Tensor:
     """Attention of q (B, Hq, D), one token per row, over the first ``length`` rows of the
     caches (B, Hk, max_len, D). Returns (B, Hq, Dv)."""
-    if q.device.type == "cpu":
+    if q.device.type in _OP_DEVICES:
         from genfast.ops.decode_attention import decode_attention as op
 
         return op(q, k_cache, v_cache, length, scale)

@@ -1,7 +1,8 @@
 """Fused logits processing and sampling: temperature + top-k + top-p (+ the draw) in one pass.
 
     genfast.nn.generation.sample -> genfast.ops.sampling.sampling_draw
-                                 -> torch.ops.genfast.sampling_draw -> csrc/cpu/sampling.cpp
+                                 -> torch.ops.genfast.sampling_draw -> csrc/cpu/sampling.cpp (CPU)
+                                                                   -> kernels/sampling.py (CUDA, Triton)
 
 Hugging Face's semantics (reference: genfast.reference.process_logits / draw_from_scores).
 The draw takes its uniforms from the caller, so randomness comes from a torch.Generator
@@ -35,6 +36,21 @@ def _sampling_filter_fake(logits, temperature, top_k, top_p):
 @torch.library.register_fake("genfast::sampling_draw")
 def _sampling_draw_fake(logits, uniforms, temperature, top_k, top_p):
     return logits.new_empty((logits.shape[0],), dtype=torch.int64)
+
+
+# CUDA: the Triton kernels, imported on first use so that CPU-only installs need no triton.
+@torch.library.register_kernel("genfast::sampling_filter", "cuda")
+def _sampling_filter_cuda(logits, temperature, top_k, top_p):
+    from genfast.kernels import load
+
+    return load("sampling", "sampling_filter").sampling_filter(logits, temperature, top_k, top_p)
+
+
+@torch.library.register_kernel("genfast::sampling_draw", "cuda")
+def _sampling_draw_cuda(logits, uniforms, temperature, top_k, top_p):
+    from genfast.kernels import load
+
+    return load("sampling", "sampling_draw").sampling_draw(logits, uniforms, temperature, top_k, top_p)
 
 
 __all__ = ["sampling_filter", "sampling_draw"]

@@ -1,0 +1,416 @@
+"""Fused logits processing and sampling in Triton: temperature, top-k, top-p and the draw,
+one program per row, without sorting the vocabulary.
+
+    from genfast.kernels.sampling import sampling_filter, sampling_draw
+
+The CUDA implementation of ``torch.ops.genfast.sampling_filter`` / ``sampling_draw`` (registered in
+genfast/ops/sampling.py); the CPU one is csrc/cpu/sampling.cpp, and this file reproduces its
+semantics, which are Hugging Face's (genfast.reference.process_logits / draw_from_scores):
+
+    x      = logits / temperature, in float32 (float64 for float64 logits)
+    top-k  keep x >= the k-th largest x (ties at the k-th value kept); 0 or k >= vocab: off
+    top-p  over the top-k survivors in descending (value, then index) order, keep a token while
+           the probability mass strictly before it is < top_p * total; the largest is always kept.
+           Masses are exp(x - max) summed in float64, as the C++ op does.
+    draw   inverse CDF over the kept tokens in vocabulary order at the caller's uniform u in [0, 1):
+           the first kept token whose running mass (float32 weights, float64 sums) exceeds u * total,
+           else the last kept token.
+
+How, without a sort: every float maps to an unsigned integer key with the same order (flip the sign
+bit of positives, every bit of negatives; -0.0 is first made +0.0 so that it ties with +0.0).
+
+* top-k: the k-th largest key is the largest t with count(key >= t) >= k. It is found one 4-bit digit
+  at a time from the top: each pass over the row counts the keys >= each of the 16 candidates for the
+  next digit, so 32-bit keys take 8 passes (64-bit keys 16).
+* top-p: the cut falls inside the group of tokens sharing one value v*; v* is the smallest candidate
+  key whose mass strictly above is < limit = top_p * total, found the same way (16 masses per pass).
+  Of the tokens equal to v*, the first c in vocabulary order are kept, where c counts j = 0, 1, ...
+  with mass_above + j * w(v*) < limit; that is the C++ op's descending walk, whose ties are ordered
+  by index.
+* The draw's running sums are a block-wise scan continued across blocks.
+
+Rounding: the C++ op adds masses one at a time in sorted order; these kernels add them in a tree
+(and multiply j * w(v*) for a tie group). All of it is float64, so the two agree unless a top-p limit
+or a draw target lies within ~1e-15 (relative) of a prefix mass; exactly representable masses (equal
+logits, integer-weight ties) agree exactly. On a GPU the float32 division is IEEE (div_rn) and the
+exponentials are float64, rounded to float32 where the C++ op uses float32 exp.
+
+Errors (NaN logits, a row with every logit -inf, a uniform outside [0, 1)) are detected in the
+kernels, written to a per-row status, and raised by the launcher with the C++ op's messages; that
+check reads one small tensor back, so each call synchronises with the device once.
+"""
+from __future__ import annotations
+
+import math
+import os
+import struct
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from triton.language.extra import libdevice
+
+__all__ = ["sampling_filter", "sampling_draw"]
+
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Tokens per tile. On a GPU the 16-way probe tiles are BLOCK x 16 float64 in registers, hence 512 with
+# 8 warps. The interpreter runs each tile in numpy, where bigger tiles mean fewer Python-level steps.
+_DEFAULT_BLOCK = 2048 if _INTERPRETED else 512
+_NUM_WARPS = 8
+_DIGIT_BITS = 4  # 16 candidates per pass of the digit search
+
+# float64 exp: libdevice's (__nv_exp, ~1 ulp) on a GPU; the interpreter has no libdevice, and numpy's is
+# what it runs for tl.exp.
+_LIBDEVICE_EXP64 = tl.constexpr(not _INTERPRETED)
+
+# Per-row status codes written by the kernels (0 = fine).
+_STATUS_NAN, _STATUS_ALL_NEG_INF, _STATUS_BAD_UNIFORM = 1, 2, 3
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernel helpers
+# --------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _scaled_tile(logits_row, offsets, vocab, temperature, ACC_DTYPE: tl.constexpr):
+    """x = logit / temperature for one tile (accumulation precision); masked lanes are -inf."""
+    valid = offsets < vocab
+    x = tl.load(logits_row + offsets, mask=valid, other=float("-inf")).to(ACC_DTYPE)
+    if ACC_DTYPE == tl.float32:
+        x = tl.math.div_rn(x, temperature)  # IEEE division: the default float32 '/' is approximate
+    else:
+        x = x / temperature
+    x = tl.where(x == 0.0, 0.0, x)  # -0.0 -> +0.0: equal values must share one key
+    return x, valid
+
+
+@triton.jit
+def _round_to_bfloat16_in_float32(x):
+    """x (float32) rounded to the nearest bfloat16, ties to even, still as float32. Only under the
+    interpreter, whose float32 -> bfloat16 cast truncates (triton 3.9); GPUs round to nearest."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _ordered_key(x, KEY_DTYPE: tl.constexpr, KEY_BITS: tl.constexpr):
+    """An unsigned integer with the same order as the float x (x has no NaN, no -0.0)."""
+    bits = x.to(KEY_DTYPE, bitcast=True)
+    sign = tl.full([], 1, KEY_DTYPE) << (KEY_BITS - 1)
+    return tl.where((bits & sign) != 0, ~bits, bits | sign)
+
+
+@triton.jit
+def _weight(x, row_max):
+    """exp(x - max) in float64: the difference in the accumulation precision, the exp in float64."""
+    difference = (x - row_max).to(tl.float64)
+    if _LIBDEVICE_EXP64:
+        return libdevice.exp(difference)
+    else:
+        return tl.exp(difference)
+
+
+@triton.jit
+def _keep_mask(key, valid, cut_key, cut_ties, ties_before):
+    """Kept lanes of a tile: key > cut_key, or key == cut_key among its first cut_ties in vocabulary
+    order. Returns the mask and the running count of tokens equal to cut_key."""
+    tie = valid & (key == cut_key)
+    tie_int = tie.to(tl.int32)
+    rank = ties_before + tl.cumsum(tie_int, 0) - tie_int
+    keep = valid & ((key > cut_key) | (tie & (rank < cut_ties)))
+    return keep, ties_before + tl.sum(tie_int, 0)
+
+
+@triton.jit
+def _filter_row(logits_row, vocab, temperature, top_k, top_p,
+                USE_TOP_K: tl.constexpr, USE_TOP_P: tl.constexpr,
+                ACC_DTYPE: tl.constexpr, KEY_DTYPE: tl.constexpr, KEY_BITS: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """Decides which tokens of one row survive. Returns (row_max, status, cut_key, cut_ties): the kept
+    tokens are those with key > cut_key and the first cut_ties (in vocabulary order) with key == cut_key.
+    """
+    lanes = tl.arange(0, BLOCK)
+    digits = tl.arange(0, 16).to(KEY_DTYPE)
+    num_digits: tl.constexpr = KEY_BITS // 4
+
+    # Pass 1: the row maximum, and whether there is a NaN.
+    row_max = tl.full([], float("-inf"), ACC_DTYPE)
+    nan_count = tl.zeros([], tl.int32)
+    for start in range(0, vocab, BLOCK):
+        x, valid = _scaled_tile(logits_row, start + lanes, vocab, temperature, ACC_DTYPE)
+        nan_count += tl.sum((valid & (x != x)).to(tl.int32), 0)
+        row_max = tl.maximum(row_max, tl.max(tl.where(valid & (x == x), x, float("-inf")), 0))
+    status = tl.where(nan_count > 0, 1, tl.where(row_max == float("-inf"), 2, 0))
+
+    # Everything is kept unless a filter says otherwise: every valid key is >= 1 (key 0 is a NaN).
+    cut_key = tl.zeros([], KEY_DTYPE)
+    cut_ties = vocab
+
+    if USE_TOP_K:
+        # Largest t with count(key >= t) >= top_k, one digit at a time from the top.
+        # Candidate 0 of each digit keeps the prefix itself, for which the count is known to be >= k.
+        prefix = tl.zeros([], KEY_DTYPE)
+        shift = tl.full([], KEY_BITS - 4, KEY_DTYPE)
+        for _ in range(num_digits):
+            probes = prefix | (digits << shift)
+            counts = tl.zeros([16], tl.int32)
+            for start in range(0, vocab, BLOCK):
+                x, valid = _scaled_tile(logits_row, start + lanes, vocab, temperature, ACC_DTYPE)
+                key = _ordered_key(x, KEY_DTYPE, KEY_BITS)
+                at_or_above = valid[:, None] & (key[:, None] >= probes[None, :])
+                counts += tl.sum(at_or_above.to(tl.int32), 0)
+            best = tl.max(tl.where(counts >= top_k, digits, 0), 0)
+            prefix = prefix | (best << shift)
+            shift -= 4
+        cut_key = prefix
+
+    if USE_TOP_P:
+        # The survivors' total mass (keys >= cut_key), and the top-p limit.
+        total = tl.zeros([], tl.float64)
+        for start in range(0, vocab, BLOCK):
+            x, valid = _scaled_tile(logits_row, start + lanes, vocab, temperature, ACC_DTYPE)
+            candidate = valid & (_ordered_key(x, KEY_DTYPE, KEY_BITS) >= cut_key)
+            total += tl.sum(tl.where(candidate, _weight(x, row_max), 0.0), 0)
+        limit = top_p * total
+
+        # Largest t with mass(candidates with key > t) >= limit; the cut value is the next key up.
+        # Holds for t = 0 (mass = total >= limit), so candidate 0 of each digit is always admissible.
+        prefix = tl.zeros([], KEY_DTYPE)
+        shift = tl.full([], KEY_BITS - 4, KEY_DTYPE)
+        for _ in range(num_digits):
+            probes = prefix | (digits << shift)
+            masses = tl.zeros([16], tl.float64)
+            for start in range(0, vocab, BLOCK):
+                x, valid = _scaled_tile(logits_row, start + lanes, vocab, temperature, ACC_DTYPE)
+                key = _ordered_key(x, KEY_DTYPE, KEY_BITS)
+                candidate = valid & (key >= cut_key)
+                above = candidate[:, None] & (key[:, None] > probes[None, :])
+                masses += tl.sum(tl.where(above, _weight(x, row_max)[:, None], 0.0), 0)
+            best = tl.max(tl.where(masses >= limit, digits, 0), 0)
+            prefix = prefix | (best << shift)
+            shift -= 4
+        # limit == 0 (top_p = 0) admits every t; then only the largest token is kept.
+        max_key = _ordered_key(row_max, KEY_DTYPE, KEY_BITS)
+        cut = tl.where(prefix >= max_key, max_key, prefix + 1)
+
+        # Mass strictly above the cut value, and the weight of one token at it.
+        mass_above = tl.zeros([], tl.float64)
+        tie_weight = tl.zeros([], tl.float64)
+        for start in range(0, vocab, BLOCK):
+            x, valid = _scaled_tile(logits_row, start + lanes, vocab, temperature, ACC_DTYPE)
+            key = _ordered_key(x, KEY_DTYPE, KEY_BITS)
+            weight = _weight(x, row_max)
+            mass_above += tl.sum(tl.where(valid & (key > cut), weight, 0.0), 0)
+            tie_weight = tl.maximum(tie_weight, tl.max(tl.where(valid & (key == cut), weight, 0.0), 0))
+        # The j-th token at the cut value (j = 0, 1, ...) is kept while mass_above + j * w < limit:
+        # count those j, correcting the quotient's rounding by one either way. j = 0 is always kept.
+        ties = vocab
+        if tie_weight > 0.0:
+            quotient = tl.minimum(tl.maximum((limit - mass_above) / tie_weight, 0.0), vocab * 1.0)
+            ties = tl.math.ceil(quotient).to(tl.int32)
+            if ties > 0:
+                if mass_above + (ties - 1) * tie_weight >= limit:
+                    ties -= 1
+            if mass_above + ties * tie_weight < limit:
+                ties += 1
+        cut_key = cut
+        cut_ties = tl.maximum(ties, 1)
+
+    return row_max, status, cut_key, cut_ties
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------
+
+@triton.jit(do_not_specialize=["vocab", "temperature_bits", "top_k", "top_p_bits"])
+def _sampling_filter_kernel(logits_ptr, out_ptr, status_ptr, vocab, stride_logits_row, stride_out_row,
+                            temperature_bits, top_k, top_p_bits,
+                            USE_TOP_K: tl.constexpr, USE_TOP_P: tl.constexpr,
+                            ACC_DTYPE: tl.constexpr, KEY_DTYPE: tl.constexpr, KEY_BITS: tl.constexpr,
+                            BLOCK: tl.constexpr, ROUND_BF16: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    # Settings arrive as float64 bit patterns (Triton passes Python floats as float32), then round
+    # to the accumulation type as the C++ op's static_cast does.
+    temperature = temperature_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC_DTYPE)
+    top_p = top_p_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC_DTYPE).to(tl.float64)
+    logits_row = logits_ptr + row * stride_logits_row
+    out_row = out_ptr + row * stride_out_row
+
+    row_max, status, cut_key, cut_ties = _filter_row(
+        logits_row, vocab, temperature, top_k, top_p, USE_TOP_K, USE_TOP_P, ACC_DTYPE, KEY_DTYPE, KEY_BITS,
+        BLOCK)
+    tl.store(status_ptr + row, status)
+
+    lanes = tl.arange(0, BLOCK)
+    ties_before = tl.zeros([], tl.int32)
+    for start in range(0, vocab, BLOCK):
+        x, valid = _scaled_tile(logits_row, start + lanes, vocab, temperature, ACC_DTYPE)
+        keep, ties_before = _keep_mask(_ordered_key(x, KEY_DTYPE, KEY_BITS), valid, cut_key, cut_ties,
+                                       ties_before)
+        scores = tl.where(keep, x, float("-inf"))
+        if ROUND_BF16:
+            scores = _round_to_bfloat16_in_float32(scores)
+        tl.store(out_row + start + lanes, scores.to(out_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit(do_not_specialize=["vocab", "temperature_bits", "top_k", "top_p_bits"])
+def _sampling_draw_kernel(logits_ptr, uniforms_ptr, tokens_ptr, status_ptr, vocab, stride_logits_row,
+                          temperature_bits, top_k, top_p_bits,
+                          USE_TOP_K: tl.constexpr, USE_TOP_P: tl.constexpr,
+                          ACC_DTYPE: tl.constexpr, KEY_DTYPE: tl.constexpr, KEY_BITS: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    temperature = temperature_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC_DTYPE)
+    top_p = top_p_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC_DTYPE).to(tl.float64)
+    logits_row = logits_ptr + row * stride_logits_row
+
+    row_max, status, cut_key, cut_ties = _filter_row(
+        logits_row, vocab, temperature, top_k, top_p, USE_TOP_K, USE_TOP_P, ACC_DTYPE, KEY_DTYPE, KEY_BITS,
+        BLOCK)
+    uniform = tl.load(uniforms_ptr + row)
+    status = tl.where((status == 0) & ((uniform < 0.0) | (uniform >= 1.0) | (uniform != uniform)), 3, status)
+    tl.store(status_ptr + row, status)
+
+    # Total kept mass and the last kept token. Weights are rounded to the accumulation type (the C++
+    # op's exp is in float for float logits), sums are float64.
+    lanes = tl.arange(0, BLOCK)
+    total = tl.zeros([], tl.float64)
+    last_kept = tl.zeros([], tl.int32)
+    ties_before = tl.zeros([], tl.int32)
+    for start in range(0, vocab, BLOCK):
+        offsets = start + lanes
+        x, valid = _scaled_tile(logits_row, offsets, vocab, temperature, ACC_DTYPE)
+        keep, ties_before = _keep_mask(_ordered_key(x, KEY_DTYPE, KEY_BITS), valid, cut_key, cut_ties,
+                                       ties_before)
+        weight = _weight(x, row_max).to(ACC_DTYPE).to(tl.float64)
+        total += tl.sum(tl.where(keep, weight, 0.0), 0)
+        last_kept = tl.maximum(last_kept, tl.max(tl.where(keep, offsets, 0), 0))
+    target = uniform * total
+
+    # The first kept token whose running mass exceeds the target; rounding can leave none.
+    chosen = last_kept
+    found = tl.zeros([], tl.int32)
+    running = tl.zeros([], tl.float64)
+    ties_before = tl.zeros([], tl.int32)
+    start = tl.zeros([], tl.int32)
+    while (start < vocab) & (found == 0):
+        offsets = start + lanes
+        x, valid = _scaled_tile(logits_row, offsets, vocab, temperature, ACC_DTYPE)
+        keep, ties_before = _keep_mask(_ordered_key(x, KEY_DTYPE, KEY_BITS), valid, cut_key, cut_ties,
+                                       ties_before)
+        weight = tl.where(keep, _weight(x, row_max).to(ACC_DTYPE).to(tl.float64), 0.0)
+        cumulative = running + tl.cumsum(weight, 0)
+        first = tl.min(tl.where(keep & (cumulative > target), offsets, vocab), 0)
+        if first < vocab:
+            chosen = first
+            found = 1
+        running += tl.sum(weight, 0)
+        start += BLOCK
+    tl.store(tokens_ptr + row, chosen.to(tl.int64))
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers (torch-side; the kernels above know nothing of torch)
+# --------------------------------------------------------------------------------------------------
+
+def _float64_bits(value: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
+
+
+def _check_settings(op: str, logits: Tensor, temperature: float, top_k: int, top_p: float) -> None:
+    # The C++ op's checks and messages (csrc/cpu/sampling.cpp::check_settings), minus the device.
+    if logits.dim() != 2:
+        raise RuntimeError(f"{op}: logits must be (batch, vocab), got {logits.dim()} dims")
+    if not logits.is_floating_point():
+        raise RuntimeError(f"{op}: logits must be floating point, got {logits.dtype}")
+    if logits.shape[1] == 0:
+        raise RuntimeError(f"{op}: logits must have a non-empty vocabulary dimension")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise RuntimeError(f"{op}: temperature must be a positive finite number, got {temperature}")
+    if top_k < 0:
+        raise RuntimeError(f"{op}: top_k must be >= 0 (0 disables it), got {top_k}")
+    if not (0 <= top_p <= 1):
+        raise RuntimeError(f"{op}: top_p must be in [0, 1], got {top_p}")
+
+
+def _launch_settings(logits: Tensor, temperature: float, top_k: int, top_p: float, block: int | None) -> dict:
+    wide = logits.dtype == torch.float64
+    vocab = logits.shape[1]
+    # The C++ op compares top_p, rounded to the accumulation type, with 1.
+    top_p_acc = top_p if wide else float(torch.tensor(top_p, dtype=torch.float32))
+    block = _DEFAULT_BLOCK if block is None else block
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"block must be a power of two >= 16, got {block}")
+    return dict(
+        temperature_bits=_float64_bits(temperature), top_k=int(top_k), top_p_bits=_float64_bits(top_p),
+        USE_TOP_K=0 < top_k < vocab, USE_TOP_P=top_p_acc < 1.0,
+        ACC_DTYPE=tl.float64 if wide else tl.float32,
+        KEY_DTYPE=tl.uint64 if wide else tl.uint32, KEY_BITS=64 if wide else 32,
+        BLOCK=min(block, max(16, triton.next_power_of_2(vocab))),
+    )
+
+
+def _raise_for_status(op: str, status: Tensor, uniforms: Tensor | None = None) -> None:
+    if not bool(status.any()):
+        return
+    row = int(torch.nonzero(status)[0, 0])
+    code = int(status[row])
+    if code == _STATUS_NAN:
+        raise RuntimeError(f"{op}: logits contain NaN")
+    if code == _STATUS_ALL_NEG_INF:
+        raise RuntimeError(f"{op}: every logit of a row is -inf; nothing can be sampled")
+    raise RuntimeError(f"{op}: uniforms must lie in [0, 1), got {float(uniforms[row])} at row {row}")
+
+
+def _rows_contiguous(logits: Tensor) -> Tensor:
+    return logits if logits.stride(1) == 1 else logits.contiguous()
+
+
+def sampling_filter(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, *,
+                    block: int | None = None) -> Tensor:
+    """logits (N, V) / temperature, with -inf where top-k or top-p removes the token.
+
+    ``block`` (tokens per tile, a power of two) is for tests that want many tiles on a small vocabulary.
+    """
+    _check_settings("sampling_filter", logits, temperature, top_k, top_p)
+    logits = _rows_contiguous(logits)
+    rows, vocab = logits.shape
+    out = torch.empty((rows, vocab), dtype=logits.dtype, device=logits.device)
+    status = torch.zeros(rows, dtype=torch.int32, device=logits.device)
+    if rows == 0:
+        return out
+    _sampling_filter_kernel[(rows,)](logits, out, status, vocab, logits.stride(0), out.stride(0),
+                                     **_launch_settings(logits, temperature, top_k, top_p, block),
+                                     ROUND_BF16=_INTERPRETED and logits.dtype == torch.bfloat16,
+                                     num_warps=_NUM_WARPS)
+    _raise_for_status("sampling_filter", status)
+    return out
+
+
+def sampling_draw(logits: Tensor, uniforms: Tensor, temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 1.0, *, block: int | None = None) -> Tensor:
+    """One int64 token per row of logits (N, V): the filter above, then the inverse CDF at uniforms (N,)."""
+    _check_settings("sampling_draw", logits, temperature, top_k, top_p)
+    if uniforms.dim() != 1 or uniforms.shape[0] != logits.shape[0]:
+        raise RuntimeError(f"sampling_draw: uniforms must be (batch,) = ({logits.shape[0]},), got "
+                           f"{list(uniforms.shape)}")
+    if not uniforms.is_floating_point():
+        raise RuntimeError(f"sampling_draw: uniforms must be floating point, got {uniforms.dtype}")
+    if uniforms.device != logits.device:
+        raise RuntimeError(f"sampling_draw: uniforms must be on the logits' device ({logits.device}), "
+                           f"got {uniforms.device}")
+    logits = _rows_contiguous(logits)
+    uniforms = uniforms.to(torch.float64).contiguous()
+    rows, vocab = logits.shape
+    tokens = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    status = torch.zeros(rows, dtype=torch.int32, device=logits.device)
+    if rows == 0:
+        return tokens
+    _sampling_draw_kernel[(rows,)](logits, uniforms, tokens, status, vocab, logits.stride(0),
+                                   **_launch_settings(logits, temperature, top_k, top_p, block),
+                                   num_warps=_NUM_WARPS)
+    _raise_for_status("sampling_draw", status, uniforms)
+    return tokens
