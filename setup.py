@@ -14,7 +14,7 @@ any x86-64 CPU and uses the widest vectors the CPU it lands on has.
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 import torch
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
@@ -67,7 +67,8 @@ def _extension():
 
 
 setup(
-    packages=["genfast", "genfast.nn", "genfast.bench", "genfast.models", "genfast.kernels"],
+    # Every package under genfast/ (found, so a new subpackage can't be left out of a wheel).
+    packages=find_packages(include=["genfast", "genfast.*"]) + ["genfast.kernels"],
     # Triton kernels live at the top level (kernels/) but install as genfast.kernels.
     package_dir={"genfast": "genfast", "genfast.kernels": "kernels"},
     ext_modules=[_extension()],

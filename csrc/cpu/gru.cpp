@@ -137,15 +137,29 @@ struct BackwardStep {
   int64_t n, n_prev, n_prev_fwd, H;
 };
 
+// What the cell backward of row m reads from the forward's saved state (and writes to
+// dGx, dGh), fetched ahead like the forward's input projection (prefetch_gate_row).
+template <typename T>
+GENFAST_INLINE void prefetch_backward_row(const BackwardStep<T>* s, int64_t m, int64_t j0) {
+  const int64_t H = s->H;
+  prefetch_gate_row(s->rzn + m * kGates * H + j0, kGates, H);
+  prefetch_gate_row(s->hn + m * H + j0, 1, 0);
+  if (m < s->n_prev_fwd) prefetch_gate_row(s->h_prev + m * H + j0, 1, 0);
+  prefetch_gate_row(s->grad_out + m * H + j0, 1, 0);
+  prefetch_gate_row(s->dGx + m * kGates * H + j0, kGates, H);
+  prefetch_gate_row(s->dGh + m * kGates * H + j0, kGates, H);
+}
+
 struct BackwardTile {
   template <typename T>
   static GENFAST_INLINE void run(const BackwardStep<T>* s, int64_t panel, int64_t r0, int64_t r1, T* acc) {
     const int64_t H = s->H;
+    const int64_t j0 = panel * kUnits, units = std::min(kUnits, H - j0);
+    for (int64_t m = r0; m < std::min({r1, r0 + kPrefetchRows, s->n}); ++m) prefetch_backward_row(s, m, j0);
     const int64_t gemm_rows = std::min(r1, s->n_prev) - r0;
     if (gemm_rows > 0)
       gemm_panel<T>(gemm_rows, kGates * H, s->dGh_prev + r0 * kGates * H, kGates * H,
                     s->packed_whh + panel * kGates * H * kUnits, kUnits, acc, kUnits);
-    const int64_t j0 = panel * kUnits, units = std::min(kUnits, H - j0);
     if (units == kUnits)
       rows(FullPanel{}, s, j0, r0, r1, acc);
     else
@@ -158,6 +172,7 @@ struct BackwardTile {
     const int64_t H = s->H;
     static constexpr T zeros[kUnits] = {};
     for (int64_t m = r0; m < r1; ++m, acc += kUnits) {
+      if (m + kPrefetchRows < std::min(r1, s->n)) prefetch_backward_row(s, m + kPrefetchRows, j0);
       T* dh = s->dh_state + m * H + j0;
       if (m >= s->n) {  // no longer active: collect the gradient of its initial state
         if (m < s->n_prev)

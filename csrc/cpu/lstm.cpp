@@ -244,12 +244,25 @@ GENFAST_INLINE void recurrent_gemm(const BackwardStep<T>* s, int64_t panel, int6
                   s->packed_whh + panel * kGates * s->H * kUnits, kUnits, acc, kUnits);
 }
 
+// What the cell backward of row m reads from the forward's saved state (and writes to
+// dG), fetched ahead like the forward's input projection (prefetch_gate_row).
+template <typename T>
+GENFAST_INLINE void prefetch_backward_row(const BackwardStep<T>* s, int64_t m, int64_t j0) {
+  const int64_t H = s->H;
+  prefetch_gate_row(s->gates + m * kGates * H + j0, kGates, H);
+  prefetch_gate_row(s->c_cur + m * H + j0, 1, 0);
+  if (m < s->n_prev_fwd) prefetch_gate_row(s->c_prev + m * H + j0, 1, 0);
+  prefetch_gate_row(s->grad_out + m * s->Hout + j0, 1, 0);
+  prefetch_gate_row(s->dG + m * kGates * H + j0, kGates, H);
+}
+
 // Without projection: h's columns are the hidden units, so one tile does it all.
 struct BackwardTile {
   template <typename T>
   static GENFAST_INLINE void run(const BackwardStep<T>* s, int64_t panel, int64_t r0, int64_t r1, T* acc) {
-    recurrent_gemm(s, panel, r0, r1, acc);
     const int64_t j0 = panel * kUnits, units = std::min(kUnits, s->H - j0);
+    for (int64_t m = r0; m < std::min({r1, r0 + kPrefetchRows, s->n}); ++m) prefetch_backward_row(s, m, j0);
+    recurrent_gemm(s, panel, r0, r1, acc);
     if (units == kUnits)
       rows(FullPanel{}, s, j0, r0, r1, acc);
     else
@@ -260,8 +273,10 @@ struct BackwardTile {
   static GENFAST_INLINE void rows(Units units, const BackwardStep<T>* s, int64_t j0, int64_t r0, int64_t r1,
                                   const T* acc) {
     T d_h[kUnits];
-    for (int64_t m = r0; m < r1; ++m)
+    for (int64_t m = r0; m < r1; ++m) {
+      if (m + kPrefetchRows < std::min(r1, s->n)) prefetch_backward_row(s, m + kPrefetchRows, j0);
       if (total_dh_row(s, m, j0, units, acc + (m - r0) * kUnits, d_h)) cell_backward_row(s, m, j0, units, d_h);
+    }
   }
 };
 
