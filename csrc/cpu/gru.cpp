@@ -44,14 +44,11 @@ struct ForwardTile {
     for (int64_t m = r0; m < std::min(r1, r0 + kPrefetchRows); ++m)
       prefetch_gate_row(s->gx + m * kGates * H + j0, kGates, H);
     recurrent_tile<T, kGates>(s->packed_whh, s->w_hh, s->h_prev, H, H, panel, r0, r1, acc);
-    if (units == kUnits)
-      rows(FullPanel{}, s, j0, r0, r1, acc);
-    else
-      rows(units, s, j0, r0, r1, acc);
+    rows(units, s, j0, r0, r1, acc);
   }
 
-  template <typename T, typename Units>
-  static GENFAST_INLINE void rows(Units units, const ForwardStep<T>* s, int64_t j0, int64_t r0, int64_t r1, T* acc) {
+  template <typename T>
+  static GENFAST_INLINE void rows(int64_t units, const ForwardStep<T>* s, int64_t j0, int64_t r0, int64_t r1, T* acc) {
     const int64_t H = s->H;
     const T* b = s->b_hh + j0;
     for (int64_t m = r0; m < r1; ++m, acc += kWidth) {
@@ -74,8 +71,8 @@ struct ForwardTile {
 
   // The fused update of one row of 16 units: branch-free over restrict pointers, so
   // the compiler vectorises it.
-  template <typename T, typename Units>
-  static GENFAST_INLINE void cells(Units units, const T* __restrict__ acc, const T* __restrict__ gx,
+  template <typename T>
+  static GENFAST_INLINE void cells(int64_t units, const T* __restrict__ acc, const T* __restrict__ gx,
                                    const T* __restrict__ b, int64_t H, const T* __restrict__ h_prev,
                                    T* __restrict__ out, T* __restrict__ h_next, T (*__restrict__ act)[kUnits]) {
     for (int64_t u = 0; u < units; ++u) {
@@ -160,14 +157,11 @@ struct BackwardTile {
     if (gemm_rows > 0)
       gemm_panel<T>(gemm_rows, kGates * H, s->dGh_prev + r0 * kGates * H, kGates * H,
                     s->packed_whh + panel * kGates * H * kUnits, kUnits, acc, kUnits);
-    if (units == kUnits)
-      rows(FullPanel{}, s, j0, r0, r1, acc);
-    else
-      rows(units, s, j0, r0, r1, acc);
+    rows(units, s, j0, r0, r1, acc);
   }
 
-  template <typename T, typename Units>
-  static GENFAST_INLINE void rows(Units units, const BackwardStep<T>* s, int64_t j0, int64_t r0, int64_t r1,
+  template <typename T>
+  static GENFAST_INLINE void rows(int64_t units, const BackwardStep<T>* s, int64_t j0, int64_t r0, int64_t r1,
                                   const T* acc) {
     const int64_t H = s->H;
     static constexpr T zeros[kUnits] = {};
@@ -191,8 +185,8 @@ struct BackwardTile {
 
   // Branch-free over restrict pointers, so it vectorises. dh holds what reached h
   // from outside the recurrence; it leaves holding the direct z * dh term.
-  template <typename T, typename Units>
-  static GENFAST_INLINE void cell_backward_units(Units units, int64_t H, const T* __restrict__ go,
+  template <typename T>
+  static GENFAST_INLINE void cell_backward_units(int64_t units, int64_t H, const T* __restrict__ go,
                                                  T* __restrict__ dh, const T* __restrict__ rec,
                                                  const T* __restrict__ g, const T* __restrict__ hn,
                                                  const T* __restrict__ h_prev, T* __restrict__ dGx,

@@ -48,14 +48,11 @@ struct ForwardTile {
     for (int64_t m = r0; m < std::min(r1, r0 + kPrefetchRows); ++m)
       prefetch_gate_row(s->gx + m * kGates * H + j0, kGates, H);
     recurrent_tile<T, kGates>(s->packed_whh, s->w_hh, s->h_prev, s->Hout, H, panel, r0, r1, acc);
-    if (units == kUnits)
-      rows(FullPanel{}, s, j0, r0, r1, acc);
-    else
-      rows(units, s, j0, r0, r1, acc);
+    rows(units, s, j0, r0, r1, acc);
   }
 
-  template <typename T, typename Units>
-  static GENFAST_INLINE void rows(Units units, const ForwardStep<T>* s, int64_t j0, int64_t r0, int64_t r1, T* acc) {
+  template <typename T>
+  static GENFAST_INLINE void rows(int64_t units, const ForwardStep<T>* s, int64_t j0, int64_t r0, int64_t r1, T* acc) {
     const int64_t H = s->H;
     for (int64_t m = r0; m < r1; ++m, acc += kWidth) {
       if (m + kPrefetchRows < r1) prefetch_gate_row(s->gx + (m + kPrefetchRows) * kGates * H + j0, kGates, H);
@@ -77,8 +74,8 @@ struct ForwardTile {
 
   // The fused cell update of one row of 16 units: a branch-free loop over restrict
   // pointers, which the compiler vectorises (exp/tanh are polynomials, gate_math.h).
-  template <typename T, typename Units>
-  static GENFAST_INLINE void cells(Units units, const T* __restrict__ acc, const T* __restrict__ gx, int64_t H,
+  template <typename T>
+  static GENFAST_INLINE void cells(int64_t units, const T* __restrict__ acc, const T* __restrict__ gx, int64_t H,
                                    T* __restrict__ c, T* __restrict__ h, T* __restrict__ h_next,
                                    T (*__restrict__ act)[kUnits]) {
     T h_tmp[kUnits];
@@ -190,8 +187,8 @@ struct BackwardStep {
 };
 
 // The cell backward of one row of units: branch-free over restrict pointers, so it vectorises.
-template <typename T, typename Units>
-GENFAST_INLINE void cell_backward_units(Units units, int64_t H, const T* __restrict__ d_h, T* __restrict__ dc,
+template <typename T>
+GENFAST_INLINE void cell_backward_units(int64_t units, int64_t H, const T* __restrict__ d_h, T* __restrict__ dc,
                                         const T* __restrict__ g, const T* __restrict__ c_prev,
                                         const T* __restrict__ c_cur, T* __restrict__ dG) {
   for (int64_t u = 0; u < units; ++u) {
@@ -205,8 +202,8 @@ GENFAST_INLINE void cell_backward_units(Units units, int64_t H, const T* __restr
   }
 }
 
-template <typename T, typename Units>
-GENFAST_INLINE void cell_backward_row(const BackwardStep<T>* s, int64_t m, int64_t j0, Units units, const T* d_h) {
+template <typename T>
+GENFAST_INLINE void cell_backward_row(const BackwardStep<T>* s, int64_t m, int64_t j0, int64_t units, const T* d_h) {
   const int64_t H = s->H;
   const T* c_prev = m < s->n_prev_fwd ? s->c_prev + m * H + j0 : s->cx + m * H + j0;
   cell_backward_units(units, H, d_h, s->dc_state + m * H + j0, s->gates + m * kGates * H + j0, c_prev,
@@ -217,8 +214,8 @@ GENFAST_INLINE void cell_backward_row(const BackwardStep<T>* s, int64_t m, int64
 // + dG_{prev} W_hh (rows active in the previous processed step). Rows no longer
 // active only collect the recurrent term: that is the gradient of their initial state.
 // Returns false for rows that are not active (nothing more to do for them).
-template <typename T, typename Units>
-GENFAST_INLINE bool total_dh_row(const BackwardStep<T>* s, int64_t m, int64_t j0, Units cols, const T* rec,
+template <typename T>
+GENFAST_INLINE bool total_dh_row(const BackwardStep<T>* s, int64_t m, int64_t j0, int64_t cols, const T* rec,
                                  T* d_h) {
   T* dh = s->dh_state + m * s->Hout + j0;
   if (m >= s->n) {
@@ -263,14 +260,11 @@ struct BackwardTile {
     const int64_t j0 = panel * kUnits, units = std::min(kUnits, s->H - j0);
     for (int64_t m = r0; m < std::min({r1, r0 + kPrefetchRows, s->n}); ++m) prefetch_backward_row(s, m, j0);
     recurrent_gemm(s, panel, r0, r1, acc);
-    if (units == kUnits)
-      rows(FullPanel{}, s, j0, r0, r1, acc);
-    else
-      rows(units, s, j0, r0, r1, acc);
+    rows(units, s, j0, r0, r1, acc);
   }
 
-  template <typename T, typename Units>
-  static GENFAST_INLINE void rows(Units units, const BackwardStep<T>* s, int64_t j0, int64_t r0, int64_t r1,
+  template <typename T>
+  static GENFAST_INLINE void rows(int64_t units, const BackwardStep<T>* s, int64_t j0, int64_t r0, int64_t r1,
                                   const T* acc) {
     T d_h[kUnits];
     for (int64_t m = r0; m < r1; ++m) {
@@ -298,11 +292,7 @@ struct BackwardProjectB {
     gemm_panel<T>(r1 - r0, s->Hout, s->dh_total + r0 * s->Hout, s->Hout, s->packed_whr + panel * s->Hout * kUnits,
                   kUnits, acc, kUnits);
     const int64_t j0 = panel * kUnits, units = std::min(kUnits, s->H - j0);
-    for (int64_t m = r0; m < r1; ++m)
-      if (units == kUnits)
-        cell_backward_row(s, m, j0, FullPanel{}, acc + (m - r0) * kUnits);
-      else
-        cell_backward_row(s, m, j0, units, acc + (m - r0) * kUnits);
+    for (int64_t m = r0; m < r1; ++m) cell_backward_row(s, m, j0, units, acc + (m - r0) * kUnits);
   }
 };
 

@@ -7,7 +7,6 @@
 
 #include <algorithm>
 #include <optional>
-#include <type_traits>
 #include <vector>
 
 #include "cpu/gemm.h"
@@ -22,11 +21,6 @@ constexpr int64_t kUnits = 16;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// The width of a full panel as a compile-time constant. Tiles pass it (instead of the
-// run-time count) to their cell loops when the panel is full, the common case: the loops
-// then compile to whole vectors with no remainder or overlap checks. Only the last panel
-// of a hidden size that is not a multiple of 16 takes the run-time path.
-using FullPanel = std::integral_constant<int64_t, kUnits>;
 
 // Which rows of the (S, features) sequence matrix step t uses: rows
 // [offset[t], offset[t] + batch[t]). Padded input is the packed case with equal

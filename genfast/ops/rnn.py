@@ -91,6 +91,9 @@ def _check_workspace(workspace: Tensor, op: str) -> None:
 def _lstm_setup_context(ctx, inputs, output):
     input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, train = inputs
     out, _, _, workspace = output
+    # Outputs without a gradient arrive as None rather than as zeros: the workspace is as
+    # large as the saved gates, and filling it with zeros every backward would be waste.
+    ctx.set_materialize_grads(False)
     ctx.has_bias = b_ih is not None
     ctx.reverse = reverse
     ctx.save_for_backward(input, hx, cx, w_ih, w_hh, w_hr, out, workspace, batch_sizes)
@@ -111,6 +114,7 @@ def _lstm_backward(ctx, grad_output, grad_hy, grad_cy, _grad_workspace):
 def _gru_setup_context(ctx, inputs, output):
     input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, train = inputs
     out, _, workspace = output
+    ctx.set_materialize_grads(False)  # see _lstm_setup_context
     ctx.has_bias = b_ih is not None
     ctx.reverse = reverse
     ctx.save_for_backward(input, hx, w_ih, w_hh, out, workspace, batch_sizes)
