@@ -54,6 +54,9 @@ TORCH_LIBRARY(genfast, m) {
   // ---- decode attention (csrc/cpu/decode_attention.cpp): one query token vs a KV cache ---
   // q (B, Hq, D), caches (B, Hk, max_len, D|Dv), first `length` rows used -> (B, Hq, Dv).
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, int length, float scale) -> Tensor");
+  // ---- decode linear (csrc/cpu/decode_linear.cpp): F.linear for a few rows, W streamed once --
+  // x (M, K), weight (N, K), bias (N,) -> (M, N).
+  m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }
 
 namespace {

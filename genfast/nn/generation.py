@@ -1,4 +1,5 @@
-"""Building blocks of autoregressive generation: logits processing, sampling, decode attention.
+"""Building blocks of autoregressive generation: logits processing, sampling, decode attention,
+decode-step linear layers.
 
 The one API that checks arguments and dispatches by device:
   process_logits / sample   CPU, CUDA -> genfast's fused op (torch.ops.genfast.sampling_*: C++ on
@@ -7,6 +8,10 @@ The one API that checks arguments and dispatches by device:
   decode_attention          CPU, CUDA -> torch.ops.genfast.decode_attention (one query token vs
                             the KV cache; C++ on CPU, Triton flash-decoding on CUDA); other
                             devices -> genfast's scaled_dot_product_attention on the filled rows
+  linear                    F.linear's contract. A few rows (a decode step) on CPU in inference
+                            -> torch.ops.genfast.decode_linear (streams the weight at memory
+                            bandwidth); anything else (prefill, autograd, other devices) ->
+                            F.linear, which is the right kernel there (a GEMM)
   apply_repetition_penalty  plain PyTorch (a gather and a scatter; nothing to fuse)
 
 Semantics are Hugging Face's (transformers' logits processors): repetition penalty,
@@ -18,6 +23,7 @@ import math
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from genfast import reference
@@ -104,4 +110,18 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: int, s
     return out.squeeze(2)
 
 
-__all__ = ["process_logits", "sample", "apply_repetition_penalty", "decode_attention"]
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)``; for at most 8 rows of x on CPU, without autograd, through
+    genfast's decode_linear. Not a fallback: F.linear (a GEMM) is the faster kernel elsewhere."""
+    from genfast.ops.decode_linear import MAX_ROWS, decode_linear
+
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                              or (bias is not None and bias.requires_grad))
+    if (0 < rows <= MAX_ROWS and x.device.type == "cpu" and not needs_grad
+            and x.dtype in (torch.float32, torch.float64) and weight.dtype == x.dtype):
+        return decode_linear(x.reshape(rows, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
+
+
+__all__ = ["process_logits", "sample", "apply_repetition_penalty", "decode_attention", "linear"]

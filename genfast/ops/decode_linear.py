@@ -1,0 +1,30 @@
+"""Decode-step linear layer: ``F.linear(x, weight, bias)`` for a few rows, streaming the weight once.
+
+    genfast.nn.generation.linear -> genfast.ops.decode_linear.decode_linear
+                                 -> torch.ops.genfast.decode_linear -> csrc/cpu/decode_linear.cpp
+
+Reference: ``torch.nn.functional.linear``. Inference only (no autograd): genfast.nn.generation.linear
+sends inputs that need gradients, and inputs with more than MAX_ROWS rows, to torch.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_ops = torch.ops.genfast
+
+# With more rows each weight is reused enough for the product to be compute-bound: a GEMM wins.
+MAX_ROWS = 8
+
+
+def decode_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x (M, K), weight (N, K) as nn.Linear stores it, bias (N,) -> x weight^T + bias, (M, N)."""
+    return _ops.decode_linear(x, weight, bias)
+
+
+@torch.library.register_fake("genfast::decode_linear")
+def _decode_linear_fake(x, weight, bias):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+__all__ = ["decode_linear", "MAX_ROWS"]

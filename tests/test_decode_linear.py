@@ -1,0 +1,90 @@
+"""torch.ops.genfast.decode_linear (F.linear for a few rows, the weight streamed once) and the
+dispatching genfast.nn.generation.linear, against torch.nn.functional.linear.
+
+Tolerance: each output is a length-K dot product summed in a different order from torch's
+BLAS. Both are compared with an fp64 reference; genfast's error may be at most twice torch's
+own fp32 error plus K ulp-sized terms (|x|,|w| ~ 1: about K * 2^-24 * sqrt(K) at worst).
+fp64 inputs are compared at 1e-12.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from genfast.nn.generation import linear
+from genfast.ops.decode_linear import MAX_ROWS, decode_linear
+
+
+def _inputs(rows, in_features, out_features, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, in_features, generator=g, dtype=torch.float64).to(dtype)
+    w = torch.randn(out_features, in_features, generator=g, dtype=torch.float64).to(dtype)
+    b = torch.randn(out_features, generator=g, dtype=torch.float64).to(dtype)
+    return x, w, b
+
+
+def _check(got, x, w, b):
+    expected = F.linear(x.double(), w.double(), None if b is None else b.double())
+    assert got.dtype == x.dtype and got.shape == expected.shape
+    if x.dtype == torch.float64:
+        torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
+        return
+    ours = (got.double() - expected).abs().max().item()
+    theirs = (F.linear(x, w, b).double() - expected).abs().max().item()
+    assert ours <= 2 * theirs + x.shape[1] * 2**-22, (ours, theirs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows,in_features,out_features", [
+    (1, 768, 2304), (1, 3072, 768), (3, 7, 5), (8, 100, 130), (1, 1, 1), (9, 33, 65), (20, 64, 17),
+])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_matches_linear(dtype, rows, in_features, out_features, with_bias):
+    x, w, b = _inputs(rows, in_features, out_features, dtype, seed=rows + in_features)
+    b = b if with_bias else None
+    _check(decode_linear(x, w, b), x, w, b)
+
+
+def test_strided_input_and_weight():
+    x, w, b = _inputs(4, 48, 40, torch.float32)
+    x_strided = torch.randn(4, 96)[:, ::2].copy_(x)      # rows 96 apart, elements 2 apart
+    w_t = w.t().contiguous().t()                           # a transposed view: (out, in) with strides (1, out)
+    _check(decode_linear(x_strided, w_t, b), x, w, b)
+
+
+def test_empty_inputs():
+    assert decode_linear(torch.randn(0, 5), torch.randn(3, 5)).shape == (0, 3)
+    out = decode_linear(torch.randn(2, 0), torch.randn(3, 0), torch.ones(3))
+    torch.testing.assert_close(out, torch.ones(2, 3))
+
+
+def test_opcheck():
+    x, w, b = _inputs(2, 16, 24, torch.float32)
+    torch.library.opcheck(torch.ops.genfast.decode_linear.default, (x, w, b))
+    torch.library.opcheck(torch.ops.genfast.decode_linear.default, (x, w, None))
+
+
+def test_bad_inputs():
+    x, w, b = _inputs(2, 16, 24, torch.float32)
+    with pytest.raises(RuntimeError, match="x must be 2-D"):
+        decode_linear(x[0], w, b)
+    with pytest.raises(RuntimeError, match=r"weight must be \(out_features, 16\)"):
+        decode_linear(x, w.t().contiguous(), b)
+    with pytest.raises(RuntimeError, match="does not match x dtype"):
+        decode_linear(x, w.double(), b)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        decode_linear(x, w, b[:5])
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        decode_linear(x.half(), w.half(), b.half())
+
+
+def test_linear_dispatch_keeps_autograd_and_batch_dims():
+    # Few rows without grad -> the op; with grad -> F.linear (the op has no autograd): same numbers.
+    x, w, b = _inputs(MAX_ROWS, 32, 48, torch.float32)
+    x3 = x.view(2, MAX_ROWS // 2, 32)
+    _check(linear(x3, w, b).view(MAX_ROWS, 48), x, w, b)
+    w_param = w.clone().requires_grad_()
+    out = linear(x3, w_param, b)
+    out.sum().backward()
+    torch.testing.assert_close(w_param.grad, x.sum(0, keepdim=True).expand(48, 32).contiguous())
