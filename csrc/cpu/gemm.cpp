@@ -238,6 +238,24 @@ void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* b
   constexpr int64_t kWidth = 64;  // columns per panel: four micro-kernel slices
   constexpr int64_t kRows = 96;   // rows per tile: a multiple of every level's micro-kernel rows
   if (M <= 0 || N <= 0) return;
+  if (M <= kMaxDotRows && stride_k == 1) {
+    // A few rows (a decode step): B is read once, so packing it would cost more than the
+    // product. Its columns are contiguous: dot products over them in place, each thread
+    // reading its range of columns front to back, at memory bandwidth.
+    const int64_t blocks = (N + kWidth - 1) / kWidth;
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      const T* columns[kWidth];
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t c0 = blk * kWidth, cols = std::min(kWidth, N - c0);
+        for (int64_t j = 0; j < cols; ++j) columns[j] = b + (c0 + j) * stride_n;
+        dot_panel<T>(M, K, A, lda, columns, cols, C + c0, ldc);
+        if (bias)
+          for (int64_t m = 0; m < M; ++m)
+            for (int64_t j = 0; j < cols; ++j) C[m * ldc + c0 + j] += bias[c0 + j];
+      }
+    });
+    return;
+  }
   const int64_t panels = (N + kWidth - 1) / kWidth;
   std::vector<T> packed(panels * K * kWidth);
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {

@@ -60,7 +60,9 @@ void dot_panel(int64_t M, int64_t K, const T* A, int64_t lda, const T* const* ro
 // C (M x N) = A (M x K) * B (K x N) (+ bias over columns), B(k, n) = b[k * stride_k + n * stride_n],
 // whole and in parallel: B is packed once into 64-column panels, then (row block x panel)
 // tiles are split over threads. For the large products next to the recurrence (the input
-// projection of every step at once, dX in backward).
+// projection of every step at once, dX in backward). With at most kMaxDotRows rows and
+// contiguous columns of B (stride_k == 1), B is read in place by dot products instead
+// (a decode step, or genfast::decode_linear): one pass over B at memory bandwidth.
 template <typename T>
 void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* b, int64_t stride_k, int64_t stride_n,
             const T* bias, T* C, int64_t ldc);
