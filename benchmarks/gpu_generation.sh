@@ -41,24 +41,18 @@ import torch
 
 import genfast.ops  # noqa: F401  (registers the CUDA kernels)
 from genfast import reference
+from genfast.bench.timing import CudaTimer
 import torch.nn.functional as F
 
 torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def time_ms(fn, warmup=5, repeats=30):
+    """Median of `repeats` single calls, each bracketed by CUDA events (genfast.bench's timer)."""
+    timer = CudaTimer()
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return statistics.median(timer.time_calls(fn, 1) for _ in range(repeats)) * 1e3
 
 
 rows, report = [], {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cases": []}
