@@ -21,7 +21,6 @@ constexpr int64_t kUnits = 16;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-
 // Which rows of the (S, features) sequence matrix step t uses: rows
 // [offset[t], offset[t] + batch[t]). Padded input is the packed case with equal
 // batch sizes. PackedSequence sorts sequences by length, so batch sizes never grow
