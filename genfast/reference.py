@@ -71,6 +71,33 @@ def gru_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor,
     return torch.stack(outputs), h
 
 
+def repeat_kv_heads(t: Tensor, heads_q: int) -> Tensor:
+    """K or V (..., H_k, L, D) repeated so that head j serves the H_q / H_k consecutive query
+    heads j*G .. j*G+G-1 (torch's enable_gqa); unchanged when H_k == heads_q."""
+    if t.shape[-3] == heads_q:
+        return t
+    return t.repeat_interleave(heads_q // t.shape[-3], dim=-3)
+
+
+def attention_scores(q: Tensor, k: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False,
+                     scale: float | None = None, enable_gqa: bool = False) -> Tensor:
+    """q k^T * scale with the causal mask (top-left aligned) and attn_mask applied: (..., H, Lq, Lk),
+    -inf where a boolean mask or the causal mask removes a key, the additive mask added otherwise."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if enable_gqa:
+        k = repeat_kv_heads(k, q.shape[-3])
+    scores = (q @ k.transpose(-2, -1)) * scale
+    if is_causal:
+        keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
+    return scores
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
               is_causal: bool = False, scale: float | None = None,
               enable_gqa: bool = False) -> Tensor:
@@ -81,21 +108,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
     enable_gqa, each K/V head serves H_q / H_k consecutive query heads. Rows whose
     keys are all masked come out as NaN, as torch's math path gives.
     """
-    lq, lk = q.shape[-2], k.shape[-2]
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    if enable_gqa and k.shape[-3] != q.shape[-3]:
-        groups = q.shape[-3] // k.shape[-3]
-        k = k.repeat_interleave(groups, dim=-3)
-        v = v.repeat_interleave(groups, dim=-3)
-    scores = (q @ k.transpose(-2, -1)) * scale
-    if is_causal:
-        keep = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~keep, float("-inf"))
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
-        else:
-            scores = scores + attn_mask
+    scores = attention_scores(q, k, attn_mask, is_causal, scale, enable_gqa)
+    if enable_gqa:
+        v = repeat_kv_heads(v, q.shape[-3])
     return torch.softmax(scores, dim=-1) @ v
 
 

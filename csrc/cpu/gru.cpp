@@ -109,12 +109,7 @@ void forward_loop(const Schedule& sc, bool reverse, const T* gx, const T* packed
                         ws ? ws + off * kGates * H : nullptr,
                         ws ? ws + S * kGates * H + off * H : nullptr,
                         H};
-    const Partition part = partition(ceil_div(H, kUnits), n);
-    for_each_item(part, 2.0 * n * H * kGates * H, [&](int64_t item, int64_t tid) {
-      const int64_t r0 = (item % part.row_blocks) * part.block, r1 = std::min(n, r0 + part.block);
-      if (r0 < r1)
-        simd_dispatch<ForwardTile>(&step, item / part.row_blocks, r0, r1, scratch.data() + tid * part.block * kWidth);
-    });
+    run_tiles<ForwardTile>(ceil_div(H, kUnits), n, 2.0 * n * H * kGates * H, &step, scratch.data(), kWidth);
   }
 }
 
@@ -230,12 +225,7 @@ void backward_loop(const Schedule& sc, bool reverse, const T* grad_out, const T*
                          sc.active_at(fwd_prev),
                          H};
     const int64_t rows = std::max(n, n_prev);
-    const Partition part = partition(ceil_div(H, kUnits), rows);
-    for_each_item(part, 2.0 * n_prev * kGates * H * H, [&](int64_t item, int64_t tid) {
-      const int64_t r0 = (item % part.row_blocks) * part.block, r1 = std::min(rows, r0 + part.block);
-      if (r0 < r1)
-        simd_dispatch<BackwardTile>(&step, item / part.row_blocks, r0, r1, scratch.data() + tid * part.block * kUnits);
-    });
+    run_tiles<BackwardTile>(ceil_div(H, kUnits), rows, 2.0 * n_prev * kGates * H * H, &step, scratch.data(), kUnits);
     prev_t = t;
   }
 }

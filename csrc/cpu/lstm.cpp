@@ -148,21 +148,10 @@ void forward_loop(const Schedule& sc, bool reverse, const T* gx, const T* packed
                         H,
                         Hout,
                         project ? H : Hout};
-    const Partition part = partition(ceil_div(H, kUnits), n);
-    for_each_item(part, 2.0 * n * Hout * kGates * H, [&](int64_t item, int64_t tid) {
-      const int64_t r0 = (item % part.row_blocks) * part.block, r1 = std::min(n, r0 + part.block);
-      if (r0 < r1)
-        simd_dispatch<ForwardTile>(&step, item / part.row_blocks, r0, r1, scratch.data() + tid * part.block * kWidth);
-    });
+    run_tiles<ForwardTile>(ceil_div(H, kUnits), n, 2.0 * n * Hout * kGates * H, &step, scratch.data(), kWidth);
     if (project) {
       ProjectStep<T> proj{step.h_out, packed_whr, out + off * Hout, h_next, H, Hout};
-      const Partition part2 = partition(ceil_div(Hout, kUnits), n);
-      for_each_item(part2, 2.0 * n * Hout * H, [&](int64_t item, int64_t tid) {
-        const int64_t r0 = (item % part2.row_blocks) * part2.block, r1 = std::min(n, r0 + part2.block);
-        if (r0 < r1)
-          simd_dispatch<ProjectTile>(&proj, item / part2.row_blocks, r0, r1,
-                                     scratch.data() + tid * part2.block * kWidth);
-      });
+      run_tiles<ProjectTile>(ceil_div(Hout, kUnits), n, 2.0 * n * Hout * H, &proj, scratch.data(), kWidth);
     }
   }
 }
@@ -333,30 +322,11 @@ void backward_loop(const Schedule& sc, bool reverse, const T* grad_out, const T*
     const int64_t rows = std::max(n, n_prev);
     const double flops = 2.0 * n_prev * kGates * H * Hout;
     if (!project) {
-      const Partition part = partition(ceil_div(H, kUnits), rows);
-      for_each_item(part, flops, [&](int64_t item, int64_t tid) {
-        const int64_t r0 = (item % part.row_blocks) * part.block, r1 = std::min(rows, r0 + part.block);
-        if (r0 < r1)
-          simd_dispatch<BackwardTile>(&step, item / part.row_blocks, r0, r1,
-                                      scratch.data() + tid * part.block * kUnits);
-      });
+      run_tiles<BackwardTile>(ceil_div(H, kUnits), rows, flops, &step, scratch.data(), kUnits);
     } else {
-      const Partition part_a = partition(ceil_div(Hout, kUnits), rows);
-      for_each_item(part_a, flops, [&](int64_t item, int64_t tid) {
-        const int64_t r0 = (item % part_a.row_blocks) * part_a.block, r1 = std::min(rows, r0 + part_a.block);
-        if (r0 < r1)
-          simd_dispatch<BackwardProjectA>(&step, item / part_a.row_blocks, r0, r1,
-                                          scratch.data() + tid * part_a.block * kUnits);
-      });
-      if (n > 0) {
-        const Partition part_b = partition(ceil_div(H, kUnits), n);
-        for_each_item(part_b, 2.0 * n * H * Hout, [&](int64_t item, int64_t tid) {
-          const int64_t r0 = (item % part_b.row_blocks) * part_b.block, r1 = std::min(n, r0 + part_b.block);
-          if (r0 < r1)
-            simd_dispatch<BackwardProjectB>(&step, item / part_b.row_blocks, r0, r1,
-                                            scratch.data() + tid * part_b.block * kUnits);
-        });
-      }
+      run_tiles<BackwardProjectA>(ceil_div(Hout, kUnits), rows, flops, &step, scratch.data(), kUnits);
+      if (n > 0)
+        run_tiles<BackwardProjectB>(ceil_div(H, kUnits), n, 2.0 * n * H * Hout, &step, scratch.data(), kUnits);
     }
     prev_t = t;
   }

@@ -190,14 +190,22 @@ inline Partition partition(int64_t panels, int64_t rows) {
   return p;
 }
 
-// Runs body(item, thread_scratch) for every item of a step, in parallel when the
-// step carries enough work (flops) to pay for waking the other threads.
-template <typename Body>
-void for_each_item(const Partition& part, double flops, Body&& body) {
+// One parallel pass of a time step: Tile::run(step, panel, r0, r1, scratch) for every
+// (column panel, row block) item of partition(panels, rows), compiled for the current
+// SIMD level. Each thread gets its own scratch rows (`width` values per row), from a
+// buffer of threads * (rows + 16) * width. The pass runs on the calling thread alone
+// when the step carries too little work (flops) to pay for waking the others.
+template <typename Tile, typename Step, typename T>
+void run_tiles(int64_t panels, int64_t rows, double flops, const Step* step, T* scratch, int64_t width) {
+  const Partition part = partition(panels, rows);
   const int64_t items = part.items();
   const int64_t grain = flops < 2e5 ? items : 1;
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) body(item, static_cast<int64_t>(at::get_thread_num()));
+    T* own = scratch + static_cast<int64_t>(at::get_thread_num()) * part.block * width;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t r0 = (item % part.row_blocks) * part.block, r1 = std::min(rows, r0 + part.block);
+      if (r0 < r1) simd_dispatch<Tile>(step, item / part.row_blocks, r0, r1, own);
+    }
   });
 }
 

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from genfast import reference
+
 logger = logging.getLogger(__name__)
 
 _last_dispatch: dict = {"backend": None, "reason": "no call yet"}
@@ -195,19 +197,8 @@ def _attention_with_dropout(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor |
 
     Fully masked rows give 0, like the fused kernel and torch's CPU SDPA.
     """
-    if k.shape[1] != q.shape[1]:
-        groups = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
-    scores = (q @ k.transpose(-2, -1)) * scale
-    if is_causal:
-        keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~keep, float("-inf"))
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
-        else:
-            scores = scores + attn_mask
+    scores = reference.attention_scores(q, k, attn_mask, is_causal, scale, enable_gqa=True)
+    v = reference.repeat_kv_heads(v, q.shape[1])
     all_masked = scores.isneginf().all(dim=-1, keepdim=True)
     probs = torch.softmax(scores.masked_fill(all_masked, 0.0), dim=-1).masked_fill(all_masked, 0.0)
     probs = F.dropout(probs, p=dropout_p, training=True)
