@@ -65,38 +65,53 @@ _LOG2E = 1.4426950408889634  # the kernels use exp2, so scores are carried in ba
 # Tile configurations
 # --------------------------------------------------------------------------------------------------
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). Ampere (sm80, 164 KB shared memory) favours 64-128 x 64
+# tiles with 2-3 stages; Hopper (sm90, 227 KB) favours 128 x 64/128 tiles, 8 warps, 3-4 stages.
+# Kept to eight so that first-call autotuning stays short (every kernel x length x head dim).
+# The first one that fits is the untuned default (GENFAST_FLASH_AUTOTUNE=0), so it leads the list.
+_HALF_SHAPES = [(128, 64, 8, 3), (64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3),
+                (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3)]
+# float32/float64 inputs (IEEE products, no tensor cores): large tiles compile for minutes and spill,
+# so only these, largest first; the first that fits is used, untuned. The smaller ones are for head
+# dims up to 256 (measured on an H200: 64 x 64 x 2 stages needs 273 KB for fp32 at D=256).
+_WIDE_SHAPES = [(64, 64, 4, 2), (32, 32, 4, 2), (32, 32, 4, 1)]
+
+
 def _gpu_configs() -> list[triton.Config]:
-    # (BLOCK_M, BLOCK_N, num_warps, num_stages). Ampere (sm80, 164 KB shared memory) favours 64-128 x 64
-    # tiles with 2-3 stages; Hopper (sm90, 227 KB) favours 128 x 64/128 tiles, 8 warps, 3-4 stages.
-    # Kept to eight so that first-call autotuning stays short (every kernel x length x head dim).
-    # The first one that fits is the untuned default (GENFAST_FLASH_AUTOTUNE=0), so it leads the list.
-    shapes = [(128, 64, 8, 3), (64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3),
-              (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3)]
+    shapes = _HALF_SHAPES + [shape for shape in _WIDE_SHAPES if shape not in _HALF_SHAPES]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
 _MAX_SHARED_MEMORY_BYTES = 227 * 1024  # sm90's opt-in limit; the autotuner drops what fails on smaller parts
 
 
+def _shape(config: triton.Config) -> tuple[int, int, int, int]:
+    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
+
+
 def _prune_for_head_dim(configs, named_args, **kwargs):
     """Drop configurations that cannot fit in shared memory at this head dim and element size.
 
-    Rough estimate: num_stages copies of one BLOCK_M x D and one BLOCK_N x D tile (what the software
-    pipeline buffers). Whatever still fails to launch is scored as infinitely slow by the autotuner,
-    so the estimate only needs to be cheap. fp32/fp64 inputs (IEEE products, no tensor cores) keep
-    only the smallest tile: large ones compile for minutes and spill.
+    Estimate: num_stages copies of one BLOCK_M x D and one BLOCK_N x D tile (what the software
+    pipeline buffers), plus 15% for the rest (the backward dK/dV kernel measured 6% above the plain
+    estimate on an H200). Whatever still fails to launch is scored as infinitely slow by the
+    autotuner; untuned, the first that fits is used, so the estimate must not be low.
     """
     block_d = kwargs.get("BLOCK_D") or named_args.get("BLOCK_D") or 64
     q = named_args.get("q_ptr", kwargs.get("q_ptr"))
     element_size = q.element_size() if hasattr(q, "element_size") else 2
-    smallest = min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages, c.num_warps))
+
+    def shared_bytes(config):
+        block_m, block_n, _, stages = _shape(config)
+        return 1.15 * (block_m + block_n) * block_d * element_size * stages
+
     if element_size >= 4:
-        return [smallest]
-    kept = [config for config in configs
-            if (config.kwargs["BLOCK_M"] + config.kwargs["BLOCK_N"]) * block_d * element_size * config.num_stages
-            <= _MAX_SHARED_MEMORY_BYTES]
+        candidates = sorted((c for c in configs if _shape(c) in _WIDE_SHAPES), key=lambda c: _WIDE_SHAPES.index(_shape(c)))
+        kept = [c for c in candidates if shared_bytes(c) <= _MAX_SHARED_MEMORY_BYTES][:1]
+    else:
+        kept = [c for c in configs if _shape(c) in _HALF_SHAPES and shared_bytes(c) <= _MAX_SHARED_MEMORY_BYTES]
     if not kept:
-        return [smallest]
+        return [min(configs, key=shared_bytes)]
     return kept if _AUTOTUNE else kept[:1]
 
 

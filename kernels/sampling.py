@@ -32,8 +32,11 @@ bit of positives, every bit of negatives; -0.0 is first made +0.0 so that it tie
 Rounding: the C++ op adds masses one at a time in sorted order; these kernels add them in a tree
 (and multiply j * w(v*) for a tie group). All of it is float64, so the two agree unless a top-p limit
 or a draw target lies within ~1e-15 (relative) of a prefix mass; exactly representable masses (equal
-logits, integer-weight ties) agree exactly. On a GPU the float32 division is IEEE (div_rn) and the
-exponentials are float64, rounded to float32 where the C++ op uses float32 exp.
+logits, integer-weight ties) agree exactly. The temperature is applied as torch applies
+`logits / temperature` on the logits' device: a true (IEEE) division on the CPU, as the C++ op does, and
+a product with the rounded reciprocal on a GPU, so a scaled logit on the GPU can differ from the C++
+op's by one ulp, exactly as torch's own. The exponentials are float64, rounded to float32 where the
+C++ op uses float32 exp.
 
 Errors (NaN logits, a row with every logit -inf, a uniform outside [0, 1)) are detected in the
 kernels, written to a per-row status, and raised by the launcher with the C++ op's messages; that
@@ -73,14 +76,21 @@ _STATUS_NAN, _STATUS_ALL_NEG_INF, _STATUS_BAD_UNIFORM = 1, 2, 3
 # --------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _scaled_tile(logits_row, offsets, vocab, temperature, ACC_DTYPE: tl.constexpr):
-    """x = logit / temperature for one tile (accumulation precision); masked lanes are -inf."""
+def _scaled_tile(logits_row, offsets, vocab, temperature, ACC_DTYPE: tl.constexpr, RECIPROCAL: tl.constexpr):
+    """x = logit / temperature for one tile (accumulation precision), rounded as torch rounds
+    `logits / temperature` on the tensors' device (see _launch_settings); masked lanes are -inf."""
     valid = offsets < vocab
     x = tl.load(logits_row + offsets, mask=valid, other=float("-inf")).to(ACC_DTYPE)
-    if ACC_DTYPE == tl.float32:
-        x = tl.math.div_rn(x, temperature)  # IEEE division: the default float32 '/' is approximate
+    if ACC_DTYPE == tl.float32:  # IEEE divisions: the default float32 '/' is approximate
+        if RECIPROCAL:
+            x = x * tl.math.div_rn(tl.full([], 1.0, tl.float32), temperature)
+        else:
+            x = tl.math.div_rn(x, temperature)
     else:
-        x = x / temperature
+        if RECIPROCAL:
+            x = x * (1.0 / temperature)
+        else:
+            x = x / temperature
     x = tl.where(x == 0.0, 0.0, x)  # -0.0 -> +0.0: equal values must share one key
     return x, valid
 
@@ -127,7 +137,7 @@ def _keep_mask(key, valid, cut_key, cut_ties, ties_before):
 def _filter_row(logits_row, vocab, temperature, top_k, top_p,
                 USE_TOP_K: tl.constexpr, USE_TOP_P: tl.constexpr,
                 ACC_DTYPE: tl.constexpr, KEY_DTYPE: tl.constexpr, KEY_BITS: tl.constexpr,
-                BLOCK: tl.constexpr):
+                BLOCK: tl.constexpr, RECIPROCAL: tl.constexpr):
     """Decides which tokens of one row survive. Returns (row_max, status, cut_key, cut_ties): the kept
     tokens are those with key > cut_key and the first cut_ties (in vocabulary order) with key == cut_key.
     """
@@ -139,7 +149,7 @@ def _filter_row(logits_row, vocab, temperature, top_k, top_p,
     row_max = tl.full([], float("-inf"), ACC_DTYPE)
     nan_count = tl.zeros([], tl.int32)
     for start in range(0, vocab, BLOCK):
-        x, valid = _scaled_tile(logits_row, start + lanes, vocab, temperature, ACC_DTYPE)
+        x, valid = _scaled_tile(logits_row, start + lanes, vocab, temperature, ACC_DTYPE, RECIPROCAL)
         nan_count += tl.sum((valid & (x != x)).to(tl.int32), 0)
         row_max = tl.maximum(row_max, tl.max(tl.where(valid & (x == x), x, float("-inf")), 0))
     status = tl.where(nan_count > 0, 1, tl.where(row_max == float("-inf"), 2, 0))
@@ -157,7 +167,7 @@ def _filter_row(logits_row, vocab, temperature, top_k, top_p,
             probes = prefix | (digits << shift)
             counts = tl.zeros([16], tl.int32)
             for start in range(0, vocab, BLOCK):
-                x, valid = _scaled_tile(logits_row, start + lanes, vocab, temperature, ACC_DTYPE)
+                x, valid = _scaled_tile(logits_row, start + lanes, vocab, temperature, ACC_DTYPE, RECIPROCAL)
                 key = _ordered_key(x, KEY_DTYPE, KEY_BITS)
                 at_or_above = valid[:, None] & (key[:, None] >= probes[None, :])
                 counts += tl.sum(at_or_above.to(tl.int32), 0)
@@ -170,7 +180,7 @@ def _filter_row(logits_row, vocab, temperature, top_k, top_p,
         # The survivors' total mass (keys >= cut_key), and the top-p limit.
         total = tl.zeros([], tl.float64)
         for start in range(0, vocab, BLOCK):
-            x, valid = _scaled_tile(logits_row, start + lanes, vocab, temperature, ACC_DTYPE)
+            x, valid = _scaled_tile(logits_row, start + lanes, vocab, temperature, ACC_DTYPE, RECIPROCAL)
             candidate = valid & (_ordered_key(x, KEY_DTYPE, KEY_BITS) >= cut_key)
             total += tl.sum(tl.where(candidate, _weight(x, row_max), 0.0), 0)
         limit = top_p * total
@@ -183,7 +193,7 @@ def _filter_row(logits_row, vocab, temperature, top_k, top_p,
             probes = prefix | (digits << shift)
             masses = tl.zeros([16], tl.float64)
             for start in range(0, vocab, BLOCK):
-                x, valid = _scaled_tile(logits_row, start + lanes, vocab, temperature, ACC_DTYPE)
+                x, valid = _scaled_tile(logits_row, start + lanes, vocab, temperature, ACC_DTYPE, RECIPROCAL)
                 key = _ordered_key(x, KEY_DTYPE, KEY_BITS)
                 candidate = valid & (key >= cut_key)
                 above = candidate[:, None] & (key[:, None] > probes[None, :])
@@ -199,7 +209,7 @@ def _filter_row(logits_row, vocab, temperature, top_k, top_p,
         mass_above = tl.zeros([], tl.float64)
         tie_weight = tl.zeros([], tl.float64)
         for start in range(0, vocab, BLOCK):
-            x, valid = _scaled_tile(logits_row, start + lanes, vocab, temperature, ACC_DTYPE)
+            x, valid = _scaled_tile(logits_row, start + lanes, vocab, temperature, ACC_DTYPE, RECIPROCAL)
             key = _ordered_key(x, KEY_DTYPE, KEY_BITS)
             weight = _weight(x, row_max)
             mass_above += tl.sum(tl.where(valid & (key > cut), weight, 0.0), 0)
@@ -230,7 +240,7 @@ def _sampling_filter_kernel(logits_ptr, out_ptr, status_ptr, vocab, stride_logit
                             temperature_bits, top_k, top_p_bits,
                             USE_TOP_K: tl.constexpr, USE_TOP_P: tl.constexpr,
                             ACC_DTYPE: tl.constexpr, KEY_DTYPE: tl.constexpr, KEY_BITS: tl.constexpr,
-                            BLOCK: tl.constexpr, ROUND_BF16: tl.constexpr):
+                            BLOCK: tl.constexpr, RECIPROCAL: tl.constexpr, ROUND_BF16: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     # Settings arrive as float64 bit patterns (Triton passes Python floats as float32), then round
     # to the accumulation type as the C++ op's static_cast does.
@@ -241,13 +251,13 @@ def _sampling_filter_kernel(logits_ptr, out_ptr, status_ptr, vocab, stride_logit
 
     row_max, status, cut_key, cut_ties = _filter_row(
         logits_row, vocab, temperature, top_k, top_p, USE_TOP_K, USE_TOP_P, ACC_DTYPE, KEY_DTYPE, KEY_BITS,
-        BLOCK)
+        BLOCK, RECIPROCAL)
     tl.store(status_ptr + row, status)
 
     lanes = tl.arange(0, BLOCK)
     ties_before = tl.zeros([], tl.int32)
     for start in range(0, vocab, BLOCK):
-        x, valid = _scaled_tile(logits_row, start + lanes, vocab, temperature, ACC_DTYPE)
+        x, valid = _scaled_tile(logits_row, start + lanes, vocab, temperature, ACC_DTYPE, RECIPROCAL)
         keep, ties_before = _keep_mask(_ordered_key(x, KEY_DTYPE, KEY_BITS), valid, cut_key, cut_ties,
                                        ties_before)
         scores = tl.where(keep, x, float("-inf"))
@@ -261,7 +271,7 @@ def _sampling_draw_kernel(logits_ptr, uniforms_ptr, tokens_ptr, status_ptr, voca
                           temperature_bits, top_k, top_p_bits,
                           USE_TOP_K: tl.constexpr, USE_TOP_P: tl.constexpr,
                           ACC_DTYPE: tl.constexpr, KEY_DTYPE: tl.constexpr, KEY_BITS: tl.constexpr,
-                          BLOCK: tl.constexpr):
+                          BLOCK: tl.constexpr, RECIPROCAL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     temperature = temperature_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC_DTYPE)
     top_p = top_p_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC_DTYPE).to(tl.float64)
@@ -269,7 +279,7 @@ def _sampling_draw_kernel(logits_ptr, uniforms_ptr, tokens_ptr, status_ptr, voca
 
     row_max, status, cut_key, cut_ties = _filter_row(
         logits_row, vocab, temperature, top_k, top_p, USE_TOP_K, USE_TOP_P, ACC_DTYPE, KEY_DTYPE, KEY_BITS,
-        BLOCK)
+        BLOCK, RECIPROCAL)
     uniform = tl.load(uniforms_ptr + row)
     status = tl.where((status == 0) & ((uniform < 0.0) | (uniform >= 1.0) | (uniform != uniform)), 3, status)
     tl.store(status_ptr + row, status)
@@ -282,7 +292,7 @@ def _sampling_draw_kernel(logits_ptr, uniforms_ptr, tokens_ptr, status_ptr, voca
     ties_before = tl.zeros([], tl.int32)
     for start in range(0, vocab, BLOCK):
         offsets = start + lanes
-        x, valid = _scaled_tile(logits_row, offsets, vocab, temperature, ACC_DTYPE)
+        x, valid = _scaled_tile(logits_row, offsets, vocab, temperature, ACC_DTYPE, RECIPROCAL)
         keep, ties_before = _keep_mask(_ordered_key(x, KEY_DTYPE, KEY_BITS), valid, cut_key, cut_ties,
                                        ties_before)
         weight = _weight(x, row_max).to(ACC_DTYPE).to(tl.float64)
@@ -298,7 +308,7 @@ def _sampling_draw_kernel(logits_ptr, uniforms_ptr, tokens_ptr, status_ptr, voca
     start = tl.zeros([], tl.int32)
     while (start < vocab) & (found == 0):
         offsets = start + lanes
-        x, valid = _scaled_tile(logits_row, offsets, vocab, temperature, ACC_DTYPE)
+        x, valid = _scaled_tile(logits_row, offsets, vocab, temperature, ACC_DTYPE, RECIPROCAL)
         keep, ties_before = _keep_mask(_ordered_key(x, KEY_DTYPE, KEY_BITS), valid, cut_key, cut_ties,
                                        ties_before)
         weight = tl.where(keep, _weight(x, row_max).to(ACC_DTYPE).to(tl.float64), 0.0)
@@ -350,7 +360,16 @@ def _launch_settings(logits: Tensor, temperature: float, top_k: int, top_p: floa
         ACC_DTYPE=tl.float64 if wide else tl.float32,
         KEY_DTYPE=tl.uint64 if wide else tl.uint32, KEY_BITS=64 if wide else 32,
         BLOCK=min(block, max(16, triton.next_power_of_2(vocab))),
+        RECIPROCAL=_divides_by_reciprocal(logits),
     )
+
+
+def _divides_by_reciprocal(logits: Tensor) -> bool:
+    """Whether torch computes `logits / temperature` (a Python float) as logits * (1 / temperature).
+    On CUDA it does (ATen's div_true_kernel_cuda, the reciprocal rounded to the accumulation type);
+    on the CPU it divides. transformers' temperature is that expression, so matching it per device
+    gives HF's tokens on each."""
+    return logits.is_cuda
 
 
 def _raise_for_status(op: str, status: Tensor, uniforms: Tensor | None = None) -> None:

@@ -6,6 +6,7 @@ test_kernels_compile_for_ampere_and_hopper needs no GPU: it compiles the kernels
 sm80 and sm90 with the ptxas that ships in the triton wheel, so CI catches GPU-only compile errors
 that the interpreter cannot see.
 """
+import copy
 import os
 
 import pytest
@@ -185,3 +186,95 @@ def test_kernels_compile_for_ampere_and_hopper(capability):
     preprocess = _ahead_of_time_compile(flash_module._flash_attention_backward_preprocess_kernel, capability,
                                         dict(BLOCK_D=128, ACC_DTYPE=tl.float32, BLOCK_M=64), 4, 1)
     assert preprocess.asm["cubin"]
+
+
+# ---- the drop-in API on CUDA tensors: genfast.nn.functional and MultiheadAttention ------------
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_functional_sdpa_runs_the_triton_kernel_on_cuda(dtype):
+    import genfast.nn.functional as gf
+
+    # Two leading batch dims and GQA: reshaped to (B, H, L, D) for the kernel and back.
+    q, k, v, grad_out = _inputs(6, 4, 2, 100, 120, 64, dtype=dtype, seed=3)
+    as_5d = lambda t: t.unflatten(0, (2, 3))
+    ours = _output_and_grads(lambda a, b, c: gf.scaled_dot_product_attention(
+        as_5d(a), as_5d(b), as_5d(c), is_causal=True, enable_gqa=True).flatten(0, 1), q, k, v, grad_out)
+    assert gf.last_dispatch()["backend"] == "genfast-triton", gf.last_dispatch()
+    torchs = _output_and_grads(lambda a, b, c: F.scaled_dot_product_attention(
+        a, b, c, is_causal=True, enable_gqa=True), q, k, v, grad_out)
+    expected = _fp32_reference(q, k, v, grad_out, causal=True)
+    for name, got, theirs, want in zip(("out", "dq", "dk", "dv"), ours, torchs, expected):
+        assert got.shape == want.shape, name
+        our_error, torch_error = (got - want).abs().max().item(), (theirs - want).abs().max().item()
+        assert our_error <= 2 * torch_error + 1e-5, f"{name}: {our_error:.3g} > 2 x SDPA's {torch_error:.3g}"
+
+
+@requires_cuda
+def test_functional_sdpa_with_a_mask_goes_to_torch_and_says_why():
+    import genfast.nn.functional as gf
+
+    q, k, v, _ = _inputs(1, 2, 2, 50, 60, 64, dtype=torch.float16, seed=4)
+    mask = torch.rand(50, 60, device="cuda", generator=torch.Generator(device="cuda").manual_seed(5)) > 0.3
+    out = gf.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    dispatch = gf.last_dispatch()
+    assert dispatch["backend"] == "torch" and "attn_mask" in dispatch["reason"], dispatch
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), atol=0, rtol=0)
+
+
+@requires_cuda
+def test_multihead_attention_on_cuda_within_2x_of_torch_error():
+    import genfast.nn.functional as gf
+    from genfast.nn.attention import MultiheadAttention
+
+    torch.manual_seed(6)
+    reference_mha = torch.nn.MultiheadAttention(256, 4, batch_first=True, device="cuda")
+    ours = MultiheadAttention(256, 4, batch_first=True, device="cuda")
+    ours.load_state_dict(reference_mha.state_dict())
+    theirs = copy.deepcopy(reference_mha).half()
+    ours.half()
+    x = torch.randn(2, 300, 256, device="cuda")
+
+    def forward_and_grads(module, inputs):
+        inputs = inputs.detach().requires_grad_()
+        out, weights = module(inputs, inputs, inputs, need_weights=False)
+        assert weights is None
+        out.float().square().sum().backward()
+        return [out.detach().float(), inputs.grad.float()] + [p.grad.float() for p in module.parameters()]
+
+    got = forward_and_grads(ours, x.half())
+    assert gf.last_dispatch()["backend"] == "genfast-triton", gf.last_dispatch()
+    torchs = forward_and_grads(theirs, x.half())
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+            want = forward_and_grads(reference_mha, x.half().float())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    names = ["out", "input"] + [name for name, _ in ours.named_parameters()]
+    for name, a, b, w in zip(names, got, torchs, want):
+        our_error, torch_error = (a - w).abs().max().item(), (b - w).abs().max().item()
+        # Same fp16 projections on both sides; only the attention kernel differs. Slack: one fp16 ulp
+        # of the largest value, for entries where both errors are rounding-sized.
+        slack = 2 ** -10 * w.abs().max().item()
+        assert our_error <= 2 * torch_error + slack, f"{name}: {our_error:.3g} > 2 x torch's {torch_error:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("block_d", [16, 64, 128, 256])
+def test_tile_pruning_fits_shared_memory(dtype, block_d):
+    # No GPU needed. On an H200, fp32 at head dim 256 with the 64 x 64, 2-stage tile asked for 279,040 bytes
+    # of shared memory in the dK/dV kernel (limit 232,448) and failed to launch: pruning must not pick it.
+    q = torch.empty(0, dtype=dtype)
+    kept = flash_module._prune_for_head_dim(flash_module._gpu_configs(), {"q_ptr": q, "BLOCK_D": block_d})
+    assert kept
+    shapes = [flash_module._shape(config) for config in kept]
+    if q.element_size() >= 4:
+        assert len(shapes) == 1 and shapes[0] in flash_module._WIDE_SHAPES
+    else:
+        assert set(shapes) <= set(flash_module._HALF_SHAPES)
+    for block_m, block_n, _, stages in shapes:
+        assert 1.15 * (block_m + block_n) * block_d * q.element_size() * stages <= 227 * 1024
+    if dtype == torch.float32 and block_d == 256:
+        assert (64, 64, 4, 2) not in shapes

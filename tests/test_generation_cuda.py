@@ -4,7 +4,8 @@ kernels/decode_attention.py), compared with the C++ CPU op and genfast.reference
 Skipped without a CUDA device; the same kernels are tested on the CPU under the Triton interpreter by
 tests/test_sampling_triton.py and tests/test_decode_attention_triton.py.
 
-Sampling: kept sets and values must equal the CPU op's exactly, and draws must agree. The GPU's float64
+Sampling: kept sets and values must equal the CPU op's exactly on the logits as torch scales them on
+CUDA (x * (1 / temperature); the CPU divides), and draws must agree. The GPU's float64
 exp may differ from glibc's in the last bit, and its sums are trees instead of sequences, so a draw can
 differ only when a uniform lies within ~1e-15 of a CDF step (probability ~1e-12 per draw here).
 """
@@ -34,13 +35,19 @@ def _logits(rows, vocab, dtype, seed):
 def test_sampling_matches_cpu_op(dtype, vocab):
     logits = _logits(4, vocab, dtype, seed=vocab)
     uniforms = torch.rand(4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    for settings in SETTINGS:
-        got = torch.ops.genfast.sampling_filter(logits.cuda(), *settings).cpu()
-        expected = torch.ops.genfast.sampling_filter(logits, *settings)
-        assert torch.equal(torch.isinf(got), torch.isinf(expected)), settings
-        assert torch.equal(got, expected), settings
-        tokens = torch.ops.genfast.sampling_draw(logits.cuda(), uniforms.cuda(), *settings).cpu()
-        assert torch.equal(tokens, torch.ops.genfast.sampling_draw(logits, uniforms, *settings)), settings
+    for temperature, top_k, top_p in SETTINGS:
+        # torch on CUDA scales by the reciprocal of the temperature, as the kernels do (see
+        # kernels/sampling.py); the C++ op then filters and draws from those scaled logits.
+        # Half logits are scaled in float32 (the ops' accumulation type) and rounded on output.
+        accumulate = torch.float64 if dtype == torch.float64 else torch.float32
+        scaled = (logits.cuda().to(accumulate) / temperature).cpu()
+        got = torch.ops.genfast.sampling_filter(logits.cuda(), temperature, top_k, top_p).cpu()
+        expected = torch.ops.genfast.sampling_filter(scaled, 1.0, top_k, top_p).to(dtype)
+        assert torch.equal(torch.isinf(got), torch.isinf(expected)), (temperature, top_k, top_p)
+        assert torch.equal(got, expected), (temperature, top_k, top_p)
+        tokens = torch.ops.genfast.sampling_draw(logits.cuda(), uniforms.cuda(), temperature, top_k, top_p).cpu()
+        assert torch.equal(tokens, torch.ops.genfast.sampling_draw(scaled, uniforms, 1.0, top_k, top_p)), \
+            (temperature, top_k, top_p)
 
 
 def test_sampling_ties_match_cpu_op():
@@ -79,3 +86,45 @@ def test_decode_attention_matches_reference(dtype, tol, batch, heads_q, heads_kv
                                    v_cache.double()[:, :, :length], scale=scale, enable_gqa=True)[:, :, 0]
     assert got.dtype == dtype and got.device.type == "cuda"
     torch.testing.assert_close(got.cpu().double(), expected, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpt2_greedy_on_cuda_follows_the_float64_model(dtype):
+    # End to end on the GPU: prefill, KV cache, decode_attention (Triton), argmax. Teacher forcing
+    # checks each generated token against the fp64 CPU model on the same prefix: it must be the
+    # argmax there, or within the dtype's rounding of it (a near tie may go either way).
+    from genfast.models.gpt2 import GPT2, GPT2Config
+
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(vocab_size=500, n_positions=64, n_embd=64, n_layer=2, n_head=4)).eval()
+    prompt = torch.randint(0, 500, (2, 5), generator=torch.Generator().manual_seed(1))
+    tokens = model.to("cuda", dtype).generate(prompt.cuda(), 40).cpu()
+    assert tokens.shape == (2, 45) and torch.equal(tokens[:, :5], prompt)
+    with torch.no_grad():
+        logits = model.to("cpu", torch.float64)(tokens[:, :-1])[:, 4:]
+    chosen = logits.gather(-1, tokens[:, 5:, None]).squeeze(-1)
+    # fp32: IEEE products (TF32 is off by default), errors ~1e-6 of logits of size ~1; bf16: 8 bits.
+    slack = 1e-4 if dtype == torch.float32 else 0.1
+    gap = logits.max(-1).values - chosen
+    assert (gap <= slack).all(), f"largest gap to the fp64 argmax {gap.max().item():.3g} > {slack}"
+
+
+def test_gpt2_sampling_on_cuda_is_reproducible_and_stays_in_top_k(recwarn):
+    from genfast.models.gpt2 import GPT2, GPT2Config
+
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(vocab_size=500, n_positions=64, n_embd=64, n_layer=2, n_head=4)).eval().cuda()
+    prompt = torch.randint(0, 500, (1, 4), generator=torch.Generator().manual_seed(1)).cuda()
+
+    def run():
+        generator = torch.Generator(device="cuda").manual_seed(7)
+        return model.generate(prompt, 20, do_sample=True, top_k=5, num_return_sequences=3, generator=generator)
+
+    tokens = run()
+    assert torch.equal(tokens, run()) and tokens.shape == (3, 24)
+    with torch.no_grad():
+        logits = model(tokens[:, :-1])[:, 3:].float()
+    top5 = logits.topk(5, dim=-1).indices
+    # Each draw is one of the 5 most likely tokens (ties at the 5th place aside, impossible here).
+    assert (top5 == tokens[:, 4:, None]).any(-1).all()
+    assert not [w for w in recwarn.list if "genfast" in str(w.message)]

@@ -3,8 +3,9 @@ against the C++ op (torch.ops.genfast.sampling_*) and genfast.reference on the s
 
 Run in its own process (the Makefile does): TRITON_INTERPRET must be set before triton is imported.
     TRITON_INTERPRET=1 python -m pytest tests/test_sampling_triton.py
-Filtered scores must equal the C++ op's exactly (same -inf positions, same values: both divide in
-IEEE float32), and draws must pick the same token for the same uniform. The C++ op is the spec where
+Filtered scores must equal the C++ op's exactly (same -inf positions, same values: on CPU tensors both
+divide in IEEE float32, as torch does; on a GPU the kernels multiply by the reciprocal, as torch does
+there, which test_reciprocal_temperature_path checks here by forcing that path), and draws must pick the same token for the same uniform. The C++ op is the spec where
 it and the reference differ: for ties at the top-p cut it keeps the lowest indices (its descending
 walk orders ties by index), the reference keeps the highest (see test_top_p_ties_keep_lowest_indices).
 Random continuous logits make such ties and cuts landing exactly on a prefix mass events of
@@ -70,6 +71,23 @@ def test_filter_and_draw_match_cpp_op_and_reference(temperature, top_k, top_p, v
     assert tokens.dtype == torch.int64
     assert torch.equal(tokens, cpp.sampling_draw(logits, uniforms, temperature, top_k, top_p))
     assert torch.equal(tokens, reference.draw_from_scores(got, uniforms))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reciprocal_temperature_path(monkeypatch, dtype):
+    # The GPU's rounding (torch on CUDA: x * (1 / t), the reciprocal rounded to the accumulation type),
+    # forced on CPU tensors: the scores must equal that expression exactly, and the draw must be the C++
+    # op's draw on those scores (temperature 1 there: a division by 1 is exact).
+    monkeypatch.setattr(sampling_module, "_divides_by_reciprocal", lambda logits: True)
+    logits = logits_for(3, 1000, dtype=dtype, seed=9)
+    temperature, top_k, top_p = 0.7, 40, 0.9
+    scaled = logits * (1.0 / torch.tensor(temperature, dtype=dtype))
+    assert not torch.equal(scaled, logits / temperature), "pick a temperature whose two roundings differ"
+    got = sampling_filter(logits, temperature, top_k, top_p)
+    assert_same_scores(got, cpp.sampling_filter(scaled, 1.0, top_k, top_p))
+    uniforms = uniforms_for(3, seed=9)
+    assert torch.equal(sampling_draw(logits, uniforms, temperature, top_k, top_p),
+                       cpp.sampling_draw(scaled, uniforms, 1.0, top_k, top_p))
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (1.3, 40, 0.8)])

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# The prepared check for a lent GPU machine, in one command that ends inside a time budget:
+# build genfast with its CUDA kernels, run every CUDA/Triton test, then time every GPU path
+# against PyTorch side by side (one process per benchmark, one benchmark at a time).
+#
+#     OUT=/some/dir bash benchmarks/gpu_session.sh          # from the repository root
+#
+# Env: PYTHON (default python3, a CUDA build of torch with triton), GPU_SESSION_BUDGET_S (default
+# 540: every stage's timeout is cut to what is left, so the script ends and writes its files even
+# when a stage hangs). Optional: wheels in .whl/ (e.g. expecttest, which torch.library.opcheck
+# imports) are installed to /tmp/site first. It writes at most eight files under $OUT:
+#   summary.txt          environment, genfast.info(), each stage's exit status and time, test totals
+#   build.log            the extension build
+#   tests.log            pytest output of the three CUDA test files (run concurrently)
+#   bench_rnn.txt        benchmarks/gpu_rnn.py: CUDA LSTM/GRU vs cuDNN
+#   bench_generation.txt benchmarks/gpu_generation.py: decode attention, sampling, GPT-2 greedy vs transformers
+#   bench_attention.txt  benchmarks/gpu_attention.py: Triton flash attention vs SDPA flash (autotuned)
+#   results_json.tar.gz  the benchmarks' JSON files
+set -uo pipefail
+PY=${PYTHON:-python3}
+OUT=${OUT:-$PWD/gpu-results}
+BUDGET_S=${GPU_SESSION_BUDGET_S:-540}
+WORK=$(mktemp -d)
+mkdir -p "$OUT" "$WORK/json"
+SUMMARY=$OUT/summary.txt
+START=$(date +%s)
+unset TRITON_INTERPRET            # the compiled kernels are what this session is for
+export PYTHONUNBUFFERED=1
+
+elapsed() { echo $(( $(date +%s) - START )); }
+log() { echo "[$(elapsed) s] $*" | tee -a "$SUMMARY"; }
+# Timeout for a stage: its cap, or what is left of the budget less 20 s for the summary.
+cap() { local left=$(( BUDGET_S - $(elapsed) - 20 )); (( left < $1 )) && echo $(( left > 5 ? left : 5 )) || echo "$1"; }
+stage() {  # stage NAME CAP LOGFILE CMD...: run with a timeout, append to LOGFILE, record status and time
+  local name=$1 limit; limit=$(cap "$2"); local logfile=$3; shift 3
+  local began; began=$(date +%s)
+  timeout "$limit" "$@" >> "$logfile" 2>&1
+  local rc=$?
+  log "$name: rc=$rc$( ((rc == 124)) && echo ' (timed out)') in $(( $(date +%s) - began )) s (limit $limit s)"
+  return $rc
+}
+
+log "gpu_session.sh: budget $BUDGET_S s"
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+  echo "cpus: $(nproc)"
+  nvcc --version | tail -2
+  $PY -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, \
+'cuda', torch.version.cuda, '| triton', triton.__version__, '|', torch.cuda.get_device_name(), \
+torch.cuda.get_device_capability())"
+} >> "$SUMMARY" 2>&1
+if ! $PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() and torch.version.cuda else 1)"; then
+  log "needs a CUDA build of torch and a visible GPU"; exit 1
+fi
+if compgen -G ".whl/*.whl" > /dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >> "$SUMMARY" 2>&1 && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  log "installed carried wheels: $(ls .whl)"
+fi
+
+# Build for this GPU's architecture only (a wheel's "80;90" build is what CI compile-checks).
+ARCH=$($PY -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}{n}')")
+export GENFAST_CUDA_ARCHS=${GENFAST_CUDA_ARCHS:-$ARCH} MAX_JOBS=${MAX_JOBS:-$(nproc)}
+if ! stage "build (CUDA, sm_$GENFAST_CUDA_ARCHS)" 360 "$OUT/build.log" \
+    $PY -m pip install --no-build-isolation --no-deps -e .; then
+  tail -30 "$OUT/build.log" | tee -a "$SUMMARY"
+  # Without the CUDA RNN kernels the Triton kernels can still be checked: build the CPU part alone.
+  export GENFAST_NO_CUDA=1
+  stage "build (CPU only, after the CUDA build failed)" 240 "$OUT/build.log" \
+    $PY -m pip install --no-build-isolation --no-deps -e . || exit 1
+fi
+$PY -c "import genfast; genfast.info()" >> "$SUMMARY" 2>&1
+
+# Tests: three processes at once (correctness only; nothing is timed while they run).
+# GENFAST_FLASH_AUTOTUNE=0: one tile configuration per kernel keeps Triton's compile time down.
+run_tests() {  # NAME FILE...
+  local name=$1; shift
+  stage "tests $name" 240 "$WORK/tests_$name.log" $PY -m pytest "$@" -q -rfEs --tb=short --durations=5 \
+    -p no:cacheprovider
+}
+run_tests rnn tests/test_rnn_cuda.py tests/test_package.py &
+(export GENFAST_FLASH_AUTOTUNE=0; run_tests attention tests/test_flash_attention_cuda.py) &
+run_tests generation tests/test_generation_cuda.py &
+wait
+for name in rnn attention generation; do
+  { echo "===== tests $name"; cat "$WORK/tests_$name.log"; } >> "$OUT/tests.log"
+  echo "tests $name: $(grep -E 'passed|failed|error|no tests ran' "$WORK/tests_$name.log" | tail -1)" >> "$SUMMARY"
+done
+
+# Benchmarks, one at a time, each side by side with its PyTorch baseline.
+stage "bench rnn" 120 "$OUT/bench_rnn.txt" $PY benchmarks/gpu_rnn.py --out "$WORK/json"
+stage "bench generation" 180 "$OUT/bench_generation.txt" $PY benchmarks/gpu_generation.py --out "$WORK/json"
+stage "bench attention" 400 "$OUT/bench_attention.txt" $PY benchmarks/gpu_attention.py --out "$WORK/json" \
+  --seqlens "${ATTENTION_SEQLENS:-4096,16384}" --head-dims "${ATTENTION_HEAD_DIMS:-64,128}"
+
+tar -czf "$OUT/results_json.tar.gz" -C "$WORK" json
+log "done"
