@@ -57,8 +57,8 @@ from triton.language.extra import libdevice
 __all__ = ["sampling_filter", "sampling_draw"]
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# Tokens per tile. On a GPU the 16-way probe tiles are BLOCK x 16 float64 in registers, hence 512 with
-# 8 warps. The interpreter runs each tile in numpy, where bigger tiles mean fewer Python-level steps.
+# Tokens per tile. On a GPU the 16-way probe tiles and their per-lane sums are BLOCK x 16 float64 each
+# in registers (2 x 32 per thread at 512 with 8 warps). The interpreter runs each tile in numpy, where bigger tiles mean fewer Python-level steps.
 _DEFAULT_BLOCK = 2048 if _INTERPRETED else 512
 _NUM_WARPS = 8
 _DIGIT_BITS = 4  # 16 candidates per pass of the digit search
@@ -145,14 +145,18 @@ def _filter_row(logits_row, vocab, temperature, top_k, top_p,
     digits = tl.arange(0, 16).to(KEY_DTYPE)
     num_digits: tl.constexpr = KEY_BITS // 4
 
+    # Every pass over the row keeps per-lane partial results and reduces them across lanes once, after
+    # its loop: a reduction per tile would put a block-wide barrier in every iteration.
+
     # Pass 1: the row maximum, and whether there is a NaN.
-    row_max = tl.full([], float("-inf"), ACC_DTYPE)
-    nan_count = tl.zeros([], tl.int32)
+    lane_max = tl.full([BLOCK], float("-inf"), ACC_DTYPE)
+    lane_nans = tl.zeros([BLOCK], tl.int32)
     for start in range(0, vocab, BLOCK):
         x, valid = _scaled_tile(logits_row, start + lanes, vocab, temperature, ACC_DTYPE, RECIPROCAL)
-        nan_count += tl.sum((valid & (x != x)).to(tl.int32), 0)
-        row_max = tl.maximum(row_max, tl.max(tl.where(valid & (x == x), x, float("-inf")), 0))
-    status = tl.where(nan_count > 0, 1, tl.where(row_max == float("-inf"), 2, 0))
+        lane_nans += (valid & (x != x)).to(tl.int32)
+        lane_max = tl.maximum(lane_max, tl.where(valid & (x == x), x, float("-inf")))
+    row_max = tl.max(lane_max, 0)
+    status = tl.where(tl.sum(lane_nans, 0) > 0, 1, tl.where(row_max == float("-inf"), 2, 0))
 
     # Everything is kept unless a filter says otherwise: every valid key is >= 1 (key 0 is a NaN).
     cut_key = tl.zeros([], KEY_DTYPE)
@@ -165,12 +169,12 @@ def _filter_row(logits_row, vocab, temperature, top_k, top_p,
         shift = tl.full([], KEY_BITS - 4, KEY_DTYPE)
         for _ in range(num_digits):
             probes = prefix | (digits << shift)
-            counts = tl.zeros([16], tl.int32)
+            lane_counts = tl.zeros([BLOCK, 16], tl.int32)
             for start in range(0, vocab, BLOCK):
                 x, valid = _scaled_tile(logits_row, start + lanes, vocab, temperature, ACC_DTYPE, RECIPROCAL)
                 key = _ordered_key(x, KEY_DTYPE, KEY_BITS)
-                at_or_above = valid[:, None] & (key[:, None] >= probes[None, :])
-                counts += tl.sum(at_or_above.to(tl.int32), 0)
+                lane_counts += (valid[:, None] & (key[:, None] >= probes[None, :])).to(tl.int32)
+            counts = tl.sum(lane_counts, 0)
             best = tl.max(tl.where(counts >= top_k, digits, 0), 0)
             prefix = prefix | (best << shift)
             shift -= 4
@@ -178,12 +182,12 @@ def _filter_row(logits_row, vocab, temperature, top_k, top_p,
 
     if USE_TOP_P:
         # The survivors' total mass (keys >= cut_key), and the top-p limit.
-        total = tl.zeros([], tl.float64)
+        lane_total = tl.zeros([BLOCK], tl.float64)
         for start in range(0, vocab, BLOCK):
             x, valid = _scaled_tile(logits_row, start + lanes, vocab, temperature, ACC_DTYPE, RECIPROCAL)
             candidate = valid & (_ordered_key(x, KEY_DTYPE, KEY_BITS) >= cut_key)
-            total += tl.sum(tl.where(candidate, _weight(x, row_max), 0.0), 0)
-        limit = top_p * total
+            lane_total += tl.where(candidate, _weight(x, row_max), 0.0)
+        limit = top_p * tl.sum(lane_total, 0)
 
         # Largest t with mass(candidates with key > t) >= limit; the cut value is the next key up.
         # Holds for t = 0 (mass = total >= limit), so candidate 0 of each digit is always admissible.
@@ -191,13 +195,14 @@ def _filter_row(logits_row, vocab, temperature, top_k, top_p,
         shift = tl.full([], KEY_BITS - 4, KEY_DTYPE)
         for _ in range(num_digits):
             probes = prefix | (digits << shift)
-            masses = tl.zeros([16], tl.float64)
+            lane_masses = tl.zeros([BLOCK, 16], tl.float64)
             for start in range(0, vocab, BLOCK):
                 x, valid = _scaled_tile(logits_row, start + lanes, vocab, temperature, ACC_DTYPE, RECIPROCAL)
                 key = _ordered_key(x, KEY_DTYPE, KEY_BITS)
                 candidate = valid & (key >= cut_key)
                 above = candidate[:, None] & (key[:, None] > probes[None, :])
-                masses += tl.sum(tl.where(above, _weight(x, row_max)[:, None], 0.0), 0)
+                lane_masses += tl.where(above, _weight(x, row_max)[:, None], 0.0)
+            masses = tl.sum(lane_masses, 0)
             best = tl.max(tl.where(masses >= limit, digits, 0), 0)
             prefix = prefix | (best << shift)
             shift -= 4
@@ -206,14 +211,16 @@ def _filter_row(logits_row, vocab, temperature, top_k, top_p,
         cut = tl.where(prefix >= max_key, max_key, prefix + 1)
 
         # Mass strictly above the cut value, and the weight of one token at it.
-        mass_above = tl.zeros([], tl.float64)
-        tie_weight = tl.zeros([], tl.float64)
+        lane_mass_above = tl.zeros([BLOCK], tl.float64)
+        lane_tie_weight = tl.zeros([BLOCK], tl.float64)
         for start in range(0, vocab, BLOCK):
             x, valid = _scaled_tile(logits_row, start + lanes, vocab, temperature, ACC_DTYPE, RECIPROCAL)
             key = _ordered_key(x, KEY_DTYPE, KEY_BITS)
             weight = _weight(x, row_max)
-            mass_above += tl.sum(tl.where(valid & (key > cut), weight, 0.0), 0)
-            tie_weight = tl.maximum(tie_weight, tl.max(tl.where(valid & (key == cut), weight, 0.0), 0))
+            lane_mass_above += tl.where(valid & (key > cut), weight, 0.0)
+            lane_tie_weight = tl.maximum(lane_tie_weight, tl.where(valid & (key == cut), weight, 0.0))
+        mass_above = tl.sum(lane_mass_above, 0)
+        tie_weight = tl.max(lane_tie_weight, 0)
         # The j-th token at the cut value (j = 0, 1, ...) is kept while mass_above + j * w < limit:
         # count those j, correcting the quotient's rounding by one either way. j = 0 is always kept.
         ties = vocab
@@ -287,8 +294,8 @@ def _sampling_draw_kernel(logits_ptr, uniforms_ptr, tokens_ptr, status_ptr, voca
     # Total kept mass and the last kept token. Weights are rounded to the accumulation type (the C++
     # op's exp is in float for float logits), sums are float64.
     lanes = tl.arange(0, BLOCK)
-    total = tl.zeros([], tl.float64)
-    last_kept = tl.zeros([], tl.int32)
+    lane_total = tl.zeros([BLOCK], tl.float64)
+    lane_last_kept = tl.zeros([BLOCK], tl.int32)
     ties_before = tl.zeros([], tl.int32)
     for start in range(0, vocab, BLOCK):
         offsets = start + lanes
@@ -296,9 +303,10 @@ def _sampling_draw_kernel(logits_ptr, uniforms_ptr, tokens_ptr, status_ptr, voca
         keep, ties_before = _keep_mask(_ordered_key(x, KEY_DTYPE, KEY_BITS), valid, cut_key, cut_ties,
                                        ties_before)
         weight = _weight(x, row_max).to(ACC_DTYPE).to(tl.float64)
-        total += tl.sum(tl.where(keep, weight, 0.0), 0)
-        last_kept = tl.maximum(last_kept, tl.max(tl.where(keep, offsets, 0), 0))
-    target = uniform * total
+        lane_total += tl.where(keep, weight, 0.0)
+        lane_last_kept = tl.maximum(lane_last_kept, tl.where(keep, offsets, 0))
+    last_kept = tl.max(lane_last_kept, 0)
+    target = uniform * tl.sum(lane_total, 0)
 
     # The first kept token whose running mass exceeds the target; rounding can leave none.
     chosen = last_kept

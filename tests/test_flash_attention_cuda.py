@@ -148,26 +148,21 @@ def test_cpu_tensors_are_refused_with_a_clear_error():
 
 
 def _ahead_of_time_compile(kernel, capability, constants, num_warps, num_stages):
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from tests.triton_aot import compile_for
 
     fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
-    constants = {name: value for name, value in constants.items() if name in fn.arg_names}
-    signature = {}
+    types = {}
     for name in fn.arg_names:
-        if name in constants:
-            signature[name] = "constexpr"
-        elif name in ("lse_ptr", "delta_ptr"):
-            signature[name] = "*fp32"
+        if name in ("lse_ptr", "delta_ptr"):
+            types[name] = "*fp32"
         elif name.endswith("_ptr"):
-            signature[name] = "*bf16"
+            types[name] = "*bf16"
         elif name in ("scale", "qk_scale_log2"):
-            signature[name] = "fp32"
+            types[name] = "fp32"
         else:
-            signature[name] = "i32"
-    source = ASTSource(fn, signature, constants)
-    return triton.compile(source, target=GPUTarget("cuda", capability, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+            types[name] = "i32"
+    return compile_for(kernel, capability, {n: t for n, t in types.items() if n not in constants}, constants,
+                       num_warps=num_warps, num_stages=num_stages)
 
 
 @pytest.mark.parametrize("capability", [80, 90])
