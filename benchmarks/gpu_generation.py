@@ -13,28 +13,20 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import statistics
 import time
 
 import torch
+from gpu_common import device_name, finish, median_ms, timer_for
 
 import genfast.ops  # noqa: F401  (registers the genfast ops and their CUDA kernels)
 from genfast import reference
-from genfast.bench.timing import CpuTimer, CudaTimer
-
-
-def _time_ms(timer, fn, warmup: int = 5, repeats: int = 30) -> float:
-    for _ in range(warmup):
-        fn()
-    return statistics.median(timer.time_calls(fn, 1) for _ in range(repeats)) * 1e3
 
 
 def _record(rows, report, timer, op, case, providers):
     try:
-        result = {name: _time_ms(timer, fn) for name, fn in providers.items()}
+        result = {name: median_ms(timer, fn, 5, 30) for name, fn in providers.items()}
     except Exception as err:  # one failing case must not hide the rest
         result = {"error": f"{type(err).__name__}: {err}"}
     report["ops"].append({"op": op, "case": case, "ms": result})
@@ -137,22 +129,15 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script")
     parser.add_argument("--skip-gpt2", action="store_true")
     args = parser.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("gpu_generation.py needs a CUDA GPU (or --device cpu --smoke)")
+    timer = timer_for(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False
-    timer = CudaTimer() if args.device == "cuda" else CpuTimer()
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    report = {"device": device_name, "torch": torch.__version__, "ops": [], "gpt2": []}
+    report = {"device": device_name(args.device), "torch": torch.__version__, "ops": [], "gpt2": []}
     rows: list[str] = []
     op_cases(rows, report, timer, args.device, args.smoke)
     if not args.skip_gpt2:
         gpt2_cases(rows, report, args.device, args.smoke)
-    print(f"device: {device_name}   torch {torch.__version__}   (ops: median ms; lower is better)")
-    print("\n".join(rows), flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "generation_gpu.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    return 0
+    return finish(f"device: {report['device']}   torch {torch.__version__}   (ops: median ms; lower is better)",
+                  rows, report, args.out, "generation_gpu.json")
 
 
 if __name__ == "__main__":

@@ -12,21 +12,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import statistics
 
 import torch
+from gpu_common import device_name, finish, median_ms, timer_for
 
 import genfast.nn
-from genfast.bench.timing import CpuTimer, CudaTimer
-
-
-def _time_ms(timer, fn, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    return statistics.median(timer.time_calls(fn, 1) for _ in range(repeats)) * 1e3
-
 
 def _modules(kind: str, size: int, device: str, dtype: torch.dtype) -> dict:
     torch.manual_seed(0)
@@ -47,8 +38,8 @@ def sequence_case(timer, kind, device, dtype, steps, batch, size, repeats) -> di
             out, _ = module(x.detach().requires_grad_())
             out.sum().backward()
 
-        results[name] = {"inference_ms": _time_ms(timer, inference, 3, repeats),
-                         "train_ms": _time_ms(timer, train_step, 3, repeats)}
+        results[name] = {"inference_ms": median_ms(timer, inference, 3, repeats),
+                         "train_ms": median_ms(timer, train_step, 3, repeats)}
     return results
 
 
@@ -62,7 +53,7 @@ def decode_case(timer, kind, device, dtype, tokens, size, repeats) -> dict:
                 for t in range(tokens):
                     _, state = module(x[t], state)
 
-        results[name] = {"decode_ms_per_token": _time_ms(timer, decode, 1, max(3, repeats // 4)) / tokens}
+        results[name] = {"decode_ms_per_token": median_ms(timer, decode, 1, max(3, repeats // 4)) / tokens}
     return results
 
 
@@ -72,15 +63,12 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script")
     args = parser.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("gpu_rnn.py needs a CUDA GPU (or --device cpu --smoke)")
+    timer = timer_for(args.device)
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
-    timer = CudaTimer() if args.device == "cuda" else CpuTimer()
     steps, batch, size, tokens, repeats = (5, 4, 32, 5, 4) if args.smoke else (100, 64, 512, 100, 20)
 
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    report = {"device": device_name, "torch": torch.__version__, "cases": []}
+    report = {"device": device_name(args.device), "torch": torch.__version__, "cases": []}
     rows = []
     for kind in ("lstm", "gru"):
         for dtype in (torch.float32, torch.bfloat16):
@@ -102,12 +90,8 @@ def main() -> int:
                     ours = result["genfast"][metric]
                     rows.append(f"{kind:4} {label:8} {case_name:20} {metric:20} torch {base:9.4f}  "
                                 f"genfast {ours:9.4f}  speedup (torch/genfast) {base / ours:5.2f}x")
-    print(f"device: {device_name}   torch {torch.__version__}   (median ms; torch = cuDNN on CUDA)")
-    print("\n".join(rows), flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "rnn_gpu.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    return 0
+    return finish(f"device: {report['device']}   torch {torch.__version__}   (median ms; torch = cuDNN on CUDA)",
+                  rows, report, args.out, "rnn_gpu.json")
 
 
 if __name__ == "__main__":
