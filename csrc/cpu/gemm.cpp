@@ -28,19 +28,29 @@ GENFAST_VEC(float, 16) GENFAST_VEC(float, 32) GENFAST_VEC(float, 64)
 GENFAST_VEC(double, 16) GENFAST_VEC(double, 32) GENFAST_VEC(double, 64)
 #undef GENFAST_VEC
 
-// C[MR x S] = A[MR x K] * B[K x S], S = kSubWidth<T> (64 bytes), B rows `ldb` apart.
-// The MR x (64 / VB) accumulators stay in registers for the whole K loop.
+// C[MR x S] = [A1 | A2][MR x (K1 + K2)] * B[(K1 + K2) x S], S = kSubWidth<T> (64 bytes), B rows `ldb`
+// apart: B's first K1 rows multiply A1, the next K2 rows A2 (K2 = 0 for a plain product). The two
+// left operands let a caller multiply [x_t | h_{t-1}] by one stacked weight without copying them
+// side by side. The MR x (64 / VB) accumulators stay in registers for both K loops.
+template <typename T>
+struct LeftOperands {
+  int64_t K1;
+  const T* A1;
+  int64_t lda1;
+  int64_t K2;
+  const T* A2;
+  int64_t lda2;
+
+  LeftOperands rows_from(int64_t m) const { return {K1, A1 + m * lda1, lda1, K2, A2 ? A2 + m * lda2 : A2, lda2}; }
+};
+
+// acc[MR][64 / VB] += A[MR x K] * B[K x S].
 template <typename T, int VB, int MR>
-inline __attribute__((always_inline)) void micro_kernel(int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
-                                                        T* C, int64_t ldc) {
+inline __attribute__((always_inline)) void accumulate_k(typename VecOf<T, VB>::type (&acc)[MR][64 / VB], int64_t K,
+                                                        const T* A, int64_t lda, const T* B, int64_t ldb) {
   using V = typename VecOf<T, VB>::type;
   constexpr int NV = 64 / VB;
   constexpr int L = VB / static_cast<int>(sizeof(T));
-  V acc[MR][NV];
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = V{};
   for (int64_t k = 0; k < K; ++k) {
     V b[NV];
 #pragma GCC unroll 4
@@ -52,6 +62,21 @@ inline __attribute__((always_inline)) void micro_kernel(int64_t K, const T* A, i
       for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
     }
   }
+}
+
+template <typename T, int VB, int MR>
+inline __attribute__((always_inline)) void micro_kernel(const LeftOperands<T>& a, const T* B, int64_t ldb, T* C,
+                                                        int64_t ldc) {
+  using V = typename VecOf<T, VB>::type;
+  constexpr int NV = 64 / VB;
+  constexpr int L = VB / static_cast<int>(sizeof(T));
+  V acc[MR][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = V{};
+  accumulate_k<T, VB, MR>(acc, a.K1, a.A1, a.lda1, B, ldb);
+  if (a.K2 > 0) accumulate_k<T, VB, MR>(acc, a.K2, a.A2, a.lda2, B + a.K1 * ldb, ldb);
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
@@ -60,7 +85,7 @@ inline __attribute__((always_inline)) void micro_kernel(int64_t K, const T* A, i
 
 // The row loop: full blocks of MR rows, then one call for the remaining rows.
 template <typename T, int VB, int MR>
-inline __attribute__((always_inline)) void panel_rows(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel,
+inline __attribute__((always_inline)) void panel_rows(int64_t M, const LeftOperands<T>& a, const T* panel,
                                                       int64_t width, int64_t slice_stride, int64_t ldb, T* C,
                                                       int64_t ldc) {
   constexpr int64_t S = kSubWidth<T>;
@@ -69,17 +94,17 @@ inline __attribute__((always_inline)) void panel_rows(int64_t M, int64_t K, cons
   // block of A streams past it.
   for (int64_t s = 0; s < width; s += S) {
     for (int64_t m = 0; m < full; m += MR)
-      micro_kernel<T, VB, MR>(K, A + m * lda, lda, panel + s / S * slice_stride, ldb, C + m * ldc + s, ldc);
+      micro_kernel<T, VB, MR>(a.rows_from(m), panel + s / S * slice_stride, ldb, C + m * ldc + s, ldc);
     if (rest == 0) continue;
     const int64_t m = full;
-    const T* a = A + m * lda;
+    const LeftOperands<T> tail = a.rows_from(m);
     const T* b = panel + s / S * slice_stride;
     T* c = C + m * ldc + s;
     // A switch over compile-time row counts keeps the tail in registers too.
     switch (rest) {
 #define GENFAST_TAIL(R) \
   case R:               \
-    if constexpr (R < MR) micro_kernel<T, VB, R>(K, a, lda, b, ldb, c, ldc); \
+    if constexpr (R < MR) micro_kernel<T, VB, R>(tail, b, ldb, c, ldc); \
     break;
       GENFAST_TAIL(1) GENFAST_TAIL(2) GENFAST_TAIL(3) GENFAST_TAIL(4) GENFAST_TAIL(5) GENFAST_TAIL(6)
       GENFAST_TAIL(7) GENFAST_TAIL(8) GENFAST_TAIL(9) GENFAST_TAIL(10) GENFAST_TAIL(11)
@@ -158,21 +183,21 @@ constexpr int kRowsAVX2 = 6;     // 12 of 16 ymm (each 64-byte vector is two ymm
 constexpr int kRowsBaseline = 3; // 12 of 16 xmm
 
 template <typename T>
-GENFAST_TARGET_AVX512 void gemm_panel_avx512(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel,
-                      int64_t width, int64_t slice_stride, int64_t ldb, T* C, int64_t ldc) {
-  panel_rows<T, 64, kRowsAVX512>(M, K, A, lda, panel, width, slice_stride, ldb, C, ldc);
+GENFAST_TARGET_AVX512 void gemm_panel_avx512(int64_t M, const LeftOperands<T>& a, const T* panel, int64_t width,
+                      int64_t slice_stride, int64_t ldb, T* C, int64_t ldc) {
+  panel_rows<T, 64, kRowsAVX512>(M, a, panel, width, slice_stride, ldb, C, ldc);
 }
 
 template <typename T>
-GENFAST_TARGET_AVX2 void gemm_panel_avx2(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel,
-                      int64_t width, int64_t slice_stride, int64_t ldb, T* C, int64_t ldc) {
-  panel_rows<T, 32, kRowsAVX2>(M, K, A, lda, panel, width, slice_stride, ldb, C, ldc);
+GENFAST_TARGET_AVX2 void gemm_panel_avx2(int64_t M, const LeftOperands<T>& a, const T* panel, int64_t width,
+                      int64_t slice_stride, int64_t ldb, T* C, int64_t ldc) {
+  panel_rows<T, 32, kRowsAVX2>(M, a, panel, width, slice_stride, ldb, C, ldc);
 }
 
 template <typename T>
-void gemm_panel_baseline(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel,
-                      int64_t width, int64_t slice_stride, int64_t ldb, T* C, int64_t ldc) {
-  panel_rows<T, 16, kRowsBaseline>(M, K, A, lda, panel, width, slice_stride, ldb, C, ldc);
+void gemm_panel_baseline(int64_t M, const LeftOperands<T>& a, const T* panel, int64_t width,
+                      int64_t slice_stride, int64_t ldb, T* C, int64_t ldc) {
+  panel_rows<T, 16, kRowsBaseline>(M, a, panel, width, slice_stride, ldb, C, ldc);
 }
 
 }  // namespace
@@ -181,17 +206,17 @@ namespace {
 
 // B element (k, c) at b[(c / S) * slice_stride + k * ldb + c % S], S = kSubWidth<T>.
 template <typename T>
-void gemm_strided(int64_t M, int64_t K, const T* A, int64_t lda, const T* B, int64_t width, int64_t slice_stride,
+void gemm_strided(int64_t M, const LeftOperands<T>& a, const T* B, int64_t width, int64_t slice_stride,
                   int64_t ldb, T* C, int64_t ldc) {
   if (M <= 0) return;
-  if (K == 0) {
+  if (a.K1 + a.K2 == 0) {
     for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + width, T(0));
     return;
   }
   switch (simd_level()) {
-    case SimdLevel::kAVX512: return gemm_panel_avx512<T>(M, K, A, lda, B, width, slice_stride, ldb, C, ldc);
-    case SimdLevel::kAVX2: return gemm_panel_avx2<T>(M, K, A, lda, B, width, slice_stride, ldb, C, ldc);
-    default: return gemm_panel_baseline<T>(M, K, A, lda, B, width, slice_stride, ldb, C, ldc);
+    case SimdLevel::kAVX512: return gemm_panel_avx512<T>(M, a, B, width, slice_stride, ldb, C, ldc);
+    case SimdLevel::kAVX2: return gemm_panel_avx2<T>(M, a, B, width, slice_stride, ldb, C, ldc);
+    default: return gemm_panel_baseline<T>(M, a, B, width, slice_stride, ldb, C, ldc);
   }
 }
 
@@ -199,12 +224,19 @@ void gemm_strided(int64_t M, int64_t K, const T* A, int64_t lda, const T* B, int
 
 template <typename T>
 void gemm_panel(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel, int64_t width, T* C, int64_t ldc) {
-  gemm_strided<T>(M, K, A, lda, panel, width, K * kSubWidth<T>, kSubWidth<T>, C, ldc);
+  gemm_strided<T>(M, {K, A, lda, 0, nullptr, 0}, panel, width, K * kSubWidth<T>, kSubWidth<T>, C, ldc);
+}
+
+template <typename T>
+void gemm_panel_stacked(int64_t M, int64_t K1, const T* A1, int64_t lda1, int64_t K2, const T* A2, int64_t lda2,
+                        const T* panel, int64_t width, T* C, int64_t ldc) {
+  const int64_t K = K1 + K2;
+  gemm_strided<T>(M, {K1, A1, lda1, K2, A2, lda2}, panel, width, K * kSubWidth<T>, kSubWidth<T>, C, ldc);
 }
 
 template <typename T>
 void gemm_rowmajor(int64_t M, int64_t K, const T* A, int64_t lda, const T* B, int64_t width, T* C, int64_t ldc) {
-  gemm_strided<T>(M, K, A, lda, B, width, kSubWidth<T>, width, C, ldc);
+  gemm_strided<T>(M, {K, A, lda, 0, nullptr, 0}, B, width, kSubWidth<T>, width, C, ldc);
 }
 
 template void gemm_rowmajor<float>(int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t);
@@ -230,6 +262,10 @@ template void dot_panel<double>(int64_t, int64_t, const double*, int64_t, const 
                                 int64_t);
 
 template void gemm_panel<float>(int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t);
+template void gemm_panel_stacked<float>(int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t,
+                                        const float*, int64_t, float*, int64_t);
+template void gemm_panel_stacked<double>(int64_t, int64_t, const double*, int64_t, int64_t, const double*, int64_t,
+                                         const double*, int64_t, double*, int64_t);
 template void gemm_panel<double>(int64_t, int64_t, const double*, int64_t, const double*, int64_t, double*, int64_t);
 
 template <typename T>

@@ -45,6 +45,13 @@ void pack_panels(const T* b, int64_t stride_k, int64_t stride_n, int64_t K, int6
 template <typename T>
 void gemm_panel(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel, int64_t width, T* C, int64_t ldc);
 
+// C[M x width] = [A1 | A2] * panel, the panel's first K1 rows multiplying A1 (M x K1) and the next K2
+// rows A2 (M x K2): one product over two left operands that live apart (the LSTM step's x_t and
+// h_{t-1} against W_ih and W_hh packed into one panel).
+template <typename T>
+void gemm_panel_stacked(int64_t M, int64_t K1, const T* A1, int64_t lda1, int64_t K2, const T* A2, int64_t lda2,
+                        const T* panel, int64_t width, T* C, int64_t ldc);
+
 // The same product with B stored plainly: a K x width row-major matrix, rows ldb apart
 // (for operands used in place, like attention's V tiles).
 template <typename T>

@@ -1,9 +1,11 @@
 // Fused LSTM over a whole sequence on the CPU: one layer, one direction per call.
 //
-// Forward, per call:  G = X W_ih^T + b_ih + b_hh for all steps (one large GEMM), then
-// for each step one parallel pass in which every thread owns a panel of 16 hidden
-// units: it multiplies h_{t-1} by its packed slice of W_hh^T (all four gates of its
-// units) and applies the cell update to that tile while it is still in L1.
+// Forward: for each step one parallel pass in which every thread owns a panel of 16
+// hidden units: it multiplies [x_t | h_{t-1}] by its packed slice of [W_ih | W_hh]^T (all
+// four gates of its units, both weights stacked in one panel) and applies the cell update
+// to that tile while it is still in L1. No (T*N, 4H) input projection is materialised.
+// A decode step (a few rows, weights read in place) instead computes G = X W_ih^T + b for
+// its rows first and the recurrent part by dot products.
 // With proj_size a second pass per step computes h_t = W_hr r_t.
 //
 // Backward (BPTT) mirrors it: per step, one pass computes dh = dG_{t+1} W_hh for a
@@ -27,10 +29,16 @@ constexpr int64_t kWidth = kGates * kUnits;  // columns in a forward weight pane
 // ---------------------------------------------------------------- forward
 template <typename T>
 struct ForwardStep {
-  const T* h_prev;      // (N, Hout) state read by this step
-  const T* packed_whh;  // panels of (Hout x kWidth): W_hh^T, gates of 16 units side by side; or nullptr:
-  const T* w_hh;        // (4H, Hout) unpacked, read in place by dot products (few steps and rows)
-  const T* gx;          // (n, 4H) input projection rows of this step, biases folded in
+  const T* h_prev;   // (N, Hout) state read by this step
+  const T* x;        // (n, I) input rows of this step, multiplied in the step with the stacked panels; or
+                     // nullptr when gx already holds X W_ih^T (the in-place path)
+  const T* packed;   // panels of ((I + Hout) x kWidth): [W_ih | W_hh]^T, gates of 16 units side by side; or
+                     // nullptr:
+  const T* w_hh;     // (4H, Hout) unpacked, read in place by dot products (few steps and rows)
+  const T* gx;       // rows gx_stride apart added to the product: X W_ih^T + b for this step's rows, or
+                     // b_ih + b_hh (gx_stride = 0) when x is multiplied in the step
+  int64_t gx_stride;
+  int64_t I;
   T* c;                 // (N, H) cell state, updated in place
   T* h_out;             // (n, H) rows receiving o*tanh(c): the output, or r_t when projecting
   T* h_next;            // (N, Hout) next state, or nullptr when projecting (the projection writes it)
@@ -45,9 +53,15 @@ struct ForwardTile {
     const int64_t H = s->H;
     const int64_t j0 = panel * kUnits;
     const int64_t units = std::min(kUnits, H - j0);
-    for (int64_t m = r0; m < std::min(r1, r0 + kPrefetchRows); ++m)
-      prefetch_gate_row(s->gx + m * kGates * H + j0, kGates, H);
-    recurrent_tile<T, kGates>(s->packed_whh, s->w_hh, s->h_prev, s->Hout, H, panel, r0, r1, acc);
+    if (s->x) {
+      const int64_t K = s->I + s->Hout;
+      gemm_panel_stacked<T>(r1 - r0, s->I, s->x + r0 * s->I, s->I, s->Hout, s->h_prev + r0 * s->Hout, s->Hout,
+                            s->packed + panel * K * kWidth, kWidth, acc, kWidth);
+    } else {
+      for (int64_t m = r0; m < std::min(r1, r0 + kPrefetchRows); ++m)
+        prefetch_gate_row(s->gx + m * s->gx_stride + j0, kGates, H);
+      recurrent_tile<T, kGates>(s->packed, s->w_hh, s->h_prev, s->Hout, H, panel, r0, r1, acc);
+    }
     rows(units, s, j0, r0, r1, acc);
   }
 
@@ -55,8 +69,9 @@ struct ForwardTile {
   static GENFAST_INLINE void rows(int64_t units, const ForwardStep<T>* s, int64_t j0, int64_t r0, int64_t r1, T* acc) {
     const int64_t H = s->H;
     for (int64_t m = r0; m < r1; ++m, acc += kWidth) {
-      if (m + kPrefetchRows < r1) prefetch_gate_row(s->gx + (m + kPrefetchRows) * kGates * H + j0, kGates, H);
-      const T* gx = s->gx + m * kGates * H + j0;
+      if (s->gx_stride && m + kPrefetchRows < r1)
+        prefetch_gate_row(s->gx + (m + kPrefetchRows) * s->gx_stride + j0, kGates, H);
+      const T* gx = s->gx + m * s->gx_stride + j0;
       T* c = s->c + m * H + j0;
       T* h = s->h_out + m * s->ld_h_out + j0;
       T act[kGates][kUnits], unused[kUnits];
@@ -119,9 +134,11 @@ struct ProjectTile {
   }
 };
 
+// x != nullptr: packed holds the stacked [W_ih | W_hh] panels and gx is the bias row (b_ih + b_hh, or
+// zeros). x == nullptr: gx holds X W_ih^T + b for every row, and packed (or w_hh in place) W_hh alone.
 template <typename T>
-void forward_loop(const Schedule& sc, bool reverse, const T* gx, const T* packed_whh, const T* w_hh,
-                  const T* packed_whr, T* out,
+void forward_loop(const Schedule& sc, bool reverse, const T* x, int64_t I, const T* gx, const T* packed,
+                  const T* w_hh, const T* packed_whr, T* out,
                   T* hbuf, T* c, T* ws, T* r_tmp, int64_t H, int64_t Hout) {
   const bool project = packed_whr != nullptr;
   const int64_t N = sc.batch, S = sc.rows;
@@ -137,9 +154,12 @@ void forward_loop(const Schedule& sc, bool reverse, const T* gx, const T* packed
     T* h_prev = hbuf + (s % 2) * N * Hout;
     T* h_next = hbuf + ((s + 1) % 2) * N * Hout;
     ForwardStep<T> step{h_prev,
-                        packed_whh,
+                        x ? x + off * I : nullptr,
+                        packed,
                         w_hh,
-                        gx + off * kGates * H,
+                        x ? gx : gx + off * kGates * H,
+                        x ? 0 : kGates * H,
+                        I,
                         c,
                         project ? (saved_r ? saved_r + off * H : r_tmp) : out + off * Hout,
                         project ? nullptr : h_next,
@@ -148,7 +168,8 @@ void forward_loop(const Schedule& sc, bool reverse, const T* gx, const T* packed
                         H,
                         Hout,
                         project ? H : Hout};
-    run_tiles<ForwardTile>(ceil_div(H, kUnits), n, 2.0 * n * Hout * kGates * H, &step, scratch.data(), kWidth);
+    run_tiles<ForwardTile>(ceil_div(H, kUnits), n, 2.0 * n * ((x ? I : 0) + Hout) * kGates * H, &step, scratch.data(),
+                           kWidth);
     if (project) {
       ProjectStep<T> proj{step.h_out, packed_whr, out + off * Hout, h_next, H, Hout};
       run_tiles<ProjectTile>(ceil_div(Hout, kUnits), n, 2.0 * n * Hout * H, &proj, scratch.data(), kWidth);
@@ -371,16 +392,25 @@ Dims check_lstm(const at::Tensor& input, const Schedule& sc, const at::Tensor& h
   return d;
 }
 
+// The stacked panels of the fused step: panel p holds rows [0, I) of W_ih^T and then rows [0, Hout) of
+// W_hh^T, for the columns of all four gates of units [16p, 16p + 16), in gemm_panel's slice layout.
 template <typename T>
-at::Tensor pack_forward_whh(const at::Tensor& w_hh, int64_t H, int64_t Hout) {
-  const int64_t panels = ceil_div(H, kUnits);
-  at::Tensor packed = at::empty({panels * Hout * kWidth}, w_hh.options());
-  pack_panels<T>(w_hh.data_ptr<T>(), 1, Hout, Hout, panels, kWidth,
-                 [&](int64_t p, int64_t col) {
-                   const int64_t j = p * kUnits + col % kUnits;
-                   return j < H ? (col / kUnits) * H + j : -1;
-                 },
-                 packed.data_ptr<T>());
+at::Tensor pack_forward_weights(const at::Tensor& w_ih, const at::Tensor& w_hh, int64_t H, int64_t I, int64_t Hout) {
+  constexpr int64_t S = kSubWidth<T>;
+  const int64_t panels = ceil_div(H, kUnits), K = I + Hout;
+  at::Tensor packed = at::empty({panels * K * kWidth}, w_hh.options());
+  const T* wi = w_ih.data_ptr<T>();
+  const T* wh = w_hh.data_ptr<T>();
+  T* out = packed.data_ptr<T>();
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t col = 0; col < kWidth; ++col) {
+        T* slice = out + p * K * kWidth + (col / S) * K * S + col % S;
+        const int64_t j = p * kUnits + col % kUnits, n = (col / kUnits) * H + j;  // row of W_ih / W_hh
+        for (int64_t k = 0; k < I; ++k) slice[k * S] = j < H ? wi[n * I + k] : T(0);
+        for (int64_t k = 0; k < Hout; ++k) slice[(I + k) * S] = j < H ? wh[n * Hout + k] : T(0);
+      }
+  });
   return packed;
 }
 
@@ -410,26 +440,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward(
   const at::Tensor x = input_.reshape({S, d.I}).contiguous();
   const at::Tensor w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
   const bool project = w_hr_.has_value();
-  at::Tensor gx = at::empty({S, kGates * H}, x.options());
-  const at::Tensor bias = b_ih.has_value() ? (*b_ih + *b_hh).contiguous() : at::Tensor();
+  // Few rows in all (a decode step): the weights are read in place, and the input projection is one
+  // product first. Otherwise x_t is multiplied inside each step, against the stacked panels.
+  const bool in_place = read_weight_in_place(sc);
+  at::Tensor gx = in_place ? at::empty({S, kGates * H}, x.options()) : at::Tensor();
+  const at::Tensor bias = b_ih.has_value() ? (*b_ih + *b_hh).contiguous()
+                          : in_place      ? at::Tensor()
+                                          : at::zeros({kGates * H}, x.options());
   at::Tensor out = at::empty({S, Hout}, x.options());
   at::Tensor hbuf = hx_.unsqueeze(0).expand({2, sc.batch, Hout}).contiguous();
   at::Tensor cy = cx_.contiguous().clone();
   at::Tensor hy = at::empty({sc.batch, Hout}, x.options());
   at::Tensor ws = at::empty({train ? S * (kGates + 1 + (project ? 1 : 0)) * H : 0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "genfast::lstm_forward", [&] {
-    // G = X W_ih^T + b_ih + b_hh for every step at once.
-    matmul<scalar_t>(S, kGates * H, d.I, x.data_ptr<scalar_t>(), d.I, w_ih.data_ptr<scalar_t>(), 1, d.I,
-                     bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, gx.data_ptr<scalar_t>(), kGates * H);
-    at::Tensor packed_whh;
-    if (!read_weight_in_place(sc)) packed_whh = pack_forward_whh<scalar_t>(w_hh, H, Hout);
+    at::Tensor packed;
+    if (in_place)  // G = X W_ih^T + b_ih + b_hh for the few rows there are.
+      matmul<scalar_t>(S, kGates * H, d.I, x.data_ptr<scalar_t>(), d.I, w_ih.data_ptr<scalar_t>(), 1, d.I,
+                       bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, gx.data_ptr<scalar_t>(), kGates * H);
+    else
+      packed = pack_forward_weights<scalar_t>(w_ih, w_hh, H, d.I, Hout);
     at::Tensor packed_whr, r_tmp;
     if (project) {
       packed_whr = pack_columns<scalar_t>(w_hr_->contiguous(), /*transpose=*/true);
       if (!train) r_tmp = at::empty({sc.batch, H}, x.options());
     }
-    forward_loop<scalar_t>(sc, reverse, gx.data_ptr<scalar_t>(),
-                           packed_whh.defined() ? packed_whh.data_ptr<scalar_t>() : nullptr, w_hh.data_ptr<scalar_t>(),
+    forward_loop<scalar_t>(sc, reverse, in_place ? nullptr : x.data_ptr<scalar_t>(), d.I,
+                           in_place ? gx.data_ptr<scalar_t>() : bias.data_ptr<scalar_t>(),
+                           packed.defined() ? packed.data_ptr<scalar_t>() : nullptr, w_hh.data_ptr<scalar_t>(),
                            project ? packed_whr.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
                            hbuf.data_ptr<scalar_t>(), cy.data_ptr<scalar_t>(), train ? ws.data_ptr<scalar_t>() : nullptr,
                            r_tmp.defined() ? r_tmp.data_ptr<scalar_t>() : nullptr, H, Hout);
