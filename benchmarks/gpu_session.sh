@@ -70,6 +70,15 @@ if ! stage "build (CUDA, sm_$GENFAST_CUDA_ARCHS)" 360 "$OUT/build.log" \
     $PY -m pip install --no-build-isolation --no-deps -e . || exit 1
 fi
 $PY -c "import genfast; genfast.info()" >> "$SUMMARY" 2>&1
+# How the extension links the C++ runtime: on one image (benchmarks/results/gpu-h200-2026-11-28/README.md)
+# every error message that formatted an integer crashed inside libstdc++ code that the backtrace placed in _C.so.
+{
+  so=$($PY -c "import torch, genfast._C as c; print(c.__file__)")
+  echo "== $so"; readelf -d "$so" | grep -E "NEEDED|RPATH|RUNPATH"
+  echo "libstdc++ locale/codecvt symbols defined inside it: $(nm -C --defined-only "$so" | grep -cE 'std::locale::|std::codecvt<')"
+  $PY -c "import sysconfig; print('LDSHARED:', sysconfig.get_config_var('LDSHARED'))"
+  echo "LDFLAGS=${LDFLAGS:-} CXXFLAGS=${CXXFLAGS:-}"; g++ --version | head -1
+} >> "$SUMMARY" 2>&1
 
 # Tests: three processes at once (correctness only; nothing is timed while they run).
 # GENFAST_FLASH_AUTOTUNE=0: one tile configuration per kernel keeps Triton's compile time down.
