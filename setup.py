@@ -13,6 +13,7 @@ any x86-64 CPU and uses the widest vectors the CPU it lands on has.
 """
 import glob
 import os
+import subprocess
 
 from setuptools import find_packages, setup
 
@@ -37,6 +38,25 @@ def _cuda_arch_flags() -> list[str]:
     return flags
 
 
+def _shared_cxx_runtime() -> list[str]:
+    """The C++ runtime to link, named explicitly as the shared libstdc++.so.6 torch itself uses.
+
+    One GPU image (Ubuntu 24.04's g++ 13, benchmarks/results/gpu-h200-2026-11-28/) resolved the
+    compiler's implicit -lstdc++ to the static archive: genfast._C then carried a second, never
+    initialised copy of libstdc++'s locale, and every error message that formatted an integer
+    crashed the process. An object named on the command line is linked before the driver's
+    -lstdc++, so the archive contributes nothing; elsewhere this names the library the
+    linker would have picked anyway. tests/test_package.py checks the result.
+    """
+    compiler = os.environ.get("CXX", "c++")
+    try:
+        path = subprocess.run([compiler, "-print-file-name=libstdc++.so.6"], capture_output=True, text=True,
+                              timeout=60).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [path] if os.path.isabs(path) and os.path.isfile(path) else []
+
+
 def _extension():
     rel = lambda pattern: sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
@@ -54,7 +74,7 @@ def _extension():
             define_macros=define_macros,
             include_dirs=[os.path.join(HERE, "csrc")],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", *_cuda_arch_flags()]},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=["-fopenmp", *_shared_cxx_runtime()],
         )
     return CppExtension(
         "genfast._C",
@@ -62,7 +82,7 @@ def _extension():
         define_macros=define_macros,
         include_dirs=[os.path.join(HERE, "csrc")],
         extra_compile_args={"cxx": cxx},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=["-fopenmp", *_shared_cxx_runtime()],
     )
 
 

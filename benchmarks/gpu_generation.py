@@ -5,9 +5,12 @@
 1. The Triton ops: decode_attention (split-KV flash-decoding over the KV cache) against the plain
    PyTorch reference and torch SDPA, and sampling_draw (temperature/top-k/top-p + draw) against the
    unfused reference. Median of per-call CUDA-event times.
+   decode_attention is also timed through the Triton launcher directly ("launcher"), which shows
+   what the torch.ops dispatch to a Python kernel adds per call.
 2. GPT-2 124M (random weights, transformers' GPT-2 initialisation), greedy, 16-token prompt,
    128 new tokens, batch 1: genfast.models.gpt2 against transformers' generate on the same weights,
-   fp32 (TF32 off) and bf16; best of 3 after a warm-up; whether the tokens are identical.
+   fp32 (TF32 off) and bf16; best of 3 after a warm-up; whether the tokens are identical. genfast
+   runs its default (the decode step as a CUDA graph) and, as "eager", one launch per kernel.
 `--device cpu --smoke` runs the same code at tiny sizes on the CPU ops (a check of this script).
 """
 from __future__ import annotations
@@ -22,6 +25,7 @@ from gpu_common import device_name, finish, median_ms, timer_for
 
 import genfast.ops  # noqa: F401  (registers the genfast ops and their CUDA kernels)
 from genfast import reference
+from genfast.kernels import load
 
 
 def _record(rows, report, timer, op, case, providers):
@@ -38,6 +42,7 @@ def _record(rows, report, timer, op, case, providers):
 
 
 def op_cases(rows, report, timer, device, smoke):
+    launcher = load("decode_attention", "decode_attention").decode_attention if device == "cuda" else None
     attention_shapes = ([(1, 4, 2, 16, 100)] if smoke else
                         [(1, 12, 12, 64, 1024), (1, 12, 12, 64, 16384), (8, 32, 8, 128, 4096), (1, 32, 8, 128, 32768)])
     dtypes = (torch.float32,) if smoke else (torch.float16, torch.float32)
@@ -53,6 +58,7 @@ def op_cases(rows, report, timer, device, smoke):
                         "reference": lambda: reference.attention(q[:, :, None], k, v, scale=scale, enable_gqa=True),
                         "torch_sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(
                             q[:, :, None], k, v, scale=scale, enable_gqa=heads_q != heads_kv),
+                        **({"launcher": lambda: launcher(q, k, v, length, scale)} if launcher else {}),
                     })
     for batch, vocab in ([(1, 1000)] if smoke else [(1, 50257), (32, 50257), (1, 151936)]):
         logits = torch.randn(batch, vocab, device=device) * 3
@@ -63,6 +69,31 @@ def op_cases(rows, report, timer, device, smoke):
                 "reference": lambda: reference.draw_from_scores(reference.process_logits(logits, *settings),
                                                                 uniforms),
             })
+
+
+def sampling_sweep(rows, report, timer, device):
+    """Diagnostic: sampling_draw's time against its tile (tokens per iteration) and warps per program.
+    One program walks a row in ~17 sequential passes; if the time falls with bigger tiles, the kernel
+    waits on memory latency rather than on arithmetic."""
+    sampling = load("sampling", "sampling")
+    logits = torch.randn(1, 50257, device=device) * 3
+    uniforms = torch.rand(1, device=device, dtype=torch.float64)
+    default_warps = sampling._NUM_WARPS
+    try:
+        for settings in [(1.0, 50, 0.9)]:
+            for warps in (4, 8, 16):
+                for block in (256, 512, 1024, 2048):
+                    sampling._NUM_WARPS = warps
+                    try:
+                        ms = median_ms(timer, lambda: sampling.sampling_draw(logits, uniforms, *settings, block=block),
+                                       3, 15)
+                    except Exception as err:  # e.g. out of registers or shared memory
+                        ms = f"{type(err).__name__}"
+                    report["sampling_sweep"].append({"settings": settings, "warps": warps, "block": block, "ms": ms})
+                    rows.append(f"sampling sweep   B1 V50257 t/k/p={settings} warps {warps:2} block {block:4}: "
+                                + (f"{ms:8.4f} ms" if isinstance(ms, float) else ms))
+    finally:
+        sampling._NUM_WARPS = default_warps
 
 
 def _best_seconds(fn, device, repeats=3):
@@ -98,17 +129,26 @@ def gpt2_cases(rows, report, device, smoke):
             prompt = torch.randint(0, hf.config.vocab_size, (1, prompt_len),
                                    generator=torch.Generator().manual_seed(0)).to(device)
             ours_s, ours_tokens = _best_seconds(lambda: ours.generate(prompt, new_tokens), device)
+            eager_s, eager_tokens = _best_seconds(lambda: ours.generate(prompt, new_tokens, cuda_graph=False),
+                                                  device) if device == "cuda" else (None, None)
             with torch.inference_mode():
                 hf_s, hf_tokens = _best_seconds(lambda: hf.generate(
                     prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False), device)
             result = {"genfast_tokens_per_s": new_tokens / ours_s, "hf_tokens_per_s": new_tokens / hf_s,
                       "speedup": hf_s / ours_s, "identical_tokens": bool(torch.equal(ours_tokens, hf_tokens)),
                       "first_difference": _first_difference(ours_tokens, hf_tokens, prompt_len)}
+            if eager_s is not None:  # CUDA: the same generate without the CUDA graph
+                result.update(eager_tokens_per_s=new_tokens / eager_s, eager_speedup=hf_s / eager_s,
+                              eager_identical_tokens=bool(torch.equal(eager_tokens, hf_tokens)))
             rows.append(f"gpt2 greedy      {label:8} {prompt_len}+{new_tokens} tokens  genfast "
                         f"{result['genfast_tokens_per_s']:7.1f} tok/s  transformers {result['hf_tokens_per_s']:7.1f} "
                         f"tok/s  speedup {result['speedup']:5.2f}x  identical tokens {result['identical_tokens']}"
                         + ("" if result["identical_tokens"] else f" (first difference at new token "
-                                                                  f"{result['first_difference']})"))
+                                                                  f"{result['first_difference']})")
+                        + ("" if eager_s is None else
+                           f"\n                 {'':8} eager (no CUDA graph): {result['eager_tokens_per_s']:7.1f} "
+                           f"tok/s  speedup {result['eager_speedup']:5.2f}x  identical tokens "
+                           f"{result['eager_identical_tokens']}"))
         except Exception as err:  # report and go on
             result = {"error": f"{type(err).__name__}: {err}"}
             rows.append(f"gpt2 greedy      {label:8} ERROR {result['error']}")
@@ -128,11 +168,18 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script")
     parser.add_argument("--skip-gpt2", action="store_true")
+    parser.add_argument("--sampling-sweep", action="store_true",
+                        help="only the diagnostic sweep of sampling_draw's tile size and warps (CUDA)")
     args = parser.parse_args()
     timer = timer_for(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False
-    report = {"device": device_name(args.device), "torch": torch.__version__, "ops": [], "gpt2": []}
+    report = {"device": device_name(args.device), "torch": torch.__version__, "ops": [], "gpt2": [],
+              "sampling_sweep": []}
     rows: list[str] = []
+    if args.sampling_sweep:
+        sampling_sweep(rows, report, timer, args.device)
+        return finish(f"device: {report['device']}   torch {torch.__version__}   (diagnostic sweep, median ms)",
+                      rows, report, args.out, "sampling_sweep_gpu.json")
     op_cases(rows, report, timer, args.device, args.smoke)
     if not args.skip_gpt2:
         gpt2_cases(rows, report, args.device, args.smoke)

@@ -7,9 +7,12 @@
 #
 # Env: PYTHON (default python3, a CUDA build of torch with triton), GPU_SESSION_BUDGET_S (default
 # 540: every stage's timeout is cut to what is left, so the script ends and writes its files even
-# when a stage hangs). Optional: wheels in .whl/ (e.g. expecttest, which torch.library.opcheck
+# when a stage hangs), GPU_SESSION_TESTS (default "rnn attention_low_precision attention_rest generation":
+# which test groups run, concurrently), GPU_SESSION_BENCHES (default "rnn generation attention"; also
+# "sampling_sweep", a diagnostic: which benchmarks run, in that order). Optional: wheels in .whl/ (e.g. expecttest, which torch.library.opcheck
 # imports) are installed to /tmp/site first. It writes at most eight files under $OUT:
-#   summary.txt          environment, genfast.info(), each stage's exit status and time, test totals
+#   summary.txt          environment, genfast.info(), each stage's exit status and time, test totals,
+#                        benchmarks/gpu_error_probe.sh (how error messages and the C++ runtime behave)
 #   build.log            the extension build
 #   tests.log            pytest output of the CUDA test files (four processes at once)
 #   bench_rnn.txt        benchmarks/gpu_rnn.py: CUDA LSTM/GRU vs cuDNN
@@ -89,21 +92,40 @@ run_tests() {  # NAME FILE...
 }
 # The attention tests are split in two: each new tile/dtype/head-dim combination is a Triton compile of
 # seconds, and one process did not finish them in 240 s on an H200 machine.
-run_tests rnn tests/test_rnn_cuda.py tests/test_package.py &
-(export GENFAST_FLASH_AUTOTUNE=0; run_tests attention_low_precision tests/test_flash_attention_cuda.py -k low_precision) &
-(export GENFAST_FLASH_AUTOTUNE=0; run_tests attention_rest tests/test_flash_attention_cuda.py -k "not low_precision") &
-run_tests generation tests/test_generation_cuda.py &
+# The argument-error tests run in a process of their own: on one image every error message that formatted
+# an integer crashed the process (gpu_error_probe.sh, run alongside, looks into it), which would take
+# the rest of the file down with it.
+TEST_GROUPS=" ${GPU_SESSION_TESTS:-rnn attention_low_precision attention_rest generation} "
+wanted() { [[ $TEST_GROUPS == *" $1 "* ]]; }
+wanted rnn && (run_tests rnn tests/test_rnn_cuda.py tests/test_package.py -k "not argument_errors";
+               run_tests rnn_argument_errors tests/test_rnn_cuda.py -k argument_errors) &
+(PYTHON=$PY timeout "$(cap 240)" bash benchmarks/gpu_error_probe.sh > "$WORK/probe.log" 2>&1) &
+wanted attention_low_precision && (export GENFAST_FLASH_AUTOTUNE=0;
+  run_tests attention_low_precision tests/test_flash_attention_cuda.py -k low_precision) &
+wanted attention_rest && (export GENFAST_FLASH_AUTOTUNE=0;
+  run_tests attention_rest tests/test_flash_attention_cuda.py -k "not low_precision") &
+wanted generation && run_tests generation tests/test_generation_cuda.py &
 wait
-for name in rnn attention_low_precision attention_rest generation; do
+{ echo "===== gpu_error_probe.sh"; cat "$WORK/probe.log"; } >> "$SUMMARY"
+for name in rnn rnn_argument_errors attention_low_precision attention_rest generation; do
+  [[ -f $WORK/tests_$name.log ]] || continue
   { echo "===== tests $name"; cat "$WORK/tests_$name.log"; } >> "$OUT/tests.log"
   echo "tests $name: $(grep -E 'passed|failed|error|no tests ran' "$WORK/tests_$name.log" | tail -1)" >> "$SUMMARY"
 done
 
 # Benchmarks, one at a time, each side by side with its PyTorch baseline.
-stage "bench rnn" 120 "$OUT/bench_rnn.txt" $PY benchmarks/gpu_rnn.py --out "$WORK/json"
-stage "bench generation" 180 "$OUT/bench_generation.txt" $PY benchmarks/gpu_generation.py --out "$WORK/json"
-stage "bench attention" 400 "$OUT/bench_attention.txt" $PY benchmarks/gpu_attention.py --out "$WORK/json" \
-  --seqlens "${ATTENTION_SEQLENS:-4096,16384}" --head-dims "${ATTENTION_HEAD_DIMS:-64,128}"
+for bench in ${GPU_SESSION_BENCHES:-rnn generation attention}; do
+  case $bench in
+    rnn) stage "bench rnn" 120 "$OUT/bench_rnn.txt" $PY benchmarks/gpu_rnn.py --out "$WORK/json" ;;
+    generation) stage "bench generation" 180 "$OUT/bench_generation.txt" $PY benchmarks/gpu_generation.py \
+      --out "$WORK/json" ;;
+    attention) stage "bench attention" 400 "$OUT/bench_attention.txt" $PY benchmarks/gpu_attention.py \
+      --out "$WORK/json" --seqlens "${ATTENTION_SEQLENS:-4096,16384}" --head-dims "${ATTENTION_HEAD_DIMS:-64,128}" ;;
+    sampling_sweep) stage "bench sampling sweep" 150 "$OUT/bench_generation.txt" $PY benchmarks/gpu_generation.py \
+      --sampling-sweep --out "$WORK/json" ;;
+    *) log "unknown benchmark '$bench' in GPU_SESSION_BENCHES (rnn, generation, attention, sampling_sweep)" ;;
+  esac
+done
 
 tar -czf "$OUT/results_json.tar.gz" -C "$WORK" json
 log "done"

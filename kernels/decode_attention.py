@@ -3,6 +3,10 @@
     from genfast.kernels.decode_attention import decode_attention
     out = decode_attention(q, k_cache, v_cache, length, scale)   # q (B, Hq, D), caches (B, Hk, max_len, D|Dv)
 
+``length`` is an int, or a one-element integer tensor on q's device that the kernels read from memory:
+then no host value changes from one decode step to the next, so a CUDA graph can capture the call once
+and replay it as the cache grows (genfast.models.gpt2 does). Splits are then sized for max_len.
+
     out[b, h] = softmax(scale * K[b, g, :length] q[b, h]) V[b, g, :length],   g = h // (Hq // Hk)
 
 The CUDA implementation of ``torch.ops.genfast.decode_attention`` (registered in
@@ -45,15 +49,15 @@ _PROGRAMS_PER_SM = 2
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-@triton.jit(do_not_specialize=["length", "chunk_len", "scale_bits"])
+@triton.jit(do_not_specialize=["length", "max_len", "chunk_len", "scale_bits"])
 def _decode_attention_split_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, partial_out_ptr, partial_lse_ptr,
+    q_ptr, k_ptr, v_ptr, out_ptr, partial_out_ptr, partial_lse_ptr, length_ptr,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_od,
-    num_q_heads, group_size, length, chunk_len, head_dim, head_dim_v, scale_bits,
-    ACC_DTYPE: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
+    num_q_heads, group_size, length, max_len, chunk_len, head_dim, head_dim_v, scale_bits,
+    ACC_DTYPE: tl.constexpr, SINGLE_SPLIT: tl.constexpr, LENGTH_IN_MEMORY: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     batch_head = tl.program_id(0)
@@ -74,7 +78,11 @@ def _decode_attention_split_kernel(
     k_base = k_ptr + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = v_ptr + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
 
-    # This program's keys: [key_begin, key_end), never empty (the launcher sizes the splits so).
+    if LENGTH_IN_MEMORY:
+        # Clamped, because no host check saw this value: out-of-range lengths must not read past the cache.
+        length = tl.minimum(tl.maximum(tl.load(length_ptr).to(tl.int32), 1), max_len)
+    # This program's keys: [key_begin, key_end). Never empty when the launcher knows the length; with a
+    # length in memory the splits cover max_len, and chunks past the length write no weight (below).
     key_begin = split * chunk_len
     key_end = tl.minimum(key_begin + chunk_len, length)
     running_max = tl.full([], float("-inf"), ACC_DTYPE)
@@ -97,14 +105,18 @@ def _decode_attention_split_kernel(
         acc = acc * rescale + tl.sum(probs[:, None] * v, 0)
         running_max = new_max
 
-    out = acc / running_sum
+    # An empty chunk (key_begin >= length, only with LENGTH_IN_MEMORY; never chunk 0) has running_sum 0:
+    # its partial output is written as 0 and its logsumexp as -inf, a weight of exactly 0 in the reduce.
+    out = acc / tl.where(running_sum > 0, running_sum, 1.0)
     if SINGLE_SPLIT:
         tl.store(out_ptr + batch.to(tl.int64) * stride_ob + q_head.to(tl.int64) * stride_oh + dims_v * stride_od,
                  out.to(out_ptr.dtype.element_ty), mask=dim_v_valid)
     else:
         slot = batch_head.to(tl.int64) * num_splits + split
         tl.store(partial_out_ptr + slot * head_dim_v + dims_v, out, mask=dim_v_valid)
-        tl.store(partial_lse_ptr + slot, running_max + tl.log(running_sum))
+        has_keys = running_sum > 0
+        lse = running_max + tl.log(tl.where(has_keys, running_sum, 1.0))
+        tl.store(partial_lse_ptr + slot, tl.where(has_keys, lse, float("-inf")))
 
 
 @triton.jit
@@ -159,7 +171,7 @@ def _block_n(block_d: int) -> int:
     return 64 if block_d <= 64 else 32  # keeps the BLOCK_N x BLOCK_D tile at <= 64 fp32 values a thread
 
 
-def _check(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: int) -> None:
+def _check(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: int | Tensor) -> None:
     # The C++ op's checks and messages (csrc/cpu/decode_attention.cpp), minus the device, plus the head dim.
     op = "decode_attention"
     if q.dim() != 3:
@@ -189,7 +201,11 @@ def _check(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: int) -> None:
                            f"({heads_kv})")
     if k_cache.shape[3] != dim:
         raise RuntimeError(f"{op}: head dim of q ({dim}) and k_cache ({k_cache.shape[3]}) differ")
-    if not 1 <= length <= max_len:
+    if isinstance(length, Tensor):
+        if length.numel() != 1 or length.dtype not in (torch.int32, torch.int64) or length.device != q.device:
+            raise RuntimeError(f"{op}: a length tensor must hold one int32/int64 value on {q.device}, got "
+                               f"{length.dtype} {tuple(length.shape)} on {length.device}")
+    elif not 1 <= length <= max_len:
         raise RuntimeError(f"{op}: length must be in [1, max_len={max_len}], got {length}")
     if k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
         raise RuntimeError(f"{op}: k_cache and v_cache must be contiguous in their last dim")
@@ -198,14 +214,18 @@ def _check(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: int) -> None:
                            f"{v_cache.shape[3]}")
 
 
-def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: int, scale: float, *,
+def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: int | Tensor, scale: float, *,
                      num_splits: int | None = None) -> Tensor:
     """softmax(scale * K[:length] q) V[:length] for q (B, Hq, D), caches (B, Hk, max_len, D|Dv) -> (B, Hq, Dv).
 
+    ``length``: an int in [1, max_len], or a one-element int32/int64 tensor on q's device, read by the
+    kernels (never by the host: values outside [1, max_len] are clamped into it).
     ``num_splits`` overrides the heuristic (tests use it to force many chunks on short inputs); it is
-    capped so that no chunk is empty.
+    capped so that no chunk is empty (with a length tensor: so that chunk 0 is not).
     """
-    length = int(length)
+    length_in_memory = isinstance(length, Tensor)
+    if not length_in_memory:
+        length = int(length)
     _check(q, k_cache, v_cache, length)
     batch, heads_q, dim = q.shape
     heads_kv, dim_v = k_cache.shape[1], v_cache.shape[3]
@@ -219,10 +239,12 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: int, s
     block_dv = max(16, triton.next_power_of_2(dim_v))
     block_n = _block_n(max(block_d, block_dv))
 
-    splits = num_splits_for(rows, length, q.device) if num_splits is None else max(1, int(num_splits))
+    max_len = k_cache.shape[2]
+    split_over = max_len if length_in_memory else length  # the keys the chunks must cover
+    splits = num_splits_for(rows, split_over, q.device) if num_splits is None else max(1, int(num_splits))
     # Chunks are whole tiles, and the count is recomputed so that none is empty.
-    chunk_len = triton.cdiv(triton.cdiv(length, min(splits, length)), block_n) * block_n
-    splits = triton.cdiv(length, chunk_len)
+    chunk_len = triton.cdiv(triton.cdiv(split_over, min(splits, split_over)), block_n) * block_n
+    splits = triton.cdiv(split_over, chunk_len)
     if splits > 1:
         partial_out = torch.empty((rows, splits, dim_v), dtype=torch.float64 if wide else torch.float32,
                                   device=q.device)
@@ -232,11 +254,11 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: int, s
     scale_bits = struct.unpack("<q", struct.pack("<d", float(scale)))[0]
 
     _decode_attention_split_kernel[(rows, splits)](
-        q, k_cache, v_cache, out, partial_out, partial_lse,
+        q, k_cache, v_cache, out, partial_out, partial_lse, length if length_in_memory else out,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
-        heads_q, heads_q // heads_kv, length, chunk_len, dim, dim_v, scale_bits,
-        ACC_DTYPE=acc_dtype, SINGLE_SPLIT=splits == 1, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        num_warps=4)
+        heads_q, heads_q // heads_kv, 0 if length_in_memory else length, max_len, chunk_len, dim, dim_v,
+        scale_bits, ACC_DTYPE=acc_dtype, SINGLE_SPLIT=splits == 1, LENGTH_IN_MEMORY=length_in_memory,
+        BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=4)
     if splits > 1:
         _decode_attention_reduce_kernel[(rows,)](
             partial_out, partial_lse, out, *out.stride(), heads_q, splits, dim_v,

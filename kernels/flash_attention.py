@@ -169,6 +169,13 @@ def _flash_attention_forward_kernel(
     batch = batch_head // num_q_heads
     q_head = batch_head % num_q_heads
     kv_head = q_head // GROUP_SIZE
+    if ACC_DTYPE == tl.float32:
+        # Triton's launcher types a Python float argument as fp32, torch.compile types it as fp64, and
+        # torch's mutation analysis of the kernel passes it as a constant Python float: tl.cast takes all
+        # three. Without it an fp64 scale would promote the softmax and the accumulator to fp64 under
+        # torch.compile. (Inline, not a helper: a jit call would round a Python float to fp32 first,
+        # which the fp64 path must not.)
+        qk_scale_log2 = tl.cast(qk_scale_log2, tl.float32)
 
     # 64-bit base offsets: B*H*L*D overflows int32 for long sequences.
     q_ptr += batch.to(tl.int64) * stride_qb + q_head.to(tl.int64) * stride_qh
@@ -278,6 +285,8 @@ def _flash_attention_backward_dkdv_kernel(
     BLOCK_N: tl.constexpr,
 ):
     """One block of keys of one K/V head; walks every query block of every query head in its group."""
+    if ACC_DTYPE == tl.float32:  # see the forward kernel
+        scale, qk_scale_log2 = tl.cast(scale, tl.float32), tl.cast(qk_scale_log2, tl.float32)
     block_n = tl.program_id(0)
     batch_head = tl.program_id(1)
     batch = batch_head // num_kv_heads
@@ -359,6 +368,8 @@ def _flash_attention_backward_dq_kernel(
     BLOCK_N: tl.constexpr,
 ):
     """One block of query rows of one query head; walks the key blocks it can see."""
+    if ACC_DTYPE == tl.float32:  # see the forward kernel
+        scale, qk_scale_log2 = tl.cast(scale, tl.float32), tl.cast(qk_scale_log2, tl.float32)
     block_m = tl.program_id(0)
     batch_head = tl.program_id(1)
     batch = batch_head // num_q_heads

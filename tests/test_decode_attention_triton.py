@@ -95,6 +95,30 @@ def test_heuristic_splits_a_long_context():
                                atol=TOL[torch.float32], rtol=TOL[torch.float32])
 
 
+@pytest.mark.parametrize("length,num_splits", [(1, None), (17, None), (17, 5), (33, 3), (48, 3)])
+def test_length_read_from_memory_matches_int_length(length, num_splits):
+    # The CUDA-graph path: the length is a tensor, splits are sized for max_len=48 (three 16-key chunks
+    # with num_splits=3), and chunks past the length (all but chunk 0 at length 1 or 17) must weigh 0.
+    q, k_cache, v_cache = make_inputs(1, 4, 2, 48, 24, 24, torch.float32, seed=length)
+    for dtype in (torch.int64, torch.int32):
+        got = decode_attention(q, k_cache, v_cache, torch.tensor([length], dtype=dtype), 0.2, num_splits=num_splits)
+        torch.testing.assert_close(got.double(), expected_output(q, k_cache, v_cache, length, 0.2),
+                                   atol=TOL[torch.float32], rtol=TOL[torch.float32])
+
+
+def test_length_in_memory_is_clamped_to_the_cache():
+    # No host check sees a length tensor's value: out-of-range values must read inside the cache.
+    q, k_cache, v_cache = make_inputs(1, 2, 2, 20, 8, 8, torch.float32, seed=7)
+    for value, clamped in [(0, 1), (-5, 1), (21, 20), (10**6, 20)]:
+        got = decode_attention(q, k_cache, v_cache, torch.tensor(value), 0.5, num_splits=2)
+        torch.testing.assert_close(got.double(), expected_output(q, k_cache, v_cache, clamped, 0.5),
+                                   atol=TOL[torch.float32], rtol=TOL[torch.float32])
+    with pytest.raises(RuntimeError, match="length tensor must hold one int32/int64"):
+        decode_attention(q, k_cache, v_cache, torch.tensor([3.0]), 0.5)
+    with pytest.raises(RuntimeError, match="length tensor must hold one int32/int64"):
+        decode_attention(q, k_cache, v_cache, torch.tensor([3, 4]), 0.5)
+
+
 def test_strided_views_are_read_in_place():
     # A layer's slice of a (n_layer, B, H, max_len, D) buffer, and q = x[:, :, 0] of a (B, H, T, D)
     # projection, as genfast.models.gpt2 passes them.

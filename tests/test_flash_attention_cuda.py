@@ -147,7 +147,7 @@ def test_cpu_tensors_are_refused_with_a_clear_error():
         flash_attention(q, q, q)
 
 
-def _ahead_of_time_compile(kernel, capability, constants, num_warps, num_stages):
+def _ahead_of_time_compile(kernel, capability, constants, num_warps, num_stages, scale_type="fp32"):
     from tests.triton_aot import compile_for
 
     fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
@@ -158,7 +158,7 @@ def _ahead_of_time_compile(kernel, capability, constants, num_warps, num_stages)
         elif name.endswith("_ptr"):
             types[name] = "*bf16"
         elif name in ("scale", "qk_scale_log2"):
-            types[name] = "fp32"
+            types[name] = scale_type
         else:
             types[name] = "i32"
     return compile_for(kernel, capability, {n: t for n, t in types.items() if n not in constants}, constants,
@@ -181,6 +181,28 @@ def test_kernels_compile_for_ampere_and_hopper(capability):
     preprocess = _ahead_of_time_compile(flash_module._flash_attention_backward_preprocess_kernel, capability,
                                         dict(BLOCK_D=128, ACC_DTYPE=tl.float32, BLOCK_M=64), 4, 1)
     assert preprocess.asm["cubin"]
+
+
+@pytest.mark.parametrize("scale_as", ["fp64", "constant"])
+def test_kernels_compile_with_the_scale_as_torch_passes_it(scale_as):
+    # Triton's launcher types a Python float argument as fp32. torch.compile (Inductor's user-defined
+    # Triton kernel path) types it as fp64, and torch's mutation analysis of the kernel (opcheck's
+    # aot_dispatch test) passes it as a constant Python float. The kernels must bring the scale to the
+    # accumulator type in a way that takes all three: with fp64, the softmax and the accumulator were
+    # promoted to fp64 and tl.dot refused the accumulator (test_torch_compile_traces_into_the_kernels on
+    # the H200); with a constant, `scale.to(...)` failed (test_opcheck on the H200).
+    constants = dict(GROUP_SIZE=1, IS_CAUSAL=True, BLOCK_D=64, ACC_DTYPE=tl.float32, DOT_PRECISION="tf32",
+                     UPCAST_BF16=False, BLOCK_M=64, BLOCK_N=64)
+    if scale_as == "constant":
+        constants.update(scale=0.125, qk_scale_log2=0.125 * 1.4426950408889634)
+    for kernel in (flash_module._flash_attention_forward_kernel, flash_module._flash_attention_backward_dkdv_kernel,
+                   flash_module._flash_attention_backward_dq_kernel):
+        compiled = _ahead_of_time_compile(kernel, 90, constants, num_warps=4, num_stages=2, scale_type="fp64")
+        assert compiled.asm["cubin"], kernel
+        float64_work = [line.strip() for line in compiled.asm["ptx"].splitlines()
+                        if ".f64" in line and not line.strip().startswith((".param", "cvt.rn.f32.f64"))]
+        assert not float64_work, f"{kernel.fn.__name__}: float64 arithmetic beyond converting the scale: " \
+                                 f"{float64_work[:3]}"
 
 
 # ---- the drop-in API on CUDA tensors: genfast.nn.functional and MultiheadAttention ------------

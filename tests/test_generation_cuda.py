@@ -109,6 +109,46 @@ def test_gpt2_greedy_on_cuda_follows_the_float64_model(dtype):
     assert (gap <= slack).all(), f"largest gap to the fp64 argmax {gap.max().item():.3g} > {slack}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpt2_cuda_graph_decode_gives_the_eager_tokens(dtype):
+    # The CUDA-graph decode (the default on CUDA) replays the eager step's kernels, with the length read
+    # from memory. Caches under 512 rows keep decode_attention at one split either way, so the
+    # arithmetic is the same and the tokens must be identical, greedy and sampled. (Longer caches split
+    # differently by design: test_decode_attention_length_in_memory checks that path against the reference.)
+    from genfast.models.gpt2 import GPT2, GPT2Config
+
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(vocab_size=500, n_positions=512, n_embd=64, n_layer=2, n_head=4)).eval()
+    model = model.to("cuda", dtype)
+    prompt = torch.randint(0, 500, (3, 300), generator=torch.Generator().manual_seed(2)).cuda()
+    eager = model.generate(prompt, 100, cuda_graph=False)
+    assert torch.equal(model.generate(prompt, 100), eager)
+    assert torch.equal(model.generate(prompt, 100, cuda_graph=True), eager)
+
+    def sampled(cuda_graph):
+        generator = torch.Generator(device="cuda").manual_seed(3)
+        return model.generate(prompt[:1, :8], 30, do_sample=True, top_k=20, top_p=0.9, num_return_sequences=2,
+                              repetition_penalty=1.2, generator=generator, cuda_graph=cuda_graph)
+
+    assert torch.equal(sampled(True), sampled(False))
+
+
+@pytest.mark.parametrize("num_splits", [None, 3, 7])
+def test_decode_attention_length_in_memory(num_splits):
+    # The CUDA-graph path of the kernel: splits cover max_len=2000, chunks past the length weigh 0.
+    from genfast.kernels.decode_attention import decode_attention
+
+    generator = torch.Generator().manual_seed(11)
+    q, k_cache, v_cache = (torch.randn(*shape, generator=generator) for shape in
+                           [(2, 8, 64), (2, 2, 2000, 64), (2, 2, 2000, 64)])
+    for length in (1, 300, 1999):
+        got = decode_attention(q.cuda(), k_cache.cuda(), v_cache.cuda(), torch.tensor([length], device="cuda"),
+                               0.125, num_splits=num_splits)
+        expected = reference.attention(q.double()[:, :, None], k_cache.double()[:, :, :length],
+                                       v_cache.double()[:, :, :length], scale=0.125, enable_gqa=True)[:, :, 0]
+        torch.testing.assert_close(got.cpu().double(), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_gpt2_sampling_on_cuda_is_reproducible_and_stays_in_top_k(recwarn):
     from genfast.models.gpt2 import GPT2, GPT2Config
 

@@ -108,6 +108,26 @@ def test_kv_cache_decoding_equals_full_recomputation(hf_tiny):
     assert torch.equal(got, seq)
 
 
+def test_decode_step_at_a_device_position_equals_the_cached_step(hf_tiny):
+    # The step a CUDA graph captures (tests/test_generation_cuda.py replays it): the cache row and the
+    # attended length come from a position tensor instead of cache.length. Same kernels, same logits.
+    ours = GPT2.from_hf(hf_tiny)
+    ids = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        by_length, by_position = ours.new_cache(2, 12), ours.new_cache(2, 12)
+        ours(ids[:, :4], by_length), ours(ids[:, :4], by_position)
+        for t in (4, 5):
+            expected = ours(ids[:, t:t + 1], by_length, last_only=True)
+            got = ours(ids[:, t:t + 1], by_position, last_only=True, position=torch.tensor([t]))
+            assert torch.equal(got, expected), t
+    assert by_position.length == 4  # a position tensor neither reads nor advances cache.length
+    assert torch.equal(by_position.k[:, :, :, :6], by_length.k[:, :, :, :6])
+    with pytest.raises(ValueError, match="one token per row"):
+        ours(ids[:, :2], by_position, position=torch.tensor([6]))
+    with pytest.raises(ValueError, match="cuda_graph=True needs the model on a CUDA device"):
+        ours.generate(ids, 3, cuda_graph=True)
+
+
 def test_greedy_with_repetition_penalty_equals_hf(hf_tiny):
     ours = GPT2.from_hf(hf_tiny)
     ids = torch.randint(0, 100, (2, 4), generator=torch.Generator().manual_seed(5))

@@ -2,6 +2,8 @@
 import subprocess
 import sys
 
+import pytest
+
 import genfast
 
 
@@ -35,3 +37,22 @@ def test_missing_extension_raises_import_error_with_build_hint():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "pip install --no-build-isolation" in done.stdout
+
+
+def test_extension_links_the_shared_cxx_runtime():
+    # setup.py names libstdc++.so.6 at link time: one GPU image's g++ linked the static libstdc++ into
+    # genfast._C, whose private, uninitialised locale crashed every error message that formatted an
+    # integer. The crash itself is covered by the bad-input tests; this says why, if it comes back.
+    import shutil
+
+    import genfast._C
+
+    if shutil.which("readelf") is None or shutil.which("nm") is None:
+        pytest.skip("needs binutils (readelf, nm)")
+    dynamic = subprocess.run(["readelf", "-d", genfast._C.__file__], capture_output=True, text=True,
+                             check=True).stdout
+    assert "[libstdc++.so.6]" in dynamic, f"genfast._C does not load the shared libstdc++:\n{dynamic}"
+    exported = subprocess.run(["nm", "-D", "--defined-only", genfast._C.__file__], capture_output=True,
+                              text=True, check=True).stdout
+    private_runtime = [line for line in exported.splitlines() if "_ZNSt6locale" in line]
+    assert not private_runtime, f"genfast._C defines libstdc++'s locale itself: {private_runtime[:3]}"

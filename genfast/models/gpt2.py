@@ -6,8 +6,10 @@ Hugging Face-compatible generation.
 
 Prefill runs the prompt through genfast's causal scaled_dot_product_attention; each
 decode step attends one new token to a preallocated cache (n_layer, B, H, max_len, D)
-with genfast's decode_attention (a fused C++ op on CPU). Logits match
-transformers.GPT2LMHeadModel's for the same weights.
+with genfast's decode_attention (a fused C++ op on CPU, Triton flash-decoding on CUDA). On CUDA,
+generate() captures the decode step once as a CUDA graph and replays it per token: at batch 1 a
+step is ~100 small kernels, and launching them one by one from Python is most of its time.
+Logits match transformers.GPT2LMHeadModel's for the same weights.
 """
 from __future__ import annotations
 
@@ -98,10 +100,15 @@ class CausalSelfAttention(nn.Module):
         if config.scale_attn_by_inverse_layer_idx:
             self.scale /= layer_idx + 1
 
-    def forward(self, x: Tensor, cache: KVCache | None) -> Tensor:
+    def forward(self, x: Tensor, cache: KVCache | None, position: Tensor | None = None) -> Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3x (B,H,T,D)
-        if cache is None:
+        if position is not None:  # a decode step at a position held on the device (see GPT2.forward)
+            k_cache, v_cache = cache.k[self.layer_idx], cache.v[self.layer_idx]
+            k_cache.index_copy_(2, position, k)
+            v_cache.index_copy_(2, position, v)
+            y = decode_attention(q[:, :, 0], k_cache, v_cache, position + 1, self.scale).unsqueeze(2)
+        elif cache is None:
             y = gf.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         else:
             start, end = cache.length, cache.length + T
@@ -130,8 +137,8 @@ class Block(nn.Module):
         self.c_proj = Linear(inner, config.n_embd)
         self.act = _ACTIVATIONS[config.activation_function]
 
-    def forward(self, x: Tensor, cache: KVCache | None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(self, x: Tensor, cache: KVCache | None, position: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), cache, position)
         return x + self.c_proj(self.act(self.c_fc(self.ln_2(x))))
 
 
@@ -146,22 +153,32 @@ class GPT2(nn.Module):
         # Tied (the GPT-2 default): the output projection is the token embedding.
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.n_embd, config.vocab_size, bias=False)
 
-    def forward(self, input_ids: Tensor, cache: KVCache | None = None, last_only: bool = False) -> Tensor:
+    def forward(self, input_ids: Tensor, cache: KVCache | None = None, last_only: bool = False,
+                position: Tensor | None = None) -> Tensor:
         """Logits (B, T, vocab) for input_ids (B, T), or (B, 1, vocab) with last_only.
 
         With a cache, input_ids continue the cached sequence and the cache is extended.
+        ``position`` (one token per row, with a cache): the cache row to fill, as a one-element int64
+        tensor on the model's device, in place of cache.length, which is then neither read nor
+        advanced. No host value depends on it, so the call can be captured in a CUDA graph
+        (see _CUDAGraphDecodeStep); the caller keeps it below cache.max_len and n_positions.
         """
         B, T = input_ids.shape
-        start = cache.length if cache is not None else 0
-        if start + T > self.config.n_positions:
-            raise ValueError(f"sequence length {start + T} exceeds n_positions={self.config.n_positions}")
-        if cache is not None and start + T > cache.max_len:
-            raise ValueError(f"KV cache holds {cache.max_len} positions; {start + T} needed")
-        positions = torch.arange(start, start + T, device=input_ids.device)
+        if position is not None:
+            if cache is None or T != 1:
+                raise ValueError("position needs a cache and one token per row")
+            positions = position
+        else:
+            start = cache.length if cache is not None else 0
+            if start + T > self.config.n_positions:
+                raise ValueError(f"sequence length {start + T} exceeds n_positions={self.config.n_positions}")
+            if cache is not None and start + T > cache.max_len:
+                raise ValueError(f"KV cache holds {cache.max_len} positions; {start + T} needed")
+            positions = torch.arange(start, start + T, device=input_ids.device)
         x = self.wte(input_ids) + self.wpe(positions)
         for block in self.h:
-            x = block(x, cache)
-        if cache is not None:
+            x = block(x, cache, position)
+        if cache is not None and position is None:
             cache.length += T
         if last_only:
             x = x[:, -1:]
@@ -179,7 +196,7 @@ class GPT2(nn.Module):
                  top_k: int | None = None, top_p: float = 1.0, repetition_penalty: float = 1.0,
                  num_return_sequences: int = 1, eos_token_id: int | list[int] | None = None,
                  pad_token_id: int | None = None, generator: torch.Generator | None = None,
-                 streamer=None) -> Tensor:
+                 streamer=None, cuda_graph: bool | None = None) -> Tensor:
         """Prompt plus up to max_new_tokens tokens, (B * num_return_sequences, T + new), as HF's generate.
 
         Per step, as transformers applies them: repetition penalty (over prompt and output),
@@ -188,6 +205,8 @@ class GPT2(nn.Module):
         and generation stops early once every row has. Unlike HF, eos_token_id=None means
         no end token (HF falls back to the model's generation config). ``streamer`` gets
         HF's calls: put(prompt), put(tokens) per step, end(). Prompts are unpadded (one length).
+        ``cuda_graph`` (default: on for a model on CUDA): run the decode steps as one captured CUDA
+        graph (_CUDAGraphDecodeStep); the same kernels, so the same tokens, with fewer launches.
         """
         if input_ids.dim() != 2 or input_ids.dtype != torch.long:
             raise ValueError(f"input_ids must be int64 (batch, length), got {input_ids.dtype} "
@@ -203,6 +222,9 @@ class GPT2(nn.Module):
                              "do_sample=True (as in transformers)")
         if streamer is not None and input_ids.shape[0] * num_return_sequences != 1:
             raise ValueError("streamer supports a single sequence (batch 1, num_return_sequences 1)")
+        on_cuda = self.wte.weight.is_cuda
+        if cuda_graph and not on_cuda:
+            raise ValueError(f"cuda_graph=True needs the model on a CUDA device; it is on {self.wte.weight.device}")
         eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
         if eos and pad_token_id is None:
             pad_token_id = eos[0]
@@ -224,6 +246,9 @@ class GPT2(nn.Module):
         unfinished = torch.ones(batch, dtype=torch.bool, device=tokens.device)
         cache = self.new_cache(batch, total)
         logits = self(input_ids, cache, last_only=True)[:, -1]
+        graph_step = None
+        if (on_cuda and max_new_tokens > 1) if cuda_graph is None else cuda_graph:
+            graph_step = _CUDAGraphDecodeStep(self, cache)
         length = prompt_len
         for step in range(max_new_tokens):
             scores = logits.float()
@@ -243,7 +268,10 @@ class GPT2(nn.Module):
             if eos_ids is not None and not bool(unfinished.any()):
                 break
             if step + 1 < max_new_tokens:
-                logits = self(next_tokens[:, None], cache, last_only=True)[:, -1]
+                if graph_step is not None:
+                    logits = graph_step(next_tokens)  # the graph's output buffer: read before the next step
+                else:
+                    logits = self(next_tokens[:, None], cache, last_only=True)[:, -1]
         if streamer is not None:
             streamer.end()
         return tokens[:, :length]
@@ -265,6 +293,38 @@ class GPT2(nn.Module):
         if dtype is not None:
             model.to(dtype)
         return model.eval()
+
+
+class _CUDAGraphDecodeStep:
+    """GPT2's decode step (one token per row -> last-position logits) as a CUDA graph.
+
+    Captured once, right after the prefill, with the next cache row held on the device; each replay
+    writes that row, attends over rows [0, position] (decode_attention reads the length from
+    memory) and advances the position, so one replay per token needs no host value. Inputs and
+    outputs are static buffers: call() copies the tokens in and returns the logits buffer, which the
+    next call overwrites.
+    """
+
+    def __init__(self, model: GPT2, cache: KVCache):
+        device = model.wte.weight.device
+        self.tokens = torch.zeros(cache.k.shape[1], 1, dtype=torch.long, device=device)
+        self.position = torch.full((1,), cache.length, dtype=torch.long, device=device)
+        # Warm up on a side stream, as torch.cuda.graphs asks: Triton compiles and cuBLAS picks its
+        # kernels outside the capture. It writes cache row `position`, which the first replay overwrites.
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            model(self.tokens, cache, last_only=True, position=self.position)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model(self.tokens, cache, last_only=True, position=self.position)[:, -1]
+            self.position += 1
+
+    def __call__(self, tokens: Tensor) -> Tensor:
+        self.tokens.copy_(tokens.view(-1, 1))
+        self.graph.replay()
+        return self.logits
 
 
 def _read_hf_directory(directory: Path) -> tuple[GPT2Config, dict]:

@@ -98,9 +98,20 @@ def apply_repetition_penalty(scores: Tensor, token_ids: Tensor, penalty: float) 
     return scores.scatter(1, token_ids, seen)
 
 
-def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: int, scale: float) -> Tensor:
+def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: int | Tensor, scale: float) -> Tensor:
     """Attention of q (B, Hq, D), one token per row, over the first ``length`` rows of the
-    caches (B, Hk, max_len, D). Returns (B, Hq, Dv)."""
+    caches (B, Hk, max_len, D). Returns (B, Hq, Dv).
+
+    On CUDA ``length`` may be a one-element integer tensor on q's device, which the Triton kernels
+    read from memory, so that a CUDA graph can capture a decode step and replay it as the cache grows
+    (elsewhere a tensor length is read on the host)."""
+    if isinstance(length, Tensor):
+        if q.is_cuda:
+            from genfast.kernels import load
+
+            return load("decode_attention", "decode_attention").decode_attention(q, k_cache, v_cache, length,
+                                                                                 scale)
+        length = int(length)
     if q.device.type in _OP_DEVICES:
         from genfast.ops.decode_attention import decode_attention as op
 
