@@ -55,13 +55,15 @@ def test_decode_attention_kernels_compile(head_dim, pointer, width, capability):
     strides = [f"stride_{t}{d}" for t, dims in (("q", "bhd"), ("k", "bhnd"), ("v", "bhnd"), ("o", "bhd"))
                for d in dims]
     types = dict(q_ptr=pointer, k_ptr=pointer, v_ptr=pointer, out_ptr=pointer, partial_out_ptr=accumulate,
-                 partial_lse_ptr=accumulate, num_q_heads="i32", group_size="i32", length="i32", chunk_len="i32",
-                 head_dim="i32", head_dim_v="i32", scale_bits="i64", **{name: "i32" for name in strides})
+                 partial_lse_ptr=accumulate, length_ptr="*i64", num_q_heads="i32", group_size="i32", length="i32",
+                 max_len="i32", chunk_len="i32", head_dim="i32", head_dim_v="i32", scale_bits="i64",
+                 **{name: "i32" for name in strides})
     block_n = decode_attention._block_n(head_dim)
-    split = compile_for(decode_attention._decode_attention_split_kernel, capability, types,
-                        dict(ACC_DTYPE=acc, SINGLE_SPLIT=False, BLOCK_N=block_n, BLOCK_D=head_dim,
-                             BLOCK_DV=head_dim), num_warps=4)
-    assert split.asm["cubin"]
+    for length_in_memory in (False, True):  # an int length, and the CUDA-graph path's length tensor
+        split = compile_for(decode_attention._decode_attention_split_kernel, capability, types,
+                            dict(ACC_DTYPE=acc, SINGLE_SPLIT=False, LENGTH_IN_MEMORY=length_in_memory,
+                                 BLOCK_N=block_n, BLOCK_D=head_dim, BLOCK_DV=head_dim), num_warps=4)
+        assert split.asm["cubin"]
     reduce_types = dict(partial_out_ptr=accumulate, partial_lse_ptr=accumulate, out_ptr=pointer,
                         stride_ob="i32", stride_oh="i32", stride_od="i32", num_q_heads="i32", num_splits="i32",
                         head_dim_v="i32")
