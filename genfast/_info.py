@@ -31,6 +31,7 @@ def info(print_it: bool = True) -> dict:
     report["triton_interpret"] = os.environ.get("TRITON_INTERPRET", "0") == "1"
     report["cuda_device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     report["threads"] = torch.get_num_threads()
+    report["huge_pages"] = _huge_pages()
     try:
         from genfast.nn import functional as _functional
 
@@ -44,3 +45,18 @@ def info(print_it: bool = True) -> dict:
         for key, value in report.items():
             print(f"{key:<{width}}  {value}")
     return report
+
+
+def _huge_pages() -> str:
+    """Whether the CPU kernels' large buffers get transparent huge pages (csrc/cpu/memory.h)."""
+    if os.environ.get("GENFAST_HUGE_PAGES", "1").startswith("0"):
+        return "off (GENFAST_HUGE_PAGES=0)"
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as modes:
+            mode = modes.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return "not available (no Linux transparent huge pages)"
+    if mode == "never":
+        return "not available (transparent_hugepage is 'never')"
+    return f"requested for buffers >= 4 MB (transparent_hugepage: {mode})"
+

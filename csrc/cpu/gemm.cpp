@@ -8,6 +8,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu/memory.h"
 #include "cpu/simd.h"
 
 namespace genfast::cpu {
@@ -293,11 +294,14 @@ void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* b
     return;
   }
   const int64_t panels = (N + kWidth - 1) / kWidth;
-  std::vector<T> packed(panels * K * kWidth);
+  // Not a std::vector: that would zero every page before packing overwrites it.
+  const at::Tensor packed_buffer =
+      empty_large({panels * K * kWidth}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  T* const packed = packed_buffer.data_ptr<T>();
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
     pack_panels<T>(b + p0 * kWidth * stride_n, stride_k, stride_n, K, p1 - p0, kWidth,
                    [&](int64_t p, int64_t c) { return (p0 + p) * kWidth + c < N ? p * kWidth + c : -1; },
-                   packed.data() + p0 * K * kWidth);
+                   packed + p0 * K * kWidth);
   });
   const int64_t row_blocks = (M + kRows - 1) / kRows;
   // Row-block-major: a thread's consecutive tiles share rows of A (in L2) while the
@@ -307,7 +311,7 @@ void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* b
     for (int64_t item = begin; item < end; ++item) {
       const int64_t r0 = (item / panels) * kRows, p = item % panels;
       const int64_t rows = std::min(kRows, M - r0), c0 = p * kWidth, cols = std::min(kWidth, N - c0);
-      gemm_panel<T>(rows, K, A + r0 * lda, lda, packed.data() + p * K * kWidth, kWidth, tile.data(), kWidth);
+      gemm_panel<T>(rows, K, A + r0 * lda, lda, packed + p * K * kWidth, kWidth, tile.data(), kWidth);
       for (int64_t r = 0; r < rows; ++r) {
         T* c = C + (r0 + r) * ldc + c0;
         const T* t = tile.data() + r * kWidth;

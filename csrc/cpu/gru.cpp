@@ -268,14 +268,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward(const at::Tensor& inp
   const int64_t S = sc.rows;
   const at::Tensor x = input_.reshape({S, input_.size(-1)}).contiguous();
   const at::Tensor w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
-  at::Tensor gx = at::empty({S, kGates * H}, x.options());
+  at::Tensor gx = empty_large({S, kGates * H}, x.options());
   const int64_t I = input_.size(-1);
   const at::Tensor bias_ih = b_ih.has_value() ? b_ih->contiguous() : at::Tensor();
   at::Tensor bias_hh = b_hh.has_value() ? b_hh->contiguous() : at::zeros({kGates * H}, x.options());
-  at::Tensor out = at::empty({S, H}, x.options());
+  at::Tensor out = empty_large({S, H}, x.options());
   at::Tensor hbuf = hx_.unsqueeze(0).expand({2, sc.batch, H}).contiguous();
   at::Tensor hy = at::empty({sc.batch, H}, x.options());
-  at::Tensor ws = at::empty({train ? S * (kGates + 1) * H : 0}, x.options());
+  at::Tensor ws = empty_large({train ? S * (kGates + 1) * H : 0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "genfast::gru_forward", [&] {
     // W_ih x + b_ih for every step at once (b_hh stays apart: r multiplies W_hn h + b_hn).
     matmul<scalar_t>(S, kGates * H, I, x.data_ptr<scalar_t>(), I, w_ih.data_ptr<scalar_t>(), 1, I,
@@ -284,7 +284,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward(const at::Tensor& inp
     const int64_t panels = ceil_div(H, kUnits);
     at::Tensor packed;
     if (!read_weight_in_place(sc)) {
-      packed = at::empty({panels * H * kWidth}, x.options());
+      packed = empty_large({panels * H * kWidth}, x.options());
       pack_panels<scalar_t>(w_hh.data_ptr<scalar_t>(), 1, H, H, panels, kWidth,
                             [&](int64_t p, int64_t col) {
                               const int64_t j = p * kUnits + col % kUnits;
@@ -319,13 +319,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor out = output.reshape({S, H}).contiguous();
   const at::Tensor ws = workspace.contiguous(), hx = hx_.contiguous();
   const at::Tensor w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
-  at::Tensor dGx = at::empty({S, kGates * H}, x.options());
-  at::Tensor dGh = at::empty({S, kGates * H}, x.options());
+  at::Tensor dGx = empty_large({S, kGates * H}, x.options());
+  at::Tensor dGh = empty_large({S, kGates * H}, x.options());
   at::Tensor dh_state = grad_hy.contiguous().clone();
-  at::Tensor h_prev = at::empty({S, H}, x.options());
+  at::Tensor h_prev = empty_large({S, H}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "genfast::gru_backward", [&] {
     const int64_t panels = ceil_div(H, kUnits);
-    at::Tensor packed = at::empty({panels * kGates * H * kUnits}, x.options());
+    at::Tensor packed = empty_large({panels * kGates * H * kUnits}, x.options());
     pack_panels<scalar_t>(w_hh.data_ptr<scalar_t>(), H, 1, kGates * H, panels, kUnits,
                           [&](int64_t p, int64_t col) { return p * kUnits + col < H ? p * kUnits + col : -1; },
                           packed.data_ptr<scalar_t>());
@@ -336,7 +336,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                      h_prev.data_ptr<scalar_t>(), H);
   });
   const int64_t I = input_.size(-1);
-  at::Tensor grad_input = at::empty({S, I}, x.options());
+  at::Tensor grad_input = empty_large({S, I}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "genfast::gru_backward_input", [&] {
     matmul<scalar_t>(S, I, kGates * H, dGx.data_ptr<scalar_t>(), kGates * H, w_ih.data_ptr<scalar_t>(), I, 1, nullptr,
                      grad_input.data_ptr<scalar_t>(), I);

@@ -398,7 +398,7 @@ template <typename T>
 at::Tensor pack_forward_weights(const at::Tensor& w_ih, const at::Tensor& w_hh, int64_t H, int64_t I, int64_t Hout) {
   constexpr int64_t S = kSubWidth<T>;
   const int64_t panels = ceil_div(H, kUnits), K = I + Hout;
-  at::Tensor packed = at::empty({panels * K * kWidth}, w_hh.options());
+  at::Tensor packed = empty_large({panels * K * kWidth}, w_hh.options());
   const T* wi = w_ih.data_ptr<T>();
   const T* wh = w_hh.data_ptr<T>();
   T* out = packed.data_ptr<T>();
@@ -420,7 +420,7 @@ at::Tensor pack_columns(const at::Tensor& w, bool transpose) {
   const int64_t K = transpose ? w.size(1) : w.size(0);
   const int64_t cols = transpose ? w.size(0) : w.size(1);
   const int64_t panels = ceil_div(cols, kUnits);
-  at::Tensor packed = at::empty({panels * K * kUnits}, w.options());
+  at::Tensor packed = empty_large({panels * K * kUnits}, w.options());
   const int64_t ld = w.size(1);
   pack_panels<T>(w.data_ptr<T>(), transpose ? 1 : ld, transpose ? ld : 1, K, panels, kUnits,
                  [&](int64_t p, int64_t col) { return p * kUnits + col < cols ? p * kUnits + col : -1; },
@@ -443,15 +443,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward(
   // Few rows in all (a decode step): the weights are read in place, and the input projection is one
   // product first. Otherwise x_t is multiplied inside each step, against the stacked panels.
   const bool in_place = read_weight_in_place(sc);
-  at::Tensor gx = in_place ? at::empty({S, kGates * H}, x.options()) : at::Tensor();
+  at::Tensor gx = in_place ? empty_large({S, kGates * H}, x.options()) : at::Tensor();
   const at::Tensor bias = b_ih.has_value() ? (*b_ih + *b_hh).contiguous()
                           : in_place      ? at::Tensor()
                                           : at::zeros({kGates * H}, x.options());
-  at::Tensor out = at::empty({S, Hout}, x.options());
+  at::Tensor out = empty_large({S, Hout}, x.options());
   at::Tensor hbuf = hx_.unsqueeze(0).expand({2, sc.batch, Hout}).contiguous();
   at::Tensor cy = cx_.contiguous().clone();
   at::Tensor hy = at::empty({sc.batch, Hout}, x.options());
-  at::Tensor ws = at::empty({train ? S * (kGates + 1 + (project ? 1 : 0)) * H : 0}, x.options());
+  at::Tensor ws = empty_large({train ? S * (kGates + 1 + (project ? 1 : 0)) * H : 0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "genfast::lstm_forward", [&] {
     at::Tensor packed;
     if (in_place)  // G = X W_ih^T + b_ih + b_hh for the few rows there are.
@@ -496,11 +496,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor out = output.reshape({S, Hout}).contiguous();
   const at::Tensor ws = workspace.contiguous(), hx = hx_.contiguous(), cx = cx_.contiguous();
   const at::Tensor w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
-  at::Tensor dG = at::empty({S, kGates * H}, x.options());
+  at::Tensor dG = empty_large({S, kGates * H}, x.options());
   at::Tensor dh_state = grad_hy.contiguous().clone();
   at::Tensor dc_state = grad_cy.contiguous().clone();
-  at::Tensor dh_total = project ? at::empty({S, Hout}, x.options()) : at::Tensor();
-  at::Tensor h_prev = at::empty({S, Hout}, x.options());
+  at::Tensor dh_total = project ? empty_large({S, Hout}, x.options()) : at::Tensor();
+  at::Tensor h_prev = empty_large({S, Hout}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "genfast::lstm_backward", [&] {
     at::Tensor packed_whh = pack_columns<scalar_t>(w_hh, /*transpose=*/false);
     at::Tensor packed_whr = project ? pack_columns<scalar_t>(w_hr_->contiguous(), false) : at::Tensor();
@@ -512,7 +512,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                      h_prev.data_ptr<scalar_t>(), Hout);
   });
   // Weight gradients: one large GEMM each over all steps.
-  at::Tensor grad_input = at::empty({S, d.I}, x.options());
+  at::Tensor grad_input = empty_large({S, d.I}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "genfast::lstm_backward_input", [&] {
     matmul<scalar_t>(S, d.I, kGates * H, dG.data_ptr<scalar_t>(), kGates * H, w_ih.data_ptr<scalar_t>(), d.I, 1,
                      nullptr, grad_input.data_ptr<scalar_t>(), d.I);

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "cpu/gemm.h"
+#include "cpu/memory.h"
 #include "cpu/simd.h"
 
 namespace genfast::cpu {
