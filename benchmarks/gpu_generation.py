@@ -43,6 +43,7 @@ def _record(rows, report, timer, op, case, providers):
 
 def op_cases(rows, report, timer, device, smoke):
     launcher = load("decode_attention", "decode_attention").decode_attention if device == "cuda" else None
+    sampling = load("sampling", "sampling") if device == "cuda" else None
     attention_shapes = ([(1, 4, 2, 16, 100)] if smoke else
                         [(1, 12, 12, 64, 1024), (1, 12, 12, 64, 16384), (8, 32, 8, 128, 4096), (1, 32, 8, 128, 32768)])
     dtypes = (torch.float32,) if smoke else (torch.float16, torch.float32)
@@ -64,10 +65,15 @@ def op_cases(rows, report, timer, device, smoke):
         logits = torch.randn(batch, vocab, device=device) * 3
         uniforms = torch.rand(batch, device=device, dtype=torch.float64)
         for settings in [(0.8, 0, 1.0), (1.0, 50, 0.9), (1.0, 0, 0.9)]:
+            # With top-k on a GPU the op runs the kernels on the top-k candidates; "whole_row" is the
+            # same op with the kernels on the whole vocabulary (what it did before).
+            whole_row = ({"whole_row": lambda: sampling.sampling_draw(logits, uniforms, *settings, candidates=False)}
+                         if sampling is not None and settings[1] > 0 else {})
             _record(rows, report, timer, "sampling_draw", f"B{batch} V{vocab} t/k/p={settings}", {
                 "genfast": lambda: torch.ops.genfast.sampling_draw(logits, uniforms, *settings),
                 "reference": lambda: reference.draw_from_scores(reference.process_logits(logits, *settings),
                                                                 uniforms),
+                **whole_row,
             })
 
 

@@ -28,6 +28,8 @@ bit of positives, every bit of negatives; -0.0 is first made +0.0 so that it tie
   with mass_above + j * w(v*) < limit; that is the C++ op's descending walk, whose ties are ordered
   by index.
 * The draw's running sums are a block-wise scan continued across blocks.
+* On a GPU, with a small top-k, the kernels run on the 2k + 64 largest logits of each row instead of
+  the whole row (torch.topk first; see _top_k_candidates): one program per row is slow on a long row.
 
 Rounding: the C++ op adds masses one at a time in sorted order; these kernels add them in a tree
 (and multiply j * w(v*) for a tie group). All of it is float64, so the two agree unless a top-p limit
@@ -396,30 +398,98 @@ def _rows_contiguous(logits: Tensor) -> Tensor:
     return logits if logits.stride(1) == 1 else logits.contiguous()
 
 
-def sampling_filter(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, *,
-                    block: int | None = None) -> Tensor:
-    """logits (N, V) / temperature, with -inf where top-k or top-p removes the token.
+# Top-k through candidates. One program per row walks the whole vocabulary ~20 times, on one SM: on an
+# H200 that took 2.3-7.6 ms per batch-1 call with top-k 50 (benchmarks/results/gpu-h200-2026-11-28-session2/),
+# and neither bigger tiles nor more warps helped. With a top-k filter only the k largest logits can be kept,
+# so on a GPU the kernels run on the 2k + 64 largest of each row (torch.topk, a many-SM kernel), put back
+# in vocabulary order: the same filter and draw over the same values, on a row of 2k + 64 instead of V.
+# Top-k keeps every token equal to the k-th largest once scaled, so the candidates must hold that whole
+# tie group: the extra k + 64 leave room for it (bfloat16 logits tie often), and if the smallest candidate
+# still equals the k-th largest once scaled, the group may go on past them and the kernels run on the
+# whole row instead.
+_CANDIDATE_LIMIT = 1024  # top_k above this runs on the whole row
 
-    ``block`` (tokens per tile, a power of two) is for tests that want many tiles on a small vocabulary.
-    """
-    _check_settings("sampling_filter", logits, temperature, top_k, top_p)
-    logits = _rows_contiguous(logits)
+
+def _candidate_count(top_k: int, vocab: int) -> int:
+    return min(vocab, 2 * top_k + 64)
+
+
+def _use_candidates(candidates: bool | None, logits: Tensor, top_k: int) -> bool:
+    vocab = logits.shape[1]
+    if not 0 < top_k < vocab:
+        return False  # top-k is off
+    if candidates is None:  # automatic: on a GPU, when the candidates are a small part of the row
+        return logits.is_cuda and top_k <= _CANDIDATE_LIMIT and 8 * _candidate_count(top_k, vocab) <= vocab
+    return candidates
+
+
+def _run_filter(logits: Tensor, temperature: float, top_k: int, top_p: float, block: int | None) -> tuple:
     rows, vocab = logits.shape
     out = torch.empty((rows, vocab), dtype=logits.dtype, device=logits.device)
     status = torch.zeros(rows, dtype=torch.int32, device=logits.device)
-    if rows == 0:
-        return out
     _sampling_filter_kernel[(rows,)](logits, out, status, vocab, logits.stride(0), out.stride(0),
                                      **_launch_settings(logits, temperature, top_k, top_p, block),
                                      ROUND_BF16=_INTERPRETED and logits.dtype == torch.bfloat16,
                                      num_warps=_NUM_WARPS)
+    return out, status
+
+
+def _run_draw(logits: Tensor, uniforms: Tensor, temperature: float, top_k: int, top_p: float,
+              block: int | None) -> tuple:
+    rows, vocab = logits.shape
+    tokens = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    status = torch.zeros(rows, dtype=torch.int32, device=logits.device)
+    _sampling_draw_kernel[(rows,)](logits, uniforms, tokens, status, vocab, logits.stride(0),
+                                   **_launch_settings(logits, temperature, top_k, top_p, block),
+                                   num_warps=_NUM_WARPS)
+    return tokens, status
+
+
+def _top_k_candidates(logits: Tensor, temperature: float, top_k: int) -> tuple[Tensor, Tensor] | None:
+    """(the 2k + 64 largest logits of each row in vocabulary order, their vocabulary indices), or None
+    when some row's k-th largest equals its smallest candidate once scaled (see above)."""
+    count = _candidate_count(top_k, logits.shape[1])
+    values, index = torch.topk(logits, count, dim=1)  # descending; a NaN counts as the largest
+    if count < logits.shape[1]:
+        # The k-th and the last candidate scaled by the kernel itself (in the accumulation type, exactly
+        # as the kernels scale a logit of this dtype), so "equal" is the kernels' equality. The status
+        # of this call is not an error.
+        accumulate = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        boundary, _ = _run_filter(values[:, [top_k - 1, count - 1]].to(accumulate), temperature, 0, 1.0, None)
+        if bool((boundary[:, 0] == boundary[:, 1]).any()):
+            return None
+    index = index.sort(dim=1).values
+    return logits.gather(1, index), index
+
+
+def sampling_filter(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, *,
+                    block: int | None = None, candidates: bool | None = None) -> Tensor:
+    """logits (N, V) / temperature, with -inf where top-k or top-p removes the token.
+
+    ``block`` (tokens per tile, a power of two) is for tests that want many tiles on a small vocabulary.
+    ``candidates``: run the kernels on the top_k + 1 largest logits of each row (default: on a GPU when
+    top-k is on and small; see _CANDIDATE_LIMIT). The result is the same either way.
+    """
+    _check_settings("sampling_filter", logits, temperature, top_k, top_p)
+    logits = _rows_contiguous(logits)
+    if logits.shape[0] == 0:
+        return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    if _use_candidates(candidates, logits, top_k):
+        found = _top_k_candidates(logits, temperature, top_k)
+        if found is not None:
+            candidate_logits, index = found
+            scores, status = _run_filter(candidate_logits, temperature, top_k, top_p, block)
+            _raise_for_status("sampling_filter", status)
+            return torch.full_like(logits, float("-inf")).scatter_(1, index, scores)
+    out, status = _run_filter(logits, temperature, top_k, top_p, block)
     _raise_for_status("sampling_filter", status)
     return out
 
 
 def sampling_draw(logits: Tensor, uniforms: Tensor, temperature: float = 1.0, top_k: int = 0,
-                  top_p: float = 1.0, *, block: int | None = None) -> Tensor:
-    """One int64 token per row of logits (N, V): the filter above, then the inverse CDF at uniforms (N,)."""
+                  top_p: float = 1.0, *, block: int | None = None, candidates: bool | None = None) -> Tensor:
+    """One int64 token per row of logits (N, V): the filter above, then the inverse CDF at uniforms (N,).
+    ``block`` and ``candidates`` as for sampling_filter."""
     _check_settings("sampling_draw", logits, temperature, top_k, top_p)
     if uniforms.dim() != 1 or uniforms.shape[0] != logits.shape[0]:
         raise RuntimeError(f"sampling_draw: uniforms must be (batch,) = ({logits.shape[0]},), got "
@@ -431,13 +501,15 @@ def sampling_draw(logits: Tensor, uniforms: Tensor, temperature: float = 1.0, to
                            f"got {uniforms.device}")
     logits = _rows_contiguous(logits)
     uniforms = uniforms.to(torch.float64).contiguous()
-    rows, vocab = logits.shape
-    tokens = torch.empty(rows, dtype=torch.int64, device=logits.device)
-    status = torch.zeros(rows, dtype=torch.int32, device=logits.device)
-    if rows == 0:
-        return tokens
-    _sampling_draw_kernel[(rows,)](logits, uniforms, tokens, status, vocab, logits.stride(0),
-                                   **_launch_settings(logits, temperature, top_k, top_p, block),
-                                   num_warps=_NUM_WARPS)
+    if logits.shape[0] == 0:
+        return torch.empty(0, dtype=torch.int64, device=logits.device)
+    if _use_candidates(candidates, logits, top_k):
+        found = _top_k_candidates(logits, temperature, top_k)
+        if found is not None:
+            candidate_logits, index = found
+            chosen, status = _run_draw(candidate_logits, uniforms, temperature, top_k, top_p, block)
+            _raise_for_status("sampling_draw", status, uniforms)
+            return index.gather(1, chosen[:, None]).squeeze(1)
+    tokens, status = _run_draw(logits, uniforms, temperature, top_k, top_p, block)
     _raise_for_status("sampling_draw", status, uniforms)
     return tokens

@@ -212,6 +212,80 @@ def test_bad_inputs_raise_clear_errors():
         sampling_draw(logits, torch.zeros(3, dtype=torch.float64))
 
 
+# ---- top-k through candidates (the GPU default for small top_k: the kernels on the 2k + 64 largest)
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 1, 1.0), (0.7, 5, 1.0), (1.4, 50, 0.95),
+                                                     (0.6, 7, 0.5), (1.0, 20, 0.0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_top_k_candidates_give_the_whole_row_result(temperature, top_k, top_p, dtype):
+    logits = logits_for(3, 1200, dtype, seed=top_k)
+    uniforms = uniforms_for(3, seed=top_k)
+    assert sampling_module._top_k_candidates(logits, temperature, top_k) is not None  # the path under test
+    assert_same_scores(sampling_filter(logits, temperature, top_k, top_p, candidates=True),
+                       sampling_filter(logits, temperature, top_k, top_p, candidates=False))
+    assert torch.equal(sampling_draw(logits, uniforms, temperature, top_k, top_p, candidates=True),
+                       sampling_draw(logits, uniforms, temperature, top_k, top_p, candidates=False))
+
+
+def _equal_once_scaled():
+    """Two adjacent float32 values a > b and a temperature t with a / t == b / t in float32."""
+    # With a in [1, 2) and t in (1, 2), a / t keeps a's exponent about half the time, and the two
+    # quotients, 1/t ulp apart before rounding, round to one float for ~1 - 1/t of the pairs.
+    for i in range(1, 64):
+        a = torch.tensor(1.0 + i / 64)
+        b = torch.nextafter(a, torch.tensor(0.0))
+        for t in (1.1, 1.3, 1.7):
+            if torch.equal(a / t, b / t):
+                return float(a), float(b), t
+    raise AssertionError("no temperature merges a pair")
+
+
+def test_top_k_candidates_fall_back_when_the_cut_is_inside_a_tie():
+    # Raw ties at the k-th value: ~250 ones survive top-k, more than the 2k + 64 = 84 candidates hold.
+    ties = torch.randint(0, 2, (3, 500), generator=torch.Generator().manual_seed(4)).float()
+    assert sampling_module._top_k_candidates(ties, 1.0, 10) is None
+    # Distinct raw values that the temperature makes equal: the k-th (a), and 80 tokens at b, which
+    # survive top-k with it and reach past the 72 candidates.
+    a, b, temperature = _equal_once_scaled()
+    row = torch.full((1, 300), -5.0)
+    row[0, :4] = torch.tensor([9.0, 8.0, 7.0, a])
+    row[0, 100:180] = b
+    assert sampling_module._top_k_candidates(row, temperature, 4) is None
+    for logits, temperature, top_k in [(ties, 1.0, 10), (row, temperature, 4)]:
+        expected = sampling_filter(logits, temperature, top_k, 0.9, candidates=False)
+        assert_same_scores(sampling_filter(logits, temperature, top_k, 0.9, candidates=True), expected)
+        uniforms = uniforms_for(logits.shape[0], seed=5)
+        assert torch.equal(sampling_draw(logits, uniforms, temperature, top_k, 0.9, candidates=True),
+                           sampling_draw(logits, uniforms, temperature, top_k, 0.9, candidates=False))
+    kept = ~torch.isinf(sampling_filter(row, temperature, 4, 1.0, candidates=True))
+    assert int(kept.sum()) == 84  # 9, 8, 7, a and the 80 b's, equal to a once scaled
+    # A tie group inside the candidates needs no fallback: a and three b's.
+    row[0, 103:180] = -5.0
+    assert sampling_module._top_k_candidates(row, temperature, 4) is not None
+    assert int((~torch.isinf(sampling_filter(row, temperature, 4, 1.0, candidates=True))).sum()) == 7
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # numpy, on the all -inf row
+def test_top_k_candidates_raise_the_same_errors():
+    nan_row = logits_for(1, 100)
+    nan_row[0, 37] = float("nan")
+    with pytest.raises(RuntimeError, match="NaN"):
+        sampling_filter(nan_row, 1.0, 5, 1.0, candidates=True)
+    with pytest.raises(RuntimeError, match="NaN"):
+        sampling_draw(nan_row, uniforms_for(1), 1.0, 5, 1.0, candidates=True)
+    with pytest.raises(RuntimeError, match="every logit of a row is -inf"):
+        sampling_draw(torch.full((1, 40), float("-inf")), torch.zeros(1, dtype=torch.float64), 1.0, 5, 1.0,
+                      candidates=True)
+
+
+def test_top_k_candidates_are_automatic_only_on_a_gpu():
+    logits = logits_for(1, 50257)
+    assert not sampling_module._use_candidates(None, logits, 50)            # CPU tensors: whole row
+    assert not sampling_module._use_candidates(True, logits, 0)             # top-k off
+    assert not sampling_module._use_candidates(True, logits, 50257)         # top-k off (k >= vocab)
+    assert sampling_module._use_candidates(True, logits, 50)
+
+
 def test_ops_have_a_cuda_kernel_registered():
     for name in ("sampling_filter", "sampling_draw"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"genfast::{name}", "CUDA"), name
