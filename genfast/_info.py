@@ -49,8 +49,8 @@ def info(print_it: bool = True) -> dict:
 
 def _huge_pages() -> str:
     """Whether the CPU kernels' large buffers get transparent huge pages (csrc/cpu/memory.h)."""
-    if os.environ.get("GENFAST_HUGE_PAGES", "1").startswith("0"):
-        return "off (GENFAST_HUGE_PAGES=0)"
+    if not os.environ.get("GENFAST_HUGE_PAGES", "0").startswith("1"):
+        return "off (GENFAST_HUGE_PAGES=1 requests them for buffers >= 4 MB)"
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as modes:
             mode = modes.read().split("[")[1].split("]")[0]
