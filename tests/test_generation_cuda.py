@@ -124,6 +124,11 @@ def test_gpt2_cuda_graph_decode_gives_the_eager_tokens(dtype):
     eager = model.generate(prompt, 100, cuda_graph=False)
     assert torch.equal(model.generate(prompt, 100), eager)
     assert torch.equal(model.generate(prompt, 100, cuda_graph=True), eager)
+    # End tokens: rows that finish are padded while the graph keeps running the others; the call stops
+    # when every row has finished. The eos is a token the first row emits early on.
+    eos = int(eager[0, 310])
+    with_eos = model.generate(prompt, 100, eos_token_id=eos, pad_token_id=0, cuda_graph=False)
+    assert torch.equal(model.generate(prompt, 100, eos_token_id=eos, pad_token_id=0), with_eos)
 
     def sampled(cuda_graph):
         generator = torch.Generator(device="cuda").manual_seed(3)
