@@ -59,4 +59,3 @@ def _huge_pages() -> str:
     if mode == "never":
         return "not available (transparent_hugepage is 'never')"
     return f"requested for buffers >= 4 MB (transparent_hugepage: {mode})"
-

@@ -467,7 +467,7 @@ def sampling_filter(logits: Tensor, temperature: float = 1.0, top_k: int = 0, to
     """logits (N, V) / temperature, with -inf where top-k or top-p removes the token.
 
     ``block`` (tokens per tile, a power of two) is for tests that want many tiles on a small vocabulary.
-    ``candidates``: run the kernels on the top_k + 1 largest logits of each row (default: on a GPU when
+    ``candidates``: run the kernels on the 2k + 64 largest logits of each row (default: on a GPU when
     top-k is on and small; see _CANDIDATE_LIMIT). The result is the same either way.
     """
     _check_settings("sampling_filter", logits, temperature, top_k, top_p)

@@ -100,14 +100,15 @@ class CausalSelfAttention(nn.Module):
         if config.scale_attn_by_inverse_layer_idx:
             self.scale /= layer_idx + 1
 
-    def forward(self, x: Tensor, cache: KVCache | None, position: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, cache: KVCache | None, position: Tensor | None = None,
+                attended: Tensor | None = None) -> Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3x (B,H,T,D)
         if position is not None:  # a decode step at a position held on the device (see GPT2.forward)
             k_cache, v_cache = cache.k[self.layer_idx], cache.v[self.layer_idx]
             k_cache.index_copy_(2, position, k)
             v_cache.index_copy_(2, position, v)
-            y = decode_attention(q[:, :, 0], k_cache, v_cache, position + 1, self.scale).unsqueeze(2)
+            y = decode_attention(q[:, :, 0], k_cache, v_cache, attended, self.scale).unsqueeze(2)
         elif cache is None:
             y = gf.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         else:
@@ -137,8 +138,9 @@ class Block(nn.Module):
         self.c_proj = Linear(inner, config.n_embd)
         self.act = _ACTIVATIONS[config.activation_function]
 
-    def forward(self, x: Tensor, cache: KVCache | None, position: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), cache, position)
+    def forward(self, x: Tensor, cache: KVCache | None, position: Tensor | None = None,
+                attended: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), cache, position, attended)
         return x + self.c_proj(self.act(self.c_fc(self.ln_2(x))))
 
 
@@ -164,10 +166,11 @@ class GPT2(nn.Module):
         (see _CUDAGraphDecodeStep); the caller keeps it below cache.max_len and n_positions.
         """
         B, T = input_ids.shape
+        attended = None  # with a device position: the rows attended to, position + 1, for every layer
         if position is not None:
             if cache is None or T != 1:
                 raise ValueError("position needs a cache and one token per row")
-            positions = position
+            positions, attended = position, position + 1
         else:
             start = cache.length if cache is not None else 0
             if start + T > self.config.n_positions:
@@ -177,7 +180,7 @@ class GPT2(nn.Module):
             positions = torch.arange(start, start + T, device=input_ids.device)
         x = self.wte(input_ids) + self.wpe(positions)
         for block in self.h:
-            x = block(x, cache, position)
+            x = block(x, cache, position, attended)
         if cache is not None and position is None:
             cache.length += T
         if last_only:
