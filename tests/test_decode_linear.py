@@ -38,6 +38,8 @@ def _check(got, x, w, b):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("rows,in_features,out_features", [
     (1, 768, 2304), (1, 3072, 768), (3, 7, 5), (8, 100, 130), (1, 1, 1), (9, 33, 65), (20, 64, 17),
+    # each row count's group of weight rows (8, 4, 2, 1 for 1, 2, 3-4, 5-8 rows) with tails in both dims
+    (1, 37, 21), (2, 9, 13), (4, 23, 11), (5, 40, 7), (7, 17, 3),
 ])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_matches_linear(dtype, rows, in_features, out_features, with_bias):

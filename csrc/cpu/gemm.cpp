@@ -115,35 +115,65 @@ inline __attribute__((always_inline)) void panel_rows(int64_t M, const LeftOpera
   }
 }
 
-// C[m][c] = dot(A row m, weight row c): each weight row is streamed once and used
-// for all MB rows of A (MB <= kMaxDotRows), with vector accumulators.
-template <typename T, int VB, int MB>
-inline __attribute__((always_inline)) void dot_rows(int64_t K, const T* A, int64_t lda, const T* const* rows,
-                                                    int64_t width, T* C, int64_t ldc) {
+// C[m][c] = dot(A row m, weight row c) for R weight rows c at once: each weight row is
+// streamed once and used for all MB rows of A. The R * MB vector accumulators are
+// independent chains: with one row of A (a decode step) a single chain would wait on
+// the FMA latency every step, so R rows of W share the loop to keep the FMA units fed.
+template <typename T, int VB, int MB, int R>
+inline __attribute__((always_inline)) void dot_group(int64_t K, const T* A, int64_t lda, const T* const* rows, T* C,
+                                                     int64_t ldc) {
   using V = typename VecOf<T, VB>::type;
   constexpr int L = VB / static_cast<int>(sizeof(T));
   const int64_t K_vec = K / L * L;
-  for (int64_t c = 0; c < width; ++c) {
-    const T* w = rows[c];
-    if (w == nullptr) {
-      for (int m = 0; m < MB; ++m) C[m * ldc + c] = T(0);
-      continue;
-    }
-    V acc[MB];
+  V acc[R][MB];
 #pragma GCC unroll 8
-    for (int m = 0; m < MB; ++m) acc[m] = V{};
-    for (int64_t k = 0; k < K_vec; k += L) {
-      const V wv = *reinterpret_cast<const V*>(w + k);
+  for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-      for (int m = 0; m < MB; ++m) acc[m] += wv * *reinterpret_cast<const V*>(A + m * lda + k);
+    for (int m = 0; m < MB; ++m) acc[r][m] = V{};
+  for (int64_t k = 0; k < K_vec; k += L) {
+    V a[MB];
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) a[m] = *reinterpret_cast<const V*>(A + m * lda + k);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const V w = *reinterpret_cast<const V*>(rows[r] + k);
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m) acc[r][m] += w * a[m];
     }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
     for (int m = 0; m < MB; ++m) {
       T sum = T(0);
-      for (int l = 0; l < L; ++l) sum += acc[m][l];
-      for (int64_t k = K_vec; k < K; ++k) sum += w[k] * A[m * lda + k];
-      C[m * ldc + c] = sum;
+      for (int l = 0; l < L; ++l) sum += acc[r][m][l];
+      for (int64_t k = K_vec; k < K; ++k) sum += rows[r][k] * A[m * lda + k];
+      C[m * ldc + r] = sum;
     }
+}
+
+// Weight rows per group: R * MB accumulators, at most 8 (plus MB vectors of A, within 16 registers).
+template <int MB>
+constexpr int kDotGroup = MB == 1 ? 8 : MB == 2 ? 4 : MB <= 4 ? 2 : 1;
+
+template <typename T, int VB, int MB>
+inline __attribute__((always_inline)) void dot_rows(int64_t K, const T* A, int64_t lda, const T* const* rows,
+                                                    int64_t width, T* C, int64_t ldc) {
+  constexpr int R = kDotGroup<MB>;
+  int64_t c = 0;
+  while (c < width) {
+    bool whole = c + R <= width;  // a full group of R weight rows, none of them absent
+    for (int r = 0; whole && r < R; ++r) whole = rows[c + r] != nullptr;
+    if (whole) {
+      dot_group<T, VB, MB, R>(K, A, lda, rows + c, C + c, ldc);
+      c += R;
+      continue;
+    }
+    if (rows[c] == nullptr)
+      for (int m = 0; m < MB; ++m) C[m * ldc + c] = T(0);
+    else
+      dot_group<T, VB, MB, 1>(K, A, lda, rows + c, C + c, ldc);
+    ++c;
   }
 }
 
