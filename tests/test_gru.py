@@ -128,6 +128,14 @@ def test_gru_op_opcheck(packed, train):
     torch.library.opcheck(torch.ops.genfast.gru_forward.default, (*args, batch_sizes, False, train))
 
 
+def test_gru_backward_after_an_inference_forward_is_a_clear_error():
+    args = _op_inputs(torch.float32, seed=4)
+    out, _, ws = torch.ops.genfast.gru_forward(*args, None, False, False)  # train=False: no workspace
+    assert ws.numel() == 0
+    with pytest.raises(RuntimeError, match=r"gru_forward\(\.\.\., train=True\)"):
+        out.sum().backward()
+
+
 def test_gru_backward_opcheck():
     x, hx, w_ih, w_hh, b_ih, b_hh = [a.detach() for a in _op_inputs(torch.float32, seed=3)]
     out, hy, ws = torch.ops.genfast.gru_forward(x, hx, w_ih, w_hh, b_ih, b_hh, None, True, True)

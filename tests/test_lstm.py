@@ -117,6 +117,22 @@ def test_lstm_state_dict_round_trip_and_init():
     mine.load_state_dict(ref.state_dict())
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_lstm_follows_reassigned_weights_and_dtype_changes(bias):
+    """The modules read RNNBase's _flat_weights (as torch.nn.LSTM does): a weight assigned anew, or the
+    module converted with .double(), must be what the next forward uses."""
+    torch.manual_seed(9)
+    ref = torch.nn.LSTM(3, 5, num_layers=2, bidirectional=True, proj_size=2, bias=bias)
+    mine = clone_module(ref, gnn.LSTM)
+    new = torch.randn_like(ref.weight_hh_l1_reverse)
+    ref.weight_hh_l1_reverse = torch.nn.Parameter(new.clone())
+    mine.weight_hh_l1_reverse = torch.nn.Parameter(new.clone())
+    ref.double()
+    mine.double()
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    assert_same(run_both(ref, mine, lambda: x.clone().requires_grad_(True)), torch.float64)
+
+
 def test_replace_rnns_keeps_weights():
     torch.manual_seed(6)
     model = torch.nn.Sequential()
@@ -206,6 +222,23 @@ def test_lstm_op_opcheck(proj, packed, train):
     if not train:  # inference mode: no workspace is kept, so nothing may ask for gradients
         args = [a.detach() if a is not None else None for a in args]
     torch.library.opcheck(torch.ops.genfast.lstm_forward.default, (*args, batch_sizes, False, train))
+
+
+def test_lstm_backward_after_an_inference_forward_is_a_clear_error():
+    args = _op_inputs(torch.float32, T=2, N=2, I=3, H=4, seed=4)
+    out, _, _, ws = torch.ops.genfast.lstm_forward(*args, None, False, False)  # train=False: no workspace
+    assert ws.numel() == 0
+    with pytest.raises(RuntimeError, match=r"lstm_forward\(\.\.\., train=True\)"):
+        out.sum().backward()
+
+
+def test_lstm_bias_gradients_do_not_share_storage():
+    """b_ih and b_hh receive the same gradient; accumulating into one must leave the other alone."""
+    lstm = gnn.LSTM(3, 4)
+    for _ in range(2):  # the second backward accumulates in place into .grad
+        lstm(torch.randn(2, 1, 3))[0].sum().backward()
+    torch.testing.assert_close(lstm.bias_ih_l0.grad, lstm.bias_hh_l0.grad)
+    assert lstm.bias_ih_l0.grad.data_ptr() != lstm.bias_hh_l0.grad.data_ptr()
 
 
 def test_lstm_backward_opcheck():

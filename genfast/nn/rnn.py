@@ -39,29 +39,35 @@ class _FusedRNNBase(torch.nn.RNNBase):
     def _run_layers(self, input: Tensor, states: list[Tensor], batch_sizes: Tensor | None):
         """states: per state kind, a (layers*directions, N, *) tensor. Returns output and final states."""
         directions = 2 if self.bidirectional else 1
+        initial = [s.unbind(0) for s in states]  # per state kind, one (N, *) view per layer and direction
         final: list[list[Tensor]] = [[] for _ in states]
         layer_input = input
         for layer in range(self.num_layers):
             outputs = []
             for direction in range(directions):
                 index = layer * directions + direction
-                suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
-                output, *last = self._layer(layer_input, [s[index] for s in states], suffix, batch_sizes,
-                                            direction == 1)
+                output, *last = self._layer(layer_input, [s[index] for s in initial], self._layer_weights(index),
+                                            batch_sizes, direction == 1)
                 outputs.append(output)
                 for kind, value in enumerate(last):
                     final[kind].append(value)
             layer_input = outputs[0] if directions == 1 else torch.cat(outputs, dim=-1)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, self.dropout, training=True)
-        return layer_input, [torch.stack(f) for f in final]
+        return layer_input, [f[0].unsqueeze(0) if len(f) == 1 else torch.stack(f) for f in final]
 
-    def _weights(self, suffix: str):
-        w_ih = getattr(self, "weight_ih" + suffix)
-        w_hh = getattr(self, "weight_hh" + suffix)
-        b_ih = getattr(self, "bias_ih" + suffix) if self.bias else None
-        b_hh = getattr(self, "bias_hh" + suffix) if self.bias else None
-        return w_ih, w_hh, b_ih, b_hh
+    def _layer_weights(self, index: int):
+        """(w_ih, w_hh, b_ih, b_hh, w_hr) of layer-and-direction ``index`` (None where absent).
+
+        Read from RNNBase's ``_flat_weights``, the list torch.nn.LSTM's own forward reads (kept current
+        when a weight is reassigned or the module moved): it is cheaper than four getattr calls, which
+        matter in a one-token decode step.
+        """
+        per_layer = len(self._flat_weights) // (self.num_layers * (2 if self.bidirectional else 1))
+        group = self._flat_weights[index * per_layer:(index + 1) * per_layer]
+        b_ih, b_hh = (group[2], group[3]) if self.bias else (None, None)
+        w_hr = group[-1] if getattr(self, "proj_size", 0) > 0 else None
+        return group[0], group[1], b_ih, b_hh, w_hr
 
     def _prepare(self, input, hx, state_shapes):
         """Unpacks PackedSequence / batch_first / unbatched input and makes default states.
@@ -144,9 +150,8 @@ class LSTM(_FusedRNNBase):
         super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
                          proj_size, device=device, dtype=dtype)
 
-    def _layer(self, input, states, suffix, batch_sizes, reverse):
-        w_ih, w_hh, b_ih, b_hh = self._weights(suffix)
-        w_hr = getattr(self, "weight_hr" + suffix) if self.proj_size > 0 else None
+    def _layer(self, input, states, weights, batch_sizes, reverse):
+        w_ih, w_hh, b_ih, b_hh, w_hr = weights
         return ops.lstm(input, states[0], states[1], w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
 
     def forward(self, input, hx: tuple[Tensor, Tensor] | None = None):
@@ -169,8 +174,8 @@ class GRU(_FusedRNNBase):
         super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
                          device=device, dtype=dtype)
 
-    def _layer(self, input, states, suffix, batch_sizes, reverse):
-        w_ih, w_hh, b_ih, b_hh = self._weights(suffix)
+    def _layer(self, input, states, weights, batch_sizes, reverse):
+        w_ih, w_hh, b_ih, b_hh, _ = weights
         return ops.gru(input, states[0], w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)
 
     def forward(self, input, hx: Tensor | None = None):

@@ -3,8 +3,9 @@
     genfast.nn.LSTM.forward -> genfast.ops.rnn.lstm -> torch.ops.genfast.lstm_forward
                                                      -> csrc/cpu/lstm.cpp (forward_loop)
 
-The kernels live in C++ (csrc/cpu/, csrc/cuda/); this module gives them fake kernels
-(shapes only, for torch.compile) and autograd (BPTT through the *_backward ops).
+The kernels live in C++ (csrc/cpu/, csrc/cuda/), and so does their autograd
+(csrc/rnn_autograd.cpp: BPTT through the *_backward ops). This module gives them fake
+kernels (shapes only, for torch.compile).
 """
 from __future__ import annotations
 
@@ -74,62 +75,3 @@ def _gru_backward_fake(grad_output, grad_hy, input, hx, w_ih, w_hh, output, work
     bias = w_ih.new_empty((w_ih.shape[0],))
     return (input.new_empty(input.shape), hx.new_empty(hx.shape), w_ih.new_empty(w_ih.shape),
             w_hh.new_empty(w_hh.shape), bias, bias.new_empty(bias.shape))
-
-
-# ---------------------------------------------------------------- autograd
-def _zeros_if_none(grad: Tensor | None, like: Tensor) -> Tensor:
-    return torch.zeros_like(like) if grad is None else grad
-
-
-def _check_workspace(workspace: Tensor, op: str) -> None:
-    if workspace.numel() == 0:
-        raise RuntimeError(
-            f"genfast::{op}: backward needs the workspace that {op}(..., train=True) fills; this forward ran "
-            "with train=False (under no_grad, or with no input requiring grad)")
-
-
-def _lstm_setup_context(ctx, inputs, output):
-    input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, train = inputs
-    out, _, _, workspace = output
-    # Outputs without a gradient arrive as None rather than as zeros: the workspace is as
-    # large as the saved gates, and filling it with zeros every backward would be waste.
-    ctx.set_materialize_grads(False)
-    ctx.has_bias = b_ih is not None
-    ctx.reverse = reverse
-    ctx.save_for_backward(input, hx, cx, w_ih, w_hh, w_hr, out, workspace, batch_sizes)
-
-
-def _lstm_backward(ctx, grad_output, grad_hy, grad_cy, _grad_workspace):
-    input, hx, cx, w_ih, w_hh, w_hr, out, workspace, batch_sizes = ctx.saved_tensors
-    _check_workspace(workspace, "lstm_forward")
-    grads = _ops.lstm_backward(
-        _zeros_if_none(grad_output, out), _zeros_if_none(grad_hy, hx), _zeros_if_none(grad_cy, cx),
-        input, hx, cx, w_ih, w_hh, w_hr, out, workspace, batch_sizes, ctx.reverse)
-    grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr = grads
-    grad_b = grad_bias if ctx.has_bias else None
-    return (grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_b, grad_b,
-            grad_w_hr if w_hr is not None else None, None, None, None)
-
-
-def _gru_setup_context(ctx, inputs, output):
-    input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, train = inputs
-    out, _, workspace = output
-    ctx.set_materialize_grads(False)  # see _lstm_setup_context
-    ctx.has_bias = b_ih is not None
-    ctx.reverse = reverse
-    ctx.save_for_backward(input, hx, w_ih, w_hh, out, workspace, batch_sizes)
-
-
-def _gru_backward(ctx, grad_output, grad_hy, _grad_workspace):
-    input, hx, w_ih, w_hh, out, workspace, batch_sizes = ctx.saved_tensors
-    _check_workspace(workspace, "gru_forward")
-    grad_input, grad_hx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh = _ops.gru_backward(
-        _zeros_if_none(grad_output, out), _zeros_if_none(grad_hy, hx), input, hx, w_ih, w_hh, out, workspace,
-        batch_sizes, ctx.reverse)
-    if not ctx.has_bias:
-        grad_b_ih = grad_b_hh = None
-    return grad_input, grad_hx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, None, None, None
-
-
-torch.library.register_autograd("genfast::lstm_forward", _lstm_backward, setup_context=_lstm_setup_context)
-torch.library.register_autograd("genfast::gru_forward", _gru_backward, setup_context=_gru_setup_context)

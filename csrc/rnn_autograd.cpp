@@ -1,0 +1,165 @@
+// Autograd for the LSTM and GRU ops, in C++: backpropagation through time calls the
+// *_backward op with what the forward saved (its inputs, its output and the workspace of
+// activations that the kernel fills when train=true).
+//
+// Registered at the Autograd key, so it serves every backend (csrc/cpu/, csrc/cuda/) and
+// torch.compile traces through it to the ops' fake kernels (genfast/ops/rnn.py). It is in
+// C++ rather than torch.library.register_autograd because the Python wrapper cost about
+// 15-30 us per call even under no_grad, as much as the kernel of a one-token decode step.
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <ATen/core/dispatch/Dispatcher.h>
+
+namespace genfast {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using OptTensor = std::optional<at::Tensor>;
+
+at::Tensor zeros_if_undefined(const at::Tensor& grad, const at::Tensor& like) {
+  return grad.defined() ? grad : at::zeros_like(like);
+}
+
+OptTensor optional_of(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
+
+void check_workspace(const at::Tensor& workspace, const char* op) {
+  // sym_numel: under torch.compile with dynamic shapes the size is symbolic.
+  TORCH_SYM_CHECK(workspace.sym_numel().sym_ne(0), "genfast::", op, ": backward needs the workspace that ", op,
+              "(..., train=True) fills; this forward ran with train=False (under no_grad, or with no input "
+              "requiring grad)");
+}
+
+// ---------------------------------------------------------------- LSTM
+using LSTMOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+struct LSTMFunction : public torch::autograd::Function<LSTMFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& hx,
+                               const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                               const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
+                               const OptTensor& batch_sizes, bool reverse, bool train) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("genfast::lstm_forward", "")
+                         .typed<LSTMOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                            const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
+                                            const OptTensor&, const OptTensor&, bool, bool)>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [output, hy, cy, workspace] = op.call(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, train);
+    // Gradients of outputs nobody used arrive undefined rather than as zeros: the workspace
+    // is as large as the saved gates, and zero-filling its gradient every backward is waste.
+    ctx->set_materialize_grads(false);
+    ctx->mark_non_differentiable({workspace});
+    ctx->saved_data["reverse"] = reverse;
+    ctx->saved_data["has_bias"] = b_ih.has_value();
+    ctx->save_for_backward({input, hx, cx, w_ih, w_hh, w_hr.value_or(at::Tensor()), output, workspace,
+                            batch_sizes.value_or(at::Tensor())});
+    return {output, hy, cy, workspace};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("genfast::lstm_backward", "")
+                         .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                           at::Tensor>(
+                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             const OptTensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, bool)>();
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &input = saved[0], &hx = saved[1], &cx = saved[2], &w_ih = saved[3], &w_hh = saved[4],
+                     &w_hr = saved[5], &output = saved[6], &workspace = saved[7], &batch_sizes = saved[8];
+    check_workspace(workspace, "lstm_forward");
+    auto [grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr] =
+        op.call(zeros_if_undefined(grads[0], output), zeros_if_undefined(grads[1], hx),
+                zeros_if_undefined(grads[2], cx), input, hx, cx, w_ih, w_hh, optional_of(w_hr), output, workspace,
+                optional_of(batch_sizes), ctx->saved_data["reverse"].toBool());
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    // b_ih and b_hh get the same gradient tensor; the engine's AccumulateGrad copies it for all but
+    // the last of them, so their .grad never share storage (tests/test_lstm.py checks).
+    return {grad_input,
+            grad_hx,
+            grad_cx,
+            grad_w_ih,
+            grad_w_hh,
+            has_bias ? grad_bias : at::Tensor(),
+            has_bias ? grad_bias : at::Tensor(),
+            w_hr.defined() ? grad_w_hr : at::Tensor(),
+            at::Tensor(),   // batch_sizes
+            at::Tensor(),   // reverse
+            at::Tensor()};  // train
+  }
+};
+
+LSTMOutputs lstm_forward_autograd(const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
+                                  const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& b_ih,
+                                  const OptTensor& b_hh, const OptTensor& w_hr, const OptTensor& batch_sizes,
+                                  bool reverse, bool train) {
+  const variable_list out =
+      LSTMFunction::apply(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, train);
+  return {out[0], out[1], out[2], out[3]};
+}
+
+// ---------------------------------------------------------------- GRU
+using GRUOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+struct GRUFunction : public torch::autograd::Function<GRUFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& hx,
+                               const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& b_ih,
+                               const OptTensor& b_hh, const OptTensor& batch_sizes, bool reverse, bool train) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("genfast::gru_forward", "")
+                         .typed<GRUOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                           const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                                           bool, bool)>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [output, hy, workspace] = op.call(input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, train);
+    ctx->set_materialize_grads(false);  // see LSTMFunction
+    ctx->mark_non_differentiable({workspace});
+    ctx->saved_data["reverse"] = reverse;
+    ctx->saved_data["has_bias"] = b_ih.has_value();
+    ctx->save_for_backward({input, hx, w_ih, w_hh, output, workspace, batch_sizes.value_or(at::Tensor())});
+    return {output, hy, workspace};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("genfast::gru_backward", "")
+                         .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             const OptTensor&, bool)>();
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &input = saved[0], &hx = saved[1], &w_ih = saved[2], &w_hh = saved[3], &output = saved[4],
+                     &workspace = saved[5], &batch_sizes = saved[6];
+    check_workspace(workspace, "gru_forward");
+    auto [grad_input, grad_hx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh] =
+        op.call(zeros_if_undefined(grads[0], output), zeros_if_undefined(grads[1], hx), input, hx, w_ih, w_hh,
+                output, workspace, optional_of(batch_sizes), ctx->saved_data["reverse"].toBool());
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    return {grad_input,
+            grad_hx,
+            grad_w_ih,
+            grad_w_hh,
+            has_bias ? grad_b_ih : at::Tensor(),
+            has_bias ? grad_b_hh : at::Tensor(),
+            at::Tensor(),   // batch_sizes
+            at::Tensor(),   // reverse
+            at::Tensor()};  // train
+  }
+};
+
+GRUOutputs gru_forward_autograd(const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih,
+                                const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
+                                const OptTensor& batch_sizes, bool reverse, bool train) {
+  const variable_list out = GRUFunction::apply(input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, train);
+  return {out[0], out[1], out[2]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(genfast, Autograd, m) {
+  m.impl("lstm_forward", &lstm_forward_autograd);
+  m.impl("gru_forward", &gru_forward_autograd);
+}
+
+}  // namespace genfast
