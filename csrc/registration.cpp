@@ -58,6 +58,15 @@ TORCH_LIBRARY(genfast, m) {
   // ---- decode linear (csrc/cpu/decode_linear.cpp): F.linear for a few rows, W streamed once --
   // x (M, K), weight (N, K), bias (N,) -> (M, N).
   m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  // ---- GPT-2 decode block (csrc/cpu/gpt2_decode.cpp): one pre-LN block for one token per row --
+  // x (B, C) -> x after the block; writes k, v of the token into row `position` of the caches
+  // (B, n_head, max_len, C / n_head) and attends to rows [0, position]. Weights in nn.Linear's
+  // (out, in) layout; activation: gelu_tanh, gelu, relu or silu.
+  m.def(
+      "gpt2_decode_block(Tensor x, Tensor ln_1_weight, Tensor ln_1_bias, Tensor attn_weight, Tensor attn_bias, "
+      "Tensor attn_proj_weight, Tensor attn_proj_bias, Tensor ln_2_weight, Tensor ln_2_bias, Tensor fc_weight, "
+      "Tensor fc_bias, Tensor mlp_proj_weight, Tensor mlp_proj_bias, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+      "int position, int n_head, float scale, float eps, str activation) -> Tensor");
 }
 
 namespace {

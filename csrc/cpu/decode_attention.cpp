@@ -18,6 +18,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/decode_attention.h"
 #include "cpu/simd.h"
 
 namespace genfast::cpu::decode_attention {

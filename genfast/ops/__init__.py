@@ -13,5 +13,7 @@ from genfast.ops.rnn import gru, lstm  # noqa: E402
 from genfast.ops.sampling import sampling_draw, sampling_filter  # noqa: E402
 from genfast.ops.decode_attention import decode_attention  # noqa: E402
 from genfast.ops.decode_linear import decode_linear  # noqa: E402
+from genfast.ops.gpt2_decode import gpt2_decode_block  # noqa: E402
 
-__all__ = ["lstm", "gru", "attention", "sampling_filter", "sampling_draw", "decode_attention", "decode_linear"]
+__all__ = ["lstm", "gru", "attention", "sampling_filter", "sampling_draw", "decode_attention", "decode_linear",
+           "gpt2_decode_block"]

@@ -1,0 +1,44 @@
+"""One GPT-2 block for one new token per row, fused on the CPU: the decode step of generation.
+
+    genfast.models.gpt2.Block.decode_step -> torch.ops.genfast.gpt2_decode_block
+                                          -> csrc/cpu/gpt2_decode.cpp
+
+Reference: the block's own forward (genfast.models.gpt2.Block) with a KV cache, which runs the same
+equations as separate torch ops. Inference only (no autograd), CPU, float32/float64, at most
+MAX_ROWS rows (beyond that the weights are reused enough for GEMMs to win).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from genfast.ops.decode_linear import MAX_ROWS
+
+_ops = torch.ops.genfast
+
+# The activations the kernel computes, by GPT2Config.activation_function.
+ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu",
+               "silu": "silu", "swish": "silu"}
+
+
+def gpt2_decode_block(x: Tensor, ln_1: tuple[Tensor, Tensor], attn: tuple[Tensor, Tensor],
+                      attn_proj: tuple[Tensor, Tensor], ln_2: tuple[Tensor, Tensor], fc: tuple[Tensor, Tensor],
+                      mlp_proj: tuple[Tensor, Tensor], k_cache: Tensor, v_cache: Tensor, position: int,
+                      n_head: int, scale: float, eps: float, activation: str) -> Tensor:
+    """x (B, C) after one pre-LN GPT-2 block; (weight, bias) pairs in nn.Linear / nn.LayerNorm layout.
+
+    Writes the token's key and value into row ``position`` of k_cache, v_cache (B, n_head, max_len,
+    C / n_head), in place, and attends to rows [0, position]. ``activation``: a GPT2Config name.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"gpt2_decode_block: activation {activation!r} not one of {sorted(ACTIVATIONS)}")
+    return _ops.gpt2_decode_block(x, *ln_1, *attn, *attn_proj, *ln_2, *fc, *mlp_proj, k_cache, v_cache,
+                                  int(position), int(n_head), float(scale), float(eps), ACTIVATIONS[activation])
+
+
+@torch.library.register_fake("genfast::gpt2_decode_block")
+def _gpt2_decode_block_fake(x, *args):
+    return x.new_empty(x.shape)
+
+
+__all__ = ["gpt2_decode_block", "ACTIVATIONS", "MAX_ROWS"]
