@@ -55,8 +55,8 @@ def test_draw_matches_reference_for_the_same_uniforms(temperature, top_k, top_p)
     assert kept.gather(1, got[:, None]).all(), "drew a removed token"
 
 
-def test_peaked_distribution_without_top_k_grows_candidates():
-    # Flat tail: top-p needs far more than the first 64 candidates, exercising the growth loop.
+def test_peaked_distribution_with_a_flat_tail():
+    # Flat tail: the top-p cut falls among thousands of near-equal values (one bucket of the cut search).
     logits = torch.zeros(2, 3000)
     logits[:, :10] = 4.0
     logits += torch.rand(2, 3000, generator=torch.Generator().manual_seed(3)) * 1e-3
@@ -64,6 +64,41 @@ def test_peaked_distribution_without_top_k_grows_candidates():
     expected = reference.process_logits(logits, 1.0, 0, 0.97)
     assert torch.equal(torch.isinf(got), torch.isinf(expected))
     assert int(torch.isfinite(got[0]).sum()) > 256
+
+
+@pytest.mark.parametrize("temperature,spread", [(3.0, 1.0), (1.0, 0.01)])
+def test_flat_distribution_keeps_most_of_a_large_vocabulary(temperature, spread):
+    # A high temperature (or nearly equal logits): top-p keeps ~45k of 50257 tokens, so the cut
+    # search cannot lean on the top few, and the cut's bucket holds hundreds of tokens.
+    logits = logits_for(2, 50257, seed=5, spread=spread)
+    got = sampling_filter(logits, temperature, 0, 0.95)
+    expected = reference.process_logits(logits, temperature, 0, 0.95)
+    assert torch.equal(torch.isinf(got), torch.isinf(expected))
+    assert int(torch.isfinite(got[0]).sum()) > 40000
+
+
+def test_top_p_with_masked_tokens():
+    logits = logits_for(3, 5000, seed=6)
+    logits[:, ::3] = float("-inf")  # e.g. banned tokens: no mass, never kept
+    for top_k in (0, 100):
+        got = sampling_filter(logits, 1.0, top_k, 0.8)
+        expected = reference.process_logits(logits, 1.0, top_k, 0.8)
+        assert torch.equal(torch.isinf(got), torch.isinf(expected))
+        assert not torch.isfinite(got[:, ::3]).any()
+
+
+def test_top_p_cut_far_below_the_max():
+    # Ten tokens at 0 and 1000 at -33 (each 4.7e-15 of the max's mass): a top_p this close to 1
+    # puts the cut among the low tokens, past the range the cut search buckets finely. Where
+    # exactly is rounding (the total itself is only good to ~1e-13 here), so the check is the
+    # shape of the result: every high token, then some but not all low ones, by index.
+    logits = torch.full((1, 1010), -33.0, dtype=torch.float64)
+    logits[0, :10] = 0.0
+    got = sampling_filter(logits, 1.0, 0, 1 - 1e-13)
+    kept_low = int(torch.isfinite(got[0, 10:]).sum())
+    assert torch.isfinite(got[0, :10]).all()
+    assert 0 < kept_low < 1000
+    assert torch.isfinite(got[0, 10:10 + kept_low]).all()  # equal values: the lowest indices first
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])

@@ -10,9 +10,9 @@
 //          [0, 1) given by the caller (drawn with torch from a torch.Generator, so a
 //          seeded generator reproduces the tokens)
 //
-// No full-vocabulary sort: top-k is a selection (nth_element, O(V)); top-p sorts only
-// candidates, which are the top-k survivors or, without top-k, the top m tokens for
-// m = 64, 256, ... grown until their mass covers top_p (small for peaked LM outputs).
+// No full-vocabulary sort: top-k is a selection (nth_element, O(V)); top-p buckets the
+// candidates (the top-k survivors, or the whole row) by value and sorts only the bucket
+// where the cut falls.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -44,6 +44,7 @@ struct RowScratch {
   std::vector<A> select;                      // copy for nth_element (top-k threshold)
   std::vector<std::pair<A, int64_t>> cands;   // top-p candidates (value, index)
   std::vector<uint8_t> keep;                  // kept mask, vocabulary order
+  std::vector<double> mass;                   // exp(x - max) of kept tokens (top-p), vocabulary order
 };
 
 // Decides which tokens of one row survive; fills s.scaled and s.keep. Returns the max of x.
@@ -76,37 +77,53 @@ A filter_row(const T* logits, int64_t vocab, A temperature, int64_t top_k, A top
 
   // top-p needs the survivors' total mass, then the largest ones in descending order.
   // Masses are summed in double: thousands of float terms would drift by ~1e-5, enough
-  // to move the top-p cut by a token.
+  // to move the top-p cut by a token. Each token's mass is computed once.
+  s.mass.resize(vocab);
   double total = 0;
-  for (int64_t i = 0; i < vocab; ++i)
-    if (s.keep[i]) total += std::exp(static_cast<double>(s.scaled[i] - max_x));
-  const double mass_limit = static_cast<double>(top_p) * total;
-  auto by_value_desc = [](const std::pair<A, int64_t>& a, const std::pair<A, int64_t>& b) {
-    return a.first > b.first || (a.first == b.first && a.second < b.second);
-  };
-  s.cands.clear();
-  for (int64_t i = 0; i < vocab; ++i)
-    if (s.keep[i]) s.cands.emplace_back(s.scaled[i], i);
-  const int64_t n_cands = static_cast<int64_t>(s.cands.size());
-  int64_t sorted = std::min<int64_t>(n_cands, use_top_k ? n_cands : 64);
-  while (true) {
-    if (sorted < n_cands) {
-      std::nth_element(s.cands.begin(), s.cands.begin() + sorted, s.cands.end(), by_value_desc);
-    }
-    std::sort(s.cands.begin(), s.cands.begin() + sorted, by_value_desc);
-    double mass = 0;
-    for (int64_t r = 0; r < sorted; ++r) mass += std::exp(static_cast<double>(s.cands[r].first - max_x));
-    // The cut lies inside the sorted prefix once that prefix alone reaches the limit.
-    if (sorted == n_cands || mass >= mass_limit) break;
-    sorted = std::min<int64_t>(n_cands, sorted * 4);
+  for (int64_t i = 0; i < vocab; ++i) {
+    s.mass[i] = s.keep[i] ? std::exp(static_cast<double>(s.scaled[i] - max_x)) : 0.0;
+    total += s.mass[i];
   }
-  // Walk descending; the first token with exclusive prefix mass >= limit starts the removal.
-  std::fill(s.keep.begin(), s.keep.end(), uint8_t(0));
-  double before = 0;
-  for (int64_t r = 0; r < sorted; ++r) {
-    if (r > 0 && before >= mass_limit) break;
+  const double mass_limit = static_cast<double>(top_p) * total;
+  // The cut is the first token, in descending order, whose exclusive prefix mass reaches
+  // the limit. Rather than sort the candidates (a flat distribution, at a high temperature,
+  // keeps most of a 50k vocabulary), bucket them by value below the max: kBuckets buckets
+  // kSpan / kBuckets wide (by x, so by mass), and one last bucket for everything lower.
+  // Buckets above the one where the prefix mass reaches the limit are kept whole, those
+  // below it dropped, and only the cut bucket's tokens are sorted and walked.
+  constexpr int kBuckets = 512;
+  constexpr double kSpan = 32.0;  // exp(-32) ~ 1e-14: the last bucket's tokens carry almost no mass
+  const double per_bucket = kBuckets / kSpan;
+  auto bucket_of = [&](A x) {
+    const double depth = (static_cast<double>(max_x) - static_cast<double>(x)) * per_bucket;
+    return depth < kBuckets ? static_cast<int>(depth) : kBuckets;  // -inf (and any NaN) go last
+  };
+  double bucket_mass[kBuckets + 1] = {};
+  for (int64_t i = 0; i < vocab; ++i)
+    if (s.keep[i]) bucket_mass[bucket_of(s.scaled[i])] += s.mass[i];
+  int cut = 0;  // the bucket of the max holds the largest token: never empty
+  double before_cut = 0;
+  for (int b = 0; b <= kBuckets; ++b) {
+    cut = b;
+    if (before_cut + bucket_mass[b] >= mass_limit) break;
+    before_cut += bucket_mass[b];
+  }
+  s.cands.clear();
+  for (int64_t i = 0; i < vocab; ++i) {
+    if (!s.keep[i]) continue;
+    const int b = bucket_of(s.scaled[i]);
+    if (b == cut) s.cands.emplace_back(s.scaled[i], i);
+    s.keep[i] = b < cut;
+  }
+  // Descending value, ties by index (as a stable descending sort of the row).
+  std::sort(s.cands.begin(), s.cands.end(), [](const std::pair<A, int64_t>& a, const std::pair<A, int64_t>& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  });
+  double before = before_cut;
+  for (size_t r = 0; r < s.cands.size(); ++r) {
+    if ((cut > 0 || r > 0) && before >= mass_limit) break;  // the largest token is always kept
     s.keep[s.cands[r].second] = 1;
-    before += std::exp(static_cast<double>(s.cands[r].first - max_x));
+    before += s.mass[s.cands[r].second];
   }
   return max_x;
 }
