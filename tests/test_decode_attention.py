@@ -49,6 +49,26 @@ def test_strided_cache_view_is_read_in_place():
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_generation_decode_attention_is_differentiable():
+    # The op has no backward; genfast.nn.generation.decode_attention runs the differentiable
+    # attention when autograd needs gradients, with the reference's gradients.
+    from genfast.nn.generation import decode_attention as dispatching
+
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True)
+               for s in [(2, 4, 8), (2, 2, 10, 8), (2, 2, 10, 8)])
+    out = dispatching(q, k, v, 7, 0.3)
+    expected = reference.attention(q.unsqueeze(2), reference.repeat_kv_heads(k[:, :, :7], 4),
+                                   reference.repeat_kv_heads(v[:, :, :7], 4), scale=0.3).squeeze(2)
+    weights = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    got_grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    want_grads = torch.autograd.grad((expected * weights).sum(), (q, k, v))
+    torch.testing.assert_close(out, expected)
+    for got, want in zip(got_grads, want_grads):
+        torch.testing.assert_close(got, want)
+    assert got_grads[1][:, :, 7:].abs().max() == 0  # rows past the length are not attended
+
+
 def test_opcheck():
     q = torch.randn(2, 4, 8)
     cache = torch.randn(2, 2, 10, 8)

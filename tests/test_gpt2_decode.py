@@ -86,6 +86,24 @@ def test_generate_runs_the_fused_blocks_and_gives_the_unfused_tokens(monkeypatch
     assert torch.equal(fused, unfused)
 
 
+def test_a_cached_forward_that_autograd_would_record_is_a_clear_error():
+    # The cache is written in place and the decode kernels have no backward: gradients through a
+    # cached step would be wrong, so it is refused; without a cache, or under no_grad, it runs.
+    torch.manual_seed(4)
+    model = GPT2(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=60, n_positions=64))
+    model.wte.requires_grad_(False)  # x itself need not require grad for the blocks' weights to
+    model.wpe.requires_grad_(False)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with pytest.raises(RuntimeError, match="a forward with a KV cache is inference only"):
+        model(ids, model.new_cache(1, 8))
+    model(ids).sum().backward()
+    assert model.h[0].c_fc.weight.grad is not None
+    with torch.no_grad():
+        cache = model.new_cache(1, 8)
+        model(ids[:, :3], cache)
+        model(ids[:, 3:], cache)
+
+
 def _op_args(dtype=torch.float32, rows=2, position=3):
     block, cache, x = _block_and_cache("gelu_new", rows, position, dtype)
     attn = block.attn

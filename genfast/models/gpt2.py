@@ -176,7 +176,8 @@ class GPT2(nn.Module):
                 position: Tensor | None = None) -> Tensor:
         """Logits (B, T, vocab) for input_ids (B, T), or (B, 1, vocab) with last_only.
 
-        With a cache, input_ids continue the cached sequence and the cache is extended.
+        With a cache, input_ids continue the cached sequence and the cache is extended; that is
+        inference only (under torch.no_grad() or inference_mode; with autograd recording it raises).
         ``position`` (one token per row, with a cache): the cache row to fill, as a one-element int64
         tensor on the model's device, in place of cache.length, which is then neither read nor
         advanced. No host value depends on it, so the call can be captured in a CUDA graph
@@ -195,6 +196,11 @@ class GPT2(nn.Module):
             if cache is not None and start + T > cache.max_len:
                 raise ValueError(f"KV cache holds {cache.max_len} positions; {start + T} needed")
             positions = torch.arange(start, start + T, device=input_ids.device)
+        if cache is not None and torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            # Each step writes the cache in place, which invalidates what autograd saved at the steps
+            # before (and the decode kernels have no backward): gradients would be wrong or fail late.
+            raise RuntimeError("GPT2: a forward with a KV cache is inference only; call it under torch.no_grad() "
+                               "or torch.inference_mode(), or train without a cache")
         x = self.wte(input_ids) + self.wpe(positions)
         fused = position is None and self._fuses_decode(x, cache)
         for block in self.h:
@@ -212,7 +218,7 @@ class GPT2(nn.Module):
         return (self.fused_cpu_decode and cache is not None and x.shape[1] == 1 and x.shape[0] <= _FUSED_MAX_ROWS
                 and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
                 and self.config.activation_function in _FUSED_ACTIVATIONS
-                and not (torch.is_grad_enabled() and x.requires_grad))
+                and not (torch.is_grad_enabled() and x.requires_grad))  # the fused op has no autograd
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         param = self.wte.weight

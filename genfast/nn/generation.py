@@ -7,8 +7,9 @@ The one API that checks arguments and dispatches by device:
                             with a one-time warning
   decode_attention          CPU, CUDA -> torch.ops.genfast.decode_attention (one query token vs
                             the KV cache; C++ on CPU, Triton flash-decoding on CUDA, whose
-                            launcher eager calls reach directly); other devices -> genfast's
-                            scaled_dot_product_attention on the filled rows
+                            launcher eager calls reach directly; inference only); autograd and
+                            other devices -> genfast's scaled_dot_product_attention on the
+                            filled rows (differentiable)
   linear                    F.linear's contract. A few rows (a decode step) on CPU in inference
                             -> torch.ops.genfast.decode_linear (streams the weight at memory
                             bandwidth); anything else (prefill, autograd, other devices) ->
@@ -109,14 +110,18 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: int | 
 
     Eager CUDA calls go to the Triton launcher directly: dispatching torch.ops to a Python kernel cost
     as much as the kernels at batch 1 (0.20 ms against 0.11 ms per call on an H200). Under
-    torch.compile the registered op is called, so the graph sees it."""
-    if q.is_cuda and (isinstance(length, Tensor) or not torch.compiler.is_compiling()):
+    torch.compile the registered op is called, so the graph sees it.
+
+    The op has no backward: when autograd needs one (grad enabled and q or a cache requiring grad,
+    e.g. fine-tuning through a cached decode step), genfast's differentiable attention runs instead."""
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad)
+    if q.is_cuda and not needs_grad and (isinstance(length, Tensor) or not torch.compiler.is_compiling()):
         from genfast.kernels import load
 
         return load("decode_attention", "decode_attention").decode_attention(q, k_cache, v_cache, length, scale)
     if isinstance(length, Tensor):
         length = int(length)
-    if q.device.type in _OP_DEVICES:
+    if q.device.type in _OP_DEVICES and not needs_grad:
         from genfast.ops.decode_attention import decode_attention as op
 
         return op(q, k_cache, v_cache, length, scale)
