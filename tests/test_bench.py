@@ -261,4 +261,4 @@ def test_every_case_name_is_unique_and_every_provider_exists():
         assert len(names) == len(set(names)), set_name
         for case in selected:
             assert set(case.providers) <= set(providers.PROVIDERS[case.kind]), case.name
-            assert case.flops > 0
+            assert case.flops > 0 or case.kind == "sampling", case.name

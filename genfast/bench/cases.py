@@ -19,8 +19,8 @@ SETS = ("quick", "full", "smoke")
 @dataclass(frozen=True, eq=False)
 class Case:
     name: str
-    op: str                 # lstm | gru | attention | imdb | gpt2: which benchmarks/bench_<op>.py
-    kind: str               # rnn | attention | imdb | generation: which providers and workload
+    op: str                 # lstm | gru | attention | imdb | gpt2 | sampling: which benchmarks/bench_<op>.py
+    kind: str               # rnn | attention | imdb | generation | sampling: which providers and workload
     mode: str               # inference | training
     params: dict = field(default_factory=dict)
     subjects: tuple[str, ...] = ("genfast",)
@@ -53,6 +53,8 @@ class Case:
                     + flops.linear(p["batch"], p["hidden"], 1, self.training))
         if self.kind == "generation":
             return flops.gpt2_generate(p["prompt_len"], p["new_tokens"], p.get("config", {}))
+        if self.kind == "sampling":
+            return 0.0  # selection and a draw, no arithmetic worth counting: no GFLOP/s column
         raise ValueError(f"unknown case kind {self.kind!r}")
 
 
@@ -111,6 +113,17 @@ def _gpt2(new_tokens=128, prompt_len=16, name="gpt2.124m.greedy", config=None) -
     return Case(name, "gpt2", "generation", "inference", params, ("genfast",), ("transformers",))
 
 
+def _sampling(vocab=50257, top_k=0, top_p=0.9, temperature=1.0, spread=1.0, name=None, rows=1) -> Case:
+    # One decode step's logits: N(0, spread^2) per token. spread 1 is flat (top-p keeps most of the
+    # vocabulary, as at a high temperature), spread 5 peaked (a few dozen tokens carry top_p).
+    shape = "flat" if spread <= 1 else "peaked"
+    filters = "_".join(f for f in (f"topk{top_k}" if top_k else "", f"topp{top_p:g}" if top_p < 1 else "") if f)
+    params = {"rows": rows, "vocab": vocab, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+              "spread": spread, "seed": 0}
+    return Case(name or f"sampling.v{vocab}.{filters}.{shape}", "sampling", "sampling", "inference", params,
+                ("genfast",), ("reference", "transformers"), unit="us")
+
+
 def _quick() -> list[Case]:
     cases = []
     # The slow baselines (reference, cell_loop) cost 2-4x torch per call on the big RNN
@@ -128,6 +141,7 @@ def _quick() -> list[Case]:
     for causal in (True, False):
         cases.append(_attention(4, 512, 128, causal, "inference", ("torch_sdpa",), heads=8))
     cases.append(_attention(1, 1024, 64, True, "training", ("torch_sdpa",)))
+    cases += [_sampling(top_k=50, top_p=0.9, spread=5.0), _sampling(top_p=0.9, spread=1.0)]
     cases.append(_gpt2())
     return cases
 
@@ -157,6 +171,9 @@ def _full() -> list[Case]:
     for L in (512, 1024):
         for causal in (True, False):
             cases.append(_attention(1, L, 64, causal, "training", ATTENTION_BASELINES))
+    for spread in (1.0, 5.0):
+        cases += [_sampling(top_k=50, top_p=0.9, spread=spread), _sampling(top_p=0.9, spread=spread),
+                  _sampling(top_k=50, top_p=1.0, spread=spread)]
     cases.append(_gpt2())
     return cases
 
@@ -177,6 +194,7 @@ def _smoke() -> list[Case]:
                           {"vocab": 50, "embed": 8, "hidden": 8, "batch": 4, "T": 6, "steps_checked": 3,
                            "lr": 1e-3, "seed": 0}, ("genfast",), ("torch",)))
         cases.append(_attention(1, 16, 8, True, mode, ATTENTION_BASELINES, heads=2, prefix="tiny."))
+    cases.append(_sampling(vocab=100, top_k=5, top_p=0.9, rows=2, name="sampling.tiny"))
     cases.append(_gpt2(new_tokens=4, prompt_len=3, name="gpt2.tiny.greedy",
                        config=dict(n_layer=2, n_embd=32, n_head=2, n_positions=32, vocab_size=100)))
     return cases

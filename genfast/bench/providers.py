@@ -440,6 +440,66 @@ def transformers_generate(work: GenerationWorkload):
     return run
 
 
+# ----------------------------------------------------------------------------- sampling
+@dataclass(eq=False)
+class SamplingWorkload:
+    logits: torch.Tensor         # (rows, vocab)
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+
+
+def make_sampling_workload(case, device: str) -> SamplingWorkload:
+    p = case.params
+    generator = torch.Generator().manual_seed(p.get("seed", 0))
+    logits = (torch.randn(p["rows"], p["vocab"], generator=generator) * p["spread"]).to(device)
+    return SamplingWorkload(logits, p["temperature"], p["top_k"], p["top_p"], p.get("seed", 0))
+
+
+def _seeded(work: SamplingWorkload) -> torch.Generator:
+    return torch.Generator(work.logits.device).manual_seed(work.seed)
+
+
+def genfast_sample(work: SamplingWorkload):
+    generation = _import_genfast("genfast.nn.generation")
+    generator = _seeded(work)
+    return lambda: generation.sample(work.logits, work.temperature, work.top_k, work.top_p, generator=generator)
+
+
+def reference_sample(work: SamplingWorkload):
+    # The same uniforms as genfast's sample (one torch.rand per row from a generator seeded alike),
+    # so the first tokens must agree; the filter sorts the vocabulary, as HF's top-p does.
+    from genfast import reference
+
+    generator = _seeded(work)
+
+    def run():
+        uniforms = torch.rand(work.logits.shape[0], generator=generator, dtype=torch.float64,
+                              device=work.logits.device)
+        scores = reference.process_logits(work.logits, work.temperature, work.top_k, work.top_p)
+        return reference.draw_from_scores(scores, uniforms)
+    return run
+
+
+def transformers_sample(work: SamplingWorkload):
+    # What transformers' generate does per step when sampling: its warpers, softmax, multinomial.
+    try:
+        from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
+                                                            TopKLogitsWarper, TopPLogitsWarper)
+    except ImportError as err:
+        raise Unavailable("not built", f"transformers is not installed: {err}") from err
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(work.temperature)]
+                                  + ([TopKLogitsWarper(work.top_k)] if work.top_k else [])
+                                  + ([TopPLogitsWarper(work.top_p)] if work.top_p < 1 else []))
+    generator = _seeded(work)
+
+    def run():
+        scores = warpers(None, work.logits)
+        return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+    return run
+
+
 # ---------------------------------------------------------------------------- registry
 @dataclass(frozen=True)
 class Provider:
@@ -471,7 +531,12 @@ PROVIDERS: dict[str, dict[str, Provider]] = {
         Provider("genfast", genfast_generate, "genfast.models.gpt2.GPT2.generate (KV cache)"),
         Provider("transformers", transformers_generate, "transformers GPT2LMHeadModel.generate"),
     )},
+    "sampling": {p.name: p for p in (
+        Provider("genfast", genfast_sample, "genfast.nn.generation.sample (fused filter and draw)"),
+        Provider("reference", reference_sample, "genfast.reference.process_logits + draw_from_scores"),
+        Provider("transformers", transformers_sample, "transformers' warpers + softmax + multinomial"),
+    )},
 }
 
 WORKLOADS = {"rnn": make_rnn_workload, "attention": make_attention_workload, "imdb": make_imdb_workload,
-             "generation": make_generation_workload}
+             "generation": make_generation_workload, "sampling": make_sampling_workload}

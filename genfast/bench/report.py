@@ -37,7 +37,7 @@ def _cell(p: ProviderResult, unit: str, with_peak: bool = True) -> str:
     if not p.ok:
         return p.status
     text = _time(p.stats.median, unit)
-    if with_peak and p.pct_peak is not None:
+    if with_peak and p.pct_peak:  # none for cases without a flop count
         text += f" {p.pct_peak:.0f}%"
     return text
 
@@ -69,7 +69,8 @@ def table(results: list[CaseResult]) -> str:
                 row = [r.case.name if first else "", subject.name]
                 if subject.ok:
                     row += [_time(subject.stats.median, unit), f"{100 * subject.stats.relative_iqr:.0f}%",
-                            f"{subject.gflops:.1f}", f"{subject.pct_peak:.0f}%" if subject.pct_peak else "-"]
+                            f"{subject.gflops:.1f}" if subject.gflops else "-",
+                            f"{subject.pct_peak:.0f}%" if subject.pct_peak else "-"]
                 else:
                     row += [subject.status, "", "", ""]
                 if memory:
