@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include "cpu/gemm.h"
+#include "cpu/memory.h"
 #include "cpu/simd.h"
 
 TORCH_LIBRARY(genfast, m) {
@@ -95,5 +96,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("packed_gemm_gflops", &genfast::cpu::packed_gemm_gflops, "GFLOP/s of the RNN kernels' packed GEMM on M x N x K fp32",
         pybind11::arg("M"), pybind11::arg("N"), pybind11::arg("K"), pybind11::arg("repeats") = 5);
   m.def("cuda_built", &cuda_built, "whether the CUDA kernels were compiled in");
+  m.def("cpu_cache_bytes", [] { return genfast::cpu::BufferCache::instance().cached_bytes(); },
+        "bytes of freed large CPU buffers held for reuse (csrc/cpu/memory.h)");
+  m.def("cpu_cache_limit_bytes", [] { return genfast::cpu::BufferCache::instance().limit_bytes(); },
+        "the most the CPU buffer cache holds (GENFAST_CPU_CACHE_MB)");
+  m.def("empty_cpu_cache", [] { genfast::cpu::BufferCache::instance().clear(); },
+        "frees the cached CPU buffers (genfast.empty_cache())");
   m.def("cuda_archs", &cuda_archs, "CUDA architectures the kernels were compiled for");
 }

@@ -24,8 +24,12 @@ def info(print_it: bool = True) -> dict:
         report["simd_level"] = ext.simd_level()
         report["cuda_kernels"] = ext.cuda_built()
         report["cuda_archs"] = ext.cuda_archs() or None
+        limit = ext.cpu_cache_limit_bytes()
+        report["cpu_buffer_cache"] = (f"{ext.cpu_cache_bytes() / 2**20:.0f} MB held, up to {limit / 2**20:.0f} MB "
+                                      "(GENFAST_CPU_CACHE_MB; genfast.empty_cache() frees)" if limit
+                                      else "off (GENFAST_CPU_CACHE_MB=0)")
     else:
-        report.update(cpu_kernels=False, simd_level=None, cuda_kernels=False, cuda_archs=None)
+        report.update(cpu_kernels=False, simd_level=None, cuda_kernels=False, cuda_archs=None, cpu_buffer_cache=None)
         report["extension_error"] = _extension.load_error()
     report["triton"] = importlib.util.find_spec("triton") is not None
     report["triton_interpret"] = os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -9,7 +9,8 @@ import genfast
 
 def test_info_reports_backends():
     report = genfast.info(print_it=False)
-    for key in ("genfast", "torch", "cpu_kernels", "cuda_kernels", "cuda_archs", "triton", "simd_level", "threads", "huge_pages"):
+    for key in ("genfast", "torch", "cpu_kernels", "cuda_kernels", "cuda_archs", "triton", "simd_level", "threads", "huge_pages",
+                "cpu_buffer_cache"):
         assert key in report
     assert report["cpu_kernels"] is True
     assert report["simd_level"] in ("baseline", "avx2", "avx512")

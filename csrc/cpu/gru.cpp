@@ -275,7 +275,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward(const at::Tensor& inp
   at::Tensor out = empty_large({S, H}, x.options());
   at::Tensor hbuf = hx_.unsqueeze(0).expand({2, sc.batch, H}).contiguous();
   at::Tensor hy = at::empty({sc.batch, H}, x.options());
-  at::Tensor ws = empty_large({train ? S * (kGates + 1) * H : 0}, x.options());
+  at::Tensor ws = empty_cached({train ? S * (kGates + 1) * H : 0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "genfast::gru_forward", [&] {
     // W_ih x + b_ih for every step at once (b_hh stays apart: r multiplies W_hn h + b_hn).
     matmul<scalar_t>(S, kGates * H, I, x.data_ptr<scalar_t>(), I, w_ih.data_ptr<scalar_t>(), 1, I,
@@ -319,13 +319,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor out = output.reshape({S, H}).contiguous();
   const at::Tensor ws = workspace.contiguous(), hx = hx_.contiguous();
   const at::Tensor w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
-  at::Tensor dGx = empty_large({S, kGates * H}, x.options());
-  at::Tensor dGh = empty_large({S, kGates * H}, x.options());
+  at::Tensor dGx = empty_cached({S, kGates * H}, x.options());
+  at::Tensor dGh = empty_cached({S, kGates * H}, x.options());
   at::Tensor dh_state = grad_hy.contiguous().clone();
-  at::Tensor h_prev = empty_large({S, H}, x.options());
+  at::Tensor h_prev = empty_cached({S, H}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "genfast::gru_backward", [&] {
     const int64_t panels = ceil_div(H, kUnits);
-    at::Tensor packed = empty_large({panels * kGates * H * kUnits}, x.options());
+    at::Tensor packed = empty_cached({panels * kGates * H * kUnits}, x.options());
     pack_panels<scalar_t>(w_hh.data_ptr<scalar_t>(), H, 1, kGates * H, panels, kUnits,
                           [&](int64_t p, int64_t col) { return p * kUnits + col < H ? p * kUnits + col : -1; },
                           packed.data_ptr<scalar_t>());
@@ -336,7 +336,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                      h_prev.data_ptr<scalar_t>(), H);
   });
   const int64_t I = input_.size(-1);
-  at::Tensor grad_input = empty_large({S, I}, x.options());
+  at::Tensor grad_input = empty_cached({S, I}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "genfast::gru_backward_input", [&] {
     matmul<scalar_t>(S, I, kGates * H, dGx.data_ptr<scalar_t>(), kGates * H, w_ih.data_ptr<scalar_t>(), I, 1, nullptr,
                      grad_input.data_ptr<scalar_t>(), I);

@@ -451,7 +451,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward(
   at::Tensor hbuf = hx_.unsqueeze(0).expand({2, sc.batch, Hout}).contiguous();
   at::Tensor cy = cx_.contiguous().clone();
   at::Tensor hy = at::empty({sc.batch, Hout}, x.options());
-  at::Tensor ws = empty_large({train ? S * (kGates + 1 + (project ? 1 : 0)) * H : 0}, x.options());
+  at::Tensor ws = empty_cached({train ? S * (kGates + 1 + (project ? 1 : 0)) * H : 0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "genfast::lstm_forward", [&] {
     at::Tensor packed;
     if (in_place)  // G = X W_ih^T + b_ih + b_hh for the few rows there are.
@@ -496,11 +496,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor out = output.reshape({S, Hout}).contiguous();
   const at::Tensor ws = workspace.contiguous(), hx = hx_.contiguous(), cx = cx_.contiguous();
   const at::Tensor w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
-  at::Tensor dG = empty_large({S, kGates * H}, x.options());
+  at::Tensor dG = empty_cached({S, kGates * H}, x.options());
   at::Tensor dh_state = grad_hy.contiguous().clone();
   at::Tensor dc_state = grad_cy.contiguous().clone();
-  at::Tensor dh_total = project ? empty_large({S, Hout}, x.options()) : at::Tensor();
-  at::Tensor h_prev = empty_large({S, Hout}, x.options());
+  at::Tensor dh_total = project ? empty_cached({S, Hout}, x.options()) : at::Tensor();
+  at::Tensor h_prev = empty_cached({S, Hout}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "genfast::lstm_backward", [&] {
     at::Tensor packed_whh = pack_columns<scalar_t>(w_hh, /*transpose=*/false);
     at::Tensor packed_whr = project ? pack_columns<scalar_t>(w_hr_->contiguous(), false) : at::Tensor();
@@ -512,7 +512,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                      h_prev.data_ptr<scalar_t>(), Hout);
   });
   // Weight gradients: one large GEMM each over all steps.
-  at::Tensor grad_input = empty_large({S, d.I}, x.options());
+  at::Tensor grad_input = empty_cached({S, d.I}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "genfast::lstm_backward_input", [&] {
     matmul<scalar_t>(S, d.I, kGates * H, dG.data_ptr<scalar_t>(), kGates * H, w_ih.data_ptr<scalar_t>(), d.I, 1,
                      nullptr, grad_input.data_ptr<scalar_t>(), d.I);
