@@ -7,9 +7,9 @@
 // allocating and filling 65 MB (the LSTM training workspace at T=100, N=64, H=512) took 26-31 ms
 // against 4 ms to refill. So empty_cached draws training buffers of 1 MB and more from a cache of
 // freed ones (BufferCache below: best fit within 2x, up to GENFAST_CPU_CACHE_MB, default 1024, held
-// until genfast.empty_cache()). Measured with `python -m genfast.bench --quick --filter training`,
-// old and new build alternating: LSTM training x0.97-1.01 -> 1.14-1.15 against torch, GRU training
-// x0.99-1.01 -> 1.23-1.40.
+// until genfast.empty_cache()). Measured with `python -m genfast.bench --quick --filter rnns`, the
+// build before and after alternating, two rounds: LSTM training x0.93/0.98 -> x1.15/1.15 against
+// torch, GRU training x1.01/1.10 -> x1.14/1.35, inference unchanged.
 //
 // Huge pages were tried first: asking for 2 MB transparent huge pages before the first touch
 // brought that 65 MB to 6 ms and a training forward from 31k minor faults to 1.3k, but LSTM

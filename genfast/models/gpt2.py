@@ -214,11 +214,11 @@ class GPT2(nn.Module):
         return linear(x, weight)
 
     def _fuses_decode(self, x: Tensor, cache: KVCache | None) -> bool:
-        """Whether this step runs the fused CPU decode blocks (see fused_cpu_decode)."""
+        """Whether this step runs the fused CPU decode blocks (see fused_cpu_decode). The op has no
+        backward; no check is needed here because forward() refuses a cached step autograd would record."""
         return (self.fused_cpu_decode and cache is not None and x.shape[1] == 1 and x.shape[0] <= _FUSED_MAX_ROWS
                 and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-                and self.config.activation_function in _FUSED_ACTIVATIONS
-                and not (torch.is_grad_enabled() and x.requires_grad))  # the fused op has no autograd
+                and self.config.activation_function in _FUSED_ACTIVATIONS)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         param = self.wte.weight
