@@ -64,6 +64,13 @@ def _extension():
     # loops vectorise on AVX2 too (genfast does not rely on floating-point exceptions).
     cxx = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-DGENFAST_BUILD"]
     define_macros = []
+    include_dirs = [os.path.join(HERE, "csrc")]
+    if os.environ.get("GENFAST_EMULATE_AVX512", "0") == "1":
+        # Test build (tests/test_simd_emulated_avx512.py): runs the AVX-512 code paths on an AVX2 CPU.
+        import simde_py
+
+        define_macros.append(("GENFAST_EMULATE_AVX512", None))
+        include_dirs.append(simde_py.get_include())
     if _want_cuda():
         archs = os.environ.get("GENFAST_CUDA_ARCHS", "80;90")
         sources += rel("csrc/cuda/*.cu") + rel("csrc/cuda/*.cpp")
@@ -72,7 +79,7 @@ def _extension():
             "genfast._C",
             sources,
             define_macros=define_macros,
-            include_dirs=[os.path.join(HERE, "csrc")],
+            include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", *_cuda_arch_flags()]},
             extra_link_args=["-fopenmp", *_shared_cxx_runtime()],
         )
@@ -80,7 +87,7 @@ def _extension():
         "genfast._C",
         sources,
         define_macros=define_macros,
-        include_dirs=[os.path.join(HERE, "csrc")],
+        include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx},
         extra_link_args=["-fopenmp", *_shared_cxx_runtime()],
     )

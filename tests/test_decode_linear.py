@@ -48,6 +48,16 @@ def test_matches_linear(dtype, rows, in_features, out_features, with_bias):
     _check(decode_linear(x, w, b), x, w, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gemm_path_every_row_tail(dtype):
+    """More than 8 rows take the packed GEMM: its micro-kernel covers 3, 6 or 12 rows (baseline, AVX2,
+    AVX-512) and a switch handles the rest. Rows 9..32 leave every remainder of each, 97 and 107 cross a
+    96-row tile; 70 columns end in a partial panel."""
+    for rows in [*range(9, 33), 97, 107]:
+        x, w, b = _inputs(rows, 13, 70, dtype, seed=rows)
+        _check(decode_linear(x, w, b), x, w, b)
+
+
 def test_strided_input_and_weight():
     x, w, b = _inputs(4, 48, 40, torch.float32)
     x_strided = torch.randn(4, 96)[:, ::2].copy_(x)      # rows 96 apart, elements 2 apart

@@ -33,6 +33,19 @@
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
+#if defined(GENFAST_EMULATE_AVX512)
+#define SIMDE_ENABLE_NATIVE_ALIASES  // the _mm512_* names in struct Avx512 resolve to SIMDe's (see simd.h)
+#include <simde/x86/avx512.h>
+// SIMDe 0.8.2 has no _mm512_reduce_add_ps.
+inline float genfast_emulated_reduce_add_ps(simde__m512 v) {
+  float lanes[16];
+  simde_mm512_storeu_ps(lanes, v);
+  float sum = 0.0f;
+  for (float lane : lanes) sum += lane;
+  return sum;
+}
+#define _mm512_reduce_add_ps(v) genfast_emulated_reduce_add_ps(v)
+#endif
 #endif
 
 #include "cpu/attention_gemm.h"
@@ -256,9 +269,7 @@ struct Avx512 {
   GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V mul(V a, V b) { return _mm512_mul_ps(a, b); }
   GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V fnma(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }
-  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V floor(V x) {
-    return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  }
+  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V floor(V x) { return _mm512_floor_ps(x); }
   GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V pow2i(V n) {
     const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
     return _mm512_castsi512_ps(bits);
@@ -281,7 +292,7 @@ using S = Avx2;
 #pragma GCC pop_options
 
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
+GENFAST_PRAGMA_TARGET_AVX512
 namespace avx512 {
 using S = Avx512;
 #include "cpu/attention_softmax.inc"

@@ -20,11 +20,22 @@ std::string simd_level_name();
 #if defined(__x86_64__) || defined(_M_X64)
 #define GENFAST_X86 1
 #define GENFAST_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#if defined(GENFAST_EMULATE_AVX512)
+// Test build only (setup.py with GENFAST_EMULATE_AVX512=1; tests/test_simd_emulated_avx512.py):
+// the AVX-512 copies keep their 64-byte vectors, 12-row tiles and __m512 code, but are
+// compiled for AVX2 (GCC splits the wide vectors, SIMDe supplies the _mm512_* intrinsics),
+// so a machine without AVX-512 runs the AVX-512 code paths' logic.
+#define GENFAST_TARGET_AVX512 GENFAST_TARGET_AVX2
+#define GENFAST_PRAGMA_TARGET_AVX512 _Pragma("GCC target(\"avx2,fma\")")
+#else
 #define GENFAST_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")))
+#define GENFAST_PRAGMA_TARGET_AVX512 _Pragma("GCC target(\"avx512f,avx512vl,avx512bw,avx512dq,avx2,fma\")")
+#endif
 #else
 #define GENFAST_X86 0
 #define GENFAST_TARGET_AVX2
 #define GENFAST_TARGET_AVX512
+#define GENFAST_PRAGMA_TARGET_AVX512
 #endif
 
 namespace genfast::cpu {
