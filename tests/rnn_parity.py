@@ -81,3 +81,43 @@ def packed_input(lengths, input_size, dtype, enforce_sorted, seed=0):
         return PackedSequence(data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
 
     return make
+
+
+# bfloat16 / float16 on the CPU run in float32 and round each result once (genfast.ops.rnn).
+# Against float64 on the same rounded weights and inputs, every output, state and gradient
+# is then off by that one rounding (at most u = the dtype's unit roundoff, relative) plus
+# float32's error (~1e-6): within 2u of the largest magnitude.
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def _flatten(result):
+    return [t for item in result for t in _flatten(item)] if isinstance(result, tuple) else [result]
+
+
+def assert_reduced_precision_matches_float64(genfast_module, dtype, input_shape, state_shapes):
+    """Runs ``genfast_module`` in ``dtype`` and a float64 copy of it on the same (rounded) inputs,
+    backward through the same (rounded) loss weights; compares outputs, states and gradients."""
+    gen = torch.Generator().manual_seed(7)
+    rounded = lambda shape, g=gen: torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    rounded_like = lambda o, g: rounded(o.shape, g).to(o.dtype)
+    x, states = rounded(input_shape), [rounded(s) for s in state_shapes]
+    results = []
+    for run_dtype in (dtype, torch.float64):  # the float64 copy takes the rounded weights exactly
+        module = genfast_module.to(run_dtype)
+        leaves = [t.to(run_dtype, copy=True).requires_grad_(True) for t in (x, *states)]
+        hx = None if not states else leaves[1] if len(states) == 1 else tuple(leaves[1:])
+        module.zero_grad(set_to_none=True)
+        outs = _flatten(module(leaves[0], hx))  # output and final states, or a cell's states
+        loss_gen = torch.Generator().manual_seed(11)
+        loss = sum((o * rounded_like(o, loss_gen)).sum() for o in outs)
+        loss.backward()
+        # cloned: the next .to() converts the parameters' .grad too
+        grads = [t.grad.clone() for t in (*leaves, *module.parameters())]
+        results.append(([o.detach() for o in outs], grads))
+    (outs_r, grads_r), (outs_64, grads_64) = results
+    u = UNIT_ROUNDOFF[dtype]
+    for i, (got, want) in enumerate(zip(outs_r + grads_r, outs_64 + grads_64)):
+        assert got.dtype == dtype, (i, got.dtype)
+        bound = 2 * u * want.abs().max().item()
+        error = (got.double() - want).abs().max().item()
+        assert error <= bound, f"tensor {i}: error {error:.3g} > 2u * max|value| = {bound:.3g}"

@@ -6,7 +6,8 @@ import torch
 
 import genfast.nn as gnn
 from genfast import ops, reference
-from tests.rnn_parity import assert_same, clone_module, packed_input, run_both
+from tests.rnn_parity import (assert_reduced_precision_matches_float64, assert_same, clone_module, packed_input,
+                               run_both)
 
 DTYPES = [torch.float32, torch.float64]
 
@@ -175,3 +176,15 @@ def test_gru_nan_propagates():
     x[2, 1, 1] = float("nan")
     out, h = m(x)
     assert torch.isnan(out[2:, 1]).all() and not torch.isnan(out[:, 0]).any() and not torch.isnan(out[:2]).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_hx", [False, True])
+def test_gru_reduced_precision_runs_in_float32_on_cpu(dtype, with_hx):
+    """bfloat16 / float16 on the CPU: computed in float32 and rounded once (see rnn_parity), so within
+    2 units of roundoff of float64 on the same rounded weights: outputs, states, every gradient."""
+    torch.manual_seed(3)
+    module = gnn.GRU(5, 6, bidirectional=True)
+    assert_reduced_precision_matches_float64(module, dtype, (7, 3, 5), [(2, 3, 6)] if with_hx else [])
+    cell = gnn.GRUCell(5, 6)
+    assert_reduced_precision_matches_float64(cell, dtype, (3, 5), [(3, 6)] if with_hx else [])

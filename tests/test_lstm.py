@@ -10,7 +10,8 @@ import torch
 
 import genfast.nn as gnn
 from genfast import reference
-from tests.rnn_parity import assert_same, clone_module, packed_input, run_both
+from tests.rnn_parity import (assert_reduced_precision_matches_float64, assert_same, clone_module, packed_input,
+                               run_both)
 
 DTYPES = [torch.float32, torch.float64]
 
@@ -322,6 +323,17 @@ def test_lstm_nan_propagates():
     assert torch.isnan(out[1:, 0]).all()  # sequence 0 is NaN from step 1 on
     assert not torch.isnan(out[:, 1]).any()  # sequence 1 is untouched
     assert not torch.isnan(out[0]).any()
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_hx", [False, True])
+def test_lstm_reduced_precision_runs_in_float32_on_cpu(dtype, with_hx):
+    """bfloat16 / float16 on the CPU: computed in float32 and rounded once (see rnn_parity), so within
+    2 units of roundoff of float64 on the same rounded weights: outputs, states, every gradient."""
+    torch.manual_seed(3)
+    module = gnn.LSTM(5, 6, bidirectional=True)
+    assert_reduced_precision_matches_float64(module, dtype, (7, 3, 5), [(2, 3, 6), (2, 3, 6)] if with_hx else [])
+    cell = gnn.LSTMCell(5, 6)
+    assert_reduced_precision_matches_float64(cell, dtype, (3, 5), [(3, 6), (3, 6)] if with_hx else [])
 
 
 _SIMD_LEVEL_CHECK = """

@@ -81,6 +81,12 @@ def _decode(cell, hidden, baselines):
                 unit="us", T=1, N=1, input_size=hidden, hidden_size=hidden)
 
 
+def _bfloat16(cell, mode, baselines, **shape):
+    # bfloat16 weights and input: genfast runs the layer in float32 on the CPU (genfast.ops.rnn),
+    # torch.nn in its own bfloat16 path.
+    return _rnn(cell, "imdb.bf16", mode, baselines, dtype="bfloat16", **shape)
+
+
 def _long(cell, mode, baselines):
     return _rnn(cell, "long", mode, baselines, T=1000, N=16, input_size=256, hidden_size=256)
 
@@ -157,6 +163,9 @@ def _full() -> list[Case]:
             cases.append(_decode(cell, hidden, RNN_BASELINES_FULL))
         for mode in MODES:
             cases.append(_long(cell, mode, ("torch", "cell_loop", "reference")))
+        # The IMDB layer's shape: torch's bfloat16 training at the fastrnns shape takes ~40 s a call here.
+        for mode in MODES:
+            cases.append(_bfloat16(cell, mode, ("torch",), T=100, N=32, input_size=256, hidden_size=64))
     cases += [_imdb_lstm(mode, RNN_BASELINES_FULL) for mode in MODES]
     cases += [_imdb("training"), _imdb("inference")]
     for B in (1, 8):
@@ -186,6 +195,7 @@ def _smoke() -> list[Case]:
         for mode in MODES:
             cases.append(_rnn(cell, "tiny", mode, ("torch", "cell_loop", "reference"), **tiny))
         cases.append(_rnn(cell, "tiny_packed", "training", ("torch", "cell_loop"), packed=True, **tiny))
+        cases.append(_rnn(cell, "tiny_bf16", "training", ("torch", "cell_loop"), dtype="bfloat16", **tiny))
         cases.append(_rnn(cell, "tiny_decode", "inference", ("torch", "cell_loop", "reference"),
                           subjects=("genfast", "genfast_cell"), unit="us",
                           T=1, N=1, input_size=8, hidden_size=8))

@@ -78,15 +78,16 @@ def make_rnn_workload(case, device: str) -> RnnWorkload:
     generator = torch.Generator().manual_seed(p.get("seed", 0))
     torch.manual_seed(p.get("seed", 0))
     rnn_cls = nn.LSTM if p["cell"] == "lstm" else nn.GRU
-    module = rnn_cls(p["input_size"], p["hidden_size"]).to(device)
+    dtype = getattr(torch, p.get("dtype", "float32"))
+    module = rnn_cls(p["input_size"], p["hidden_size"]).to(device, dtype)
     T, N = p["T"], p["N"]
-    x = torch.randn(T, N, p["input_size"], generator=generator).to(device)
+    x = torch.randn(T, N, p["input_size"], generator=generator).to(device, dtype)
     packed = None
     if p.get("packed"):
         lengths = rnn_lengths(T, N, p.get("seed", 0))
         packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
     states = 2 if p["cell"] == "lstm" else 1
-    hx = tuple(torch.randn(1, N, p["hidden_size"], generator=generator).to(device) for _ in range(states))
+    hx = tuple(torch.randn(1, N, p["hidden_size"], generator=generator).to(device, dtype) for _ in range(states))
     if case.mode == "training":
         module.requires_grad_(True)
     return RnnWorkload(p["cell"], module, x, packed, hx, case.mode == "training", device, case.name)
@@ -131,7 +132,7 @@ def genfast_rnn(work: RnnWorkload):
 def _torch_cell(work: RnnWorkload) -> nn.Module:
     m = work.module
     cls = nn.LSTMCell if work.cell == "lstm" else nn.GRUCell
-    cell = cls(m.input_size, m.hidden_size).to(work.device)
+    cell = cls(m.input_size, m.hidden_size).to(work.device, m.weight_ih_l0.dtype)
     with torch.no_grad():
         for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
             getattr(cell, name).copy_(getattr(m, f"{name}_l0"))
@@ -190,7 +191,7 @@ def genfast_cell(work: RnnWorkload):
     gnn = _import_genfast("genfast.nn")
     cls = gnn.LSTMCell if work.cell == "lstm" else gnn.GRUCell
     torch_cell = _torch_cell(work)
-    cell = cls(torch_cell.input_size, torch_cell.hidden_size).to(work.device)
+    cell = cls(torch_cell.input_size, torch_cell.hidden_size).to(work.device, torch_cell.weight_ih.dtype)
     cell.load_state_dict(torch_cell.state_dict())
     cell.requires_grad_(work.training)
     return _cell_loop(work, cell)

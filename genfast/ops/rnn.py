@@ -14,6 +14,28 @@ from torch import Tensor
 
 _ops = torch.ops.genfast
 
+# The CPU kernels compute in float32 or float64. A bfloat16 or float16 layer on the CPU runs
+# in float32 (its weights, input and states converted on the way in, its outputs rounded back
+# on the way out, both differentiable), as a reduced-precision RNN accumulates anyway; the
+# cell state and gates of every step stay in float32 in between. On CUDA the kernels take
+# these dtypes natively.
+_CPU_UPCAST = (torch.bfloat16, torch.float16)
+
+
+def _cpu_upcast_dtype(input: Tensor, tensors) -> torch.dtype | None:
+    """input's dtype if this call runs in float32 on the CPU: every tensor is a CPU tensor of that
+    dtype. Anything else (a mismatch included) goes to the op as it is, whose checks name it."""
+    dtype = input.dtype
+    if input.device.type != "cpu" or dtype not in _CPU_UPCAST:
+        return None
+    if any(t is not None and (t.dtype != dtype or t.device.type != "cpu") for t in tensors):
+        return None
+    return dtype
+
+
+def _float(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.float()
+
 
 def lstm(input: Tensor, hx: Tensor, cx: Tensor, w_ih: Tensor, w_hh: Tensor,
          b_ih: Tensor | None = None, b_hh: Tensor | None = None, w_hr: Tensor | None = None,
@@ -23,8 +45,12 @@ def lstm(input: Tensor, hx: Tensor, cx: Tensor, w_ih: Tensor, w_hh: Tensor,
     Returns (output, h_n, c_n). The op keeps what backward needs only when autograd
     will need it.
     """
-    train = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr))
+    tensors = (input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr)
+    reduced = _cpu_upcast_dtype(input, tensors[1:])
+    if reduced is not None:
+        output, hy, cy = lstm(*map(_float, tensors), batch_sizes, reverse)
+        return output.to(reduced), hy.to(reduced), cy.to(reduced)
+    train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     output, hy, cy, _ = _ops.lstm_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, train)
     return output, hy, cy
 
@@ -33,8 +59,12 @@ def gru(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | No
         b_hh: Tensor | None = None, batch_sizes: Tensor | None = None,
         reverse: bool = False) -> tuple[Tensor, Tensor]:
     """One GRU layer (PyTorch's gate convention). Returns (output, h_n)."""
-    train = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, hx, w_ih, w_hh, b_ih, b_hh))
+    tensors = (input, hx, w_ih, w_hh, b_ih, b_hh)
+    reduced = _cpu_upcast_dtype(input, tensors[1:])
+    if reduced is not None:
+        output, hy = gru(*map(_float, tensors), batch_sizes, reverse)
+        return output.to(reduced), hy.to(reduced)
+    train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     output, hy, _ = _ops.gru_forward(input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, train)
     return output, hy
 
