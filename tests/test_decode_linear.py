@@ -49,12 +49,16 @@ def test_matches_linear(dtype, rows, in_features, out_features, with_bias):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_gemm_path_every_row_tail(dtype):
-    """More than 8 rows take the packed GEMM: its micro-kernel covers 3, 6 or 12 rows (baseline, AVX2,
-    AVX-512) and a switch handles the rest. Rows 9..32 leave every remainder of each, 97 and 107 cross a
-    96-row tile; 70 columns end in a partial panel."""
-    for rows in [*range(9, 33), 97, 107]:
+def test_every_row_count_of_both_paths(dtype):
+    """Dot products, 8 rows at a time, up to 16 rows for a weight of at most 1 MB and 32 for a larger
+    one (csrc/cpu/gemm.h); beyond, the packed GEMM, whose micro-kernel covers 3, 6 or 12 rows
+    (baseline, AVX2, AVX-512) and a switch the rest: 17..56 leave every remainder of each, 97 and 107
+    cross a 96-row tile. 70 columns end in a partial panel."""
+    for rows in [*range(1, 57), 97, 107]:
         x, w, b = _inputs(rows, 13, 70, dtype, seed=rows)
+        _check(decode_linear(x, w, b), x, w, b)
+    for rows in (17, 24, 31, 32, 33):  # a weight over 1 MB: dot products up to 32 rows
+        x, w, b = _inputs(rows, 520, 520, dtype, seed=rows)
         _check(decode_linear(x, w, b), x, w, b)
 
 

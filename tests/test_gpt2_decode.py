@@ -44,7 +44,8 @@ def _fused(block, cache, x):
 
 
 @pytest.mark.parametrize("activation", ["gelu_new", "gelu", "relu", "silu"])
-@pytest.mark.parametrize("rows,position", [(1, 0), (1, 9), (3, 5), (8, 15)])
+# Rows up to MAX_ROWS (32): the weight passes take the dot-product path in chunks of 8 rows.
+@pytest.mark.parametrize("rows,position", [(1, 0), (1, 9), (3, 5), (8, 15), (13, 4), (32, 7)])
 def test_fused_block_matches_unfused_block_float64(activation, rows, position):
     block, cache, x = _block_and_cache(activation, rows, position, torch.float64)
     (want, want_cache), (got, got_cache) = _unfused(block, cache, x), _fused(block, cache, x)
@@ -56,7 +57,7 @@ def test_fused_block_matches_unfused_block_float64(activation, rows, position):
 
 
 @pytest.mark.parametrize("activation", ["gelu_new", "silu"])
-@pytest.mark.parametrize("rows,position", [(1, 0), (2, 12)])
+@pytest.mark.parametrize("rows,position", [(1, 0), (2, 12), (10, 3)])
 def test_fused_block_float32_error_is_that_of_the_unfused_block(activation, rows, position):
     block64, cache64, x64 = _block_and_cache(activation, rows, position, torch.float64, seed=1)
     exact, _ = _unfused(block64, cache64, x64)

@@ -6,7 +6,7 @@
 // W is in nn.Linear's layout (N, K), so y = F.linear(x, W, b). The work is genfast's matmul
 // (cpu/gemm.cpp): its few-row path gives each thread a range of output features and takes
 // dot products with the rows of x, reading its part of W front to back (sequential, so the
-// hardware prefetcher keeps the memory busy); more than kMaxDotRows rows take its GEMM path.
+// hardware prefetcher keeps the memory busy); more than kMaxDotPathRows (32) rows take its GEMM path.
 // Measured on GPT-2 124M's matrices at batch 1, 2 threads (all 12 layers' matrices, then the
 // 154 MB lm_head, from memory): 23-32 GB/s, against 12-16 for torch's F.linear, and about what
 // a plain torch.sum over the same bytes reaches (26 GB/s). (A row-major (K, N) weight split over columns
@@ -44,7 +44,7 @@ at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& weight, const st
   at::Tensor y = at::empty({x.size(0), N}, x.options());
   if (y.numel() == 0) return y;
   // B = W^T: column n of B is row n of W, contiguous (stride_k = 1), which is what lets
-  // matmul read it in place by dot products for up to kMaxDotRows rows.
+  // matmul read it in place by dot products for up to kMaxDotPathRows rows.
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "decode_linear", [&] {
     matmul<scalar_t>(x.size(0), N, K, xc.const_data_ptr<scalar_t>(), xc.stride(0), w.const_data_ptr<scalar_t>(), 1,
                      K, b.defined() ? b.const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(), N);

@@ -64,10 +64,21 @@ constexpr int64_t kMaxDotRows = 8;
 template <typename T>
 void dot_panel(int64_t M, int64_t K, const T* A, int64_t lda, const T* const* rows, int64_t width, T* C, int64_t ldc);
 
+// matmul's dot-product path takes up to kMaxDotPathRows rows, kMaxDotRows at a time: each
+// chunk after the first reads the 64 weight rows of its column block from L2, not memory.
+// Measured with 2 threads: on GPT-2 124M's block matrices (340 MB, from memory) it beat
+// packing the weight for the GEMM at every row count tried up to 48 (10 rows: 30 vs 55 ms;
+// 32: 72 vs 94 ms; torch's F.linear 67 and 106 ms). A weight of at most 1 MB is read from
+// cache, and there the GEMM wins from about 32 rows (256x64, 1024x256: 20-28 vs 32 us,
+// 185-210 vs 234-272 us), so such weights take the dot path up to 16 rows only.
+constexpr int64_t kMaxDotPathRows = 32;
+constexpr int64_t kMaxDotPathRowsSmallWeight = 16;
+constexpr int64_t kSmallWeightBytes = int64_t(1) << 20;
+
 // C (M x N) = A (M x K) * B (K x N) (+ bias over columns), B(k, n) = b[k * stride_k + n * stride_n],
 // whole and in parallel: B is packed once into 64-column panels, then (row block x panel)
 // tiles are split over threads. For the large products next to the recurrence (the input
-// projection of every step at once, dX in backward). With at most kMaxDotRows rows and
+// projection of every step at once, dX in backward). With at most kMaxDotPathRows rows and
 // contiguous columns of B (stride_k == 1), B is read in place by dot products instead
 // (a decode step, or genfast::decode_linear): one pass over B at memory bandwidth.
 template <typename T>

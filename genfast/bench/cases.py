@@ -52,7 +52,7 @@ class Case:
                     + flops.rnn("lstm", steps, p["hidden"], p["hidden"], self.training)
                     + flops.linear(p["batch"], p["hidden"], 1, self.training))
         if self.kind == "generation":
-            return flops.gpt2_generate(p["prompt_len"], p["new_tokens"], p.get("config", {}))
+            return p.get("rows", 1) * flops.gpt2_generate(p["prompt_len"], p["new_tokens"], p.get("config", {}))
         if self.kind == "sampling":
             return 0.0  # selection and a draw, no arithmetic worth counting: no GFLOP/s column
         raise ValueError(f"unknown case kind {self.kind!r}")
@@ -113,9 +113,9 @@ def _imdb_lstm(mode, baselines):
     return _rnn("lstm", "imdb", mode, baselines, T=100, N=32, input_size=256, hidden_size=64)
 
 
-def _gpt2(new_tokens=128, prompt_len=16, name="gpt2.124m.greedy", config=None) -> Case:
-    # GPT2Config() defaults: the 124M model; random weights, fp32, batch 1.
-    params = {"prompt_len": prompt_len, "new_tokens": new_tokens, "config": config or {}, "seed": 0}
+def _gpt2(new_tokens=128, prompt_len=16, name="gpt2.124m.greedy", config=None, rows=1) -> Case:
+    # GPT2Config() defaults: the 124M model; random weights, fp32; `rows` prompts decoded together.
+    params = {"prompt_len": prompt_len, "new_tokens": new_tokens, "config": config or {}, "seed": 0, "rows": rows}
     return Case(name, "gpt2", "generation", "inference", params, ("genfast",), ("transformers",))
 
 
@@ -184,6 +184,8 @@ def _full() -> list[Case]:
         cases += [_sampling(top_k=50, top_p=0.9, spread=spread), _sampling(top_p=0.9, spread=spread),
                   _sampling(top_k=50, top_p=1.0, spread=spread)]
     cases.append(_gpt2())
+    # Ten sequences at once, as generate(..., num_return_sequences=10) decodes them.
+    cases.append(_gpt2(new_tokens=32, rows=10, name="gpt2.124m.greedy.batch10"))
     return cases
 
 
@@ -205,8 +207,9 @@ def _smoke() -> list[Case]:
                            "lr": 1e-3, "seed": 0}, ("genfast",), ("torch",)))
         cases.append(_attention(1, 16, 8, True, mode, ATTENTION_BASELINES, heads=2, prefix="tiny."))
     cases.append(_sampling(vocab=100, top_k=5, top_p=0.9, rows=2, name="sampling.tiny"))
-    cases.append(_gpt2(new_tokens=4, prompt_len=3, name="gpt2.tiny.greedy",
-                       config=dict(n_layer=2, n_embd=32, n_head=2, n_positions=32, vocab_size=100)))
+    tiny_gpt2 = dict(n_layer=2, n_embd=32, n_head=2, n_positions=32, vocab_size=100)
+    cases.append(_gpt2(new_tokens=4, prompt_len=3, name="gpt2.tiny.greedy", config=tiny_gpt2))
+    cases.append(_gpt2(new_tokens=4, prompt_len=3, name="gpt2.tiny.greedy.batch3", config=tiny_gpt2, rows=3))
     return cases
 
 

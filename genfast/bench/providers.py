@@ -403,7 +403,7 @@ def _imdb_provider(provider: str):
 @dataclass(eq=False)
 class GenerationWorkload:
     hf_model: nn.Module          # transformers.GPT2LMHeadModel, random weights (no download)
-    prompt: torch.Tensor         # (1, prompt_len) token ids
+    prompt: torch.Tensor         # (rows, prompt_len) token ids: rows sequences decoded together
     new_tokens: int
     params: int                  # parameter count: the bytes a decode step streams are 4x this
     device: str
@@ -420,7 +420,7 @@ def make_generation_workload(case, device: str) -> GenerationWorkload:
     hf.generation_config.eos_token_id = None  # every run generates all new_tokens
     hf.generation_config.pad_token_id = None
     generator = torch.Generator().manual_seed(p.get("seed", 0))
-    prompt = torch.randint(0, hf.config.vocab_size, (1, p["prompt_len"]), generator=generator).to(device)
+    prompt = torch.randint(0, hf.config.vocab_size, (p.get("rows", 1), p["prompt_len"]), generator=generator).to(device)
     # Counted like genfast's model: the tied output projection once.
     params = sum(t.numel() for t in hf.parameters())
     return GenerationWorkload(hf, prompt, p["new_tokens"], params, device)
@@ -429,15 +429,16 @@ def make_generation_workload(case, device: str) -> GenerationWorkload:
 def genfast_generate(work: GenerationWorkload):
     gpt2 = _import_genfast("genfast.models.gpt2")
     model = gpt2.GPT2.from_hf(work.hf_model).to(work.device).eval()
-    return lambda: model.generate(work.prompt, work.new_tokens)[0, work.prompt.shape[1]:]
+    return lambda: model.generate(work.prompt, work.new_tokens)[:, work.prompt.shape[1]:]
 
 
 def transformers_generate(work: GenerationWorkload):
     def run():
         with torch.inference_mode():
-            out = work.hf_model.generate(work.prompt, max_new_tokens=work.new_tokens,
-                                         min_new_tokens=work.new_tokens, do_sample=False)
-        return out[0, work.prompt.shape[1]:]
+            out = work.hf_model.generate(work.prompt, attention_mask=torch.ones_like(work.prompt),
+                                         max_new_tokens=work.new_tokens, min_new_tokens=work.new_tokens,
+                                         do_sample=False)
+        return out[:, work.prompt.shape[1]:]
     return run
 
 

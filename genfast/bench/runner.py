@@ -150,7 +150,8 @@ def _generation_rates(result: CaseResult, work) -> dict:
     generated token reads all fp32 weights once) next to this machine's copy bandwidth."""
     from genfast.bench.generation import copy_bandwidth_gbps
 
-    rates = {f"{p.name}_tokens_per_s": work.new_tokens / p.stats.median
+    tokens = work.prompt.shape[0] * work.new_tokens  # every row generates new_tokens
+    rates = {f"{p.name}_tokens_per_s": tokens / p.stats.median
              for p in result.providers.values() if p.ok and p.stats}
     ours = result.providers.get("genfast")
     if ours is not None and ours.ok and ours.stats:

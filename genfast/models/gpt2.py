@@ -157,7 +157,7 @@ class Block(nn.Module):
 
 
 class GPT2(nn.Module):
-    # CPU decode steps (one token per row, at most 8 rows, float32/64, no autograd) run each block as
+    # CPU decode steps (one token per row, at most 32 rows, float32/64, no autograd) run each block as
     # one fused op (Block.decode_step, csrc/cpu/gpt2_decode.cpp) instead of a dozen torch ops: the
     # same equations, without ~4 ms of per-op overhead per token. False runs the unfused blocks.
     fused_cpu_decode: bool = True

@@ -131,7 +131,7 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: int | 
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.linear(x, weight, bias)``; for at most 8 rows of x on CPU, without autograd, through
+    """``F.linear(x, weight, bias)``; for at most MAX_ROWS (32) rows of x on CPU, without autograd, through
     genfast's decode_linear. Not a fallback: F.linear (a GEMM) is the faster kernel elsewhere."""
     from genfast.ops.decode_linear import MAX_ROWS, decode_linear
 

@@ -5,7 +5,7 @@
 
 Reference: the block's own forward (genfast.models.gpt2.Block) with a KV cache, which runs the same
 equations as separate torch ops. Inference only (no autograd), CPU, float32/float64, at most
-MAX_ROWS rows (beyond that the weights are reused enough for GEMMs to win).
+MAX_ROWS rows (decode_linear's few-row path; beyond it the unfused blocks run torch's GEMMs).
 """
 from __future__ import annotations
 
