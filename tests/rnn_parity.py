@@ -121,3 +121,12 @@ def assert_reduced_precision_matches_float64(genfast_module, dtype, input_shape,
         bound = 2 * u * want.abs().max().item()
         error = (got.double() - want).abs().max().item()
         assert error <= bound, f"tensor {i}: error {error:.3g} > 2u * max|value| = {bound:.3g}"
+
+
+def assert_reduced_precision_layer_and_cell(layer_cls, cell_cls, num_states, dtype, with_hx):
+    """The check above for a bidirectional layer over (7, 3, 5) and a cell step over (3, 5), hidden size 6."""
+    torch.manual_seed(3)
+    layer_states = [(2, 3, 6)] * num_states if with_hx else []
+    assert_reduced_precision_matches_float64(layer_cls(5, 6, bidirectional=True), dtype, (7, 3, 5), layer_states)
+    cell_states = [(3, 6)] * num_states if with_hx else []
+    assert_reduced_precision_matches_float64(cell_cls(5, 6), dtype, (3, 5), cell_states)

@@ -6,7 +6,7 @@ import torch
 
 import genfast.nn as gnn
 from genfast import ops, reference
-from tests.rnn_parity import (assert_reduced_precision_matches_float64, assert_same, clone_module, packed_input,
+from tests.rnn_parity import (assert_reduced_precision_layer_and_cell, assert_same, clone_module, packed_input,
                                run_both)
 
 DTYPES = [torch.float32, torch.float64]
@@ -183,8 +183,4 @@ def test_gru_nan_propagates():
 def test_gru_reduced_precision_runs_in_float32_on_cpu(dtype, with_hx):
     """bfloat16 / float16 on the CPU: computed in float32 and rounded once (see rnn_parity), so within
     2 units of roundoff of float64 on the same rounded weights: outputs, states, every gradient."""
-    torch.manual_seed(3)
-    module = gnn.GRU(5, 6, bidirectional=True)
-    assert_reduced_precision_matches_float64(module, dtype, (7, 3, 5), [(2, 3, 6)] if with_hx else [])
-    cell = gnn.GRUCell(5, 6)
-    assert_reduced_precision_matches_float64(cell, dtype, (3, 5), [(3, 6)] if with_hx else [])
+    assert_reduced_precision_layer_and_cell(gnn.GRU, gnn.GRUCell, 1, dtype, with_hx)
