@@ -96,6 +96,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("packed_gemm_gflops", &genfast::cpu::packed_gemm_gflops, "GFLOP/s of the RNN kernels' packed GEMM on M x N x K fp32",
         pybind11::arg("M"), pybind11::arg("N"), pybind11::arg("K"), pybind11::arg("repeats") = 5);
   m.def("cuda_built", &cuda_built, "whether the CUDA kernels were compiled in");
+  m.def("dot_path_max_rows", &genfast::cpu::dot_path_max_rows,
+        "the most rows for which the CPU matmul reads a weight of `bytes` in place (csrc/cpu/gemm.h)",
+        pybind11::arg("bytes"));
   m.def("cpu_cache_bytes", [] { return genfast::cpu::BufferCache::instance().cached_bytes(); },
         "bytes of freed large CPU buffers held for reuse (csrc/cpu/memory.h)");
   m.def("cpu_cache_limit_bytes", [] { return genfast::cpu::BufferCache::instance().limit_bytes(); },

@@ -8,12 +8,14 @@ fp64 inputs are compared at 1e-12.
 """
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from genfast.nn.generation import linear
-from genfast.ops.decode_linear import MAX_ROWS, decode_linear
+from genfast.ops.decode_linear import MAX_ROWS, decode_linear, dot_path_rows
 
 
 def _inputs(rows, in_features, out_features, dtype, seed=0):
@@ -104,3 +106,15 @@ def test_linear_dispatch_keeps_autograd_and_batch_dims():
     out = linear(x3, w_param, b)
     out.sum().backward()
     torch.testing.assert_close(w_param.grad, x.sum(0, keepdim=True).expand(48, 32).contiguous())
+
+
+@pytest.mark.parametrize("out_features,limit", [(48, 16), (2048, MAX_ROWS)])  # 6 KB and 1.5 MB weights
+def test_linear_takes_the_op_exactly_where_it_reads_the_weight_in_place(monkeypatch, out_features, limit):
+    assert dot_path_rows(torch.empty(out_features, 192)) == limit
+    module = sys.modules["genfast.ops.decode_linear"]  # the package re-exports the function under this name
+    calls = []
+    monkeypatch.setattr(module, "decode_linear", lambda *a: calls.append(1) or decode_linear(*a))
+    for rows in (1, limit, limit + 1):
+        x, w, b = _inputs(rows, 192, out_features, torch.float32)
+        _check(linear(x, w, b), x, w, b)
+    assert len(calls) == 2  # 1 and `limit` rows through the op, limit + 1 through F.linear

@@ -305,8 +305,7 @@ void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* b
   constexpr int64_t kWidth = 64;  // columns per panel: four micro-kernel slices
   constexpr int64_t kRows = 96;   // rows per tile: a multiple of every level's micro-kernel rows
   if (M <= 0 || N <= 0) return;
-  const bool small_weight = N * K * static_cast<int64_t>(sizeof(T)) <= kSmallWeightBytes;
-  if (stride_k == 1 && M <= (small_weight ? kMaxDotPathRowsSmallWeight : kMaxDotPathRows)) {
+  if (stride_k == 1 && M <= dot_path_max_rows(N * K * static_cast<int64_t>(sizeof(T)))) {
     // A few rows (a decode step): B is read once, so packing it would cost more than the
     // product. Its columns are contiguous: dot products over them in place, each thread
     // reading its range of columns front to back, at memory bandwidth (see kMaxDotPathRows).

@@ -75,6 +75,11 @@ constexpr int64_t kMaxDotPathRows = 32;
 constexpr int64_t kMaxDotPathRowsSmallWeight = 16;
 constexpr int64_t kSmallWeightBytes = int64_t(1) << 20;
 
+// The most rows of A for which matmul reads a B of `bytes` in place by dot products.
+constexpr int64_t dot_path_max_rows(int64_t bytes) {
+  return bytes <= kSmallWeightBytes ? kMaxDotPathRowsSmallWeight : kMaxDotPathRows;
+}
+
 // C (M x N) = A (M x K) * B (K x N) (+ bias over columns), B(k, n) = b[k * stride_k + n * stride_n],
 // whole and in parallel: B is packed once into 64-column panels, then (row block x panel)
 // tiles are split over threads. For the large products next to the recurrence (the input

@@ -131,15 +131,16 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: int | 
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.linear(x, weight, bias)``; for at most MAX_ROWS (32) rows of x on CPU, without autograd, through
-    genfast's decode_linear. Not a fallback: F.linear (a GEMM) is the faster kernel elsewhere."""
-    from genfast.ops.decode_linear import MAX_ROWS, decode_linear
+    """``F.linear(x, weight, bias)``; for the few rows of x on CPU (without autograd) for which decode_linear
+    reads the weight in place (up to 32, dot_path_rows), through it. Not a fallback: F.linear (a GEMM) is the
+    faster kernel elsewhere."""
+    from genfast.ops.decode_linear import decode_linear, dot_path_rows
 
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                               or (bias is not None and bias.requires_grad))
-    if (0 < rows <= MAX_ROWS and x.device.type == "cpu" and not needs_grad
-            and x.dtype in (torch.float32, torch.float64) and weight.dtype == x.dtype):
+    if (0 < rows and x.device.type == "cpu" and not needs_grad and x.dtype in (torch.float32, torch.float64)
+            and weight.dtype == x.dtype and rows <= dot_path_rows(weight)):
         return decode_linear(x.reshape(rows, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
 

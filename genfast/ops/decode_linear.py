@@ -11,11 +11,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from genfast import _extension
+
 _ops = torch.ops.genfast
 
-# kMaxDotPathRows in csrc/cpu/gemm.h: up to this many rows the op reads the weight in place by
-# dot products (8 rows at a time, the weight block reused from L2), faster than torch's GEMM.
+# kMaxDotPathRows in csrc/cpu/gemm.h: up to this many rows (16 for a weight of at most 1 MB,
+# see dot_path_rows) the op reads the weight in place by dot products, 8 rows at a time with the
+# weight block reused from L2, faster than torch's GEMM.
 MAX_ROWS = 32
+
+
+def dot_path_rows(weight: Tensor) -> int:
+    """The most rows of x for which decode_linear(x, weight) reads ``weight`` in place."""
+    return _extension.load().dot_path_max_rows(weight.numel() * weight.element_size())
 
 
 def decode_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -28,4 +36,4 @@ def _decode_linear_fake(x, weight, bias):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
-__all__ = ["decode_linear", "MAX_ROWS"]
+__all__ = ["decode_linear", "dot_path_rows", "MAX_ROWS"]
