@@ -234,10 +234,9 @@ struct Avx2 {
   GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V fnma(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }
-  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V floor(V x) { return _mm256_floor_ps(x); }
-  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V pow2i(V n) {
-    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_castsi256_ps(bits);
+  // 2^n as a float from the bits of t = n + 127 + 1.5 * 2^23 (n + 127 in the low mantissa bits).
+  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V exponent_bits_to_float(V t) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23));
   }
   // Horizontal max / sum of the 8 lanes.
   GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE float hmax(V v) {
@@ -269,10 +268,8 @@ struct Avx512 {
   GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V mul(V a, V b) { return _mm512_mul_ps(a, b); }
   GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V fnma(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }
-  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V floor(V x) { return _mm512_floor_ps(x); }
-  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V pow2i(V n) {
-    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    return _mm512_castsi512_ps(bits);
+  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V exponent_bits_to_float(V t) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_castps_si512(t), 23));
   }
   GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE float hmax(V v) { return _mm512_reduce_max_ps(v); }
   GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE float hsum(V v) { return _mm512_reduce_add_ps(v); }
