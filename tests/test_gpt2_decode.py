@@ -56,10 +56,7 @@ def test_fused_block_matches_unfused_block_float64(activation, rows, position):
     assert not torch.equal(got_cache.k[0, :, :, position], cache.k[0, :, :, position])
 
 
-@pytest.mark.parametrize("activation", ["gelu_new", "silu"])
-@pytest.mark.parametrize("rows,position", [(1, 0), (2, 12), (10, 3)])
-def test_fused_block_float32_error_is_that_of_the_unfused_block(activation, rows, position):
-    block64, cache64, x64 = _block_and_cache(activation, rows, position, torch.float64, seed=1)
+def _assert_float32_error_is_that_of_the_unfused_block(block64, cache64, x64):
     exact, _ = _unfused(block64, cache64, x64)
     block, cache, x = copy.deepcopy(block64).float(), copy.deepcopy(cache64), x64.float()
     cache.k, cache.v = cache.k.float(), cache.v.float()
@@ -67,6 +64,23 @@ def test_fused_block_float32_error_is_that_of_the_unfused_block(activation, rows
     fused, _ = _fused(block, cache, x)
     ours, theirs = (fused.double() - exact).abs().max().item(), (unfused.double() - exact).abs().max().item()
     assert ours <= 4 * theirs + 1e-6, (ours, theirs)
+
+
+@pytest.mark.parametrize("activation", ["gelu_new", "silu"])
+@pytest.mark.parametrize("rows,position", [(1, 0), (2, 12), (10, 3)])
+def test_fused_block_float32_error_is_that_of_the_unfused_block(activation, rows, position):
+    _assert_float32_error_is_that_of_the_unfused_block(*_block_and_cache(activation, rows, position, torch.float64,
+                                                                         seed=1))
+
+
+def test_fused_gelu_tails_float32():
+    # float32 tanh-GELU runs as x / (1 + exp(-2u)) with genfast's polynomial exp (csrc/cpu/gpt2_decode.cpp):
+    # fc biases from -20 to 20 put pre-activations in both tails, where exp's clamps act and where
+    # 0.5 x (1 + tanh u) cancels.
+    block64, cache64, x64 = _block_and_cache("gelu_new", 3, 5, torch.float64, seed=2)
+    with torch.no_grad():
+        block64.c_fc.bias.copy_(torch.linspace(-20, 20, block64.c_fc.bias.numel(), dtype=torch.float64))
+    _assert_float32_error_is_that_of_the_unfused_block(block64, cache64, x64)
 
 
 def test_generate_runs_the_fused_blocks_and_gives_the_unfused_tokens(monkeypatch):

@@ -16,9 +16,11 @@
 
 #include <cmath>
 #include <string>
+#include <type_traits>
 
 #include "cpu/decode_attention.h"
 #include "cpu/gemm.h"
+#include "gate_math.h"
 
 namespace genfast::cpu::gpt2_decode {
 namespace {
@@ -45,6 +47,27 @@ T activate(T x, Activation act) {
     case Activation::kSilu: return x / (T(1) + std::exp(-x));
   }
   return x;
+}
+
+// x = act(x) over n values. float's tanh-GELU is the same function written as a sigmoid,
+// 0.5 x (1 + tanh(u)) = x / (1 + exp(-2u)), with genfast's polynomial exp, so the loop
+// vectorises: std::tanh per element took ~0.06 ms of each GPT-2 124M block (3072 values),
+// ~0.7 ms of a 24 ms token. The sigmoid form also has no cancellation where tanh(u) nears -1
+// (large negative x). Error: a few ulp of the result (exp_fast's ~2 ulp, one add, one divide).
+template <typename T>
+void activate_all(T* x, int64_t n, Activation act) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (act == Activation::kGeluTanh) {
+      constexpr float kMinus2Sqrt2OverPi = -2.0f * 0.7978845608028654f;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) {
+        const float v = x[i];
+        x[i] = v / (1.0f + genfast::gates::exp_fast(kMinus2Sqrt2OverPi * (v + 0.044715f * v * v * v)));
+      }
+      return;
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) x[i] = activate<T>(x[i], act);
 }
 
 // out[m] = (x[m] - mean) / sqrt(var + eps) * weight + bias for each of `rows` rows of C values
@@ -164,7 +187,7 @@ at::Tensor gpt2_decode_block(const at::Tensor& x, const at::Tensor& ln_1_weight,
     // MLP.
     layer_norm<T>(y, ln_2_weight.const_data_ptr<T>(), ln_2_bias.const_data_ptr<T>(), eps, rows, C, h);
     linear<T>(h, fc_weight, fc_bias, rows, f);
-    for (int64_t i = 0; i < rows * inner; ++i) f[i] = activate<T>(f[i], act);
+    activate_all<T>(f, rows * inner, act);
     linear<T>(f, mlp_proj_weight, mlp_proj_bias, rows, h);
     for (int64_t i = 0; i < rows * C; ++i) y[i] += h[i];
   });
