@@ -54,6 +54,22 @@ def test_lstm_shapes(dtype, T, N, I, H):
     assert_same(run_both(ref, mine, lambda: x.clone().requires_grad_(True)), dtype)
 
 
+@pytest.mark.parametrize("case", ["two sequences, packed", "weight over the cache threshold"])
+def test_lstm_input_projection_first(case):
+    """The forward path that computes X W_ih^T for all steps before the loop (lstm.cpp,
+    project_input_first): taken with one or two rows per step, and with stacked weights over 16 MB."""
+    torch.manual_seed(3)
+    dtype = torch.float64
+    if case == "two sequences, packed":
+        ref = torch.nn.LSTM(7, 20, 2, bidirectional=True, proj_size=6, dtype=dtype)
+        make = packed_input([5, 3], 7, dtype, enforce_sorted=False)
+    else:  # (512 + 512) * 4 * 512 float64 values: 16.8 MB, batch 3
+        ref = torch.nn.LSTM(512, 512, dtype=dtype)
+        x = torch.randn(4, 3, 512, dtype=dtype)
+        make = lambda: x.clone().requires_grad_(True)  # noqa: E731
+    assert_same(run_both(ref, clone_module(ref, gnn.LSTM), make), dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("enforce_sorted", [True, False])
 @pytest.mark.parametrize("bidirectional,proj", [(False, 0), (True, 0), (True, 4)])

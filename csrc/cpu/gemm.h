@@ -21,21 +21,35 @@ constexpr int64_t kSubWidth = 64 / static_cast<int64_t>(sizeof(T));
 // Packs `num_panels` panels of width `width` from a K x ? matrix B, where
 // source_column(p, c) gives B's column for column c of panel p (or -1: zero padding)
 // and B(k, n) = b[k * stride_k + n * stride_n]. out must hold num_panels*K*width values.
+// Within a panel, each 16-column slice is a contiguous K x 16 block, so the micro-kernel
+// streams it sequentially.
 template <typename T, typename ColumnMap>
 void pack_panels(const T* b, int64_t stride_k, int64_t stride_n, int64_t K, int64_t num_panels, int64_t width,
                  ColumnMap source_column, T* out) {
+  constexpr int64_t S = kSubWidth<T>;
   for (int64_t p = 0; p < num_panels; ++p) {
     T* panel = out + p * K * width;
-    for (int64_t c = 0; c < width; ++c) {
-      // Within a panel, each 16-column slice is a contiguous K x 16 block, so the
-      // micro-kernel streams it sequentially.
-      T* slice = panel + (c / kSubWidth<T>) * K * kSubWidth<T> + c % kSubWidth<T>;
+    if (stride_n < stride_k) {
+      // B's rows are contiguous (a row-major weight): walk them in order. Reading down a column
+      // instead touches a new cache line for every value, and the same lines again for each of
+      // the panel's columns.
+      for (int64_t k = 0; k < K; ++k) {
+        const T* row = b + k * stride_k;
+        for (int64_t c = 0; c < width; ++c) {
+          const int64_t n = source_column(p, c);
+          panel[(c / S) * K * S + k * S + c % S] = n < 0 ? T(0) : row[n * stride_n];
+        }
+      }
+      continue;
+    }
+    for (int64_t c = 0; c < width; ++c) {  // B's columns are contiguous: one column at a time
+      T* slice = panel + (c / S) * K * S + c % S;
       const int64_t n = source_column(p, c);
       if (n < 0) {
-        for (int64_t k = 0; k < K; ++k) slice[k * kSubWidth<T>] = T(0);
+        for (int64_t k = 0; k < K; ++k) slice[k * S] = T(0);
       } else {
         const T* src = b + n * stride_n;
-        for (int64_t k = 0; k < K; ++k) slice[k * kSubWidth<T>] = src[k * stride_k];
+        for (int64_t k = 0; k < K; ++k) slice[k * S] = src[k * stride_k];
       }
     }
   }

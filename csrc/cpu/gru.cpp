@@ -285,12 +285,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward(const at::Tensor& inp
     at::Tensor packed;
     if (!read_weight_in_place(sc)) {
       packed = empty_large({panels * H * kWidth}, x.options());
-      pack_panels<scalar_t>(w_hh.data_ptr<scalar_t>(), 1, H, H, panels, kWidth,
-                            [&](int64_t p, int64_t col) {
-                              const int64_t j = p * kUnits + col % kUnits;
-                              return j < H ? (col / kUnits) * H + j : -1;
-                            },
-                            packed.data_ptr<scalar_t>());
+      pack_panels_parallel<scalar_t>(w_hh.data_ptr<scalar_t>(), 1, H, H, panels, kWidth,
+                                     [&](int64_t p, int64_t col) {
+                                       const int64_t j = p * kUnits + col % kUnits;
+                                       return j < H ? (col / kUnits) * H + j : -1;
+                                     },
+                                     packed.data_ptr<scalar_t>());
     }
     forward_loop<scalar_t>(sc, reverse, gx.data_ptr<scalar_t>(), packed.defined() ? packed.data_ptr<scalar_t>() : nullptr,
                            w_hh.data_ptr<scalar_t>(),
@@ -326,9 +326,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "genfast::gru_backward", [&] {
     const int64_t panels = ceil_div(H, kUnits);
     at::Tensor packed = empty_cached({panels * kGates * H * kUnits}, x.options());
-    pack_panels<scalar_t>(w_hh.data_ptr<scalar_t>(), H, 1, kGates * H, panels, kUnits,
-                          [&](int64_t p, int64_t col) { return p * kUnits + col < H ? p * kUnits + col : -1; },
-                          packed.data_ptr<scalar_t>());
+    pack_panels_parallel<scalar_t>(w_hh.data_ptr<scalar_t>(), H, 1, kGates * H, panels, kUnits,
+                                   [&](int64_t p, int64_t col) { return p * kUnits + col < H ? p * kUnits + col : -1; },
+                                   packed.data_ptr<scalar_t>());
     backward_loop<scalar_t>(sc, reverse, go.data_ptr<scalar_t>(), ws.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                             hx.data_ptr<scalar_t>(), packed.data_ptr<scalar_t>(), dGx.data_ptr<scalar_t>(),
                             dGh.data_ptr<scalar_t>(), dh_state.data_ptr<scalar_t>(), H);

@@ -4,8 +4,10 @@
 // hidden units: it multiplies [x_t | h_{t-1}] by its packed slice of [W_ih | W_hh]^T (all
 // four gates of its units, both weights stacked in one panel) and applies the cell update
 // to that tile while it is still in L1. No (T*N, 4H) input projection is materialised.
-// A decode step (a few rows, weights read in place) instead computes G = X W_ih^T + b for
-// its rows first and the recurrent part by dot products.
+// With two rows per step, or weights too large for the cache, G = X W_ih^T + b is instead
+// one GEMM first and the steps multiply h_{t-1} by W_hh's panels alone (project_input_first).
+// A decode step (a few rows in all) or a single sequence does the same with W_hh read in
+// place, the recurrent part by dot products (read_weight_in_place).
 // With proj_size a second pass per step computes h_t = W_hr r_t.
 //
 // Backward (BPTT) mirrors it: per step, one pass computes dh = dG_{t+1} W_hh for a
@@ -394,6 +396,7 @@ Dims check_lstm(const at::Tensor& input, const Schedule& sc, const at::Tensor& h
 
 // The stacked panels of the fused step: panel p holds rows [0, I) of W_ih^T and then rows [0, Hout) of
 // W_hh^T, for the columns of all four gates of units [16p, 16p + 16), in gemm_panel's slice layout.
+// With I = 0, W_hh's panels alone (the input projection computed before the loop).
 template <typename T>
 at::Tensor pack_forward_weights(const at::Tensor& w_ih, const at::Tensor& w_hh, int64_t H, int64_t I, int64_t Hout) {
   constexpr int64_t S = kSubWidth<T>;
@@ -422,10 +425,25 @@ at::Tensor pack_columns(const at::Tensor& w, bool transpose) {
   const int64_t panels = ceil_div(cols, kUnits);
   at::Tensor packed = empty_large({panels * K * kUnits}, w.options());
   const int64_t ld = w.size(1);
-  pack_panels<T>(w.data_ptr<T>(), transpose ? 1 : ld, transpose ? ld : 1, K, panels, kUnits,
-                 [&](int64_t p, int64_t col) { return p * kUnits + col < cols ? p * kUnits + col : -1; },
-                 packed.data_ptr<T>());
+  pack_panels_parallel<T>(w.data_ptr<T>(), transpose ? 1 : ld, transpose ? ld : 1, K, panels, kUnits,
+                          [&](int64_t p, int64_t col) { return p * kUnits + col < cols ? p * kUnits + col : -1; },
+                          packed.data_ptr<T>());
   return packed;
+}
+
+// Whether G = X W_ih^T + b for every step is one GEMM before the time loop (the steps then read the
+// W_hh panels alone), rather than x_t multiplied inside each step against [W_ih | W_hh]. The stacked
+// step saves a pass over G, but reads both weights again at every step. That is arithmetic when a
+// step has rows enough and the weight stays in cache; with one or two rows the micro-kernel waits on
+// its few accumulators over the longer K, and a weight beyond the cache comes from memory every
+// step. Measured (in-process A/B, 2-core AMD EPYC, inference): batch 1-2, H 64-1024: 1.1-1.9x faster
+// first; stacked weights of 19-34 MB at batch 8-32: 1.1-1.5x; at batch 64-128 0.96-1.04x; weights
+// of 2-13 MB at batch 3-64: 0.89-1.02x. Past ~16 MB the weight left the cache: the VM's 32 MB L3
+// slice is shared with other tenants (and sysconf reports the whole socket's, so it is not asked).
+constexpr int64_t kStackedWeightCachedBytes = int64_t(16) << 20;
+
+inline bool project_input_first(int64_t batch, int64_t stacked_weight_bytes) {
+  return batch <= 2 || (batch <= 32 && stacked_weight_bytes > kStackedWeightCachedBytes);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward(
@@ -440,12 +458,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward(
   const at::Tensor x = input_.reshape({S, d.I}).contiguous();
   const at::Tensor w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
   const bool project = w_hr_.has_value();
-  // Few rows in all (a decode step): the weights are read in place, and the input projection is one
-  // product first. Otherwise x_t is multiplied inside each step, against the stacked panels.
+  // Few rows in all (a decode step) or one sequence: the weights are read in place, and the input
+  // projection is one product first. Otherwise x_t is multiplied inside each step against the stacked panels, unless
+  // the projection is better done first (see project_input_first).
   const bool in_place = read_weight_in_place(sc);
-  at::Tensor gx = in_place ? empty_large({S, kGates * H}, x.options()) : at::Tensor();
+  const bool project_first =
+      in_place || project_input_first(sc.batch, (d.I + Hout) * kGates * H * static_cast<int64_t>(x.element_size()));
+  at::Tensor gx = project_first ? empty_large({S, kGates * H}, x.options()) : at::Tensor();
   const at::Tensor bias = b_ih.has_value() ? (*b_ih + *b_hh).contiguous()
-                          : in_place      ? at::Tensor()
+                          : project_first ? at::Tensor()
                                           : at::zeros({kGates * H}, x.options());
   at::Tensor out = empty_large({S, Hout}, x.options());
   at::Tensor hbuf = hx_.unsqueeze(0).expand({2, sc.batch, Hout}).contiguous();
@@ -454,18 +475,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward(
   at::Tensor ws = empty_cached({train ? S * (kGates + 1 + (project ? 1 : 0)) * H : 0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "genfast::lstm_forward", [&] {
     at::Tensor packed;
-    if (in_place)  // G = X W_ih^T + b_ih + b_hh for the few rows there are.
+    if (project_first)  // G = X W_ih^T + b_ih + b_hh for every row, one product before the loop.
       matmul<scalar_t>(S, kGates * H, d.I, x.data_ptr<scalar_t>(), d.I, w_ih.data_ptr<scalar_t>(), 1, d.I,
                        bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, gx.data_ptr<scalar_t>(), kGates * H);
-    else
-      packed = pack_forward_weights<scalar_t>(w_ih, w_hh, H, d.I, Hout);
+    if (!in_place)  // the steps' panels: [W_ih | W_hh], or W_hh alone when G was computed first
+      packed = pack_forward_weights<scalar_t>(w_ih, w_hh, H, project_first ? 0 : d.I, Hout);
     at::Tensor packed_whr, r_tmp;
     if (project) {
       packed_whr = pack_columns<scalar_t>(w_hr_->contiguous(), /*transpose=*/true);
       if (!train) r_tmp = at::empty({sc.batch, H}, x.options());
     }
-    forward_loop<scalar_t>(sc, reverse, in_place ? nullptr : x.data_ptr<scalar_t>(), d.I,
-                           in_place ? gx.data_ptr<scalar_t>() : bias.data_ptr<scalar_t>(),
+    forward_loop<scalar_t>(sc, reverse, project_first ? nullptr : x.data_ptr<scalar_t>(), d.I,
+                           project_first ? gx.data_ptr<scalar_t>() : bias.data_ptr<scalar_t>(),
                            packed.defined() ? packed.data_ptr<scalar_t>() : nullptr, w_hh.data_ptr<scalar_t>(),
                            project ? packed_whr.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
                            hbuf.data_ptr<scalar_t>(), cy.data_ptr<scalar_t>(), train ? ws.data_ptr<scalar_t>() : nullptr,

@@ -123,9 +123,24 @@ inline void recurrent_tile(const T* packed, const T* w_hh, const T* h_prev, int6
 
 // Packing the recurrent weight costs about two passes over it; the packed GEMM then
 // reads it once per step. With one or two steps of at most kMaxDotRows rows each,
-// dot products over the weight in place (dot_panel) do less memory traffic.
+// dot products over the weight in place (dot_panel) do less memory traffic. With one
+// sequence they are also the faster product: a single row keeps only two of the packed
+// micro-kernel's accumulators busy, waiting on each FMA, where a dot group keeps eight.
+// Measured (in-process A/B, T=100, batch 1, inference unless noted): LSTM H=256 1.07-1.18x,
+// H=1024 1.26x (training 1.08x); GRU H=256 1.13x, H=1024 1.13x; H=64 0.97-0.99x.
 inline bool read_weight_in_place(const Schedule& sc) {
-  return sc.steps * ceil_div(sc.batch, kMaxDotRows) <= 2;
+  return sc.batch == 1 || sc.steps * ceil_div(sc.batch, kMaxDotRows) <= 2;
+}
+
+// pack_panels with the panels split over threads: packing a weight of many MB is a pass over
+// memory that one thread alone would take while the others wait.
+template <typename T, typename ColumnMap>
+void pack_panels_parallel(const T* b, int64_t stride_k, int64_t stride_n, int64_t K, int64_t num_panels,
+                          int64_t width, ColumnMap source_column, T* out) {
+  at::parallel_for(0, num_panels, 1, [&](int64_t p0, int64_t p1) {
+    pack_panels<T>(b, stride_k, stride_n, K, p1 - p0, width,
+                   [&](int64_t p, int64_t c) { return source_column(p0 + p, c); }, out + p0 * K * width);
+  });
 }
 
 // Final hidden state of each sequence: its output at the last step it was active.

@@ -91,6 +91,12 @@ def _long(cell, mode, baselines):
     return _rnn(cell, "long", mode, baselines, T=1000, N=16, input_size=256, hidden_size=256)
 
 
+def _small_batch(cell, mode, baselines, N, hidden):
+    # One or two sequences through a wide layer: each step has a row or two, and the weights
+    # (64 MB of LSTM W_ih + W_hh at hidden 1024) stream from memory every step.
+    return _rnn(cell, f"batch{N}.h{hidden}", mode, baselines, T=100, N=N, input_size=hidden, hidden_size=hidden)
+
+
 def _imdb(mode, **overrides) -> Case:
     params = {"vocab": 10000, "embed": 256, "hidden": 64, "batch": 32, "T": 100, "steps_checked": 20,
               "lr": 1e-3, "seed": 0, **overrides}
@@ -164,6 +170,9 @@ def _full() -> list[Case]:
             cases.append(_decode(cell, hidden, RNN_BASELINES_FULL))
         for mode in MODES:
             cases.append(_long(cell, mode, ("torch", "cell_loop", "reference")))
+        cases.append(_small_batch(cell, "inference", ("torch", "cell_loop"), N=1, hidden=256))
+        for mode in MODES:
+            cases.append(_small_batch(cell, mode, ("torch",), N=2, hidden=1024))
         # The IMDB layer's shape: torch's bfloat16 training at the fastrnns shape takes ~40 s a call here.
         for mode in MODES:
             cases.append(_bfloat16(cell, mode, ("torch",), T=100, N=32, input_size=256, hidden_size=64))
