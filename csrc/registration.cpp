@@ -4,7 +4,7 @@
 // Implementations register themselves next to their kernels:
 //   csrc/cpu/<op>.cpp   TORCH_LIBRARY_IMPL(genfast, CPU, m)
 //   csrc/cuda/<op>_glue.cpp  TORCH_LIBRARY_IMPL(genfast, CUDA, m)
-// Autograd: csrc/rnn_autograd.cpp for the RNN ops, genfast/ops/attention.py for attention.
+// Autograd: csrc/rnn_autograd.cpp for the RNN ops, csrc/attention_autograd.cpp for attention.
 // Fake (meta) kernels are registered from Python in genfast/ops/.
 #include <torch/extension.h>
 #include <torch/library.h>

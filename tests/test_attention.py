@@ -71,6 +71,31 @@ def test_masks_broadcast(dtype, kind, mask_shape):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("len_q", [1, 3, 8])
+def test_few_query_rows(dtype, len_q):
+    """Up to 8 query rows (a decode-shaped call) take the path that scores against K's rows in place
+    instead of packing K^T: keys within one tile and past it, causal, a boolean mask, GQA, and a value
+    dim that is not a whole number of vectors."""
+    torch.manual_seed(5)
+    for len_k in (1, 130, 300):
+        q, k, v = _randn(2, 4, len_q, 24, dtype=dtype), _randn(2, 2, len_k, 24, dtype=dtype), _randn(2, 2, len_k, 40,
+                                                                                                    dtype=dtype)
+        _compare(q, k, v, dtype, enable_gqa=True)
+        _compare(q, k, v, dtype, enable_gqa=True, is_causal=True)
+        _compare(q, k, v, dtype, enable_gqa=True, attn_mask=torch.rand(len_q, len_k) > 0.3, scale=0.2)
+
+
+def test_op_refuses_a_mask_gradient():
+    """Called directly with a mask that requires grad, the op's backward says it has no mask gradient
+    (scaled_dot_product_attention sends such calls to torch)."""
+    q, k, v = _randn(1, 2, 5, 8), _randn(1, 2, 7, 8), _randn(1, 2, 7, 8)
+    mask = torch.zeros(5, 7, requires_grad=True)
+    out, _ = ops.attention_forward(q, k, v, mask, False, 0.3)
+    with pytest.raises(RuntimeError, match="no gradient for attn_mask"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_gqa_scale_and_value_dim(dtype):
     torch.manual_seed(2)
     q, k, v = _randn(2, 8, 41, 24, dtype=dtype), _randn(2, 2, 57, 24, dtype=dtype), _randn(2, 2, 57, 40, dtype=dtype)

@@ -395,29 +395,38 @@ void forward_kernel(const Problem<T>& p, T* out, T* lse) {
   const int64_t causal_chunk = 4 * row_step;
   // V's rows already form a panel when they are contiguous and a whole number of vectors wide.
   const bool v_in_place = p.dim_v == wv && (p.v_sr == p.dim_v || p.len_k == 1);
+  // A few query rows (a decode-shaped call): packing K^T for each head would cost more than the
+  // product, so the scores are dot products over K's rows where they lie, with q pre-scaled.
+  const bool k_in_place = p.len_q <= kMaxDotRows;
+  const int64_t block_q = std::min(kFwdBlockQ, p.len_q);  // rows of the per-thread buffers
   // Tasks run in (batch, head, query block) order and each thread gets a contiguous range,
   // so a thread packs the key side of each kv head it meets once, into its own buffers,
   // and reuses it for all query blocks (and GQA query heads) of that head that it owns.
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> kt(key_panels * W * p.dim_qk), v_packed(v_in_place ? 0 : p.len_k * wv);
-    std::vector<T> scores(kFwdBlockQ * kFwdBlockK), pv(kFwdBlockQ * wv), acc(kFwdBlockQ * wv);
-    std::vector<T> m(kFwdBlockQ), l(kFwdBlockQ), alpha(kFwdBlockQ);
+    std::vector<T> kt(k_in_place ? 0 : key_panels * W * p.dim_qk), v_packed(v_in_place ? 0 : p.len_k * wv);
+    std::vector<T> q_scaled(k_in_place ? block_q * p.dim_qk : 0);
+    std::vector<T> scores(block_q * kFwdBlockK), pv(block_q * wv), acc(block_q * wv);
+    std::vector<T> m(block_q), l(block_q), alpha(block_q);
     int64_t packed_head = -1;  // b * heads_kv + hk whose keys kt holds
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qb = task % q_blocks;
       const int64_t h = (task / q_blocks) % p.heads_q;
       const int64_t b = task / (q_blocks * p.heads_q);
       const int64_t hk = h / group;
+      const T* k = p.k + b * p.k_sb + hk * p.k_sh;
       const T* v = p.v + b * p.v_sb + hk * p.v_sh;
       if (packed_head != b * p.heads_kv + hk) {
         packed_head = b * p.heads_kv + hk;
-        pack_transposed(p.k + b * p.k_sb + hk * p.k_sh, p.k_sr, p.len_k, p.dim_qk, p.scale, kt.data());
+        if (!k_in_place) pack_transposed(k, p.k_sr, p.len_k, p.dim_qk, p.scale, kt.data());
         if (!v_in_place) pack_rows(v, p.v_sr, p.len_k, p.dim_v, wv, v_packed.data());
       }
       if (!v_in_place) v = v_packed.data();
       const int64_t i0 = qb * kFwdBlockQ;
       const int64_t rows = std::min(kFwdBlockQ, p.len_q - i0);
       const T* q = p.q + b * p.q_sb + h * p.q_sh + i0 * p.q_sr;
+      if (k_in_place)
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t d = 0; d < p.dim_qk; ++d) q_scaled[r * p.dim_qk + d] = p.scale * q[r * p.q_sr + d];
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), T(0));
       std::fill(acc.begin(), acc.end(), T(0));
@@ -430,6 +439,12 @@ void forward_kernel(const Problem<T>& p, T* out, T* lse) {
         // Causal: rows above the first one that sees a key of the panel are skipped (whole
         // micro-kernel row blocks only); apply_mask overwrites their stale scores with -inf.
         for (int64_t c = 0; c < cols; c += W) {
+          if (k_in_place) {
+            const T* key_rows[W];
+            for (int64_t j = 0; j < W; ++j) key_rows[j] = c + j < cols ? k + (j0 + c + j) * p.k_sr : nullptr;
+            dot_panel<T>(rows, p.dim_qk, q_scaled.data(), p.dim_qk, key_rows, W, scores.data() + c, kFwdBlockK);
+            continue;
+          }
           const int64_t r0 = p.causal ? std::clamp<int64_t>(j0 + c - i0, 0, rows) / row_step * row_step : 0;
           gemm_panel<T>(rows - r0, p.dim_qk, q + r0 * p.q_sr, p.q_sr, kt.data() + (j0 + c) * p.dim_qk, W,
                         scores.data() + r0 * kFwdBlockK + c, kFwdBlockK);

@@ -102,7 +102,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     if attn_mask is not None:
         full = (*out_lead, len_q, len_k)
         try:
-            fits = torch.broadcast_shapes(attn_mask.shape, full) == torch.Size(full)
+            fits = attn_mask.shape == full or torch.broadcast_shapes(attn_mask.shape, full) == torch.Size(full)
         except RuntimeError:
             fits = False
         if not fits:
@@ -160,10 +160,10 @@ def _leading_shapes(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool)
             raise RuntimeError(
                 "scaled_dot_product_attention: number of heads in key and value must be equal and divide the "
                 f"number of heads in query, got query {heads_q}, key {heads_k}, value {heads_v}")
-        batch = tuple(torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3]))
+        batch = tuple(_broadcast(query.shape[:-3], key.shape[:-3], value.shape[:-3]))
         return batch, heads_q, heads_k, (*batch, heads_q)
     try:
-        lead = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+        lead = _broadcast(query.shape[:-2], key.shape[:-2], value.shape[:-2])
     except RuntimeError as err:
         hint = ""
         if query.dim() >= 3 and key.dim() >= 3 and query.shape[-3] != key.shape[-3]:
@@ -177,9 +177,16 @@ def _leading_shapes(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool)
     return lead[:-1], lead[-1], lead[-1], lead
 
 
+def _broadcast(*shapes: torch.Size) -> torch.Size:
+    # torch.broadcast_shapes is Python over every dim (~30 us a call); equal shapes are the usual case.
+    return shapes[0] if all(s == shapes[0] for s in shapes) else torch.broadcast_shapes(*shapes)
+
+
 def _to_bhld(query, key, value, attn_mask, batch, heads_q, heads_kv):
     """Broadcast and flatten to (B, H, L, D); views where the strides allow."""
     def flat(x: Tensor, heads: int) -> Tensor:
+        if x.dim() == 4 and x.shape[:2] == (*batch, heads):  # already (B, H, L, D)
+            return x
         x = x.expand(*batch, heads, x.shape[-2], x.shape[-1])
         return x.reshape(-1, heads, x.shape[-2], x.shape[-1])
 

@@ -1,8 +1,8 @@
-"""Typed wrappers over torch.ops.genfast.attention_*, with fake kernels and autograd.
+"""Typed wrappers over torch.ops.genfast.attention_*, and their fake kernels.
 
 Layout (B, H, L, D). ``attention_forward`` returns the output and the per-row
 logsumexp that the backward uses to recompute the probabilities; gradients flow to
-q, k and v (not to attn_mask, and not through logsumexp).
+q, k and v (not to attn_mask, and not through logsumexp), by csrc/attention_autograd.cpp.
 """
 from __future__ import annotations
 
@@ -39,28 +39,5 @@ def _attention_forward_fake(q, k, v, attn_mask, is_causal, scale):
 def _attention_backward_fake(grad_out, q, k, v, out, logsumexp, attn_mask, is_causal, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, attn_mask, is_causal, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, attn_mask)
-    ctx.is_causal = is_causal
-    ctx.scale = scale
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, attn_mask = ctx.saved_tensors
-    if ctx.needs_input_grad[3]:
-        raise RuntimeError("genfast attention_forward: no gradient for attn_mask; "
-                           "genfast.nn.functional.scaled_dot_product_attention routes such calls to torch")
-    if grad_out is None:
-        grad_out = torch.zeros_like(out)
-    grad_q, grad_k, grad_v = torch.ops.genfast.attention_backward(
-        grad_out.contiguous(), q, k, v, out, lse, attn_mask, ctx.is_causal, ctx.scale)
-    return grad_q, grad_k, grad_v, None, None, None
-
-
-torch.library.register_autograd("genfast::attention_forward", _backward, setup_context=_setup_context)
 
 __all__ = ["attention_forward", "attention_backward"]
