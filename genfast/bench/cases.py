@@ -45,7 +45,8 @@ class Case:
                 steps = int(rnn_lengths(p["T"], p["N"], p.get("seed", 0)).sum())
             return flops.rnn(p["cell"], steps, p["input_size"], p["hidden_size"], self.training)
         if self.kind == "attention":
-            return flops.attention(p["B"], p["heads"], p["L"], p["L"], p["D"], p["causal"], self.training)
+            return flops.attention(p["B"], p["heads"], p.get("Lq", p["L"]), p["L"], p["D"], p["causal"],
+                                   self.training)
         if self.kind == "imdb":
             steps = p["batch"] * p["T"]
             return (flops.rnn("lstm", steps, p["embed"], p["hidden"], self.training)
@@ -103,10 +104,13 @@ def _imdb(mode, **overrides) -> Case:
     return Case(f"imdb.{mode}", "imdb", "imdb", mode, params, ("genfast",), ("torch",))
 
 
-def _attention(B, L, D, causal, mode, baselines, heads=12, prefix="") -> Case:
+def _attention(B, L, D, causal, mode, baselines, heads=12, prefix="", Lq=None) -> Case:
     params = {"B": B, "heads": heads, "L": L, "D": D, "causal": causal, "seed": 0}
+    if Lq is not None:  # fewer query rows than keys: a decode-shaped call
+        params["Lq"] = Lq
     masking = "causal" if causal else "noncausal"
-    name = f"attention.{prefix}b{B}.h{heads}.n{L}.d{D}.{masking}.{mode}"
+    rows = f"q{Lq}." if Lq is not None else ""
+    name = f"attention.{prefix}b{B}.h{heads}.{rows}n{L}.d{D}.{masking}.{mode}"
     return Case(name, "attention", "attention", mode, params, ("genfast", "genfast_triton"),
                 tuple(baselines), measure_memory=True)
 
@@ -187,6 +191,9 @@ def _full() -> list[Case]:
             cases.append(_attention(1, L, 128, causal, "inference", ATTENTION_BASELINES))
     for causal in (True, False):
         cases.append(_attention(4, 512, 128, causal, "inference", ATTENTION_BASELINES, heads=8))
+    # Decode-shaped: a query row or a few against a long key sequence (KV-cached generation).
+    for B, Lq, L in ((1, 1, 1024), (8, 1, 256), (1, 8, 1024)):
+        cases.append(_attention(B, L, 64, False, "inference", ATTENTION_BASELINES, Lq=Lq))
     for L in (512, 1024):
         for causal in (True, False):
             cases.append(_attention(1, L, 64, causal, "training", ATTENTION_BASELINES))

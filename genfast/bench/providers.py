@@ -272,9 +272,10 @@ def make_attention_workload(case, device: str) -> AttentionWorkload:
     p = case.params
     generator = torch.Generator().manual_seed(p.get("seed", 0))
     dtype = torch.float16 if device == "cuda" else torch.float32
-    shape = (p["B"], p["heads"], p["L"], p["D"])
+    # Lq: query rows when fewer than the keys (a decode-shaped call); else L for both.
+    shapes = [(p["B"], p["heads"], p.get("Lq", p["L"]), p["D"])] + [(p["B"], p["heads"], p["L"], p["D"])] * 2
     q, k, v = (torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
-               .requires_grad_(case.mode == "training") for _ in range(3))
+               .requires_grad_(case.mode == "training") for shape in shapes)
     return AttentionWorkload(q, k, v, p["causal"], case.mode == "training", device)
 
 
@@ -304,8 +305,8 @@ def torch_sdpa(work: AttentionWorkload):
 
 
 def math_attention(work: AttentionWorkload):
-    B, H, L, _ = work.q.shape
-    scores_bytes = B * H * L * L * work.q.element_size()
+    B, H, Lq, _ = work.q.shape
+    scores_bytes = B * H * Lq * work.k.shape[2] * work.q.element_size()
     limit = MATH_SCORES_LIMIT_BYTES
     if work.device == "cuda":  # scores, softmax and (training) their gradients must fit with room
         limit = torch.cuda.get_device_properties(0).total_memory // 8
