@@ -63,6 +63,12 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     query (..., Hq, L, E), key (..., Hk, S, E), value (..., Hk, S, Ev); leading dims broadcast.
     Rows whose keys are all masked give 0, as torch's CPU kernel does.
     """
+    if _plain_cpu_call(query, key, value, attn_mask, dropout_p):
+        # The common call, checked in a few steps: the general checks below are ~25 Python steps of
+        # ~1 us each, as much as the kernel of a one-query-row call.
+        _record("genfast-cpu", "fused C++ kernel")
+        scale_value = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+        return _attention_forward()(query, key, value, None, is_causal, scale_value)[0]
     if query.dim() < 2 or key.dim() < 2 or value.dim() < 2:
         raise RuntimeError(
             "scaled_dot_product_attention: expected query, key, and value to all be at least 2 dimensional, "
@@ -128,9 +134,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
             out = _attention_with_dropout(q4, k4, v4, mask4, is_causal, scale_value, dropout_p)
         else:
             _record("genfast-cpu", "fused C++ kernel")
-            from genfast.ops.attention import attention_forward
-
-            out, _ = attention_forward(q4, k4, v4, mask4, is_causal, scale_value)
+            out, _ = _attention_forward()(q4, k4, v4, mask4, is_causal, scale_value)
         return out.reshape(out_shape)
 
     if device == "cuda":
@@ -150,6 +154,25 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
 
     _warn_missing_kernel(f"no genfast kernel for device {device!r}")
     return torch_sdpa(f"no genfast kernel for device {device!r}")
+
+
+def _plain_cpu_call(query, key, value, attn_mask, dropout_p) -> bool:
+    """(B, H, L, D) CPU tensors of one floating dtype with matching shapes, no mask, no dropout."""
+    if attn_mask is not None or dropout_p != 0.0 or query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        return False
+    if not (query.dtype == key.dtype == value.dtype) or query.dtype not in _FLOATS:
+        return False
+    if not (query.device.type == "cpu" and key.device == query.device and value.device == query.device):
+        return False
+    b, h, _, d = query.shape
+    return (key.shape[0] == value.shape[0] == b and key.shape[1] == value.shape[1] == h and key.shape[3] == d
+            and key.shape[2] == value.shape[2] and query.numel() > 0 and key.numel() > 0 and value.numel() > 0)
+
+
+def _attention_forward():
+    # Imported on first use: genfast.ops loads the compiled extension.
+    from genfast.ops.attention import attention_forward
+    return attention_forward
 
 
 def _leading_shapes(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool):
