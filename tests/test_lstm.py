@@ -54,20 +54,27 @@ def test_lstm_shapes(dtype, T, N, I, H):
     assert_same(run_both(ref, mine, lambda: x.clone().requires_grad_(True)), dtype)
 
 
-@pytest.mark.parametrize("case", ["two sequences, packed", "weight over the cache threshold"])
+@pytest.mark.parametrize("case", ["one sequence", "two sequences, packed", "weight over the cache threshold"])
 def test_lstm_input_projection_first(case):
-    """The forward path that computes X W_ih^T for all steps before the loop (lstm.cpp,
-    project_input_first): taken with one or two rows per step, and with stacked weights over 16 MB."""
+    """The forward paths that compute X W_ih^T for all steps before the loop (lstm.cpp,
+    project_input_first): one sequence (W_hh then read in place), two rows per step, and stacked
+    weights over 16 MB; with proj_size and given states where they apply."""
     torch.manual_seed(3)
     dtype = torch.float64
-    if case == "two sequences, packed":
+    hx = None
+    if case == "one sequence":
+        ref = torch.nn.LSTM(7, 20, 2, bidirectional=True, proj_size=6, dtype=dtype)
+        x = torch.randn(6, 1, 7, dtype=dtype)
+        make = lambda: x.clone().requires_grad_(True)  # noqa: E731
+        hx = (torch.randn(4, 1, 6, dtype=dtype), torch.randn(4, 1, 20, dtype=dtype))
+    elif case == "two sequences, packed":
         ref = torch.nn.LSTM(7, 20, 2, bidirectional=True, proj_size=6, dtype=dtype)
         make = packed_input([5, 3], 7, dtype, enforce_sorted=False)
     else:  # (512 + 512) * 4 * 512 float64 values: 16.8 MB, batch 3
         ref = torch.nn.LSTM(512, 512, dtype=dtype)
         x = torch.randn(4, 3, 512, dtype=dtype)
         make = lambda: x.clone().requires_grad_(True)  # noqa: E731
-    assert_same(run_both(ref, clone_module(ref, gnn.LSTM), make), dtype)
+    assert_same(run_both(ref, clone_module(ref, gnn.LSTM), make, hx), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
