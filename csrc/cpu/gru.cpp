@@ -117,7 +117,8 @@ void forward_loop(const Schedule& sc, bool reverse, const T* gx, const T* packed
 template <typename T>
 struct BackwardStep {
   const T* dGh_prev;    // (n_prev, 3H) hidden-side gate gradients of the step processed before, or nullptr
-  const T* packed_whh;  // panels of (3H x kUnits): W_hh columns
+  const T* packed_whh;  // panels of (3H x kUnits): W_hh columns; or nullptr:
+  const T* w_hh_t;      // (H, 3H): W_hh^T, rows read in place by dot products (one sequence)
   const T* grad_out;    // (n, H)
   const T* rzn;         // (n, 3H) saved
   const T* hn;          // (n, H) saved
@@ -150,8 +151,8 @@ struct BackwardTile {
     for (int64_t m = r0; m < std::min({r1, r0 + kPrefetchRows, s->n}); ++m) prefetch_backward_row(s, m, j0);
     const int64_t gemm_rows = std::min(r1, s->n_prev) - r0;
     if (gemm_rows > 0)
-      gemm_panel<T>(gemm_rows, kGates * H, s->dGh_prev + r0 * kGates * H, kGates * H,
-                    s->packed_whh + panel * kGates * H * kUnits, kUnits, acc, kUnits);
+      backward_recurrent_tile<T>(s->packed_whh, s->w_hh_t, s->dGh_prev + r0 * kGates * H, kGates * H, H, panel,
+                                 gemm_rows, acc);
     rows(units, s, j0, r0, r1, acc);
   }
 
@@ -202,7 +203,7 @@ struct BackwardTile {
 
 template <typename T>
 void backward_loop(const Schedule& sc, bool reverse, const T* grad_out, const T* ws, const T* out, const T* hx,
-                   const T* packed_whh, T* dGx, T* dGh, T* dh_state, int64_t H) {
+                   const T* packed_whh, const T* w_hh_t, T* dGx, T* dGh, T* dh_state, int64_t H) {
   const int64_t N = sc.batch, S = sc.rows;
   const int64_t threads = at::get_num_threads();
   std::vector<T> scratch(threads * (N + 16) * kUnits);
@@ -212,6 +213,7 @@ void backward_loop(const Schedule& sc, bool reverse, const T* grad_out, const T*
     const int64_t t = pass.t, n = pass.n, off = pass.offset, n_prev = pass.n_prev, fwd_prev = pass.fwd_prev;
     BackwardStep<T> step{prev_t >= 0 ? dGh + sc.offset[prev_t] * kGates * H : nullptr,
                          packed_whh,
+                         w_hh_t,
                          grad_out + off * H,
                          ws + off * kGates * H,
                          ws + S * kGates * H + off * H,
@@ -325,12 +327,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor h_prev = empty_cached({S, H}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "genfast::gru_backward", [&] {
     const int64_t panels = ceil_div(H, kUnits);
-    at::Tensor packed = empty_cached({panels * kGates * H * kUnits}, x.options());
-    pack_panels_parallel<scalar_t>(w_hh.data_ptr<scalar_t>(), H, 1, kGates * H, panels, kUnits,
-                                   [&](int64_t p, int64_t col) { return p * kUnits + col < H ? p * kUnits + col : -1; },
-                                   packed.data_ptr<scalar_t>());
+    const bool dots = backward_reads_weight_in_place(sc);
+    at::Tensor packed, w_hh_t;
+    if (dots) {
+      w_hh_t = w_hh.t().contiguous();
+    } else {
+      packed = empty_cached({panels * kGates * H * kUnits}, x.options());
+      pack_panels_parallel<scalar_t>(
+          w_hh.data_ptr<scalar_t>(), H, 1, kGates * H, panels, kUnits,
+          [&](int64_t p, int64_t col) { return p * kUnits + col < H ? p * kUnits + col : -1; },
+          packed.data_ptr<scalar_t>());
+    }
     backward_loop<scalar_t>(sc, reverse, go.data_ptr<scalar_t>(), ws.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                            hx.data_ptr<scalar_t>(), packed.data_ptr<scalar_t>(), dGx.data_ptr<scalar_t>(),
+                            hx.data_ptr<scalar_t>(), dots ? nullptr : packed.data_ptr<scalar_t>(),
+                            dots ? w_hh_t.data_ptr<scalar_t>() : nullptr, dGx.data_ptr<scalar_t>(),
                             dGh.data_ptr<scalar_t>(), dh_state.data_ptr<scalar_t>(), H);
     gather_previous_hidden<scalar_t>(sc, reverse, out.data_ptr<scalar_t>(), hx.data_ptr<scalar_t>(),
                                      h_prev.data_ptr<scalar_t>(), H);

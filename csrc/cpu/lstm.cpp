@@ -250,16 +250,9 @@ GENFAST_INLINE bool total_dh_row(const BackwardStep<T>* s, int64_t m, int64_t j0
 template <typename T>
 GENFAST_INLINE void recurrent_gemm(const BackwardStep<T>* s, int64_t panel, int64_t r0, int64_t r1, T* acc) {
   const int64_t rows = std::min(r1, s->n_prev) - r0;
-  if (rows <= 0) return;
-  const int64_t K = kGates * s->H;
-  if (s->packed_whh) {
-    gemm_panel<T>(rows, K, s->dG_prev + r0 * K, K, s->packed_whh + panel * K * kUnits, kUnits, acc, kUnits);
-    return;
-  }
-  const T* columns[kUnits];  // W_hh's columns of this panel = rows of W_hh^T
-  for (int64_t c = 0; c < kUnits; ++c)
-    columns[c] = panel * kUnits + c < s->Hout ? s->w_hh_t + (panel * kUnits + c) * K : nullptr;
-  dot_panel<T>(rows, K, s->dG_prev + r0 * K, K, columns, kUnits, acc, kUnits);
+  if (rows > 0)
+    backward_recurrent_tile<T>(s->packed_whh, s->w_hh_t, s->dG_prev + r0 * kGates * s->H, kGates * s->H, s->Hout,
+                               panel, rows, acc);
 }
 
 // What the cell backward of row m reads from the forward's saved state (and writes to
@@ -534,10 +527,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor dh_total = project ? empty_cached({S, Hout}, x.options()) : at::Tensor();
   at::Tensor h_prev = empty_cached({S, Hout}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "genfast::lstm_backward", [&] {
-    // One sequence: dh = dG W_hh by dot products over W_hh^T's rows, as the forward reads W_hh in place
-    // (read_weight_in_place): the packed micro-kernel with one row waits on its two accumulators.
-    // In-process A/B, training T=100 batch 1: H=64-512 x1.02-1.04, H=1024 x1.16 (no 16 MB packing).
-    const bool dots = sc.batch == 1;
+    const bool dots = backward_reads_weight_in_place(sc);
     at::Tensor packed_whh = dots ? at::Tensor() : pack_columns<scalar_t>(w_hh, /*transpose=*/false);
     at::Tensor w_hh_t = dots ? w_hh.t().contiguous() : at::Tensor();
     at::Tensor packed_whr = project ? pack_columns<scalar_t>(w_hr_->contiguous(), false) : at::Tensor();
