@@ -115,8 +115,8 @@ GENFAST_HD T sigmoid(T x) {
 }
 
 // On the CPU: tanh(x) = 1 - 2 / (exp(2x) + 1): exact limits at +-inf, absolute error
-// ~1e-7 near 0 in float, ~2e-16 in double. On the device: the CUDA library's tanhf / tanh (a few ulp), named
-// explicitly per type so float never goes through the double-precision tanh.
+// ~1e-7 near 0 in float, ~2e-16 in double. On the device: the CUDA library's tanhf / tanh
+// (a few ulp), named explicitly per type so float never goes through the double-precision tanh.
 template <typename T>
 GENFAST_HD T tanh_(T x) {
 #if defined(__CUDA_ARCH__)

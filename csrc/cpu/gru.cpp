@@ -326,22 +326,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor dh_state = grad_hy.contiguous().clone();
   at::Tensor h_prev = empty_cached({S, H}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "genfast::gru_backward", [&] {
-    const int64_t panels = ceil_div(H, kUnits);
-    const bool dots = backward_reads_weight_in_place(sc);
-    at::Tensor packed, w_hh_t;
-    if (dots) {
-      w_hh_t = w_hh.t().contiguous();
-    } else {
-      packed = empty_cached({panels * kGates * H * kUnits}, x.options());
-      pack_panels_parallel<scalar_t>(
-          w_hh.data_ptr<scalar_t>(), H, 1, kGates * H, panels, kUnits,
-          [&](int64_t p, int64_t col) { return p * kUnits + col < H ? p * kUnits + col : -1; },
-          packed.data_ptr<scalar_t>());
-    }
+    const BackwardWeight<scalar_t> whh(sc, w_hh);
     backward_loop<scalar_t>(sc, reverse, go.data_ptr<scalar_t>(), ws.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                            hx.data_ptr<scalar_t>(), dots ? nullptr : packed.data_ptr<scalar_t>(),
-                            dots ? w_hh_t.data_ptr<scalar_t>() : nullptr, dGx.data_ptr<scalar_t>(),
-                            dGh.data_ptr<scalar_t>(), dh_state.data_ptr<scalar_t>(), H);
+                            hx.data_ptr<scalar_t>(), whh.packed_data(), whh.transposed_data(),
+                            dGx.data_ptr<scalar_t>(), dGh.data_ptr<scalar_t>(), dh_state.data_ptr<scalar_t>(), H);
     gather_previous_hidden<scalar_t>(sc, reverse, out.data_ptr<scalar_t>(), hx.data_ptr<scalar_t>(),
                                      h_prev.data_ptr<scalar_t>(), H);
   });

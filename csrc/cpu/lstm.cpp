@@ -313,8 +313,7 @@ struct BackwardProjectB {
 template <typename T>
 void backward_loop(const Schedule& sc, bool reverse, const T* grad_out, const T* ws, const T* cx,
                    const T* packed_whh, const T* w_hh_t, const T* packed_whr, T* dG, T* dh_state, T* dc_state,
-                   T* dh_total, int64_t H,
-                   int64_t Hout) {
+                   T* dh_total, int64_t H, int64_t Hout) {
   const bool project = packed_whr != nullptr;
   const int64_t N = sc.batch, S = sc.rows;
   const int64_t threads = at::get_num_threads();
@@ -421,20 +420,6 @@ at::Tensor pack_forward_weights(const at::Tensor& w_ih, const at::Tensor& w_hh, 
   return packed;
 }
 
-// Panels of kUnits columns of a (K x cols) row-major matrix, or of its transpose.
-template <typename T>
-at::Tensor pack_columns(const at::Tensor& w, bool transpose) {
-  const int64_t K = transpose ? w.size(1) : w.size(0);
-  const int64_t cols = transpose ? w.size(0) : w.size(1);
-  const int64_t panels = ceil_div(cols, kUnits);
-  at::Tensor packed = empty_large({panels * K * kUnits}, w.options());
-  const int64_t ld = w.size(1);
-  pack_panels_parallel<T>(w.data_ptr<T>(), transpose ? 1 : ld, transpose ? ld : 1, K, panels, kUnits,
-                          [&](int64_t p, int64_t col) { return p * kUnits + col < cols ? p * kUnits + col : -1; },
-                          packed.data_ptr<T>());
-  return packed;
-}
-
 // Whether G = X W_ih^T + b for every step is one GEMM before the time loop (the steps then read the
 // W_hh panels alone), rather than x_t multiplied inside each step against [W_ih | W_hh]. The stacked
 // step saves a pass over G, but reads both weights again at every step. That is arithmetic when a
@@ -463,8 +448,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward(
   const at::Tensor w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
   const bool project = w_hr_.has_value();
   // Few rows in all (a decode step) or one sequence: the weights are read in place, and the input
-  // projection is one product first. Otherwise x_t is multiplied inside each step against the stacked panels, unless
-  // the projection is better done first (see project_input_first).
+  // projection is one product first. Otherwise x_t is multiplied inside each step against the
+  // stacked panels, unless the projection is better done first (see project_input_first).
   const bool in_place = read_weight_in_place(sc);
   const bool project_first =
       in_place || project_input_first(sc.batch, (d.I + Hout) * kGates * H * static_cast<int64_t>(x.element_size()));
@@ -527,13 +512,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor dh_total = project ? empty_cached({S, Hout}, x.options()) : at::Tensor();
   at::Tensor h_prev = empty_cached({S, Hout}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "genfast::lstm_backward", [&] {
-    const bool dots = backward_reads_weight_in_place(sc);
-    at::Tensor packed_whh = dots ? at::Tensor() : pack_columns<scalar_t>(w_hh, /*transpose=*/false);
-    at::Tensor w_hh_t = dots ? w_hh.t().contiguous() : at::Tensor();
+    const BackwardWeight<scalar_t> whh(sc, w_hh);
     at::Tensor packed_whr = project ? pack_columns<scalar_t>(w_hr_->contiguous(), false) : at::Tensor();
     backward_loop<scalar_t>(sc, reverse, go.data_ptr<scalar_t>(), ws.data_ptr<scalar_t>(), cx.data_ptr<scalar_t>(),
-                            dots ? nullptr : packed_whh.data_ptr<scalar_t>(),
-                            dots ? w_hh_t.data_ptr<scalar_t>() : nullptr,
+                            whh.packed_data(), whh.transposed_data(),
                             project ? packed_whr.data_ptr<scalar_t>() : nullptr,
                             dG.data_ptr<scalar_t>(), dh_state.data_ptr<scalar_t>(), dc_state.data_ptr<scalar_t>(),
                             project ? dh_total.data_ptr<scalar_t>() : nullptr, H, Hout);

@@ -139,11 +139,49 @@ inline void backward_recurrent_tile(const T* packed, const T* w_hh_t, const T* d
   dot_panel<T>(rows, K, dG, K, columns, kUnits, acc, kUnits);
 }
 
-// Whether the backward reads W_hh^T in place (backward_recurrent_tile) rather than packing W_hh: with
-// one sequence, as the forward does (read_weight_in_place). The packed micro-kernel with a single row
-// waits on its two accumulators; a dot group keeps eight. In-process A/B, LSTM training T=100 batch 1:
-// H=64-512 x1.02-1.04, I=H=1024 x1.16 (no 16 MB packing pass); GRU x1.03-1.07.
-inline bool backward_reads_weight_in_place(const Schedule& sc) { return sc.batch == 1; }
+// pack_panels with the panels split over threads: packing a weight of many MB is a pass over
+// memory that one thread alone would take while the others wait.
+template <typename T, typename ColumnMap>
+void pack_panels_parallel(const T* b, int64_t stride_k, int64_t stride_n, int64_t K, int64_t num_panels,
+                          int64_t width, ColumnMap source_column, T* out) {
+  at::parallel_for(0, num_panels, 1, [&](int64_t p0, int64_t p1) {
+    pack_panels<T>(b, stride_k, stride_n, K, p1 - p0, width,
+                   [&](int64_t p, int64_t c) { return source_column(p0 + p, c); }, out + p0 * K * width);
+  });
+}
+
+// Panels of kUnits columns of a (K x cols) row-major matrix, or of its transpose.
+template <typename T>
+inline at::Tensor pack_columns(const at::Tensor& w, bool transpose) {
+  const int64_t K = transpose ? w.size(1) : w.size(0);
+  const int64_t cols = transpose ? w.size(0) : w.size(1);
+  const int64_t panels = ceil_div(cols, kUnits);
+  at::Tensor packed = empty_large({panels * K * kUnits}, w.options());
+  const int64_t ld = w.size(1);
+  pack_panels_parallel<T>(w.data_ptr<T>(), transpose ? 1 : ld, transpose ? ld : 1, K, panels, kUnits,
+                          [&](int64_t p, int64_t col) { return p * kUnits + col < cols ? p * kUnits + col : -1; },
+                          packed.data_ptr<T>());
+  return packed;
+}
+
+// W_hh (gates*H x cols) as the backward's recurrent product reads it (backward_recurrent_tile):
+// packed column panels, or, with one sequence, W_hh^T read in place, as the forward does
+// (read_weight_in_place). The packed micro-kernel with a single row waits on its two accumulators;
+// a dot group keeps eight. In-process A/B, training T=100 batch 1: LSTM H=64-512 x1.02-1.04,
+// I=H=1024 x1.16 (no 16 MB packing pass); GRU x1.03-1.07.
+template <typename T>
+struct BackwardWeight {
+  at::Tensor packed, transposed;  // exactly one is defined
+
+  BackwardWeight(const Schedule& sc, const at::Tensor& w_hh) {
+    if (sc.batch == 1)
+      transposed = w_hh.t().contiguous();
+    else
+      packed = pack_columns<T>(w_hh, /*transpose=*/false);
+  }
+  const T* packed_data() const { return packed.defined() ? packed.data_ptr<T>() : nullptr; }
+  const T* transposed_data() const { return transposed.defined() ? transposed.data_ptr<T>() : nullptr; }
+};
 
 // Packing the recurrent weight costs about two passes over it; the packed GEMM then
 // reads it once per step. With one or two steps of at most kMaxDotRows rows each,
@@ -154,17 +192,6 @@ inline bool backward_reads_weight_in_place(const Schedule& sc) { return sc.batch
 // H=1024 1.26x (training 1.08x); GRU H=256 1.13x, H=1024 1.13x; H=64 0.97-0.99x.
 inline bool read_weight_in_place(const Schedule& sc) {
   return sc.batch == 1 || sc.steps * ceil_div(sc.batch, kMaxDotRows) <= 2;
-}
-
-// pack_panels with the panels split over threads: packing a weight of many MB is a pass over
-// memory that one thread alone would take while the others wait.
-template <typename T, typename ColumnMap>
-void pack_panels_parallel(const T* b, int64_t stride_k, int64_t stride_n, int64_t K, int64_t num_panels,
-                          int64_t width, ColumnMap source_column, T* out) {
-  at::parallel_for(0, num_panels, 1, [&](int64_t p0, int64_t p1) {
-    pack_panels<T>(b, stride_k, stride_n, K, p1 - p0, width,
-                   [&](int64_t p, int64_t c) { return source_column(p0 + p, c); }, out + p0 * K * width);
-  });
 }
 
 // Final hidden state of each sequence: its output at the last step it was active.

@@ -94,7 +94,7 @@ def _long(cell, mode, baselines):
 
 def _small_batch(cell, mode, baselines, N, hidden):
     # One or two sequences through a wide layer: each step has a row or two, and the weights
-    # (64 MB of LSTM W_ih + W_hh at hidden 1024) stream from memory every step.
+    # (34 MB of LSTM W_ih + W_hh at hidden 1024) stream from memory every step.
     return _rnn(cell, f"batch{N}.h{hidden}", mode, baselines, T=100, N=N, input_size=hidden, hidden_size=hidden)
 
 
