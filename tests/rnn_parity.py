@@ -24,35 +24,66 @@ def _leaf(t):
     return t.detach().clone().requires_grad_(True)
 
 
+def forward_backward(module, make_input, hx=None):
+    """Forward + backward of ``module`` on a fresh input; returns (output, [final states], {name: grad})."""
+    inp = make_input()
+    leaf_input = inp.data if isinstance(inp, PackedSequence) else inp
+    states = None
+    if hx is not None:
+        states = tuple(_leaf(h) for h in hx) if isinstance(hx, tuple) else _leaf(hx)
+    module.zero_grad(set_to_none=True)
+    out, final = module(inp, states)
+    out_t = out.data if isinstance(out, PackedSequence) else out
+    finals = list(final) if isinstance(final, tuple) else [final]
+    # Weighted sums so that every element's gradient differs (catches transposes).
+    gen = torch.Generator().manual_seed(1234)
+    loss = (out_t * torch.randn(out_t.shape, generator=gen, dtype=out_t.dtype)).sum()
+    for f in finals:
+        loss = loss + (f * torch.randn(f.shape, generator=gen, dtype=f.dtype)).sum()
+    loss.backward()
+    grads = {name: p.grad for name, p in module.named_parameters()}
+    grads["input"] = leaf_input.grad
+    if states is not None:
+        for i, s in enumerate(states if isinstance(states, tuple) else (states,)):
+            grads[f"hx{i}"] = s.grad
+    return out_t.detach(), [f.detach() for f in finals], grads
+
+
 def run_both(torch_module, genfast_module, make_input, hx=None):
     """Runs forward + backward of both modules on cloned inputs; returns (torch_results, genfast_results).
 
     Each result is (output tensor, list of final-state tensors, {name: grad}).
     """
-    results = []
-    for module in (torch_module, genfast_module):
-        inp = make_input()
-        leaf_input = inp.data if isinstance(inp, PackedSequence) else inp
-        states = None
-        if hx is not None:
-            states = tuple(_leaf(h) for h in hx) if isinstance(hx, tuple) else _leaf(hx)
-        module.zero_grad(set_to_none=True)
-        out, final = module(inp, states)
-        out_t = out.data if isinstance(out, PackedSequence) else out
-        finals = list(final) if isinstance(final, tuple) else [final]
-        # Weighted sums so that every element's gradient differs (catches transposes).
-        gen = torch.Generator().manual_seed(1234)
-        loss = (out_t * torch.randn(out_t.shape, generator=gen, dtype=out_t.dtype)).sum()
-        for f in finals:
-            loss = loss + (f * torch.randn(f.shape, generator=gen, dtype=f.dtype)).sum()
-        loss.backward()
-        grads = {name: p.grad for name, p in module.named_parameters()}
-        grads["input"] = leaf_input.grad
-        if states is not None:
-            for i, s in enumerate(states if isinstance(states, tuple) else (states,)):
-                grads[f"hx{i}"] = s.grad
-        results.append((out_t.detach(), [f.detach() for f in finals], grads))
-    return results
+    return [forward_backward(module, make_input, hx) for module in (torch_module, genfast_module)]
+
+
+def assert_same_for_any_thread_count(module, make_input, hx=None, thread_counts=(2, 3)):
+    """Forward + backward agree between 1 thread and each of ``thread_counts``.
+
+    In the time loops each element is computed by one thread, in the same order whatever the
+    split, so outputs, states and the input and state gradients must be bit-identical. The weight
+    gradients are single GEMMs over all steps (torch's at::mm), whose summation order over the
+    S = T*N rows depends on the thread count: float32 rounding, bounded by S * eps relative.
+    3 threads also oversubscribe a 2-CPU machine and split the hidden units unevenly."""
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        expected = forward_backward(module, make_input, hx)
+        for threads in thread_counts:
+            torch.set_num_threads(threads)
+            out, finals, grads = forward_backward(module, make_input, hx)
+            assert torch.equal(out, expected[0]), f"output differs with {threads} threads"
+            for i, (a, b) in enumerate(zip(finals, expected[1])):
+                assert torch.equal(a, b), f"final state {i} differs with {threads} threads"
+            assert grads.keys() == expected[2].keys()
+            for name, grad in grads.items():
+                if name.startswith(("weight", "bias")):
+                    torch.testing.assert_close(grad, expected[2][name], atol=1e-5, rtol=1e-5,
+                                               msg=lambda m, n=name: f"grad {n} with {threads} threads: " + m)
+                else:
+                    assert torch.equal(grad, expected[2][name]), f"grad {name} differs with {threads} threads"
+    finally:
+        torch.set_num_threads(previous)
 
 
 def assert_same(results, dtype, scale=1.0):

@@ -6,8 +6,8 @@ import torch
 
 import genfast.nn as gnn
 from genfast import ops, reference
-from tests.rnn_parity import (assert_reduced_precision_layer_and_cell, assert_same, clone_module, packed_input,
-                               run_both)
+from tests.rnn_parity import (assert_reduced_precision_layer_and_cell, assert_same, assert_same_for_any_thread_count,
+                               clone_module, packed_input, run_both)
 
 DTYPES = [torch.float32, torch.float64]
 
@@ -52,6 +52,19 @@ def test_gru_packed_sequence(dtype, enforce_sorted, bidirectional):
     mine = clone_module(ref, gnn.GRU)
     hx = torch.randn(2 * (2 if bidirectional else 1), 5, 9, dtype=dtype)
     assert_same(run_both(ref, mine, packed_input(lengths, 5, dtype, enforce_sorted), hx), dtype)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_gru_same_result_for_any_thread_count(packed):
+    # Big enough per step that the time loop runs on a team of threads (rnn_common.h, for_each_step).
+    torch.manual_seed(4)
+    mine = gnn.GRU(24, 72, bidirectional=True)
+    if packed:
+        make = packed_input([7, 7, 5, 5, 5, 4, 2, 1] * 4, 24, torch.float32, enforce_sorted=False)
+    else:
+        x = torch.randn(7, 30, 24)
+        make = lambda: x.clone().requires_grad_(True)  # noqa: E731
+    assert_same_for_any_thread_count(mine, make)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -10,8 +10,8 @@ import torch
 
 import genfast.nn as gnn
 from genfast import reference
-from tests.rnn_parity import (assert_reduced_precision_layer_and_cell, assert_same, clone_module, packed_input,
-                               run_both)
+from tests.rnn_parity import (assert_reduced_precision_layer_and_cell, assert_same, assert_same_for_any_thread_count,
+                               clone_module, packed_input, run_both)
 
 DTYPES = [torch.float32, torch.float64]
 
@@ -91,6 +91,20 @@ def test_lstm_packed_sequence(dtype, enforce_sorted, bidirectional, proj):
     assert_same(run_both(ref, mine, make, hx), dtype)
     out, _ = mine(make())
     assert isinstance(out, torch.nn.utils.rnn.PackedSequence)
+
+
+@pytest.mark.parametrize("case", ["padded", "packed", "projection"])
+def test_lstm_same_result_for_any_thread_count(case):
+    # Big enough per step that the time loop runs on a team of threads (rnn_common.h, for_each_step).
+    torch.manual_seed(4)
+    proj = 24 if case == "projection" else 0
+    mine = gnn.LSTM(24, 72, bidirectional=True, proj_size=proj)
+    if case == "packed":
+        make = packed_input([7, 7, 5, 5, 5, 4, 2, 1] * 4, 24, torch.float32, enforce_sorted=False)
+    else:
+        x = torch.randn(7, 30, 24)
+        make = lambda: x.clone().requires_grad_(True)  # noqa: E731
+    assert_same_for_any_thread_count(mine, make)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

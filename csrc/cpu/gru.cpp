@@ -96,21 +96,21 @@ void forward_loop(const Schedule& sc, bool reverse, const T* gx, const T* packed
   const int64_t N = sc.batch, S = sc.rows;
   const int64_t threads = at::get_num_threads();
   std::vector<T> scratch(threads * (N + 16) * kWidth);  // a row block never exceeds N + 16 rows
-  for (int64_t s = 0; s < sc.steps; ++s) {
+  for_each_step(sc.steps, 2.0 * N * H * kGates * H, [&](int64_t s, const StepTeam& team) {
     const int64_t t = reverse ? sc.steps - 1 - s : s;
     const int64_t n = sc.active[t], off = sc.offset[t];
-    ForwardStep<T> step{hbuf + (s % 2) * N * H,
-                        packed_whh,
-                        w_hh,
-                        gx + off * kGates * H,
-                        b_hh,
-                        out + off * H,
-                        hbuf + ((s + 1) % 2) * N * H,
-                        ws ? ws + off * kGates * H : nullptr,
-                        ws ? ws + S * kGates * H + off * H : nullptr,
-                        H};
-    run_tiles<ForwardTile>(ceil_div(H, kUnits), n, 2.0 * n * H * kGates * H, &step, scratch.data(), kWidth);
-  }
+    const ForwardStep<T> step{hbuf + (s % 2) * N * H,
+                              packed_whh,
+                              w_hh,
+                              gx + off * kGates * H,
+                              b_hh,
+                              out + off * H,
+                              hbuf + ((s + 1) % 2) * N * H,
+                              ws ? ws + off * kGates * H : nullptr,
+                              ws ? ws + S * kGates * H + off * H : nullptr,
+                              H};
+    run_tiles<ForwardTile>(team, ceil_div(H, kUnits), n, &step, scratch.data(), kWidth);
+  });
 }
 
 // ---------------------------------------------------------------- backward
@@ -207,29 +207,28 @@ void backward_loop(const Schedule& sc, bool reverse, const T* grad_out, const T*
   const int64_t N = sc.batch, S = sc.rows;
   const int64_t threads = at::get_num_threads();
   std::vector<T> scratch(threads * (N + 16) * kUnits);
-  int64_t prev_t = -1;
-  for (int64_t s = 0; s <= sc.steps; ++s) {  // the extra last pass finishes dL/dh_0
-    const auto pass = sc.backward_pass(s, reverse, prev_t);
-    const int64_t t = pass.t, n = pass.n, off = pass.offset, n_prev = pass.n_prev, fwd_prev = pass.fwd_prev;
-    BackwardStep<T> step{prev_t >= 0 ? dGh + sc.offset[prev_t] * kGates * H : nullptr,
-                         packed_whh,
-                         w_hh_t,
-                         grad_out + off * H,
-                         ws + off * kGates * H,
-                         ws + S * kGates * H + off * H,
-                         fwd_prev >= 0 ? out + sc.offset[fwd_prev] * H : nullptr,
-                         hx,
-                         dh_state,
-                         dGx + off * kGates * H,
-                         dGh + off * kGates * H,
-                         n,
-                         n_prev,
-                         sc.active_at(fwd_prev),
-                         H};
+  // One pass more than there are steps: the last one finishes dL/dh_0.
+  for_each_step(sc.steps + 1, 2.0 * N * kGates * H * H, [&](int64_t s, const StepTeam& team) {
+    const auto pass = sc.backward_pass(s, reverse);
+    const int64_t n = pass.n, off = pass.offset, prev_t = pass.prev_t, n_prev = pass.n_prev, fwd_prev = pass.fwd_prev;
+    const BackwardStep<T> step{prev_t >= 0 ? dGh + sc.offset[prev_t] * kGates * H : nullptr,
+                               packed_whh,
+                               w_hh_t,
+                               grad_out + off * H,
+                               ws + off * kGates * H,
+                               ws + S * kGates * H + off * H,
+                               fwd_prev >= 0 ? out + sc.offset[fwd_prev] * H : nullptr,
+                               hx,
+                               dh_state,
+                               dGx + off * kGates * H,
+                               dGh + off * kGates * H,
+                               n,
+                               n_prev,
+                               sc.active_at(fwd_prev),
+                               H};
     const int64_t rows = std::max(n, n_prev);
-    run_tiles<BackwardTile>(ceil_div(H, kUnits), rows, 2.0 * n_prev * kGates * H * H, &step, scratch.data(), kUnits);
-    prev_t = t;
-  }
+    run_tiles<BackwardTile>(team, ceil_div(H, kUnits), rows, &step, scratch.data(), kUnits);
+  });
 }
 
 // ---------------------------------------------------------------- op boundary

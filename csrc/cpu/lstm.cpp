@@ -150,33 +150,34 @@ void forward_loop(const Schedule& sc, bool reverse, const T* x, int64_t I, const
   T* saved_gates = ws;
   T* saved_c = ws ? ws + S * kGates * H : nullptr;
   T* saved_r = (ws && project) ? ws + S * (kGates + 1) * H : nullptr;
-  for (int64_t s = 0; s < sc.steps; ++s) {
+  const double step_flops = 2.0 * N * ((x ? I : 0) + Hout) * kGates * H + (project ? 2.0 * N * Hout * H : 0.0);
+  for_each_step(sc.steps, step_flops, [&](int64_t s, const StepTeam& team) {
     const int64_t t = reverse ? sc.steps - 1 - s : s;
     const int64_t n = sc.active[t], off = sc.offset[t];
     T* h_prev = hbuf + (s % 2) * N * Hout;
     T* h_next = hbuf + ((s + 1) % 2) * N * Hout;
-    ForwardStep<T> step{h_prev,
-                        x ? x + off * I : nullptr,
-                        packed,
-                        w_hh,
-                        x ? gx : gx + off * kGates * H,
-                        x ? 0 : kGates * H,
-                        I,
-                        c,
-                        project ? (saved_r ? saved_r + off * H : r_tmp) : out + off * Hout,
-                        project ? nullptr : h_next,
-                        saved_gates ? saved_gates + off * kGates * H : nullptr,
-                        saved_c ? saved_c + off * H : nullptr,
-                        H,
-                        Hout,
-                        project ? H : Hout};
-    run_tiles<ForwardTile>(ceil_div(H, kUnits), n, 2.0 * n * ((x ? I : 0) + Hout) * kGates * H, &step, scratch.data(),
-                           kWidth);
+    const ForwardStep<T> step{h_prev,
+                              x ? x + off * I : nullptr,
+                              packed,
+                              w_hh,
+                              x ? gx : gx + off * kGates * H,
+                              x ? 0 : kGates * H,
+                              I,
+                              c,
+                              project ? (saved_r ? saved_r + off * H : r_tmp) : out + off * Hout,
+                              project ? nullptr : h_next,
+                              saved_gates ? saved_gates + off * kGates * H : nullptr,
+                              saved_c ? saved_c + off * H : nullptr,
+                              H,
+                              Hout,
+                              project ? H : Hout};
+    run_tiles<ForwardTile>(team, ceil_div(H, kUnits), n, &step, scratch.data(), kWidth);
     if (project) {
-      ProjectStep<T> proj{step.h_out, packed_whr, out + off * Hout, h_next, H, Hout};
-      run_tiles<ProjectTile>(ceil_div(Hout, kUnits), n, 2.0 * n * Hout * H, &proj, scratch.data(), kWidth);
+      team.sync();  // the projection reads every unit of r_t
+      const ProjectStep<T> proj{step.h_out, packed_whr, out + off * Hout, h_next, H, Hout};
+      run_tiles<ProjectTile>(team, ceil_div(Hout, kUnits), n, &proj, scratch.data(), kWidth);
     }
-  }
+  });
 }
 
 // ---------------------------------------------------------------- backward
@@ -320,42 +321,41 @@ void backward_loop(const Schedule& sc, bool reverse, const T* grad_out, const T*
   std::vector<T> scratch(threads * (N + 16) * kUnits);
   const T* saved_gates = ws;
   const T* saved_c = ws + S * kGates * H;
-  int64_t prev_t = -1;  // the step processed just before (the next one in forward order)
   // One pass more than there are steps: the last one (n = 0) only adds dG_0 W_hh to
   // the gradient of the initial state.
-  for (int64_t s = 0; s <= sc.steps; ++s) {
-    const auto pass = sc.backward_pass(s, reverse, prev_t);
-    const int64_t t = pass.t, n = pass.n, off = pass.offset, n_prev = pass.n_prev, fwd_prev = pass.fwd_prev;
-    BackwardStep<T> step{prev_t >= 0 ? dG + sc.offset[prev_t] * kGates * H : nullptr,
-                         packed_whh,
-                         w_hh_t,
-                         grad_out + off * Hout,
-                         saved_gates + off * kGates * H,
-                         saved_c + off * H,
-                         fwd_prev >= 0 ? saved_c + sc.offset[fwd_prev] * H : nullptr,
-                         cx,
-                         dh_total ? dh_total + off * Hout : nullptr,
-                         packed_whr,
-                         dh_state,
-                         dc_state,
-                         dG + off * kGates * H,
-                         dh_total ? dh_total + off * Hout : nullptr,
-                         n,
-                         n_prev,
-                         sc.active_at(fwd_prev),
-                         H,
-                         Hout};
+  const double step_flops = 2.0 * N * kGates * H * Hout;
+  for_each_step(sc.steps + 1, step_flops, [&](int64_t s, const StepTeam& team) {
+    // prev_t: the step processed just before (the next one in forward order)
+    const auto pass = sc.backward_pass(s, reverse);
+    const int64_t n = pass.n, off = pass.offset, prev_t = pass.prev_t, n_prev = pass.n_prev, fwd_prev = pass.fwd_prev;
+    const BackwardStep<T> step{prev_t >= 0 ? dG + sc.offset[prev_t] * kGates * H : nullptr,
+                               packed_whh,
+                               w_hh_t,
+                               grad_out + off * Hout,
+                               saved_gates + off * kGates * H,
+                               saved_c + off * H,
+                               fwd_prev >= 0 ? saved_c + sc.offset[fwd_prev] * H : nullptr,
+                               cx,
+                               dh_total ? dh_total + off * Hout : nullptr,
+                               packed_whr,
+                               dh_state,
+                               dc_state,
+                               dG + off * kGates * H,
+                               dh_total ? dh_total + off * Hout : nullptr,
+                               n,
+                               n_prev,
+                               sc.active_at(fwd_prev),
+                               H,
+                               Hout};
     const int64_t rows = std::max(n, n_prev);
-    const double flops = 2.0 * n_prev * kGates * H * Hout;
     if (!project) {
-      run_tiles<BackwardTile>(ceil_div(H, kUnits), rows, flops, &step, scratch.data(), kUnits);
+      run_tiles<BackwardTile>(team, ceil_div(H, kUnits), rows, &step, scratch.data(), kUnits);
     } else {
-      run_tiles<BackwardProjectA>(ceil_div(Hout, kUnits), rows, flops, &step, scratch.data(), kUnits);
-      if (n > 0)
-        run_tiles<BackwardProjectB>(ceil_div(H, kUnits), n, 2.0 * n * H * Hout, &step, scratch.data(), kUnits);
+      run_tiles<BackwardProjectA>(team, ceil_div(Hout, kUnits), rows, &step, scratch.data(), kUnits);
+      team.sync();  // phase B reads every column of dh_total
+      if (n > 0) run_tiles<BackwardProjectB>(team, ceil_div(H, kUnits), n, &step, scratch.data(), kUnits);
     }
-    prev_t = t;
-  }
+  });
 }
 
 // ---------------------------------------------------------------- op boundary
