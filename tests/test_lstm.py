@@ -107,6 +107,35 @@ def test_lstm_same_result_for_any_thread_count(case):
     assert_same_for_any_thread_count(mine, make)
 
 
+def test_lstm_concurrent_calls_from_python_threads():
+    # Each call runs its own team of threads (rnn_common.h); two at once must not disturb each other.
+    import threading
+
+    torch.manual_seed(5)
+    mine = gnn.LSTM(24, 72)
+    inputs = [torch.randn(7, 30, 24, requires_grad=True) for _ in range(4)]
+
+    def run(x):
+        out, (h, c) = mine(x)
+        grad_x, = torch.autograd.grad((out * out).sum() + h.sum() + c.sum(), x)
+        return out.detach(), grad_x
+
+    expected = [run(x) for x in inputs]
+    results = [None] * len(inputs)
+
+    def worker(i):
+        for _ in range(3):
+            results[i] = run(inputs[i])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for (out, grad_x), (out_ref, grad_ref) in zip(results, expected):
+        assert torch.equal(out, out_ref) and torch.equal(grad_x, grad_ref)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_hx", [False, True])
 def test_lstm_unbatched(dtype, with_hx):

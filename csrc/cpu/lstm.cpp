@@ -325,7 +325,6 @@ void backward_loop(const Schedule& sc, bool reverse, const T* grad_out, const T*
   // the gradient of the initial state.
   const double step_flops = 2.0 * N * kGates * H * Hout;
   for_each_step(sc.steps + 1, step_flops, [&](int64_t s, const StepTeam& team) {
-    // prev_t: the step processed just before (the next one in forward order)
     const auto pass = sc.backward_pass(s, reverse);
     const int64_t n = pass.n, off = pass.offset, prev_t = pass.prev_t, n_prev = pass.n_prev, fwd_prev = pass.fwd_prev;
     const BackwardStep<T> step{prev_t >= 0 ? dG + sc.offset[prev_t] * kGates * H : nullptr,

@@ -284,14 +284,23 @@ inline int usable_cpus() {
   return count;
 }
 
+// Threads now inside a time loop's team, over all teams of the process (several Python
+// threads may each run an RNN).
+inline std::atomic<int>& threads_in_teams() {
+  static std::atomic<int> count{0};
+  return count;
+}
+
 // A sense-reversing counter barrier. Waiters spin (a pause per check) and, after a while,
-// yield their core. With more threads than CPUs they yield at once: a spinning thread would
-// hold the CPU that the thread everyone waits for needs (measured: 5-9x slower with 6
-// threads on 2 CPUs).
+// yield their CPU. With more team threads than CPUs they yield at once: a spinning thread
+// would hold the CPU that the thread everyone waits for needs (measured on 2 CPUs: 5-9x
+// slower with a team of 6 threads; 2 Python threads each running a team of 2 were x1.2-1.4
+// slower than fork/join per step, which the yielding undid).
 class SpinBarrier {
  public:
   void wait(int team_size) {
-    const int spins_before_yield = team_size <= usable_cpus() ? kSpinsBeforeYield : 0;
+    const bool oversubscribed = threads_in_teams().load(std::memory_order_relaxed) > usable_cpus();
+    const int spins_before_yield = oversubscribed ? 0 : kSpinsBeforeYield;
     const int generation = generation_.load(std::memory_order_relaxed);
     if (arrived_.fetch_add(1, std::memory_order_acq_rel) == team_size - 1) {
       arrived_.store(0, std::memory_order_relaxed);
@@ -346,10 +355,12 @@ void for_each_step(int64_t steps, double step_flops, const Body& body) {
   {
     const StepTeam team{omp_get_thread_num(), omp_get_num_threads(), &barrier};
     const at::internal::ThreadIdGuard thread_id(team.thread);
+    threads_in_teams().fetch_add(1, std::memory_order_relaxed);
     for (int64_t s = 0; s < steps; ++s) {
       body(s, team);
       if (s + 1 < steps) team.sync();
     }
+    threads_in_teams().fetch_sub(1, std::memory_order_relaxed);
   }
 }
 
