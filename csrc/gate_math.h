@@ -152,8 +152,12 @@ struct LstmCellOut {
   T i, f, g, o, c, h;
 };
 
+// c_prev is taken by reference, so it is read where it is used, after the gates. Loaded
+// first (by value, at the call), the vectorised CPU loop over this function ran 1.8x slower:
+// 8 against 4.4 ns a unit in a standalone copy of lstm.cpp's cells() (float, AVX2, GCC 12);
+// in the kernel, in-process A/B, LSTM inference T=100 at batch 4-32, hidden 64-128: x1.02-1.08.
 template <typename T>
-GENFAST_HD LstmCellOut<T> lstm_cell(T pre_i, T pre_f, T pre_g, T pre_o, T c_prev) {
+GENFAST_HD LstmCellOut<T> lstm_cell(T pre_i, T pre_f, T pre_g, T pre_o, const T& c_prev) {
   LstmCellOut<T> out;
   out.i = sigmoid<T>(pre_i);
   out.f = sigmoid<T>(pre_f);
@@ -192,8 +196,10 @@ struct GruCellOut {
   T r, z, n, h;
 };
 
+// h_prev by reference, read where it is used (see lstm_cell): 7.9 against 6.8 ns a unit in a
+// standalone copy of gru.cpp's cells().
 template <typename T>
-GENFAST_HD GruCellOut<T> gru_cell(T x_r, T x_z, T x_n, T h_r, T h_z, T h_n, T h_prev) {
+GENFAST_HD GruCellOut<T> gru_cell(T x_r, T x_z, T x_n, T h_r, T h_z, T h_n, const T& h_prev) {
   GruCellOut<T> out;
   out.r = sigmoid<T>(x_r + h_r);
   out.z = sigmoid<T>(x_z + h_z);
