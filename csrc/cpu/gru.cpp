@@ -75,16 +75,16 @@ struct ForwardTile {
   static GENFAST_INLINE void cells(int64_t units, const T* __restrict__ acc, const T* __restrict__ gx,
                                    const T* __restrict__ b, int64_t H, const T* __restrict__ h_prev,
                                    T* __restrict__ out, T* __restrict__ h_next, T (*__restrict__ act)[kUnits]) {
+    // h_n = W_hn h + b_hn (kept for backward) first, so the cell reads it where n needs it: see gru_cell.
+    for (int64_t u = 0; u < units; ++u) act[3][u] = acc[2 * kUnits + u] + b[2 * H + u];
     for (int64_t u = 0; u < units; ++u) {
-      const T h_n = acc[2 * kUnits + u] + b[2 * H + u];
       const auto cell = gates::gru_cell<T>(gx[u], gx[H + u], gx[2 * H + u], acc[u] + b[u],
-                                           acc[kUnits + u] + b[H + u], h_n, h_prev[u]);
+                                           acc[kUnits + u] + b[H + u], act[3][u], h_prev[u]);
       out[u] = cell.h;
       h_next[u] = cell.h;
       act[0][u] = cell.r;
       act[1][u] = cell.z;
       act[2][u] = cell.n;
-      act[3][u] = h_n;
     }
   }
 };
