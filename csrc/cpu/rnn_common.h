@@ -6,7 +6,9 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
+#if defined(__linux__)
 #include <sched.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -271,15 +273,17 @@ inline Partition partition(int64_t panels, int64_t rows, int64_t threads) {
 // one region spans the whole loop and consecutive passes are separated by StepTeam::sync(), a
 // barrier the threads spin on. Measured (in-process A/B against a region per step, 2-core AMD
 // EPYC, LSTM inference T=100): batch 2-4 at H=64-128 x1.15-1.35, batch 8-16 x1.04-1.09,
-// IMDB (N=32 H=64) x1.0-1.07, N=64 H=512 x1.00.
+// IMDB (N=32 H=64) x0.97-1.12 (median ~1.05), N=64 H=512 x1.00.
 
-// The CPUs this process may run on (its affinity mask), read once.
+// The CPUs this process may run on (its affinity mask on Linux), read once.
 inline int usable_cpus() {
   static const int count = [] {
+#if defined(__linux__)
     cpu_set_t set;
     CPU_ZERO(&set);
-    if (sched_getaffinity(0, sizeof(set), &set) != 0) return static_cast<int>(std::thread::hardware_concurrency());
-    return CPU_COUNT(&set);
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) return CPU_COUNT(&set);
+#endif
+    return std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
   }();
   return count;
 }
@@ -293,9 +297,9 @@ inline std::atomic<int>& threads_in_teams() {
 
 // A sense-reversing counter barrier. Waiters spin (a pause per check) and, after a while,
 // yield their CPU. With more team threads than CPUs they yield at once: a spinning thread
-// would hold the CPU that the thread everyone waits for needs (measured on 2 CPUs: 5-9x
-// slower with a team of 6 threads; 2 Python threads each running a team of 2 were x1.2-1.4
-// slower than fork/join per step, which the yielding undid).
+// would hold the CPU that the thread everyone waits for needs. Measured on 2 CPUs, spinning
+// first: a team of 6 threads 5-9x slower than fork/join per step; two Python threads each
+// running an LSTM (teams of 2) 20-27 ms a call, against 3.1-3.8 ms yielding at once.
 class SpinBarrier {
  public:
   void wait(int team_size) {
