@@ -51,14 +51,13 @@ struct Schedule {
   // dG W_hh of the final step to the gradient of the initial state.
   // prev_t: the step of pass s - 1 (whose gate gradients feed this pass), or -1.
   struct BackwardPass {
-    int64_t t, n, offset, prev_t, n_prev, fwd_prev;
+    int64_t n, offset, prev_t, n_prev, fwd_prev;
   };
   BackwardPass backward_pass(int64_t s, bool reverse) const {
     const bool last = s == steps;
     const int64_t t = last ? -1 : (reverse ? s : steps - 1 - s);
     const int64_t prev_t = s == 0 ? -1 : (reverse ? s - 1 : steps - s);
-    return {t,        last ? 0 : active[t], last ? 0 : offset[t], prev_t, active_at(prev_t),
-            last ? -1 : previous(t, reverse)};
+    return {last ? 0 : active[t], last ? 0 : offset[t], prev_t, active_at(prev_t), last ? -1 : previous(t, reverse)};
   }
 };
 
