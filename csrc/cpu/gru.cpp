@@ -10,6 +10,7 @@
 // Workspace (train=true): [activated r, z, n (S, 3H) | h_n (S, H)].
 #include <torch/library.h>
 
+#include "cpu/gemm_entry.h"
 #include "cpu/rnn_common.h"
 #include "cpu/simd.h"
 #include "gate_math.h"
@@ -339,7 +340,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                      grad_input.data_ptr<scalar_t>(), I);
   });
   grad_input = grad_input.view(input_.sizes());
-  return {grad_input, dh_state, at::mm(dGx.t(), x), at::mm(dGh.t(), h_prev), dGx.sum(0), dGh.sum(0)};
+  return {grad_input, dh_state, gemm(dGx.t(), x), gemm(dGh.t(), h_prev), dGx.sum(0), dGh.sum(0)};
 }
 
 }  // namespace

@@ -18,6 +18,7 @@
 // r_t = o * tanh(c_t) (S, H), only with projection].
 #include <torch/library.h>
 
+#include "cpu/gemm_entry.h"
 #include "cpu/rnn_common.h"
 #include "cpu/simd.h"
 #include "gate_math.h"
@@ -528,13 +529,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                      nullptr, grad_input.data_ptr<scalar_t>(), d.I);
   });
   grad_input = grad_input.view(input_.sizes());
-  at::Tensor grad_w_ih = at::mm(dG.t(), x);
-  at::Tensor grad_w_hh = at::mm(dG.t(), h_prev);
+  at::Tensor grad_w_ih = gemm(dG.t(), x);
+  at::Tensor grad_w_hh = gemm(dG.t(), h_prev);
   at::Tensor grad_bias = dG.sum(0);
   at::Tensor grad_w_hr = at::empty({0}, x.options());
   if (project) {
     const at::Tensor r = ws.narrow(0, S * (kGates + 1) * H, S * H).view({S, H});
-    grad_w_hr = at::mm(dh_total.t(), r);
+    grad_w_hr = gemm(dh_total.t(), r);
   }
   return {grad_input, dh_state, dc_state, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
 }
