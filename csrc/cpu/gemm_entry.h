@@ -13,7 +13,7 @@ namespace genfast::cpu {
 // of one dtype, any strides (a transposed view is fine).
 at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias = std::nullopt);
 
-// The same into out (M x N), which must be contiguous.
+// The same into out (M x N).
 void gemm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
             const std::optional<at::Tensor>& bias = std::nullopt);
 
