@@ -96,8 +96,8 @@ def _prune_for_head_dim(configs, named_args, **kwargs):
     """Drop configurations that cannot fit in shared memory at this head dim and element size.
 
     Estimate: num_stages copies of one BLOCK_M x D and one BLOCK_N x D tile (what the software
-    pipeline buffers), plus 15% for the rest (the backward dK/dV kernel measured 6% above the plain
-    estimate on an H200). Whatever still fails to launch is scored as infinitely slow by the
+    pipeline buffers), plus 15% for the rest (what the backward dK/dV kernel needs beyond the plain
+    estimate, with margin: docs/design.md). Whatever still fails to launch is scored as infinitely slow by the
     autotuner; untuned, the first that fits is used, so the estimate must not be low.
     """
     block_d = kwargs.get("BLOCK_D") or named_args.get("BLOCK_D") or 64
