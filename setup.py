@@ -59,7 +59,7 @@ def _shared_cxx_runtime() -> list[str]:
 
 def _extension():
     rel = lambda pattern: sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
-    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
+    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp") + rel("csrc/generation/*.cpp")
     # -fno-trapping-math: lets GCC if-convert the clamps in the polynomial exp, so the gate
     # loops vectorise on AVX2 too (genfast does not rely on floating-point exceptions).
     cxx = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-DGENFAST_BUILD"]

@@ -1,11 +1,14 @@
-// The one place genfast's operator schemas are declared (TORCH_LIBRARY), plus the
-// tiny pybind11 module that lets Python load this library and ask what was built.
+// The one place the core's operator schemas are declared (TORCH_LIBRARY: the RNN and attention
+// ops), plus the tiny pybind11 module that lets Python load this library and ask what was built.
+// Generation's ops (sampling, decode attention, decode linear, the GPT-2 decode block) declare
+// theirs apart, in csrc/generation/registration.cpp; nothing here refers to them.
 //
-// Implementations register themselves next to their kernels:
-//   csrc/cpu/<op>.cpp   TORCH_LIBRARY_IMPL(genfast, CPU, m)
-//   csrc/cuda/<op>_glue.cpp  TORCH_LIBRARY_IMPL(genfast, CUDA, m)
-// Autograd: csrc/rnn_autograd.cpp for the RNN ops, csrc/attention_autograd.cpp for attention.
-// Fake (meta) kernels are registered from Python in genfast/ops/.
+// Each backend's kernel registers itself to the op, next to the kernel:
+//   CPU    csrc/cpu/<op>.cpp         TORCH_LIBRARY_IMPL(genfast, CPU, m)
+//   CUDA   csrc/cuda/<op>_glue.cpp   TORCH_LIBRARY_IMPL(genfast, CUDA, m)
+//          or a Triton kernel: torch.library.register_kernel(..., "cuda") in genfast/ops/<op>.py
+// Autograd: csrc/rnn_autograd.cpp for the RNN ops, csrc/attention_autograd.cpp for attention
+// (every device). Fake (meta) kernels are registered from Python in genfast/ops/<op>.py.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -47,27 +50,6 @@ TORCH_LIBRARY(genfast, m) {
   m.def(
       "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor logsumexp, "
       "Tensor? attn_mask, bool is_causal, float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
-  // ---- sampling (csrc/cpu/sampling.cpp) --------------------------------------------
-  // SAMPLING_SCHEMAS
-  // logits (N, V) -> scores: logits / temperature, -inf where top-k / top-p remove (HF's warpers).
-  m.def("sampling_filter(Tensor logits, float temperature, int top_k, float top_p) -> Tensor");
-  // The same filter, then one token per row by inverse CDF at uniforms (N,) in [0, 1) -> int64 (N,).
-  m.def("sampling_draw(Tensor logits, Tensor uniforms, float temperature, int top_k, float top_p) -> Tensor");
-  // ---- decode attention (csrc/cpu/decode_attention.cpp): one query token vs a KV cache ---
-  // q (B, Hq, D), caches (B, Hk, max_len, D|Dv), first `length` rows used -> (B, Hq, Dv).
-  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, int length, float scale) -> Tensor");
-  // ---- decode linear (csrc/cpu/decode_linear.cpp): F.linear for a few rows, W streamed once --
-  // x (M, K), weight (N, K), bias (N,) -> (M, N).
-  m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
-  // ---- GPT-2 decode block (csrc/cpu/gpt2_decode.cpp): one pre-LN block for one token per row --
-  // x (B, C) -> x after the block; writes k, v of the token into row `position` of the caches
-  // (B, n_head, max_len, C / n_head) and attends to rows [0, position]. Weights in nn.Linear's
-  // (out, in) layout; activation: gelu_tanh, gelu, relu or silu.
-  m.def(
-      "gpt2_decode_block(Tensor x, Tensor ln_1_weight, Tensor ln_1_bias, Tensor attn_weight, Tensor attn_bias, "
-      "Tensor attn_proj_weight, Tensor attn_proj_bias, Tensor ln_2_weight, Tensor ln_2_bias, Tensor fc_weight, "
-      "Tensor fc_bias, Tensor mlp_proj_weight, Tensor mlp_proj_bias, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-      "int position, int n_head, float scale, float eps, str activation) -> Tensor");
 }
 
 namespace {
@@ -93,8 +75,6 @@ std::string cuda_archs() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "genfast compiled kernels; the operators live in torch.ops.genfast";
   m.def("simd_level", &genfast::cpu::simd_level_name, "SIMD level the CPU kernels dispatch to on this CPU");
-  m.def("packed_gemm_gflops", &genfast::cpu::packed_gemm_gflops, "GFLOP/s of the RNN kernels' packed GEMM on M x N x K fp32",
-        pybind11::arg("M"), pybind11::arg("N"), pybind11::arg("K"), pybind11::arg("repeats") = 5);
   m.def("cuda_built", &cuda_built, "whether the CUDA kernels were compiled in");
   m.def("dot_path_max_rows", &genfast::cpu::dot_path_max_rows,
         "the most rows for which the CPU matmul reads a weight of `bytes` in place (csrc/cpu/gemm.h)",

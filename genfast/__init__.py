@@ -27,7 +27,7 @@ def __getattr__(name):
     # when the compiled extension is missing; `genfast.nn` then raises ImportError.
     import importlib
 
-    if name in {"nn", "ops", "reference", "models", "bench", "kernels"}:
+    if name in {"nn", "ops", "reference", "generation", "bench", "kernels"}:
         return importlib.import_module(f"genfast.{name}")
     raise AttributeError(f"module 'genfast' has no attribute {name!r}")
 

@@ -1,7 +1,13 @@
-"""FlashAttention-2 in Triton: forward and backward kernels, and the op they make.
+"""FlashAttention-2 in Triton: forward and backward kernels and their launchers.
 
-    from genfast.kernels.flash_attention import flash_attention
-    out = flash_attention(q, k, v, causal=True)        # (B, H, N, D), like F.scaled_dot_product_attention
+    from genfast.kernels import flash_attention as fa
+    out, lse = fa.forward(q, k, v, causal=True, scale=0.125)          # (B, H, N, D), lse (B, H, N)
+    dq, dk, dv = fa.backward(grad_out, q, k, v, out, lse, causal=True, scale=0.125)
+
+These are the CUDA kernels of ``torch.ops.genfast.attention_forward`` / ``attention_backward``,
+registered in genfast/ops/attention.py; the op's autograd (csrc/attention_autograd.cpp) is the
+one that pairs them. Differentiable use goes through the op (genfast.ops.attention.attention_forward,
+or genfast.nn.functional.scaled_dot_product_attention on CUDA tensors).
 
 Algorithm (Dao, "FlashAttention-2", 2023):
 
@@ -31,9 +37,7 @@ Semantics (those of ``torch.nn.functional.scaled_dot_product_attention``):
   not TF32, so results match an fp32 reference); float64 is accepted too, accumulated in float64,
   so that the backward can be checked with fp64 gradcheck.
 
-The op is registered with ``torch.library.triton_op`` as ``genfast::flash_attention_forward`` and
-``genfast::flash_attention_backward``, so torch.compile sees (and can trace into) the kernels, and
-autograd goes through ``register_autograd``. Double backward is not supported.
+Double backward is not supported.
 
 Under the Triton interpreter (TRITON_INTERPRET=1, read at import time) each kernel uses a single small
 tile configuration so that CPU tests stay fast; on a GPU the tiles are autotuned (eight configurations
@@ -48,9 +52,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
 
-__all__ = ["flash_attention", "MAX_HEAD_DIM"]
+__all__ = ["forward", "backward", "MAX_HEAD_DIM"]
 
 MAX_HEAD_DIM = 256
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -73,7 +76,7 @@ _HALF_SHAPES = [(128, 64, 8, 3), (64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 3)
                 (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3)]
 # float32/float64 inputs (IEEE products, no tensor cores): large tiles compile for minutes and spill,
 # so only these, largest first; the first that fits is used, untuned. The smaller ones are for head
-# dims up to 256 (measured on an H200: 64 x 64 x 2 stages needs 273 KB for fp32 at D=256).
+# dims up to 256, where 64 x 64 x 2 stages of fp32 need more shared memory than an SM has.
 _WIDE_SHAPES = [(64, 64, 4, 2), (32, 32, 4, 2), (32, 32, 4, 1)]
 
 
@@ -93,8 +96,8 @@ def _prune_for_head_dim(configs, named_args, **kwargs):
     """Drop configurations that cannot fit in shared memory at this head dim and element size.
 
     Estimate: num_stages copies of one BLOCK_M x D and one BLOCK_N x D tile (what the software
-    pipeline buffers), plus 15% for the rest (the backward dK/dV kernel measured 6% above the plain
-    estimate on an H200). Whatever still fails to launch is scored as infinitely slow by the
+    pipeline buffers), plus 15% for the rest (what the backward dK/dV kernel needs beyond the plain
+    estimate, with margin: docs/design.md). Whatever still fails to launch is scored as infinitely slow by the
     autotuner; untuned, the first that fits is used, so the estimate must not be low.
     """
     block_d = kwargs.get("BLOCK_D") or named_args.get("BLOCK_D") or 64
@@ -473,7 +476,7 @@ def _flash_attention_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scal
     def grid(meta):
         return (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * num_q_heads)
 
-    wrap_triton(_flash_attention_forward_kernel)[grid](
+    _flash_attention_forward_kernel[grid](
         q, k, v, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         num_q_heads, seqlen_q, seqlen_k, head_dim, scale * _LOG2E,
@@ -489,7 +492,7 @@ def _flash_attention_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scal
 
 def _flash_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                               causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) for flash_attention_forward, recomputing the probabilities from lse."""
+    """(dq, dk, dv) for _flash_attention_forward, recomputing the probabilities from lse."""
     batch, num_q_heads, seqlen_q, head_dim = q.shape
     num_kv_heads, seqlen_k = k.shape[1], k.shape[2]
     grad_q, grad_k, grad_v = _backward_outputs(q, k, v)
@@ -501,8 +504,7 @@ def _flash_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
     acc_dtype = _acc_dtype(q.dtype)
     delta = torch.empty_like(lse)
     preprocess_block_m = 16 if _INTERPRETED else 64
-    wrap_triton(_flash_attention_backward_preprocess_kernel)[(triton.cdiv(seqlen_q, preprocess_block_m),
-                                                              batch * num_q_heads)](
+    _flash_attention_backward_preprocess_kernel[(triton.cdiv(seqlen_q, preprocess_block_m), batch * num_q_heads)](
         out, grad_out, delta,
         *out.stride(), *grad_out.stride(),
         num_q_heads, seqlen_q, head_dim,
@@ -516,7 +518,7 @@ def _flash_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
     def dkdv_grid(meta):
         return (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * num_kv_heads)
 
-    wrap_triton(_flash_attention_backward_dkdv_kernel)[dkdv_grid](
+    _flash_attention_backward_dkdv_kernel[dkdv_grid](
         q, k, v, grad_out, lse, delta, grad_k, grad_v,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *grad_k.stride(), *grad_v.stride(),
         num_q_heads, num_kv_heads, seqlen_q, seqlen_k, head_dim, scale, scale * _LOG2E,
@@ -526,52 +528,13 @@ def _flash_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
     def dq_grid(meta):
         return (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * num_q_heads)
 
-    wrap_triton(_flash_attention_backward_dq_kernel)[dq_grid](
+    _flash_attention_backward_dq_kernel[dq_grid](
         q, k, v, grad_out, lse, delta, grad_q,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *grad_q.stride(),
         num_q_heads, seqlen_q, seqlen_k, head_dim, scale, scale * _LOG2E,
         **common,
     )
     return grad_q, grad_k, grad_v
-
-
-def _register_op(name: str, impl, fake):
-    if _INTERPRETED:
-        # torch's wrap_triton cannot trace an interpreted kernel (it would run it on fake tensors), so
-        # under the interpreter the op is an opaque custom op with a shape-only fake implementation.
-        op = torch.library.custom_op(name, impl, mutates_args=())
-        op.register_fake(fake)
-        return op
-    # On a GPU: triton_op, so torch.compile sees the kernels themselves (its fake is impl, traced).
-    return triton_op(name, impl, mutates_args=())
-
-
-flash_attention_forward = _register_op(
-    "genfast::flash_attention_forward", _flash_attention_forward,
-    lambda q, k, v, causal, scale: _forward_outputs(q))
-flash_attention_backward = _register_op(
-    "genfast::flash_attention_backward", _flash_attention_backward,
-    lambda grad_out, q, k, v, out, lse, causal, scale: _backward_outputs(q, k, v))
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, causal, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.causal = causal
-    ctx.scale = scale
-
-
-def _backward(ctx, grad_out, grad_lse):
-    # lse is an internal by-product for the backward; its gradient is not propagated.
-    q, k, v, out, lse = ctx.saved_tensors
-    if grad_out is None:
-        return None, None, None, None, None
-    grad_q, grad_k, grad_v = flash_attention_backward(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale)
-    return grad_q, grad_k, grad_v, None, None
-
-
-flash_attention_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -590,7 +553,7 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
             raise ValueError(f"flash_attention: {name}.dtype ({tensor.dtype}) must match q.dtype ({q.dtype})")
         if tensor.device != q.device:
             raise RuntimeError(f"flash_attention: {name} is on {tensor.device} but q is on {q.device}")
-    if not _INTERPRETED and q.device.type not in ("cuda", "meta"):
+    if not _INTERPRETED and q.device.type != "cuda":
         raise RuntimeError(f"flash_attention: q is on {q.device}, but the compiled Triton kernels need a GPU "
                            f"tensor (on CPU use genfast.reference.attention or torch's SDPA; TRITON_INTERPRET=1 "
                            f"runs these kernels on CPU slowly, for testing)")
@@ -613,17 +576,30 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"flash_attention: head dim (q.shape[-1] = {head_dim}) must be in 1..{MAX_HEAD_DIM}")
 
 
-def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None) -> Tensor:
-    """softmax(q k^T * scale [+ causal mask]) v without materialising the score matrix.
+def forward(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: float | None = None
+            ) -> tuple[Tensor, Tensor]:
+    """softmax(q k^T * scale [+ causal mask]) v without materialising the score matrix, and its row logsumexp.
 
     q: (B, Hq, Lq, D); k, v: (B, Hk, Lk, D) with Hq % Hk == 0 (GQA/MQA when Hk < Hq).
     causal: top-left aligned, as torch's ``is_causal`` (query i sees keys 0..i).
     scale: defaults to 1/sqrt(D).
-    Returns (B, Hq, Lq, D) in q's dtype. Equivalent to
-    ``F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=True)``.
-    Differentiable; the backward is deterministic (no atomics).
+    Returns out (B, Hq, Lq, D) in q's dtype and lse (B, Hq, Lq): the natural-log logsumexp of the
+    scaled scores, float32 (float64 for float64 inputs), -inf for rows that see no key.
     """
     _check_inputs(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, _ = flash_attention_forward(q, k, v, bool(causal), scale)
-    return out
+    return _flash_attention_forward(q, k, v, bool(causal), scale)
+
+
+def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool = False,
+             scale: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of forward's output for grad_out (B, Hq, Lq, D), recomputing the probabilities from lse.
+
+    Deterministic: every gradient element is written by one program, with no atomics.
+    """
+    _check_inputs(q, k, v)
+    if grad_out.shape != out.shape or out.shape != q.shape or lse.shape != q.shape[:3]:
+        raise ValueError(f"flash_attention backward: grad_out {tuple(grad_out.shape)} and out {tuple(out.shape)} "
+                         f"must have q's shape {tuple(q.shape)}, lse {tuple(lse.shape)} must be {tuple(q.shape[:3])}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return _flash_attention_backward(grad_out, q, k, v, out, lse, bool(causal), scale)

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from genfast.models.char_rnn import CharRNN, CharRNNConfig, TrainSettings, load_checkpoint, train
+from genfast.generation.char_rnn import CharRNN, CharRNNConfig, TrainSettings, load_checkpoint, train
 
 TEXT = "the quick brown fox jumps over the lazy dog.\n" * 40
 SMALL = dict(hidden_size=32, num_layers=2, embedding_dim=16)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from genfast import reference
-from genfast.ops.decode_attention import decode_attention
+from genfast.generation.ops.decode_attention import decode_attention
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
@@ -50,9 +50,9 @@ def test_strided_cache_view_is_read_in_place():
 
 
 def test_generation_decode_attention_is_differentiable():
-    # The op has no backward; genfast.nn.generation.decode_attention runs the differentiable
+    # The op has no backward; genfast.generation.decode.decode_attention runs the differentiable
     # attention when autograd needs gradients, with the reference's gradients.
-    from genfast.nn.generation import decode_attention as dispatching
+    from genfast.generation.decode import decode_attention as dispatching
 
     g = torch.Generator().manual_seed(11)
     q, k, v = (torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True)

@@ -16,7 +16,7 @@ import math  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import genfast.ops  # noqa: E402,F401  (loads the C++ ops and the CUDA registrations)
+import genfast.generation.ops  # noqa: E402,F401  (loads the C++ ops and the CUDA registrations)
 from genfast import reference  # noqa: E402
 from genfast.kernels import decode_attention as decode_module  # noqa: E402
 from genfast.kernels.decode_attention import decode_attention, num_splits_for  # noqa: E402
@@ -121,7 +121,7 @@ def test_length_in_memory_is_clamped_to_the_cache():
 
 def test_strided_views_are_read_in_place():
     # A layer's slice of a (n_layer, B, H, max_len, D) buffer, and q = x[:, :, 0] of a (B, H, T, D)
-    # projection, as genfast.models.gpt2 passes them.
+    # projection, as genfast.generation.gpt2 passes them.
     buffer = torch.randn(3, 2, 4, 16, 8, generator=torch.Generator().manual_seed(5))
     q = torch.randn(2, 4, 3, 8, generator=torch.Generator().manual_seed(6))[:, :, 0]
     got = decode_attention(q, buffer[1], buffer[2], 9, 0.3, num_splits=2)

@@ -1,5 +1,5 @@
 """torch.ops.genfast.decode_linear (F.linear for a few rows, the weight streamed once) and the
-dispatching genfast.nn.generation.linear, against torch.nn.functional.linear.
+dispatching genfast.generation.decode.linear, against torch.nn.functional.linear.
 
 Tolerance: each output is a length-K dot product summed in a different order from torch's
 BLAS. Both are compared with an fp64 reference; genfast's error may be at most twice torch's
@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from genfast.nn.generation import linear
-from genfast.ops.decode_linear import MAX_ROWS, decode_linear, dot_path_rows
+from genfast.generation.decode import linear
+from genfast.generation.ops.decode_linear import decode_linear, dot_path_rows
 
 
 def _inputs(rows, in_features, out_features, dtype, seed=0):
@@ -52,14 +52,17 @@ def test_matches_linear(dtype, rows, in_features, out_features, with_bias):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_every_row_count_of_both_paths(dtype):
-    """Dot products, 8 rows at a time, up to 16 rows for a weight of at most 1 MB and 32 for a larger
-    one (csrc/cpu/gemm.h); beyond, the packed GEMM, whose micro-kernel covers 3, 6 or 12 rows
-    (baseline, AVX2, AVX-512) and a switch the rest: 17..56 leave every remainder of each, 97 and 107
-    cross a 96-row tile. 70 columns end in a partial panel."""
-    for rows in [*range(1, 57), 97, 107]:
+    """Dot products, 8 rows at a time, up to dot_path_rows(weight) rows (csrc/cpu/gemm.h); beyond, the
+    packed GEMM, whose micro-kernel covers 3, 6 or 12 rows (baseline, AVX2, AVX-512) and a switch the
+    rest: rows up to past the limit plus 24 leave every remainder of each, 97 and 107 cross a 96-row
+    tile. 70 columns end in a partial panel. A weight of another size (its own limit) too."""
+    small = _inputs(1, 13, 70, dtype)[1]
+    for rows in [*range(1, dot_path_rows(small) + 25), 97, 107]:
         x, w, b = _inputs(rows, 13, 70, dtype, seed=rows)
         _check(decode_linear(x, w, b), x, w, b)
-    for rows in (17, 24, 31, 32, 33):  # a weight over 1 MB: dot products up to 32 rows
+    large = _inputs(1, 520, 520, dtype)[1]
+    limit = dot_path_rows(large)
+    for rows in (1, limit - 1, limit, limit + 1):
         x, w, b = _inputs(rows, 520, 520, dtype, seed=rows)
         _check(decode_linear(x, w, b), x, w, b)
 
@@ -99,19 +102,27 @@ def test_bad_inputs():
 
 def test_linear_dispatch_keeps_autograd_and_batch_dims():
     # Few rows without grad -> the op; with grad -> F.linear (the op has no autograd): same numbers.
-    x, w, b = _inputs(MAX_ROWS, 32, 48, torch.float32)
-    x3 = x.view(2, MAX_ROWS // 2, 32)
-    _check(linear(x3, w, b).view(MAX_ROWS, 48), x, w, b)
+    rows = 2 * (dot_path_rows(torch.empty(48, 32)) // 2)
+    x, w, b = _inputs(rows, 32, 48, torch.float32)
+    x3 = x.view(2, rows // 2, 32)
+    _check(linear(x3, w, b).view(rows, 48), x, w, b)
     w_param = w.clone().requires_grad_()
     out = linear(x3, w_param, b)
     out.sum().backward()
     torch.testing.assert_close(w_param.grad, x.sum(0, keepdim=True).expand(48, 32).contiguous())
 
 
-@pytest.mark.parametrize("out_features,limit", [(48, 16), (2048, MAX_ROWS)])  # 6 KB and 1.5 MB weights
-def test_linear_takes_the_op_exactly_where_it_reads_the_weight_in_place(monkeypatch, out_features, limit):
-    assert dot_path_rows(torch.empty(out_features, 192)) == limit
-    module = sys.modules["genfast.ops.decode_linear"]  # the package re-exports the function under this name
+def test_dot_path_rows_depends_on_the_weight_size_only():
+    small, large = dot_path_rows(torch.empty(48, 192)), dot_path_rows(torch.empty(2048, 192))
+    assert small >= 1 and large >= 1
+    assert dot_path_rows(torch.empty(192, 48)) == small  # same bytes, other shape
+    assert dot_path_rows(torch.empty(48, 96, dtype=torch.float64)) == small
+
+
+@pytest.mark.parametrize("out_features", [48, 2048])  # 36 KB and 1.5 MB weights
+def test_linear_takes_the_op_exactly_where_it_reads_the_weight_in_place(monkeypatch, out_features):
+    limit = dot_path_rows(torch.empty(out_features, 192))
+    module = sys.modules["genfast.generation.decode"]
     calls = []
     monkeypatch.setattr(module, "decode_linear", lambda *a: calls.append(1) or decode_linear(*a))
     for rows in (1, limit, limit + 1):

@@ -17,9 +17,9 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 if torch.cuda.is_available():
-    import genfast.ops  # noqa: F401
+    import genfast.generation.ops  # noqa: F401
     from genfast import reference
-    from genfast.nn import generation
+    from genfast.generation import sampling as generation
 
 SETTINGS = [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.0, 1, 1.0), (1.0, 50, 1.0), (1.0, 0, 0.9), (1.0, 0, 0.0),
             (1.4, 50, 0.95), (1.0, 100000, 0.5)]
@@ -93,7 +93,7 @@ def test_gpt2_greedy_on_cuda_follows_the_float64_model(dtype):
     # End to end on the GPU: prefill, KV cache, decode_attention (Triton), argmax. Teacher forcing
     # checks each generated token against the fp64 CPU model on the same prefix: it must be the
     # argmax there, or within the dtype's rounding of it (a near tie may go either way).
-    from genfast.models.gpt2 import GPT2, GPT2Config
+    from genfast.generation.gpt2 import GPT2, GPT2Config
 
     torch.manual_seed(0)
     model = GPT2(GPT2Config(vocab_size=500, n_positions=64, n_embd=64, n_layer=2, n_head=4)).eval()
@@ -115,7 +115,7 @@ def test_gpt2_cuda_graph_decode_gives_the_eager_tokens(dtype):
     # from memory. Caches under 512 rows keep decode_attention at one split either way, so the
     # arithmetic is the same and the tokens must be identical, greedy and sampled. (Longer caches split
     # differently by design: test_decode_attention_length_in_memory checks that path against the reference.)
-    from genfast.models.gpt2 import GPT2, GPT2Config
+    from genfast.generation.gpt2 import GPT2, GPT2Config
 
     torch.manual_seed(0)
     model = GPT2(GPT2Config(vocab_size=500, n_positions=512, n_embd=64, n_layer=2, n_head=4)).eval()
@@ -155,7 +155,7 @@ def test_decode_attention_length_in_memory(num_splits):
 
 
 def test_gpt2_sampling_on_cuda_is_reproducible_and_stays_in_top_k(recwarn):
-    from genfast.models.gpt2 import GPT2, GPT2Config
+    from genfast.generation.gpt2 import GPT2, GPT2Config
 
     torch.manual_seed(0)
     model = GPT2(GPT2Config(vocab_size=500, n_positions=64, n_embd=64, n_layer=2, n_head=4)).eval().cuda()
@@ -173,3 +173,44 @@ def test_gpt2_sampling_on_cuda_is_reproducible_and_stays_in_top_k(recwarn):
     # Each draw is one of the 5 most likely tokens (ties at the 5th place aside, impossible here).
     assert (top5 == tokens[:, 4:, None]).any(-1).all()
     assert not [w for w in recwarn.list if "genfast" in str(w.message)]
+
+
+@pytest.mark.parametrize("length_on_device", [False, True])
+def test_eager_decode_attention_skipping_the_dispatcher_equals_the_op(length_on_device):
+    # genfast.generation.decode.decode_attention calls the op's CUDA kernel directly in eager mode
+    # (the one route that skips the dispatcher): it must give what the op gives, bit for bit.
+    from genfast.generation.decode import decode_attention
+
+    generator = torch.Generator().manual_seed(12)
+    q, k_cache, v_cache = (torch.randn(*shape, generator=generator).cuda() for shape in
+                           [(2, 8, 64), (2, 2, 700, 64), (2, 2, 700, 64)])
+    for length in (1, 333, 700):
+        op = torch.ops.genfast.decode_attention(q, k_cache, v_cache, length, 0.125)
+        if length_on_device:  # splits sized for max_len instead of length: same math, other summation order
+            direct = decode_attention(q, k_cache, v_cache, torch.tensor([length], device="cuda"), 0.125)
+            torch.testing.assert_close(direct, op, atol=1e-5, rtol=1e-5)
+        else:
+            assert torch.equal(decode_attention(q, k_cache, v_cache, length, 0.125), op)
+
+
+def test_attention_forward_on_cuda_runs_the_triton_kernel_with_the_cpp_autograd():
+    # One route for attention on every device: torch.ops.genfast.attention_forward, whose CUDA kernel
+    # is the Triton flash attention and whose autograd (csrc/attention_autograd.cpp) calls
+    # attention_backward's CUDA kernel. Checked against the CPU op on the same inputs.
+    from genfast.ops.attention import attention_forward
+
+    generator = torch.Generator().manual_seed(13)
+    q, k, v, grad = (torch.randn(*shape, generator=generator, dtype=torch.float64)
+                     for shape in [(2, 4, 37, 32), (2, 2, 45, 32), (2, 2, 45, 32), (2, 4, 37, 32)])
+
+    def run(device):
+        leaves = [t.to(device).requires_grad_() for t in (q, k, v)]
+        out, lse = attention_forward(*leaves, None, True, 0.2)
+        out.backward(grad.to(device))
+        return [t.detach().cpu() for t in (out, lse, *(x.grad for x in leaves))]
+
+    for got, want in zip(run("cuda"), run("cpu")):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+    with pytest.raises(RuntimeError, match="takes no attn_mask"):
+        attention_forward(q.cuda(), k.cuda(), v.cuda(), torch.ones(37, 45, dtype=torch.bool, device="cuda"),
+                          False, 0.2)

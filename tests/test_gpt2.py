@@ -13,8 +13,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from genfast import reference  # noqa: E402
-from genfast.models.gpt2 import GPT2, GPT2Config  # noqa: E402
-from genfast.nn.generation import apply_repetition_penalty, process_logits  # noqa: E402
+from genfast.generation.gpt2 import GPT2, GPT2Config  # noqa: E402
+from genfast.generation.sampling import apply_repetition_penalty, process_logits  # noqa: E402
 
 from transformers import GPT2Config as HFConfig, GPT2LMHeadModel  # noqa: E402
 from transformers.generation.logits_process import (  # noqa: E402

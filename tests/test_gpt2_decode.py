@@ -1,4 +1,4 @@
-"""The fused CPU GPT-2 decode block (genfast/ops/gpt2_decode.py, csrc/cpu/gpt2_decode.cpp) against the
+"""The fused CPU GPT-2 decode block (genfast/generation/ops/gpt2_decode.py, csrc/generation/gpt2_decode.cpp) against the
 model's unfused block (the same equations as separate torch ops) on the same weights and cache.
 
 Tolerances: float64 differs from the unfused block only in summation order (~1e-15 relative). For
@@ -12,8 +12,8 @@ import copy
 import pytest
 import torch
 
-from genfast.models.gpt2 import GPT2, Block, GPT2Config, KVCache
-from genfast.ops.gpt2_decode import gpt2_decode_block
+from genfast.generation.gpt2 import GPT2, Block, GPT2Config, KVCache
+from genfast.generation.ops.gpt2_decode import gpt2_decode_block
 
 
 def _block_and_cache(activation: str, rows: int, position: int, dtype: torch.dtype, seed: int = 0):
@@ -44,7 +44,7 @@ def _fused(block, cache, x):
 
 
 @pytest.mark.parametrize("activation", ["gelu_new", "gelu", "relu", "silu"])
-# Rows up to MAX_ROWS (32): the weight passes take the dot-product path in chunks of 8 rows.
+# Any row count is computed exactly; these cover one and several chunks of 8 rows of the dot-product path.
 @pytest.mark.parametrize("rows,position", [(1, 0), (1, 9), (3, 5), (8, 15), (13, 4), (32, 7)])
 def test_fused_block_matches_unfused_block_float64(activation, rows, position):
     block, cache, x = _block_and_cache(activation, rows, position, torch.float64)
@@ -74,7 +74,7 @@ def test_fused_block_float32_error_is_that_of_the_unfused_block(activation, rows
 
 
 def test_fused_gelu_tails_float32():
-    # float32 tanh-GELU runs as x / (1 + exp(-2u)) with genfast's polynomial exp (csrc/cpu/gpt2_decode.cpp):
+    # float32 tanh-GELU runs as x / (1 + exp(-2u)) with genfast's polynomial exp (csrc/generation/gpt2_decode.cpp):
     # fc biases from -20 to 20 put pre-activations in both tails, where exp's clamps act and where
     # 0.5 x (1 + tanh u) cancels.
     block64, cache64, x64 = _block_and_cache("gelu_new", 3, 5, torch.float64, seed=2)
@@ -99,6 +99,33 @@ def test_generate_runs_the_fused_blocks_and_gives_the_unfused_tokens(monkeypatch
     unfused = model.generate(ids, max_new_tokens=12)
     assert len(calls) == 22
     assert torch.equal(fused, unfused)
+
+
+def test_fused_decode_takes_exactly_the_rows_its_weights_are_read_in_place_for(monkeypatch):
+    # The limit is what the kernels report for this model's weights (decode_linear's few-row path),
+    # not a number fixed here: at the limit the fused block runs, one row more the unfused one.
+    from genfast.generation.ops.decode_linear import dot_path_rows
+
+    model = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=60, n_positions=16)).eval()
+    block = model.h[0]
+    limit = model.fused_decode_rows()
+    assert limit == min(dot_path_rows(w) for w in (block.attn.c_attn.weight, block.attn.c_proj.weight,
+                                                     block.c_fc.weight, block.c_proj.weight))
+    calls = []
+    monkeypatch.setattr(Block, "decode_step", lambda self, x, cache, _f=Block.decode_step: calls.append(x.shape[0])
+                        or _f(self, x, cache))
+    for rows in (limit, limit + 1):
+        ids = torch.randint(0, 60, (rows, 3), generator=torch.Generator().manual_seed(rows))
+        with torch.no_grad():
+            cache = model.new_cache(rows, 4)
+            model(ids, cache)
+            fused = model(ids[:, -1:], cache)[:, -1]
+            cache.length -= 1
+            model.fused_cpu_decode = False
+            unfused = model(ids[:, -1:], cache)[:, -1]
+            model.fused_cpu_decode = True
+        torch.testing.assert_close(fused, unfused, atol=1e-5, rtol=1e-5)
+    assert calls == [limit]
 
 
 def test_a_cached_forward_that_autograd_would_record_is_a_clear_error():

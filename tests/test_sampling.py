@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from genfast import reference
-from genfast.nn.generation import process_logits, sample
-from genfast.ops.sampling import sampling_draw, sampling_filter
+from genfast.generation.sampling import process_logits, sample
+from genfast.generation.ops.sampling import sampling_draw, sampling_filter
 
 SETTINGS = [  # (temperature, top_k, top_p)
     (1.0, 0, 1.0),

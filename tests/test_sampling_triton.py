@@ -19,7 +19,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before triton or genfast.kernels is impo
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import genfast.ops  # noqa: E402,F401  (loads the C++ ops and the CUDA registrations)
+import genfast.generation.ops  # noqa: E402,F401  (loads the C++ ops and the CUDA registrations)
 from genfast import reference  # noqa: E402
 from genfast.kernels import sampling as sampling_module  # noqa: E402
 from genfast.kernels.sampling import sampling_draw, sampling_filter  # noqa: E402

@@ -4,8 +4,11 @@ Dispatch (the last decision is kept: ``last_dispatch()``, and logged at DEBUG le
   CPU tensors             -> genfast's fused C++ kernel (torch.ops.genfast.attention_forward)
   CPU with dropout_p > 0  -> genfast's documented non-fused path: the softmax matrix is
                              materialised and torch.nn.functional.dropout (torch's generator) applied
-  CUDA tensors            -> genfast's Triton kernel when it supports the call (no mask, no
-                             dropout, fp16/bf16/fp32, head dim <= 256), else torch's SDPA
+  CUDA tensors            -> the same op, whose CUDA kernel is Triton (kernels/flash_attention.py),
+                             when it supports the call (no mask, no dropout, fp16/bf16/fp32,
+                             head dim <= 256), else torch's SDPA
+One route for genfast's kernels on every device: torch.ops.genfast.attention_forward, with its
+autograd in csrc/attention_autograd.cpp.
   anything else           -> torch's SDPA
 Calls that genfast does not handle go to torch's SDPA with the reason recorded.
 """
@@ -64,8 +67,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     Rows whose keys are all masked give 0, as torch's CPU kernel does.
     """
     if _plain_cpu_call(query, key, value, attn_mask, dropout_p):
-        # The common call, checked in a few steps: the general checks below are ~25 Python steps of
-        # ~1 us each, as much as the kernel of a one-query-row call.
+        # The common call, checked in a few steps: the general checks below cost about as much
+        # as the kernel of a one-query-row call.
         _record("genfast-cpu", "fused C++ kernel")
         scale_value = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
         return _attention_forward()(query, key, value, None, is_causal, scale_value)[0]
@@ -140,16 +143,16 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     if device == "cuda":
         reason = _triton_unsupported(query, key, value, attn_mask, dropout_p, is_causal)
         if reason is None:
-            try:
-                from genfast.kernels.flash_attention import flash_attention
-            except ImportError as err:
-                reason = f"Triton kernel unavailable ({err})"
+            from genfast.ops.attention import cuda_kernel_error
+
+            reason = cuda_kernel_error()
+            if reason is not None:
                 _warn_missing_kernel(reason)
         if reason is not None:
             return torch_sdpa(reason)
         _record("genfast-triton", "flash_attention kernel")
         q4, k4, v4, _ = _to_bhld(query, key, value, None, batch, heads_q, heads_kv)
-        out = flash_attention(q4, k4, v4, causal=is_causal, scale=scale_value)
+        out, _ = _attention_forward()(q4, k4, v4, None, is_causal, scale_value)
         return out.reshape(out_shape)
 
     _warn_missing_kernel(f"no genfast kernel for device {device!r}")
@@ -201,7 +204,7 @@ def _leading_shapes(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool)
 
 
 def _broadcast(*shapes: torch.Size) -> torch.Size:
-    # torch.broadcast_shapes is Python over every dim (~30 us a call); equal shapes are the usual case.
+    # torch.broadcast_shapes is Python over every dim, slow next to a small kernel; equal shapes are the usual case.
     return shapes[0] if all(s == shapes[0] for s in shapes) else torch.broadcast_shapes(*shapes)
 
 

@@ -1,10 +1,19 @@
-"""Typed wrappers over torch.ops.genfast.attention_*, and their fake kernels.
+"""The attention op: typed wrappers over torch.ops.genfast.attention_*, its fake kernels, and its
+CUDA kernels.
 
-Layout (B, H, L, D). ``attention_forward`` returns the output and the per-row
-logsumexp that the backward uses to recompute the probabilities; gradients flow to
-q, k and v (not to attn_mask, and not through logsumexp), by csrc/attention_autograd.cpp.
+    genfast.nn.functional.scaled_dot_product_attention -> attention_forward
+        -> torch.ops.genfast.attention_forward -> csrc/cpu/attention.cpp (CPU)
+                                               -> kernels/flash_attention.py (CUDA, Triton; registered below)
+        autograd: csrc/attention_autograd.cpp (every device) -> torch.ops.genfast.attention_backward
+
+Layout (B, H, L, D). ``attention_forward`` returns the output and the per-row logsumexp that the
+backward uses to recompute the probabilities; gradients flow to q, k and v (not to attn_mask,
+and not through logsumexp). The CUDA kernel takes no attn_mask and needs v's head dim equal to
+q's (genfast.nn.functional sends other calls to torch's SDPA, saying why).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor
@@ -40,4 +49,43 @@ def _attention_backward_fake(grad_out, q, k, v, out, logsumexp, attn_mask, is_ca
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-__all__ = ["attention_forward", "attention_backward"]
+# ---- CUDA: the Triton kernels, imported on first use so that CPU-only installs need no triton ----
+
+@functools.cache
+def cuda_kernel_error() -> str | None:
+    """Why the CUDA kernels cannot run here (triton missing or failing to import), or None. Asked once."""
+    try:
+        _flash()
+    except (ImportError, RuntimeError) as err:
+        return f"Triton kernel unavailable ({err})"
+    return None
+
+
+def _flash():
+    from genfast.kernels import load
+
+    return load("flash_attention", "attention_forward")
+
+
+def _no_mask(attn_mask: Tensor | None, op: str) -> None:
+    if attn_mask is not None:
+        raise RuntimeError(f"{op}: the CUDA kernel (Triton) takes no attn_mask; "
+                           "genfast.nn.functional.scaled_dot_product_attention sends masked calls to torch")
+
+
+def attention_forward_cuda(q, k, v, attn_mask, is_causal, scale):
+    """attention_forward's CUDA kernel (also runs CPU tensors under TRITON_INTERPRET=1, for tests)."""
+    _no_mask(attn_mask, "attention_forward")
+    return _flash().forward(q, k, v, is_causal, scale)
+
+
+def attention_backward_cuda(grad_out, q, k, v, out, logsumexp, attn_mask, is_causal, scale):
+    """attention_backward's CUDA kernel (also runs CPU tensors under TRITON_INTERPRET=1, for tests)."""
+    _no_mask(attn_mask, "attention_backward")
+    return _flash().backward(grad_out, q, k, v, out, logsumexp, is_causal, scale)
+
+
+torch.library.register_kernel("genfast::attention_forward", "cuda", attention_forward_cuda)
+torch.library.register_kernel("genfast::attention_backward", "cuda", attention_backward_cuda)
+
+__all__ = ["attention_forward", "attention_backward", "cuda_kernel_error"]

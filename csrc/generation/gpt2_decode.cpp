@@ -6,10 +6,10 @@
 //
 // At batch 1 the step is bound by reading the weights once (genfast's matmul, whose few-row
 // path streams each weight at memory bandwidth), and what else it does is a few thousand
-// flops. Run as a dozen torch ops from Python, that little else cost ~300 us per block on the
-// reference machine (~4.5 ms per GPT-2 124M token, a fifth of the step), in per-op dispatch and
-// interpreter overhead; here it is plain loops between the weight reads.
-// Inference only (no autograd); float32 and float64, few rows (see genfast/ops/gpt2_decode.py).
+// flops. Why one op and not a dozen torch ops from Python: the per-op dispatch and interpreter
+// overhead of that little else is a large share of a token (docs/design.md); here it is plain
+// loops between the weight reads.
+// Inference only (no autograd); float32 and float64, few rows (see genfast/generation/ops/gpt2_decode.py).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -18,11 +18,11 @@
 #include <string>
 #include <type_traits>
 
-#include "cpu/decode_attention.h"
+#include "generation/decode_attention.h"
 #include "cpu/gemm.h"
-#include "gate_math.h"
+#include "fast_math.h"
 
-namespace genfast::cpu::gpt2_decode {
+namespace genfast::generation::gpt2_decode {
 namespace {
 
 enum class Activation { kGeluTanh, kGelu, kRelu, kSilu };
@@ -51,9 +51,9 @@ T activate(T x, Activation act) {
 
 // x = act(x) over n values. float's tanh-GELU is the same function written as a sigmoid,
 // 0.5 x (1 + tanh(u)) = x / (1 + exp(-2u)), with genfast's polynomial exp, so the loop
-// vectorises: std::tanh per element took ~0.06 ms of each GPT-2 124M block (3072 values),
-// ~0.7 ms of a 24 ms token. The sigmoid form also has no cancellation where tanh(u) nears -1
-// (large negative x). Error: a few ulp of the result (exp_fast's ~2 ulp, one add, one divide).
+// vectorises (std::tanh per element does not). The sigmoid form also has no cancellation where
+// tanh(u) nears -1 (large negative x). Error: a few ulp of the result (exp_fast's ~2 ulp, one
+// add, one divide).
 template <typename T>
 void activate_all(T* x, int64_t n, Activation act) {
   if constexpr (std::is_same_v<T, float>) {
@@ -62,7 +62,7 @@ void activate_all(T* x, int64_t n, Activation act) {
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) {
         const float v = x[i];
-        x[i] = v / (1.0f + genfast::gates::exp_fast(kMinus2Sqrt2OverPi * (v + 0.044715f * v * v * v)));
+        x[i] = v / (1.0f + genfast::math::exp_fast(kMinus2Sqrt2OverPi * (v + 0.044715f * v * v * v)));
       }
       return;
     }
@@ -91,7 +91,7 @@ void layer_norm(const T* x, const T* weight, const T* bias, double eps, int64_t 
 template <typename T>
 void linear(const T* x, const at::Tensor& weight, const at::Tensor& bias, int64_t rows, T* y) {
   const int64_t N = weight.size(0), K = weight.size(1);
-  matmul<T>(rows, N, K, x, K, weight.const_data_ptr<T>(), 1, K, bias.const_data_ptr<T>(), y, N);
+  cpu::matmul<T>(rows, N, K, x, K, weight.const_data_ptr<T>(), 1, K, bias.const_data_ptr<T>(), y, N);
 }
 
 void check_parameter(const at::Tensor& t, const char* name, const at::Tensor& x) {
@@ -194,6 +194,6 @@ at::Tensor gpt2_decode_block(const at::Tensor& x, const at::Tensor& ln_1_weight,
   return out;
 }
 
-}  // namespace genfast::cpu::gpt2_decode
+}  // namespace genfast::generation::gpt2_decode
 
-TORCH_LIBRARY_IMPL(genfast, CPU, m) { m.impl("gpt2_decode_block", &genfast::cpu::gpt2_decode::gpt2_decode_block); }
+TORCH_LIBRARY_IMPL(genfast, CPU, m) { m.impl("gpt2_decode_block", &genfast::generation::gpt2_decode::gpt2_decode_block); }

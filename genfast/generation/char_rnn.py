@@ -1,7 +1,7 @@
 """A character-level language model (Karpathy's char-rnn) on genfast's fused LSTM/GRU.
 
     model = CharRNN(vocab=sorted(set(text)), hidden_size=256, num_layers=2, cell="lstm")
-    train(model, text, steps=1000, ...)                  # see genfast.char_rnn for the command
+    train(model, text, TrainSettings(steps=1000))        # or the command: python -m genfast.char_rnn
     for ch in model.stream("ROMEO:", 200, temperature=0.8, top_k=10): print(ch, end="")
 
 Training runs the whole (T, N) window through genfast.nn.LSTM / GRU (one fused call per
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import genfast.nn as gnn
-from genfast.nn.generation import sample
+from genfast.generation.sampling import sample
 
 
 @dataclass

@@ -26,7 +26,7 @@
 #include <utility>
 #include <vector>
 
-namespace genfast::cpu::sampling {
+namespace genfast::generation::sampling {
 
 namespace {
 
@@ -228,9 +228,9 @@ at::Tensor sampling_draw(const at::Tensor& logits_in, const at::Tensor& uniforms
   return tokens;
 }
 
-}  // namespace genfast::cpu::sampling
+}  // namespace genfast::generation::sampling
 
 TORCH_LIBRARY_IMPL(genfast, CPU, m) {
-  m.impl("sampling_filter", &genfast::cpu::sampling::sampling_filter);
-  m.impl("sampling_draw", &genfast::cpu::sampling::sampling_draw);
+  m.impl("sampling_filter", &genfast::generation::sampling::sampling_filter);
+  m.impl("sampling_draw", &genfast::generation::sampling::sampling_draw);
 }

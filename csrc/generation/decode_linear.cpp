@@ -4,13 +4,10 @@
 // W once, at the memory's bandwidth, split over the threads.
 //
 // W is in nn.Linear's layout (N, K), so y = F.linear(x, W, b). The work is genfast's matmul
-// (cpu/gemm.cpp): its few-row path gives each thread a range of output features and takes
+// (csrc/cpu/gemm.cpp): its few-row path gives each thread a range of output features and takes
 // dot products with the rows of x, reading its part of W front to back (sequential, so the
-// hardware prefetcher keeps the memory busy); more than kMaxDotPathRows (32) rows take its GEMM path.
-// Measured on GPT-2 124M's matrices at batch 1, 2 threads (all 12 layers' matrices, then the
-// 154 MB lm_head, from memory): 23-32 GB/s, against 12-16 for torch's F.linear, and about what
-// a plain torch.sum over the same bytes reaches (26 GB/s). (A row-major (K, N) weight split over columns
-// is read in pieces N apart, which the prefetcher does not follow: 12 GB/s.)
+// hardware prefetcher keeps the memory busy); more rows than cpu::dot_path_max_rows(bytes of W)
+// take its GEMM path. Why (N, K) and not a column-split (K, N): docs/design.md.
 // Accumulation in the input dtype (float32 or float64), like torch's CPU addmm.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -20,7 +17,7 @@
 #include "cpu/gemm.h"
 #include "cpu/simd.h"
 
-namespace genfast::cpu::decode_linear {
+namespace genfast::generation::decode_linear {
 
 at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2, "decode_linear: x must be 2-D (rows, in_features), got ", x.dim(), "-D");
@@ -44,14 +41,14 @@ at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& weight, const st
   at::Tensor y = at::empty({x.size(0), N}, x.options());
   if (y.numel() == 0) return y;
   // B = W^T: column n of B is row n of W, contiguous (stride_k = 1), which is what lets
-  // matmul read it in place by dot products for up to kMaxDotPathRows rows.
+  // matmul read it in place by dot products for up to dot_path_max_rows rows.
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "decode_linear", [&] {
-    matmul<scalar_t>(x.size(0), N, K, xc.const_data_ptr<scalar_t>(), xc.stride(0), w.const_data_ptr<scalar_t>(), 1,
+    cpu::matmul<scalar_t>(x.size(0), N, K, xc.const_data_ptr<scalar_t>(), xc.stride(0), w.const_data_ptr<scalar_t>(), 1,
                      K, b.defined() ? b.const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(), N);
   });
   return y;
 }
 
-}  // namespace genfast::cpu::decode_linear
+}  // namespace genfast::generation::decode_linear
 
-TORCH_LIBRARY_IMPL(genfast, CPU, m) { m.impl("decode_linear", &genfast::cpu::decode_linear::decode_linear); }
+TORCH_LIBRARY_IMPL(genfast, CPU, m) { m.impl("decode_linear", &genfast::generation::decode_linear::decode_linear); }

@@ -1,18 +1,19 @@
 """One GPT-2 block for one new token per row, fused on the CPU: the decode step of generation.
 
-    genfast.models.gpt2.Block.decode_step -> torch.ops.genfast.gpt2_decode_block
-                                          -> csrc/cpu/gpt2_decode.cpp
+    genfast.generation.gpt2.Block.decode_step -> torch.ops.genfast.gpt2_decode_block
+                                              -> csrc/generation/gpt2_decode.cpp
 
-Reference: the block's own forward (genfast.models.gpt2.Block) with a KV cache, which runs the same
-equations as separate torch ops. Inference only (no autograd), CPU, float32/float64, at most
-MAX_ROWS rows (decode_linear's few-row path; beyond it the unfused blocks run torch's GEMMs).
+Reference: the block's own forward (genfast.generation.gpt2.Block) with a KV cache, which runs the
+same equations as separate torch ops. Inference only (no autograd), CPU, float32/float64. Any number
+of rows is computed correctly; GPT2 sends it only the rows for which every weight of the block is on
+decode_linear's few-row path (``max_rows``); beyond it the unfused blocks run torch's GEMMs.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from genfast.ops.decode_linear import MAX_ROWS
+from genfast.generation.ops.decode_linear import dot_path_rows
 
 _ops = torch.ops.genfast
 
@@ -36,9 +37,14 @@ def gpt2_decode_block(x: Tensor, ln_1: tuple[Tensor, Tensor], attn: tuple[Tensor
                                   int(position), int(n_head), float(scale), float(eps), ACTIVATIONS[activation])
 
 
+def max_rows(weights: list[Tensor]) -> int:
+    """The most rows for which the fused block reads each of ``weights`` in place (decode_linear's path)."""
+    return min(dot_path_rows(w) for w in weights)
+
+
 @torch.library.register_fake("genfast::gpt2_decode_block")
 def _gpt2_decode_block_fake(x, *args):
     return x.new_empty(x.shape)
 
 
-__all__ = ["gpt2_decode_block", "ACTIVATIONS", "MAX_ROWS"]
+__all__ = ["gpt2_decode_block", "ACTIVATIONS", "max_rows"]

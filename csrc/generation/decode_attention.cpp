@@ -18,10 +18,10 @@
 #include <type_traits>
 #include <vector>
 
-#include "cpu/decode_attention.h"
+#include "generation/decode_attention.h"
 #include "cpu/simd.h"
 
-namespace genfast::cpu::decode_attention {
+namespace genfast::generation::decode_attention {
 
 namespace {
 
@@ -141,8 +141,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   return out;
 }
 
-}  // namespace genfast::cpu::decode_attention
+}  // namespace genfast::generation::decode_attention
 
 TORCH_LIBRARY_IMPL(genfast, CPU, m) {
-  m.impl("decode_attention", &genfast::cpu::decode_attention::decode_attention);
+  m.impl("decode_attention", &genfast::generation::decode_attention::decode_attention);
 }

@@ -8,7 +8,7 @@ Prefill runs the prompt through genfast's causal scaled_dot_product_attention; e
 decode step attends one new token to a preallocated cache (n_layer, B, H, max_len, D)
 with genfast's decode_attention (a fused C++ op on CPU, Triton flash-decoding on CUDA). On CUDA,
 generate() captures the decode step once as a CUDA graph and replays it per token: at batch 1 a
-step is ~100 small kernels, and launching them one by one from Python is most of its time.
+step is ~100 small kernels, whose launches from Python would otherwise dominate it.
 Logits match transformers.GPT2LMHeadModel's for the same weights.
 """
 from __future__ import annotations
@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from genfast.generation.decode import decode_attention, linear
+from genfast.generation.ops import gpt2_decode as _fused
+from genfast.generation.sampling import apply_repetition_penalty, sample
 from genfast.nn import functional as gf
-from genfast.nn.generation import apply_repetition_penalty, decode_attention, linear, sample
-from genfast.ops.gpt2_decode import ACTIVATIONS as _FUSED_ACTIVATIONS, MAX_ROWS as _FUSED_MAX_ROWS, gpt2_decode_block
 
 _ACTIVATIONS = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),  # the tanh approximation, as HF's NewGELU
@@ -69,8 +70,7 @@ class GPT2Config:
 
 class Linear(nn.Linear):
     """nn.Linear whose decode steps (a few rows, no autograd) run genfast's decode_linear:
-    one pass over the weight at memory bandwidth, where torch's GEMV reaches about 2/3 of it.
-    Weights are in nn.Linear's (out, in) layout; from_hf transposes HF's Conv1D (in, out)."""
+    one pass over the weight at memory bandwidth. Weights are in nn.Linear's (out, in) layout; from_hf transposes HF's Conv1D (in, out)."""
 
     def reset_parameters(self) -> None:  # GPT-2's initialisation
         nn.init.normal_(self.weight, std=0.02)
@@ -148,7 +148,7 @@ class Block(nn.Module):
     def decode_step(self, x: Tensor, cache: KVCache) -> Tensor:
         """forward(x, cache) for x (B, 1, C), one new token per row, as one fused CPU op."""
         attn = self.attn
-        out = gpt2_decode_block(
+        out = _fused.gpt2_decode_block(
             x.reshape(x.shape[0], x.shape[2]), (self.ln_1.weight, self.ln_1.bias), (attn.c_attn.weight, attn.c_attn.bias),
             (attn.c_proj.weight, attn.c_proj.bias), (self.ln_2.weight, self.ln_2.bias), (self.c_fc.weight, self.c_fc.bias),
             (self.c_proj.weight, self.c_proj.bias), cache.k[attn.layer_idx], cache.v[attn.layer_idx], cache.length,
@@ -157,9 +157,10 @@ class Block(nn.Module):
 
 
 class GPT2(nn.Module):
-    # CPU decode steps (one token per row, at most 32 rows, float32/64, no autograd) run each block as
-    # one fused op (Block.decode_step, csrc/cpu/gpt2_decode.cpp) instead of a dozen torch ops: the
-    # same equations, without ~4 ms of per-op overhead per token. False runs the unfused blocks.
+    # CPU decode steps (one token per row, float32/64, no autograd, at most as many rows as the block's
+    # weights are read in place for: fused_decode_rows) run each block as one fused op
+    # (Block.decode_step, csrc/generation/gpt2_decode.cpp) instead of a dozen torch ops: the same
+    # equations, without their per-op overhead. False runs the unfused blocks.
     fused_cpu_decode: bool = True
 
     def __init__(self, config: GPT2Config):
@@ -213,12 +214,19 @@ class GPT2(nn.Module):
         weight = self.wte.weight if self.lm_head is None else self.lm_head.weight
         return linear(x, weight)
 
+    def fused_decode_rows(self) -> int:
+        """The most rows a fused CPU decode step takes: as many as every weight of a block is read in
+        place for (decode_linear's few-row path); beyond it the unfused blocks run torch's GEMMs."""
+        block = self.h[0]
+        return _fused.max_rows([block.attn.c_attn.weight, block.attn.c_proj.weight, block.c_fc.weight,
+                                block.c_proj.weight])
+
     def _fuses_decode(self, x: Tensor, cache: KVCache | None) -> bool:
         """Whether this step runs the fused CPU decode blocks (see fused_cpu_decode). The op has no
         backward; no check is needed here because forward() refuses a cached step autograd would record."""
-        return (self.fused_cpu_decode and cache is not None and x.shape[1] == 1 and x.shape[0] <= _FUSED_MAX_ROWS
+        return (self.fused_cpu_decode and cache is not None and x.shape[1] == 1 and len(self.h) > 0
                 and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-                and self.config.activation_function in _FUSED_ACTIVATIONS)
+                and self.config.activation_function in _fused.ACTIVATIONS and x.shape[0] <= self.fused_decode_rows())
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         param = self.wte.weight

@@ -1,8 +1,8 @@
 """Fused logits processing and sampling: temperature + top-k + top-p (+ the draw) in one pass.
 
-    genfast.nn.generation.sample -> genfast.ops.sampling.sampling_draw
-                                 -> torch.ops.genfast.sampling_draw -> csrc/cpu/sampling.cpp (CPU)
-                                                                   -> kernels/sampling.py (CUDA, Triton)
+    genfast.generation.sampling.sample -> genfast.generation.ops.sampling.sampling_draw
+        -> torch.ops.genfast.sampling_draw -> csrc/generation/sampling.cpp (CPU)
+                                           -> kernels/sampling.py (CUDA, Triton; registered below)
 
 Hugging Face's semantics (reference: genfast.reference.process_logits / draw_from_scores).
 The draw takes its uniforms from the caller, so randomness comes from a torch.Generator

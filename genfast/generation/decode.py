@@ -1,0 +1,64 @@
+"""The attention and linear layers of one decode step (one new token per sequence), routed by
+device and autograd:
+
+  decode_attention  CPU, CUDA -> torch.ops.genfast.decode_attention (one query token vs the KV cache;
+                    C++ on CPU, Triton flash-decoding on CUDA, whose kernel eager calls reach
+                    directly: see decode_attention); autograd and other devices -> genfast's
+                    scaled_dot_product_attention on the filled rows (differentiable)
+  linear            F.linear's contract. A few rows on CPU in inference -> torch.ops.genfast.decode_linear
+                    (streams the weight at memory bandwidth); anything else (prefill, autograd,
+                    other devices) -> F.linear, which is the right kernel there (a GEMM)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from genfast.generation.ops import decode_attention as _decode_attention_op
+from genfast.generation.ops.decode_linear import decode_linear, dot_path_rows
+from genfast.nn import functional as gf
+
+_OP_DEVICES = ("cpu", "cuda")  # devices with a genfast decode-attention kernel
+
+
+def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: int | Tensor, scale: float) -> Tensor:
+    """Attention of q (B, Hq, D), one token per row, over the first ``length`` rows of the
+    caches (B, Hk, max_len, D). Returns (B, Hq, Dv).
+
+    On CUDA ``length`` may be a one-element integer tensor on q's device, which the Triton kernels
+    read from memory, so that a CUDA graph can capture a decode step and replay it as the cache grows
+    (elsewhere a tensor length is read on the host).
+
+    Eager CUDA calls run the op's CUDA kernel directly (``launch_cuda``, the function the op has
+    registered): at batch 1 the dispatch of torch.ops to a Python kernel costs about as much as the
+    kernels (docs/design.md). Under torch.compile the op itself is called, so the graph sees it.
+
+    The op has no backward: when autograd needs one (grad enabled and q or a cache requiring grad,
+    e.g. fine-tuning through a cached decode step), genfast's differentiable attention runs instead."""
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad)
+    if q.is_cuda and not needs_grad and (isinstance(length, Tensor) or not torch.compiler.is_compiling()):
+        return _decode_attention_op.launch_cuda(q, k_cache, v_cache, length, scale)
+    if isinstance(length, Tensor):
+        length = int(length)
+    if q.device.type in _OP_DEVICES and not needs_grad:
+        return _decode_attention_op.decode_attention(q, k_cache, v_cache, length, scale)
+    out = gf.scaled_dot_product_attention(q.unsqueeze(2), k_cache[:, :, :length], v_cache[:, :, :length],
+                                          scale=scale, enable_gqa=k_cache.shape[1] != q.shape[1])
+    return out.squeeze(2)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)``; for the few rows of x on CPU (without autograd) for which decode_linear
+    reads the weight in place (at most ``dot_path_rows(weight)``), through it. Not a fallback: F.linear
+    (a GEMM) is the faster kernel elsewhere."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                              or (bias is not None and bias.requires_grad))
+    if (0 < rows and x.device.type == "cpu" and not needs_grad and x.dtype in (torch.float32, torch.float64)
+            and weight.dtype == x.dtype and rows <= dot_path_rows(weight)):
+        return decode_linear(x.reshape(rows, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
+
+
+__all__ = ["decode_attention", "linear"]

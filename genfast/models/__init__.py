@@ -1,1 +1,0 @@
-"""Generative models built on genfast.nn."""
