@@ -11,7 +11,10 @@ How a comparison is measured (run_interleaved):
   4. statistics: median and quartiles of each contender's samples; the speed ratio of
      baseline B against subject A is the median over rounds of B_i / A_i (same round,
      same conditions), not the ratio of two medians.
-CUDA: each sample is bracketed by CUDA events and synchronised; the clock is not used.
+Timers (what one sample is): CpuTimer, a wall clock around `inner` calls; CudaTimer, CUDA events
+around them after a synchronisation; DoBenchTimer, Triton's do_bench (CUDA events per call, the L2
+cache flushed between calls, the median taken), for kernels whose inputs would otherwise sit in L2.
+timer_for() picks one. This module is the only place genfast's benchmarks read a clock.
 """
 from __future__ import annotations
 
@@ -114,6 +117,39 @@ class CudaTimer(CpuTimer):
         end.record()
         end.synchronize()
         return start.elapsed_time(end) / 1e3 / inner
+
+
+class DoBenchTimer(CudaTimer):
+    """A sample is triton.testing.do_bench over about `inner` calls: per-call CUDA events with the
+    L2 cache flushed before each call, median in seconds. Gradients of `grad_to_none` are reset
+    before each call (do_bench's own option), so backward passes do not accumulate."""
+
+    def __init__(self, clock: Clock = time.perf_counter, grad_to_none=None):
+        super().__init__(clock)
+        from triton.testing import do_bench
+
+        self._do_bench = do_bench
+        self.grad_to_none = grad_to_none
+
+    def time_calls(self, fn: Callable[[], object], inner: int) -> float:
+        if inner <= 1:  # warm-up and first calls: one plain call, timed with events
+            return super().time_calls(fn, 1)
+        # do_bench sizes its own repetitions from a time in ms; ask for about `inner` calls.
+        per_call_ms = max(super().time_calls(fn, 1) * 1e3, 1e-3)
+        return self._do_bench(fn, warmup=0, rep=max(1, round(inner * per_call_ms)),
+                              grad_to_none=self.grad_to_none, return_mode="median") / 1e3
+
+
+def timer_for(device: str, kind: str = "events") -> CpuTimer:
+    """The timer for a device: a wall clock on the CPU; on CUDA, events ("events") or
+    Triton's do_bench ("do_bench")."""
+    if device != "cuda":
+        return CpuTimer()
+    if kind == "do_bench":
+        return DoBenchTimer()
+    if kind != "events":
+        raise ValueError(f"kind must be 'events' or 'do_bench', got {kind!r}")
+    return CudaTimer()
 
 
 @dataclass(frozen=True)
