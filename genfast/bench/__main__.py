@@ -138,15 +138,22 @@ def main(argv: list[str] | None = None) -> int:
         from tqdm import tqdm
 
         progress = tqdm(total=len(selected), file=sys.stderr, unit="case", dynamic_ncols=True)
-    for case in selected:
+    for index, case in enumerate(selected):
         if progress is not None:
             progress.set_description(case.name)
         results.append(runner.run_case(case, device, plan, peaks[case_dtype(case, device)]["gflops"]))
         if progress is not None:
             progress.update(1)
+        else:  # a log line per case, so a run cut short (a GPU session's time limit) shows how far it got
+            print(f"[{index + 1}/{len(selected)}] {case.name}: {results[-1].wall_s:.1f}s", file=sys.stderr,
+                  flush=True)
+        if args.json:  # what was measured so far survives a run that is killed
+            partial = report.to_json(header, peaks, plan, args.set, results)
+            partial.update(partial=True)
+            report.write_json(args.json, partial)
     if progress is not None:
         progress.close()
-    if args.set != "smoke" and measure_peak:
+    if args.set != "smoke" and measure_peak and device == "cpu":
         # Measure the peak again at the end and keep the better of the two: on a shared
         # machine a peak taken while others load the CPU is too low, and % of peak too high.
         again = machine.measure_peak(device, torch.float32, budget_s=PEAK_BUDGET_S[args.set], shapes=peak_shapes)

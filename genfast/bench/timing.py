@@ -120,9 +120,10 @@ class CudaTimer(CpuTimer):
 
 
 class DoBenchTimer(CudaTimer):
-    """A sample is triton.testing.do_bench over about `inner` calls: per-call CUDA events with the
-    L2 cache flushed before each call, median in seconds. Gradients of `grad_to_none` are reset
-    before each call (do_bench's own option), so backward passes do not accumulate."""
+    """A sample is triton.testing.do_bench over about `inner` calls' worth of time: per-call CUDA
+    events with the L2 cache flushed before each call, the median, in seconds. A callable's first
+    sample is one plain event-timed call, which gives do_bench's time budget for the next ones.
+    `grad_to_none`: tensors whose .grad do_bench resets before each call."""
 
     def __init__(self, clock: Clock = time.perf_counter, grad_to_none=None):
         super().__init__(clock)
@@ -130,14 +131,17 @@ class DoBenchTimer(CudaTimer):
 
         self._do_bench = do_bench
         self.grad_to_none = grad_to_none
+        self._estimate_ms: dict[int, float] = {}
 
     def time_calls(self, fn: Callable[[], object], inner: int) -> float:
-        if inner <= 1:  # warm-up and first calls: one plain call, timed with events
-            return super().time_calls(fn, 1)
-        # do_bench sizes its own repetitions from a time in ms; ask for about `inner` calls.
-        per_call_ms = max(super().time_calls(fn, 1) * 1e3, 1e-3)
-        return self._do_bench(fn, warmup=0, rep=max(1, round(inner * per_call_ms)),
-                              grad_to_none=self.grad_to_none, return_mode="median") / 1e3
+        estimate = self._estimate_ms.get(id(fn))
+        if estimate is None:
+            seconds = super().time_calls(fn, 1)
+        else:
+            seconds = self._do_bench(fn, warmup=0, rep=max(inner * estimate, 1e-3), grad_to_none=self.grad_to_none,
+                                     return_mode="median") / 1e3
+        self._estimate_ms[id(fn)] = seconds * 1e3
+        return seconds
 
 
 def timer_for(device: str, kind: str = "events") -> CpuTimer:
