@@ -94,8 +94,8 @@ run_tests() {  # NAME FILE...
   stage "tests $name" 240 "$WORK/tests_$name.log" $PY -m pytest "$@" -q -rfEs --tb=short --durations=5 \
     -p no:cacheprovider
 }
-# The attention tests are split in two: each new tile/dtype/head-dim combination is a Triton compile of
-# seconds, and one process did not finish them in 240 s on an H200 machine.
+# The attention tests are split in two: each new tile/dtype/head-dim combination is a Triton compile,
+# and one process for all of them outlasts a stage's time limit.
 # The argument-error tests run in a process of their own: on one image every error message that formatted
 # an integer crashed the process (gpu_error_probe.sh, run alongside, looks into it), which would take
 # the rest of the file down with it.

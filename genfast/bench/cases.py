@@ -152,10 +152,9 @@ def _sampling(vocab=50257, top_k=0, top_p=0.9, temperature=1.0, spread=1.0, name
 
 def _quick() -> list[Case]:
     cases = []
-    # The slow baselines (reference, cell_loop) cost 2-4x torch per call on the big RNN
-    # shapes, so here those shapes compare with torch only; the IMDB layer's shape (cheap:
-    # ~70 ms a Python-loop training call) also shows the cell loop, and the decode case every
-    # RNN baseline. --full runs them all everywhere.
+    # The slow baselines (reference, cell_loop) cost several torch calls per call on the big
+    # RNN shapes, so here those shapes compare with torch only; the IMDB layer's shape (small)
+    # also shows the cell loop, and the decode case every RNN baseline. --full runs them all.
     for cell in ("lstm", "gru"):
         for mode in MODES:
             cases.append(_fastrnns(cell, mode, ("torch",)))
@@ -187,7 +186,7 @@ def _full() -> list[Case]:
         cases.append(_small_batch(cell, "inference", ("torch", "cell_loop"), N=1, hidden=256))
         for mode in MODES:
             cases.append(_small_batch(cell, mode, ("torch",), N=2, hidden=1024))
-        # The IMDB layer's shape: torch's bfloat16 training at the fastrnns shape takes ~40 s a call here.
+        # The IMDB layer's shape: torch's CPU bfloat16 training is too slow at the fastrnns shape.
         for mode in MODES:
             cases.append(_bfloat16(cell, mode, ("torch",), T=100, N=32, input_size=256, hidden_size=64))
     cases += [_imdb_lstm(mode, RNN_BASELINES_FULL) for mode in MODES]

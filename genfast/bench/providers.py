@@ -483,7 +483,7 @@ class GenerationWorkload:
     hf_model: nn.Module          # transformers.GPT2LMHeadModel, random weights (no download)
     prompt: torch.Tensor         # (rows, prompt_len) token ids: rows sequences decoded together
     new_tokens: int
-    params: int                  # parameter count: the bytes a decode step streams are 4x this
+    params: int                  # parameter count: a decode step streams this x the element size in bytes
     device: str
     dtype: torch.dtype = torch.float32
 
