@@ -93,11 +93,28 @@ def _extension():
     )
 
 
+def _probe_extension():
+    """genfast._probe: the benchmark's GEMM peak probe (csrc/probe/), a debug module apart from _C.
+
+    It compiles genfast's packed GEMM again (csrc/probe/gemm_copy.cpp includes csrc/cpu/gemm.cpp),
+    with hidden symbols so that its copies never bind to genfast._C's. CPU only.
+    """
+    rel = lambda pattern: sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
+    return CppExtension(
+        "genfast._probe",
+        rel("csrc/probe/*.cpp"),
+        include_dirs=[os.path.join(HERE, "csrc")],
+        extra_compile_args={"cxx": ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
+                                    "-fvisibility=hidden", "-DGENFAST_BUILD"]},
+        extra_link_args=["-fopenmp", *_shared_cxx_runtime()],
+    )
+
+
 setup(
     # Every package under genfast/ (found, so a new subpackage can't be left out of a wheel).
     packages=find_packages(include=["genfast", "genfast.*"]) + ["genfast.kernels"],
     # Triton kernels live at the top level (kernels/) but install as genfast.kernels.
     package_dir={"genfast": "genfast", "genfast.kernels": "kernels"},
-    ext_modules=[_extension()],
+    ext_modules=[_extension(), _probe_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The prepared check for a lent GPU machine, in one command that ends inside a time budget:
 # build genfast with its CUDA kernels, run every CUDA/Triton test, then time every GPU path
-# against PyTorch side by side (one process per benchmark, one benchmark at a time).
+# against PyTorch side by side with the benchmark command (`python -m genfast.bench --device cuda`,
+# its gpu.* cases; one process per group of cases, one group at a time).
 #
 #     OUT=/some/dir bash benchmarks/gpu_session.sh          # from the repository root
 #
@@ -9,16 +10,19 @@
 # 540: every stage's timeout is cut to what is left, so the script ends and writes its files even
 # when a stage hangs), GPU_SESSION_TESTS (default "rnn attention_low_precision attention_rest generation":
 # which test groups run, concurrently), GPU_SESSION_BENCHES (default "rnn generation attention"; also
-# "sampling_sweep", a diagnostic: which benchmarks run, in that order). Optional: wheels in .whl/ (e.g. expecttest, which torch.library.opcheck
-# imports) are installed to /tmp/site first. It writes at most eight files under $OUT:
+# "sampling_sweep", a diagnostic: which groups of cases run, in that order), ATTENTION_FILTER (default
+# "gpu.attention.": the --filter of the attention group, e.g. "gpu.attention.b4.h32.n4096." for one length).
+# Optional: wheels in .whl/ (e.g. expecttest, which torch.library.opcheck imports) are installed to
+# /tmp/site first. It writes at most eight files under $OUT:
 #   summary.txt          environment, genfast.info(), each stage's exit status and time, test totals,
 #                        benchmarks/gpu_error_probe.sh (how error messages and the C++ runtime behave)
 #   build.log            the extension build
 #   tests.log            pytest output of the CUDA test files (four processes at once)
-#   bench_rnn.txt        benchmarks/gpu_rnn.py: CUDA LSTM/GRU vs cuDNN
-#   bench_generation.txt benchmarks/gpu_generation.py: decode attention, sampling, GPT-2 greedy vs transformers
-#   bench_attention.txt  benchmarks/gpu_attention.py: Triton flash attention vs SDPA flash (autotuned)
-#   results_json.tar.gz  the benchmarks' JSON files
+#   bench_rnn.txt        gpu.rnn.*: CUDA LSTM/GRU vs cuDNN, fp32 and bf16, sequences and decoding
+#   bench_generation.txt gpu.decode_attention.*, gpu.sampling_draw.*, gpu.gpt2.*: decode attention,
+#                        sampling, GPT-2 greedy vs transformers
+#   bench_attention.txt  gpu.attention.*: Triton flash attention vs SDPA flash, bf16 (do_bench, autotuned)
+#   results_json.tar.gz  the benchmark command's JSON (one per group, written after every case) and CSV
 set -uo pipefail
 PY=${PYTHON:-python3}
 OUT=${OUT:-$PWD/gpu-results}
@@ -90,8 +94,8 @@ run_tests() {  # NAME FILE...
   stage "tests $name" 240 "$WORK/tests_$name.log" $PY -m pytest "$@" -q -rfEs --tb=short --durations=5 \
     -p no:cacheprovider
 }
-# The attention tests are split in two: each new tile/dtype/head-dim combination is a Triton compile of
-# seconds, and one process did not finish them in 240 s on an H200 machine.
+# The attention tests are split in two: each new tile/dtype/head-dim combination is a Triton compile,
+# and one process for all of them outlasts a stage's time limit.
 # The argument-error tests run in a process of their own: on one image every error message that formatted
 # an integer crashed the process (gpu_error_probe.sh, run alongside, looks into it), which would take
 # the rest of the file down with it.
@@ -113,17 +117,21 @@ for name in rnn rnn_argument_errors attention_low_precision attention_rest gener
   echo "tests $name: $(grep -E 'passed|failed|error|no tests ran' "$WORK/tests_$name.log" | tail -1)" >> "$SUMMARY"
 done
 
-# Benchmarks, one at a time, each side by side with its PyTorch baseline.
-for bench in ${GPU_SESSION_BENCHES:-rnn generation attention}; do
-  case $bench in
-    rnn) stage "bench rnn" 120 "$OUT/bench_rnn.txt" $PY benchmarks/gpu_rnn.py --out "$WORK/json" ;;
-    generation) stage "bench generation" 180 "$OUT/bench_generation.txt" $PY benchmarks/gpu_generation.py \
-      --out "$WORK/json" ;;
-    attention) stage "bench attention" 400 "$OUT/bench_attention.txt" $PY benchmarks/gpu_attention.py \
-      --out "$WORK/json" --seqlens "${ATTENTION_SEQLENS:-4096,16384}" --head-dims "${ATTENTION_HEAD_DIMS:-64,128}" ;;
-    sampling_sweep) stage "bench sampling sweep" 150 "$OUT/bench_generation.txt" $PY benchmarks/gpu_generation.py \
-      --sampling-sweep --out "$WORK/json" ;;
-    *) log "unknown benchmark '$bench' in GPU_SESSION_BENCHES (rnn, generation, attention, sampling_sweep)" ;;
+# Benchmarks, one group of cases at a time, each case side by side with its PyTorch baseline
+# (genfast.bench: warm-up, interleaved rounds, CUDA events or do_bench; TF32 off).
+bench() {  # NAME CAP FILTER [SET]: one benchmark process, its table in bench_NAME.txt
+  local name=$1 limit=$2 filter=$3 set=${4:---quick} file=$1
+  [[ $name == sampling_sweep ]] && file=generation
+  stage "bench $name" "$limit" "$OUT/bench_$file.txt" $PY -m genfast.bench --device cuda "$set" \
+    --filter "$filter" --no-progress --json "$WORK/json/bench_$name.json" --csv "$WORK/json/runs.csv"
+}
+for group in ${GPU_SESSION_BENCHES:-rnn generation attention}; do
+  case $group in
+    rnn) bench rnn 120 gpu.rnn. ;;
+    generation) bench generation 180 gpu.decode_attention.,gpu.sampling_draw.b,gpu.gpt2. ;;
+    attention) bench attention 400 "${ATTENTION_FILTER:-gpu.attention.}" ;;
+    sampling_sweep) bench sampling_sweep 150 gpu.sampling_draw.sweep. --full ;;
+    *) log "unknown group '$group' in GPU_SESSION_BENCHES (rnn, generation, attention, sampling_sweep)" ;;
   esac
 done
 

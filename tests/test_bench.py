@@ -1,22 +1,29 @@
 """Tests of the benchmark suite itself (genfast.bench): arithmetic, interleaving, rows, outputs.
 
 Timings are never asserted; these check what the suite computes from given timings,
-and that the command produces a parseable table, JSON, CSV and PNG on tiny shapes.
+and that the command produces a parseable table, JSON, CSV and PNG on tiny shapes; that the
+peak probe (genfast._probe) answers, and that its absence is said; that the pytest-benchmark
+files report the harness's samples; and that --ab runs two builds and aggregates them.
 """
 from __future__ import annotations
 
 import copy
 import csv
 import json
+import os
+import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from genfast.bench import cases, flops, providers, runner, timing
+from genfast.bench import ab, cases, flops, machine, providers, runner, suite, timing
 from genfast.bench.__main__ import main
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------- statistics and ratios
@@ -52,7 +59,7 @@ def test_flop_counts_follow_the_documented_formulas():
     full = flops.attention(8, 12, 1024, 1024, 64, causal=False, training=False)
     assert full == 4 * 8 * 12 * 1024 * 1024 * 64
     assert flops.attention(8, 12, 1024, 1024, 64, causal=True, training=False) == full / 2
-    assert flops.attention(8, 12, 1024, 1024, 64, causal=False, training=True) == 2.5 * full
+    assert flops.attention(8, 12, 1024, 1024, 64, causal=False, training=True) == 3.5 * full  # fwd + bwd
     packed = cases.find("lstm.packed.inference")
     steps = int(providers.rnn_lengths(100, 64, 0).sum())
     assert packed.flops == flops.rnn("lstm", steps, 512, 512, training=False)
@@ -255,10 +262,180 @@ def test_math_attention_refuses_to_materialise_huge_scores(monkeypatch):
 
 
 def test_every_case_name_is_unique_and_every_provider_exists():
-    for set_name in cases.SETS:
-        selected = cases.cases(set_name)
-        names = [c.name for c in selected]
-        assert len(names) == len(set(names)), set_name
-        for case in selected:
-            assert set(case.providers) <= set(providers.PROVIDERS[case.kind]), case.name
-            assert case.flops > 0 or case.kind == "sampling", case.name
+    for device in ("cpu", "cuda"):
+        for set_name in cases.SETS:
+            selected = cases.cases(set_name, device=device)
+            names = [c.name for c in selected]
+            assert len(names) == len(set(names)), (set_name, device)
+            for case in selected:
+                assert device in case.devices
+                assert set(case.providers) <= set(providers.PROVIDERS[case.kind]), case.name
+                assert case.flops > 0 or case.kind in ("sampling", "sampling_draw"), case.name
+                assert case.timer in ("events", "do_bench"), case.name
+                assert os.path.isfile(REPO / "benchmarks" / f"bench_{case.op}.py"), case.name
+
+
+def test_sets_by_device_gpu_session_cases_run_on_cuda_only():
+    cpu_quick, cuda_quick = cases.cases("quick"), cases.cases("quick", device="cuda")
+    assert cpu_quick and not any(c.name.startswith("gpu.") for c in cpu_quick)
+    assert cuda_quick and all(c.name.startswith("gpu.") for c in cuda_quick)
+    families = {c.name.split(".")[1] for c in cuda_quick}
+    assert families == {"rnn", "attention", "decode_attention", "sampling_draw", "gpt2"}
+    # the content of the former benchmarks/gpu_*.py scripts
+    rnn = [c for c in cuda_quick if c.kind == "rnn"]
+    assert {(c.params["cell"], c.params["dtype"]) for c in rnn} == {
+        (cell, dtype) for cell in ("lstm", "gru") for dtype in ("float32", "bfloat16")}
+    attention = [c for c in cuda_quick if c.kind == "attention"]
+    assert {(c.params["L"], c.params["D"]) for c in attention} == {(L, D) for L in (4096, 16384) for D in (64, 128)}
+    assert all(c.timer == "do_bench" and c.params["dtype"] == "bfloat16" and c.baselines == ("torch_sdpa_flash",)
+               for c in attention)
+    full_lengths = {c.params["L"] for c in cases.cases("full", "gpu.attention.", "cuda")}
+    assert full_lengths == {1024, 4096, 16384}
+    # the smoke copies of the gpu.* cases also run on the CPU
+    smoke = cases.cases("smoke", "gpu.")
+    assert {c.kind for c in smoke} == {"rnn", "attention", "decode_attention", "sampling_draw", "generation"}
+    # --filter takes comma-separated alternatives
+    both = cases.cases("smoke", "lstm.tiny.inference,gru.tiny.training")
+    assert [c.name for c in both] == ["lstm.tiny.inference", "gru.tiny.training"]
+    with pytest.raises(ValueError, match="device"):
+        cases.cases("quick", device="tpu")
+
+
+def test_timer_for_and_do_bench_sampling(monkeypatch):
+    assert type(timing.timer_for("cpu")) is timing.CpuTimer
+    assert type(timing.timer_for("cpu", "do_bench")) is timing.CpuTimer
+    with pytest.raises(ValueError, match="kind"):
+        timing.timer_for("cuda", "stopwatch")
+    # DoBenchTimer: a callable's first sample is one event-timed call; later samples ask do_bench
+    # for about `inner` calls' worth of time (the last estimate x inner), median, in seconds.
+    monkeypatch.setattr(timing.CudaTimer, "time_calls", lambda self, fn, inner: 0.004)
+    timer = timing.DoBenchTimer()
+    asked = []
+
+    def fake_do_bench(fn, warmup, rep, grad_to_none, return_mode):
+        asked.append((warmup, rep, return_mode))
+        return 3.0  # ms
+
+    timer._do_bench = fake_do_bench
+    fn = lambda: None  # noqa: E731
+    assert timer.time_calls(fn, 1) == 0.004 and asked == []
+    assert timer.time_calls(fn, 5) == pytest.approx(0.003)
+    assert asked == [(0, pytest.approx(20.0), "median")]
+    timer.time_calls(fn, 2)
+    assert asked[-1][1] == pytest.approx(6.0)  # 2 x the 3 ms just measured
+
+
+def test_gpu_session_smoke_cases_run_on_the_cpu(tmp_path, capsys):
+    # The real build: the gpu.* cases' code (stepwise decoding, input gradients, bf16, the
+    # decode-attention and sampling-draw ops) runs at tiny sizes; CUDA-only providers say so.
+    code = main(["--smoke", "--filter", "gpu.rnn.,gpu.decode_attention.,gpu.sampling_draw.,gpu.attention.",
+                 "--no-progress", "--device", "cpu", "--threads", "1", "--no-csv", "--no-peak",
+                 "--json", str(tmp_path / "gpu.json")])
+    assert code == 0
+    document = json.loads((tmp_path / "gpu.json").read_text())
+    by_name = {c["name"]: c for c in document["cases"]}
+    assert len(by_name) == 5 and "partial" not in document
+    for case in by_name.values():
+        for name, p in case["providers"].items():
+            cuda_only = name in ("genfast_triton", "torch_sdpa_flash", "launcher", "whole_row")
+            assert p["status"] == ("needs CUDA" if cuda_only else "ok"), (case["name"], name, p["reason"])
+    decode = by_name["gpu.rnn.gru.decode5.h32.float32.inference"]
+    assert decode["checks"]["max_abs_diff"]["genfast vs torch"] < 1e-5
+    draw = by_name["gpu.sampling_draw.b1.v1000.t1.k50.p0.9"]
+    assert draw["checks"]["max_abs_diff"]["genfast vs reference"] == 0.0  # same uniforms, same token
+    attention = by_name["gpu.decode_attention.float32.b1.h4-2.d16.l100"]
+    assert attention["checks"]["max_abs_diff"]["genfast vs reference"] < 1e-5
+
+
+# ------------------------------------------------------------------------------ peak probe
+def test_peak_probe_reports_three_methods():
+    import genfast._probe as probe  # built by setup.py next to genfast._C
+
+    assert probe.packed_gemm_gflops(64, 96, 32, 2) > 0
+    assert probe.brgemm_gflops(64, 96, 32, 2) > 0
+    with pytest.raises(RuntimeError, match="must be positive"):
+        probe.brgemm_gflops(0, 8, 8, 1)
+    peak = machine.measure_peak("cpu", torch.float32, budget_s=0.0, shapes=((128, 128, 128),), repeats=1)
+    assert set(peak["by_method"]) == {"torch.mm", "genfast packed", "aten brgemm"}
+    assert peak["gflops"] == max(peak["by_method"].values()) == peak["all"][peak["source"]]
+    assert peak["probe"] == "genfast._probe"
+
+
+def test_peak_without_the_probe_falls_back_to_torch_mm_and_says_so(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "genfast._probe", None)
+    monkeypatch.setattr(machine, "_warned_probe", False)
+    peak = machine.measure_peak("cpu", torch.float32, budget_s=0.0, shapes=((128, 128, 128),), repeats=1)
+    assert set(peak["by_method"]) == {"torch.mm"} and peak["probe"].startswith("missing")
+    machine.measure_peak("cpu", torch.float32, budget_s=0.0, shapes=((128, 128, 128),), repeats=1)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "genfast._probe is not built" in line]
+    assert len(warnings) == 1  # one loud warning, not one per measurement
+
+
+# --------------------------------------------------------------------- pytest-benchmark files
+def test_replay_clock_gives_pytest_benchmark_the_harness_samples():
+    clock = suite.ReplayClock([0.5, 0.25])
+    durations = []
+    for _ in range(3):  # what pytest-benchmark's runner does each round: timer(), target(), timer()
+        start = clock()
+        clock.advance()
+        durations.append(clock() - start)
+    assert durations == [0.5, 0.25, 0.5]
+
+
+def test_bench_files_report_the_harness_numbers(tmp_path):
+    out = tmp_path / "pb.json"
+    env = dict(os.environ, GENFAST_BENCH_SET="smoke", GENFAST_BENCH_DEVICE="cpu",
+               GENFAST_BENCH_FILTER="lstm.tiny.inference", PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/bench_lstm.py", "--benchmark-only", "-q",
+                           "-p", "no:cacheprovider", f"--benchmark-json={out}"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    benchmarks = json.loads(out.read_text())["benchmarks"]
+    assert {b["extra_info"]["provider"] for b in benchmarks} == {"genfast", "torch", "cell_loop", "reference"}
+    for b in benchmarks:
+        assert b["group"] == "lstm.tiny.inference"
+        assert b["stats"]["rounds"] == b["extra_info"]["rounds"] >= 5
+        assert b["stats"]["median"] == pytest.approx(b["extra_info"]["median_s"], rel=1e-9)
+    genfast = next(b for b in benchmarks if b["extra_info"]["provider"] == "genfast")
+    assert set(genfast["extra_info"]["speedups"]) == {"torch", "cell_loop", "reference"}
+
+
+# ------------------------------------------------------------------------------------ --ab
+def _fake_run(case_name, genfast_s, ratio):
+    """One worker's JSON, reduced to what aggregate() reads."""
+    return {"header": {}, "cases": [{
+        "name": case_name, "unit": "ms", "providers": {"genfast": {"stats_s": {"median": genfast_s}}},
+        "speedups": {"genfast": {"torch": {"median": ratio}}}}]}
+
+
+def test_ab_aggregate_takes_medians_over_rounds():
+    runs = {"A": [_fake_run("c", 1.0, 2.0), _fake_run("c", 2.0, 1.5), _fake_run("c", 1.0, 2.5)],
+            "B": [_fake_run("c", 2.0, 1.0), _fake_run("c", 2.0, 1.0), _fake_run("c", 4.0, 1.0)]}
+    (row,) = ab.aggregate(runs)
+    assert (row["subject"], row["baseline"]) == ("genfast", "torch")
+    assert row["ratio_A"] == pytest.approx(2.0) and row["ratio_B"] == pytest.approx(1.0)
+    assert row["time_A_s"] == 1.0 and row["time_B_s"] == 2.0
+    assert row["time_a_over_b"] == pytest.approx(0.5)  # rounds: 0.5, 1.0, 0.25
+    assert "c" in ab.table([row]) and "0.500" in ab.table([row])
+
+
+def test_ab_runs_both_builds_alternating(tmp_path, capsys):
+    # The same checkout as both builds: the machinery, not a comparison.
+    code = main(["--smoke", "--filter", "gru.tiny.training", "--threads", "1", "--ab", str(REPO),
+                 "--ab-rounds", "2", "--json", str(tmp_path / "ab.json")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    rounds = [line for line in captured.err.splitlines() if line.startswith("[ab] round")]
+    assert [line.split(": build ")[1][0] for line in rounds] == ["A", "B", "B", "A"]
+    row_line = next(line for line in captured.out.splitlines() if line.startswith("gru.tiny.training"))
+    assert "genfast" in row_line and "torch" in row_line
+    document = json.loads((tmp_path / "ab.json").read_text())
+    (row,) = document["rows"]
+    assert row["rounds_A"] == row["rounds_B"] == 2
+    assert row["ratio_A"] > 0 and row["ratio_B"] > 0 and row["time_a_over_b"] > 0
+    assert len(document["runs"]["A"]) == len(document["runs"]["B"]) == 2
+
+
+def test_ab_refuses_a_path_that_is_not_a_checkout(tmp_path, capsys):
+    assert main(["--smoke", "--filter", "gru.tiny.training", "--ab", str(tmp_path)]) == 2
+    assert "genfast/__init__.py" in capsys.readouterr().err

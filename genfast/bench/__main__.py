@@ -4,6 +4,8 @@
     python -m genfast.bench --full          # every case
     python -m genfast.bench --filter lstm.fastrnns --json out.json --plot speedups.png
     python -m genfast.bench --list          # case names, for --filter
+    python -m genfast.bench --device cuda   # on a GPU: the GPU session's cases (gpu.*)
+    python -m genfast.bench --ab ../other   # this build against another checkout's, alternating
 """
 from __future__ import annotations
 
@@ -33,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--full", dest="set", action="store_const", const="full", help="every case")
     which.add_argument("--smoke", dest="set", action="store_const", const="smoke",
                        help="tiny shapes: checks the suite runs, measures nothing useful")
-    parser.add_argument("--filter", metavar="SUBSTR", help="only cases whose name contains SUBSTR")
+    parser.add_argument("--filter", metavar="SUBSTR",
+                        help="only cases whose name contains SUBSTR (several: comma-separated, any one)")
     parser.add_argument("--json", metavar="PATH", help="write every sample and statistic as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of genfast's speedups")
     parser.add_argument("--csv", metavar="PATH", help="append the run to this CSV "
@@ -47,8 +50,22 @@ def _parser() -> argparse.ArgumentParser:
                              "(default 120, or $GENFAST_BENCH_COMPILE_TIMEOUT)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     parser.add_argument("--list", action="store_true", help="print the selected case names and exit")
+    parser.add_argument("--no-peak", action="store_true", help="don't measure the GEMM peak (no %%peak column)")
+    parser.add_argument("--ab", metavar="OTHER_CHECKOUT",
+                        help="run the selected cases in this build (A) and in OTHER_CHECKOUT's build (B), one "
+                             "process per build per round, alternating; print ratios in A and B and A/B times")
+    parser.add_argument("--ab-rounds", type=int, default=3, metavar="N",
+                        help="--ab: rounds (one process per build each) (default 3)")
     parser.set_defaults(set="quick")
     return parser
+
+
+def case_dtype(case, device: str) -> str:
+    """The dtype whose GEMM peak a case's %peak is taken against: its own on CUDA, fp32 on the CPU."""
+    if device != "cuda":
+        return "float32"
+    default = "float16" if case.kind == "attention" else "float32"
+    return case.params.get("dtype", default)
 
 
 def default_csv_path() -> Path:
@@ -67,36 +84,51 @@ def main(argv: list[str] | None = None) -> int:
     from genfast.bench import cases as case_sets
     from genfast.bench import machine, providers, report, runner, timing
 
-    selected = case_sets.cases(args.set, args.filter)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    selected = case_sets.cases(args.set, args.filter, device)
     if args.list:
         for case in selected:
             print(case.name)
         return 0
     if not selected:
-        print(f"no case in the {args.set} set matches --filter {args.filter!r} (see --list)", file=sys.stderr)
+        print(f"no case in the {args.set} set on {device} matches --filter {args.filter!r} (see --list)",
+              file=sys.stderr)
         return 2
     if args.threads is not None and args.threads < 1:
         print(f"--threads must be >= 1, got {args.threads}", file=sys.stderr)
         return 2
-    # Fixed for the whole run (and printed in the header), whether given or torch's default.
-    torch.set_num_threads(args.threads or torch.get_num_threads())
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
+    if args.ab:
+        from genfast.bench import ab
+
+        return ab.run(args, device, args.ab)
+    if device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: torch sees no CUDA device", file=sys.stderr)
         return 2
+    # Fixed for the whole run (and printed in the header), whether given or torch's default.
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    if device == "cuda":  # float32 means IEEE fp32 products, for genfast and the baselines alike
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
 
     if args.compile_timeout is not None:
         providers.COMPILE_TIMEOUT_S = args.compile_timeout
     header = machine.header(device, torch.get_num_threads())
     setup_s = time.perf_counter() - started
     peak_shapes = PEAK_SHAPES.get(args.set)
-    peak = machine.measure_peak(device, torch.float32, budget_s=PEAK_BUDGET_S[args.set], shapes=peak_shapes)
+    measure_peak = not args.no_peak
+    no_peak = {"gflops": 0.0, "source": "not measured (--no-peak)", "all": {}, "by_method": {}, "rounds": 0,
+               "dtype": "float32", "probe": "-"}
+    peak = (machine.measure_peak(device, torch.float32, budget_s=PEAK_BUDGET_S[args.set], shapes=peak_shapes)
+            if measure_peak else no_peak)
     peaks = {"float32": peak}
-    if device == "cuda":  # attention runs in fp16 on GPU, and is compared with the fp16 peak
-        peaks["float16"] = machine.measure_peak(device, torch.float16, budget_s=PEAK_BUDGET_S[args.set],
-                                                shapes=peak_shapes)
+    # On a GPU each case is compared with the peak of its own dtype (the attention cases run in
+    # fp16 or bf16); on the CPU with the fp32 peak.
+    for dtype in dict.fromkeys(case_dtype(case, device) for case in selected):
+        if dtype not in peaks:
+            peaks[dtype] = (machine.measure_peak(device, getattr(torch, dtype), budget_s=PEAK_BUDGET_S[args.set],
+                                                 shapes=peak_shapes) if measure_peak else dict(no_peak, dtype=dtype))
     plan = timing.TimingPlan(**PLANS[args.set])
 
     peak_s = time.perf_counter() - started - setup_s
@@ -106,16 +138,22 @@ def main(argv: list[str] | None = None) -> int:
         from tqdm import tqdm
 
         progress = tqdm(total=len(selected), file=sys.stderr, unit="case", dynamic_ncols=True)
-    for case in selected:
+    for index, case in enumerate(selected):
         if progress is not None:
             progress.set_description(case.name)
-        dtype = "float16" if device == "cuda" and case.kind == "attention" else "float32"
-        results.append(runner.run_case(case, device, plan, peaks[dtype]["gflops"]))
+        results.append(runner.run_case(case, device, plan, peaks[case_dtype(case, device)]["gflops"]))
         if progress is not None:
             progress.update(1)
+        else:  # a log line per case, so a run cut short (a GPU session's time limit) shows how far it got
+            print(f"[{index + 1}/{len(selected)}] {case.name}: {results[-1].wall_s:.1f}s", file=sys.stderr,
+                  flush=True)
+        if args.json:  # what was measured so far survives a run that is killed
+            partial = report.to_json(header, peaks, plan, args.set, results)
+            partial.update(partial=True)
+            report.write_json(args.json, partial)
     if progress is not None:
         progress.close()
-    if args.set != "smoke":
+    if args.set != "smoke" and measure_peak and device == "cpu":
         # Measure the peak again at the end and keep the better of the two: on a shared
         # machine a peak taken while others load the CPU is too low, and % of peak too high.
         again = machine.measure_peak(device, torch.float32, budget_s=PEAK_BUDGET_S[args.set], shapes=peak_shapes)
@@ -123,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             peak = peaks["float32"] = again
             for result in results:
                 for p in result.providers.values():
-                    if p.gflops is not None and not (device == "cuda" and result.case.kind == "attention"):
+                    if p.gflops is not None and case_dtype(result.case, device) == "float32":
                         p.pct_peak = 100.0 * p.gflops / peak["gflops"]
 
     print(report.header_text(header, peak, plan, args.set))

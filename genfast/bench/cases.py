@@ -5,6 +5,12 @@ what --filter matches. Sets: ``quick`` (the default: a representative subset tha
 in under 3 minutes on a 2-core CPU), ``full`` (everything) and ``smoke`` (tiny shapes,
 for the suite's own tests). A case appears in several sets under the same name; its
 provider list may be shorter in ``quick``.
+
+Sets depend on the device. On CUDA, ``quick`` is the GPU session's content (cases named
+``gpu.*``: the CUDA LSTM/GRU against cuDNN, Triton flash attention against SDPA's flash backend,
+the generation ops and GPT-2 greedy decoding against transformers); ``full`` adds longer
+sequences, the sampling tile sweep and every CPU case run on the GPU. ``gpu.*`` cases run only on
+CUDA, except their tiny ``smoke`` copies, which also run on the CPU so the code is checked there.
 """
 from __future__ import annotations
 
@@ -27,6 +33,8 @@ class Case:
     baselines: tuple[str, ...] = ()
     unit: str = "ms"        # how the table prints times: ms, or us for latency cases
     measure_memory: bool = False
+    devices: tuple[str, ...] = ("cpu", "cuda")   # where the case runs
+    timer: str = "events"   # on CUDA: "events" (CUDA events) or "do_bench" (Triton's, L2 flushed)
 
     @property
     def training(self) -> bool:
@@ -54,7 +62,9 @@ class Case:
                     + flops.linear(p["batch"], p["hidden"], 1, self.training))
         if self.kind == "generation":
             return p.get("rows", 1) * flops.gpt2_generate(p["prompt_len"], p["new_tokens"], p.get("config", {}))
-        if self.kind == "sampling":
+        if self.kind == "decode_attention":
+            return flops.attention(p["B"], p["heads_q"], 1, p["L"], p["D"], False, False)
+        if self.kind in ("sampling", "sampling_draw"):
             return 0.0  # selection and a draw, no arithmetic worth counting: no GFLOP/s column
         raise ValueError(f"unknown case kind {self.kind!r}")
 
@@ -142,10 +152,9 @@ def _sampling(vocab=50257, top_k=0, top_p=0.9, temperature=1.0, spread=1.0, name
 
 def _quick() -> list[Case]:
     cases = []
-    # The slow baselines (reference, cell_loop) cost 2-4x torch per call on the big RNN
-    # shapes, so here those shapes compare with torch only; the IMDB layer's shape (cheap:
-    # ~70 ms a Python-loop training call) also shows the cell loop, and the decode case every
-    # RNN baseline. --full runs them all everywhere.
+    # The slow baselines (reference, cell_loop) cost several torch calls per call on the big
+    # RNN shapes, so here those shapes compare with torch only; the IMDB layer's shape (small)
+    # also shows the cell loop, and the decode case every RNN baseline. --full runs them all.
     for cell in ("lstm", "gru"):
         for mode in MODES:
             cases.append(_fastrnns(cell, mode, ("torch",)))
@@ -177,7 +186,7 @@ def _full() -> list[Case]:
         cases.append(_small_batch(cell, "inference", ("torch", "cell_loop"), N=1, hidden=256))
         for mode in MODES:
             cases.append(_small_batch(cell, mode, ("torch",), N=2, hidden=1024))
-        # The IMDB layer's shape: torch's bfloat16 training at the fastrnns shape takes ~40 s a call here.
+        # The IMDB layer's shape: torch's CPU bfloat16 training is too slow at the fastrnns shape.
         for mode in MODES:
             cases.append(_bfloat16(cell, mode, ("torch",), T=100, N=32, input_size=256, hidden_size=64))
     cases += [_imdb_lstm(mode, RNN_BASELINES_FULL) for mode in MODES]
@@ -230,23 +239,150 @@ def _smoke() -> list[Case]:
     return cases
 
 
+# ------------------------------------------------------------------------- GPU session
+# What benchmarks/gpu_session.sh measures on a lent GPU. TF32 is off for the whole CUDA run
+# (genfast.bench's main), so float32 means IEEE fp32 products on both sides.
+GPU = ("cuda",)
+
+
+def _gpu_rnn(cell, dtype, mode, T=100, N=64, size=512, devices=GPU) -> Case:
+    # A training step is forward + backward through the input and the weights.
+    params = {"cell": cell, "seed": 0, "T": T, "N": N, "input_size": size, "hidden_size": size, "dtype": dtype,
+              "input_grad": mode == "training"}
+    return Case(f"gpu.rnn.{cell}.t{T}.n{N}.h{size}.{dtype}.{mode}", cell, "rnn", mode, params, ("genfast",),
+                ("torch",), devices=devices)
+
+
+def _gpu_rnn_decode(cell, dtype, tokens=100, size=512, devices=GPU) -> Case:
+    # Autoregressive decoding: one call steps the layer `tokens` times, one token each, the state
+    # carried from step to step (time per call / tokens = latency per token).
+    params = {"cell": cell, "seed": 0, "T": tokens, "N": 1, "input_size": size, "hidden_size": size,
+              "dtype": dtype, "stepwise": True}
+    return Case(f"gpu.rnn.{cell}.decode{tokens}.h{size}.{dtype}.inference", cell, "rnn", "inference", params,
+                ("genfast",), ("torch",), devices=devices)
+
+
+def _gpu_attention(D, L, causal, mode, B=4, heads=32, devices=GPU) -> Case:
+    # bf16, against SDPA's flash backend; timed with do_bench. The first call autotunes the Triton
+    # kernel (its wall time is the provider's first_call_s).
+    params = {"B": B, "heads": heads, "L": L, "D": D, "causal": causal, "seed": 0, "dtype": "bfloat16",
+              "grad_out": True}
+    masking = "causal" if causal else "noncausal"
+    return Case(f"gpu.attention.b{B}.h{heads}.n{L}.d{D}.{masking}.{mode}", "attention", "attention", mode, params,
+                ("genfast_triton",), ("torch_sdpa_flash",), devices=devices, timer="do_bench")
+
+
+def _gpu_decode_attention(dtype, B, heads_q, heads_kv, D, L, devices=GPU) -> Case:
+    # One query row per head against a KV cache of L positions (grouped-query when heads differ).
+    params = {"B": B, "heads_q": heads_q, "heads_kv": heads_kv, "D": D, "L": L, "dtype": dtype, "seed": 0}
+    return Case(f"gpu.decode_attention.{dtype}.b{B}.h{heads_q}-{heads_kv}.d{D}.l{L}", "attention",
+                "decode_attention", "inference", params, ("genfast", "launcher"), ("reference", "torch_sdpa"),
+                unit="us", devices=devices)
+
+
+def _gpu_sampling_draw(B, vocab, temperature, top_k, top_p, devices=GPU) -> Case:
+    # Temperature, top-k and top-p filtering and the draw, fused (torch.ops.genfast.sampling_draw),
+    # against the unfused reference; "whole_row" is the op with its kernels on the whole vocabulary
+    # rather than on the top-k candidates (CUDA, top-k only).
+    params = {"rows": B, "vocab": vocab, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": 0}
+    subjects = ("genfast", "whole_row") if top_k else ("genfast",)
+    return Case(f"gpu.sampling_draw.b{B}.v{vocab}.t{temperature:g}.k{top_k}.p{top_p:g}", "sampling",
+                "sampling_draw", "inference", params, subjects, ("reference",), unit="us", devices=devices)
+
+
+def _gpu_sampling_sweep(warps, block) -> Case:
+    # Diagnostic: the sampling kernel's tile (tokens per iteration) and warps per program, against
+    # the op at its defaults. If time falls with bigger tiles, the kernel waits on memory latency.
+    params = {"rows": 1, "vocab": 50257, "temperature": 1.0, "top_k": 50, "top_p": 0.9, "seed": 0,
+              "warps": warps, "block": block}
+    return Case(f"gpu.sampling_draw.sweep.w{warps}.b{block}", "sampling", "sampling_draw", "inference", params,
+                ("tile",), ("genfast",), unit="us", devices=GPU)
+
+
+def _gpu_gpt2(dtype, new_tokens=128, prompt_len=16, config=None, name=None, devices=GPU) -> Case:
+    # genfast's default on CUDA replays the decode step as a CUDA graph; genfast_eager launches
+    # each kernel.
+    params = {"prompt_len": prompt_len, "new_tokens": new_tokens, "config": config or {}, "seed": 0, "rows": 1,
+              "dtype": dtype}
+    return Case(name or f"gpu.gpt2.124m.greedy.{dtype}", "gpt2", "generation", "inference", params,
+                ("genfast", "genfast_eager"), ("transformers",), devices=devices)
+
+
+GPU_ATTENTION_SEQLENS_QUICK = (4096, 16384)
+GPU_ATTENTION_SEQLENS_FULL = (1024, 4096, 16384)
+
+
+def _gpu(seqlens=GPU_ATTENTION_SEQLENS_QUICK) -> list[Case]:
+    cases = []
+    for cell in ("lstm", "gru"):
+        for dtype in ("float32", "bfloat16"):
+            cases += [_gpu_rnn(cell, dtype, mode) for mode in MODES]
+            cases.append(_gpu_rnn_decode(cell, dtype))
+    for dtype in ("float16", "float32"):
+        for shape in ((1, 12, 12, 64, 1024), (1, 12, 12, 64, 16384), (8, 32, 8, 128, 4096), (1, 32, 8, 128, 32768)):
+            cases.append(_gpu_decode_attention(dtype, *shape))
+    for B, vocab in ((1, 50257), (32, 50257), (1, 151936)):
+        for settings in ((0.8, 0, 1.0), (1.0, 50, 0.9), (1.0, 0, 0.9)):
+            cases.append(_gpu_sampling_draw(B, vocab, *settings))
+    cases += [_gpu_gpt2("float32"), _gpu_gpt2("bfloat16")]
+    for D in (64, 128):
+        for L in seqlens:
+            for causal in (False, True):
+                cases += [_gpu_attention(D, L, causal, mode) for mode in MODES]
+    return cases
+
+
+def _gpu_full() -> list[Case]:
+    sweep = [_gpu_sampling_sweep(warps, block) for warps in (4, 8, 16) for block in (256, 512, 1024, 2048)]
+    return _gpu(GPU_ATTENTION_SEQLENS_FULL) + sweep
+
+
+def _gpu_smoke() -> list[Case]:
+    """Tiny copies of the gpu.* cases that also run on the CPU (a check of their code)."""
+    both = ("cpu", "cuda")
+    tiny_gpt2 = dict(n_layer=2, n_embd=64, n_head=4, n_positions=32, vocab_size=100)
+    return [
+        _gpu_rnn("lstm", "bfloat16", "training", T=5, N=4, size=32, devices=both),
+        _gpu_rnn_decode("gru", "float32", tokens=5, size=32, devices=both),
+        _gpu_attention(16, 64, True, "training", B=1, heads=2, devices=both),
+        _gpu_decode_attention("float32", 1, 4, 2, 16, 100, devices=both),
+        _gpu_sampling_draw(1, 1000, 1.0, 50, 0.9, devices=both),
+        _gpu_gpt2("float32", new_tokens=8, prompt_len=4, config=tiny_gpt2, name="gpu.gpt2.tiny.greedy.float32",
+                  devices=both),
+    ]
+
+
 _BUILDERS = {"quick": _quick, "full": _full, "smoke": _smoke}
+_GPU_BUILDERS = {"quick": _gpu, "full": _gpu_full, "smoke": _gpu_smoke}
 
 
-def cases(set_name: str = "quick", name_filter: str | None = None) -> list[Case]:
-    """The cases of a set, optionally only those whose name contains `name_filter`."""
+def _matches(name: str, name_filter: str | None) -> bool:
+    """--filter: a substring of the name, or several separated by commas (any one matches)."""
+    if not name_filter:
+        return True
+    return any(part and part in name for part in name_filter.split(","))
+
+
+def cases(set_name: str = "quick", name_filter: str | None = None, device: str = "cpu") -> list[Case]:
+    """The cases of a set on a device, optionally only those whose name contains `name_filter`
+    (comma-separated substrings: any one)."""
     if set_name not in _BUILDERS:
         raise ValueError(f"set_name must be one of {SETS}, got {set_name!r}")
-    selected = _BUILDERS[set_name]()
-    if name_filter:
-        selected = [c for c in selected if name_filter in c.name]
-    return selected
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda":
+        # quick on a GPU: the GPU session's cases; full and smoke: those and the CPU set's.
+        selected = _GPU_BUILDERS[set_name]() + ([] if set_name == "quick" else _BUILDERS[set_name]())
+    else:
+        selected = _BUILDERS[set_name]() + (_gpu_smoke() if set_name == "smoke" else [])
+    return [c for c in selected if device in c.devices and _matches(c.name, name_filter)]
 
 
 def find(name: str) -> Case:
-    """A case by exact name, looked up in full, then smoke."""
-    for set_name in ("full", "smoke", "quick"):
-        for case in _BUILDERS[set_name]():
-            if case.name == name:
-                return case
+    """A case by exact name, looked up in every set."""
+    for builders in (_BUILDERS, _GPU_BUILDERS):
+        for set_name in ("full", "smoke", "quick"):
+            for case in builders[set_name]():
+                if case.name == name:
+                    return case
     raise KeyError(f"no benchmark case named {name!r}")

@@ -5,12 +5,14 @@ import datetime
 import os
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from genfast.bench import flops as flop_counts
+from genfast.bench import timing
 
 
 def cpu_model() -> str:
@@ -88,24 +90,42 @@ def header(device: str, threads: int) -> dict:
 CPU_PEAK_SHAPES = ((1024, 1024, 1024), (2048, 1024, 1024), (1536, 1536, 1536))
 CUDA_PEAK_SHAPES = ((4096, 4096, 4096), (8192, 8192, 4096))
 
+PROBE_MISSING = ("genfast._probe is not built ({err}): the fp32 peak comes from torch.mm alone, so % of peak "
+                 "may read high on CPUs where genfast's or oneDNN's micro-kernel beats torch.mm. Build it with "
+                 "`python setup.py build_ext --inplace` (or pip install -e .).")
+_warned_probe = False
+
+
+def load_probe():
+    """genfast._probe (csrc/probe/), the C++ side of the peak measurement, or None with one warning."""
+    global _warned_probe
+    try:
+        import importlib
+
+        return importlib.import_module("genfast._probe")
+    except ImportError as err:
+        if not _warned_probe:
+            _warned_probe = True
+            print(f"WARNING: {PROBE_MISSING.format(err=err)}", file=sys.stderr)
+        return None
+
 
 def _mm_gflops_once(operands, device: str) -> float:
     a, b, out = operands
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    torch.mm(a, b, out=out)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return flop_counts.gemm(a.shape[0], b.shape[1], a.shape[1]) / (time.perf_counter() - start) / 1e9
+    timer = timing.timer_for(device)
+    return flop_counts.gemm(a.shape[0], b.shape[1], a.shape[1]) / timer.time_calls(lambda: torch.mm(a, b, out=out),
+                                                                                  1) / 1e9
 
 
 def measure_peak(device: str = "cpu", dtype: torch.dtype = torch.float32, budget_s: float = 4.0,
                  repeats: int = 4, shapes=None) -> dict:
-    """Best GFLOP/s of torch.mm (and genfast's packed GEMM when exposed) on a few shapes.
+    """The machine's achievable GEMM peak, the yardstick for "% of peak" (not the datasheet number).
 
-    This is the machine's *achievable* GEMM peak, the yardstick for "% of peak"; it is
-    not the datasheet number. Returns {"gflops": best, "source": "...", "all": {...}}.
+    Three ways on the CPU in fp32, the best of which is the peak: torch.mm timed from here, and
+    from genfast._probe genfast's packed micro-kernel (the RNN kernels' GEMM) and ATen's
+    cpublas::brgemm (oneDNN's micro-kernel). On CUDA, or without the probe, torch.mm alone.
+    Returns {"gflops": best, "source": "...", "all": {name: GFLOP/s}, "by_method": {method: best},
+    "probe": "genfast._probe" | "missing: ...", ...}.
     """
     deadline = time.perf_counter() + budget_s
     if shapes is None:
@@ -124,17 +144,28 @@ def measure_peak(device: str = "cpu", dtype: torch.dtype = torch.float32, budget
             results[name] = max(results.get(name, 0.0), _mm_gflops_once(ops, device))
         rounds += 1
     del operands
+    probe_status = "not used (CUDA or not fp32)"
     if device == "cpu" and dtype == torch.float32:
-        try:
-            from genfast import _extension
-
-            packed_gemm = getattr(_extension.load(), "packed_gemm_gflops", None)
-        except ImportError:
-            packed_gemm = None
-        if packed_gemm is not None:
+        probe = load_probe()
+        probe_status = "genfast._probe" if probe is not None else "missing: torch.mm only"
+        if probe is not None:
             for m, n, k in shapes[:2]:
-                # genfast._C.packed_gemm_gflops(M, N, K, repeats) -> best GFLOP/s of genfast's RNN GEMM
-                results[f"genfast packed_gemm {m}x{n}x{k}"] = float(packed_gemm(m, n, k, repeats))
+                results[f"genfast packed {m}x{n}x{k}"] = float(probe.packed_gemm_gflops(m, n, k, repeats))
+                results[f"aten brgemm {m}x{n}x{k}"] = float(probe.brgemm_gflops(m, n, k, repeats))
+    by_method: dict[str, float] = {}
+    for name, value in results.items():
+        method = name.rsplit(" ", 1)[0]
+        by_method[method] = max(by_method.get(method, 0.0), value)
     source, best = max(results.items(), key=lambda item: item[1])
-    return {"gflops": best, "source": source, "all": results, "rounds": rounds,
-            "dtype": str(dtype).replace("torch.", "")}
+    return {"gflops": best, "source": source, "all": results, "by_method": by_method, "rounds": rounds,
+            "dtype": str(dtype).replace("torch.", ""), "probe": probe_status}
+
+
+def copy_bandwidth_gbps(megabytes: int = 256, repeats: int = 5) -> float:
+    """Bytes moved (read + write) per second by a large CPU tensor copy, best of `repeats`, GB/s."""
+    src = torch.empty(megabytes * 2**20 // 4, dtype=torch.float32).fill_(1.0)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    timer = timing.CpuTimer()
+    best = min(timer.time_calls(lambda: dst.copy_(src), 1) for _ in range(repeats))
+    return 2 * src.numel() * 4 / best / 1e9

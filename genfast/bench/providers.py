@@ -15,9 +15,18 @@ Attention providers: genfast (genfast.nn.functional.scaled_dot_product_attention
                      genfast_triton (genfast.kernels.flash_attention, CUDA only),
                      torch_sdpa (F.scaled_dot_product_attention, default backend),
                      math (genfast.reference.attention: materialised softmax).
+                     torch_sdpa_flash (SDPA restricted to its flash backend, CUDA).
 IMDB providers:      genfast (the model with genfast.nn.LSTM layers), torch (with nn.LSTM).
-GPT-2 providers:     genfast (genfast.models.gpt2.GPT2.generate, greedy, KV cache),
+GPT-2 providers:     genfast (genfast.generation.gpt2.GPT2.generate, greedy, KV cache; a CUDA graph
+                     per decode step on CUDA), genfast_eager (the same with cuda_graph=False, CUDA),
                      transformers (GPT2LMHeadModel.generate on the same weights).
+Decode attention:    genfast (torch.ops.genfast.decode_attention), launcher (the Triton launcher
+                     called directly, skipping the dispatcher; CUDA), reference, torch_sdpa.
+Sampling draw:       genfast (torch.ops.genfast.sampling_draw), whole_row (its kernels on the whole
+                     vocabulary; CUDA), tile (a tile size and warp count; CUDA), reference.
+
+Generation code is imported from genfast.generation.*; an older checkout's genfast.models.gpt2 and
+genfast.nn.generation are accepted too, so that `--ab` can time a build from before the move.
 """
 from __future__ import annotations
 
@@ -44,13 +53,40 @@ class Unavailable(Exception):
         self.reason = reason
 
 
-def _import_genfast(module: str):
+def _import_genfast(module: str, *older: str):
+    """Import `module`, or the first of `older` (its path in older checkouts, for --ab) that exists."""
     import importlib
 
+    first_error = None
+    for name in (module, *older):
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name is None or not name.startswith(err.name):  # a missing dependency, not the module
+                raise Unavailable("not built", f"{type(err).__name__}: {err}") from err
+            first_error = first_error or err
+        except ImportError as err:
+            raise Unavailable("not built", f"{type(err).__name__}: {err}") from err
+    raise Unavailable("not built", f"{type(first_error).__name__}: {first_error}") from first_error
+
+
+def _genfast_op(name: str):
+    """torch.ops.genfast.<name>, after importing what registers it (genfast.ops, genfast.generation)."""
+    _import_genfast("genfast.ops")
+    for module in ("genfast.generation",):
+        try:
+            _import_genfast(module)
+        except Unavailable:
+            pass  # older checkouts register every op from genfast.ops
     try:
-        return importlib.import_module(module)
-    except ImportError as err:
-        raise Unavailable("not built", f"{type(err).__name__}: {err}") from err
+        return getattr(torch.ops.genfast, name)
+    except (AttributeError, RuntimeError) as err:
+        raise Unavailable("not built", f"torch.ops.genfast.{name} is not registered: {err}") from err
+
+
+def _needs_cuda(device: str, what: str) -> None:
+    if device != "cuda":
+        raise Unavailable("needs CUDA", f"{what}; this run is on {device}")
 
 
 # --------------------------------------------------------------------------------- RNN
@@ -64,6 +100,8 @@ class RnnWorkload:
     training: bool
     device: str
     case_name: str
+    input_grad: bool = False     # training: the input requires grad too (a fresh leaf each call)
+    stepwise: bool = False       # one module call per time step, state carried (decoding)
 
     @property
     def stateful(self) -> bool:
@@ -90,7 +128,10 @@ def make_rnn_workload(case, device: str) -> RnnWorkload:
     hx = tuple(torch.randn(1, N, p["hidden_size"], generator=generator).to(device, dtype) for _ in range(states))
     if case.mode == "training":
         module.requires_grad_(True)
-    return RnnWorkload(p["cell"], module, x, packed, hx, case.mode == "training", device, case.name)
+    if p.get("stepwise"):  # decoding starts from a zero state, as generation does
+        hx = tuple(torch.zeros_like(h) for h in hx)
+    return RnnWorkload(p["cell"], module, x, packed, hx, case.mode == "training", device, case.name,
+                       bool(p.get("input_grad")), bool(p.get("stepwise")))
 
 
 def rnn_lengths(T: int, N: int, seed: int) -> torch.Tensor:
@@ -110,6 +151,23 @@ def _finish(work, output: torch.Tensor) -> torch.Tensor:
 def _run_module(work: RnnWorkload, module: nn.Module) -> Callable[[], torch.Tensor]:
     inputs = work.packed if work.packed is not None else work.x
     state = work.module_state()
+
+    if work.stepwise:
+        def run_steps():
+            with torch.set_grad_enabled(work.training):
+                carried, outputs = state, []
+                for t in range(work.x.shape[0]):
+                    out, carried = module(work.x[t:t + 1], carried)
+                    outputs.append(out)
+                return _finish(work, torch.cat(outputs))
+        return run_steps
+
+    if work.input_grad:
+        def run_input_grad():
+            with torch.set_grad_enabled(work.training):
+                out, _ = module(work.x.detach().requires_grad_(), state)
+                return _finish(work, out)
+        return run_input_grad
 
     def run():
         with torch.set_grad_enabled(work.training):
@@ -266,23 +324,33 @@ class AttentionWorkload:
     causal: bool
     training: bool
     device: str
+    grad_out: torch.Tensor | None = None  # training: the output's gradient (None: that of out.sum())
 
 
 def make_attention_workload(case, device: str) -> AttentionWorkload:
     p = case.params
     generator = torch.Generator().manual_seed(p.get("seed", 0))
-    dtype = torch.float16 if device == "cuda" else torch.float32
+    # fp16 on a GPU unless the case names a dtype; fp32 on the CPU.
+    dtype = getattr(torch, p.get("dtype", "float16")) if device == "cuda" else torch.float32
     # Lq: query rows when fewer than the keys (a decode-shaped call); else L for both.
     shapes = [(p["B"], p["heads"], p.get("Lq", p["L"]), p["D"])] + [(p["B"], p["heads"], p["L"], p["D"])] * 2
     q, k, v = (torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
                .requires_grad_(case.mode == "training") for shape in shapes)
-    return AttentionWorkload(q, k, v, p["causal"], case.mode == "training", device)
+    grad_out = None
+    if p.get("grad_out") and case.mode == "training":
+        grad_out = torch.randn(shapes[0], generator=generator).to(device=device, dtype=dtype)
+    return AttentionWorkload(q, k, v, p["causal"], case.mode == "training", device, grad_out)
 
 
 def _run_attention(work: AttentionWorkload, fn) -> Callable[[], torch.Tensor]:
     def run():
         with torch.set_grad_enabled(work.training):
-            return _finish(work, fn(work.q, work.k, work.v, work.causal))
+            out = fn(work.q, work.k, work.v, work.causal)
+            if work.grad_out is None:
+                return _finish(work, out)
+            work.q.grad = work.k.grad = work.v.grad = None  # no accumulation into the last call's
+            out.backward(work.grad_out)
+            return out.detach()
     return run
 
 
@@ -293,15 +361,24 @@ def genfast_sdpa(work: AttentionWorkload):
 
 
 def genfast_triton(work: AttentionWorkload):
+    _needs_cuda(work.device, "Triton kernel")
     flash = _import_genfast("genfast.kernels.flash_attention")
-    if work.device != "cuda":
-        raise Unavailable("needs CUDA", f"Triton kernel; this run is on {work.device}")
     return _run_attention(work, lambda q, k, v, causal: flash.flash_attention(q, k, v, causal=causal))
 
 
 def torch_sdpa(work: AttentionWorkload):
     return _run_attention(work, lambda q, k, v, causal: torch.nn.functional.scaled_dot_product_attention(
         q, k, v, is_causal=causal))
+
+
+def torch_sdpa_flash(work: AttentionWorkload):
+    _needs_cuda(work.device, "SDPA's flash backend")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def flash(q, k, v, causal):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return _run_attention(work, flash)
 
 
 def math_attention(work: AttentionWorkload):
@@ -406,8 +483,9 @@ class GenerationWorkload:
     hf_model: nn.Module          # transformers.GPT2LMHeadModel, random weights (no download)
     prompt: torch.Tensor         # (rows, prompt_len) token ids: rows sequences decoded together
     new_tokens: int
-    params: int                  # parameter count: the bytes a decode step streams are 4x this
+    params: int                  # parameter count: a decode step streams this x the element size in bytes
     device: str
+    dtype: torch.dtype = torch.float32
 
 
 def make_generation_workload(case, device: str) -> GenerationWorkload:
@@ -417,20 +495,36 @@ def make_generation_workload(case, device: str) -> GenerationWorkload:
     except ImportError as err:
         raise Unavailable("not built", f"transformers is needed to build the model: {err}") from err
     torch.manual_seed(p.get("seed", 0))
-    hf = GPT2LMHeadModel(GPT2Config(**p.get("config", {}))).eval().to(device)
+    hf = GPT2LMHeadModel(GPT2Config(**p.get("config", {}))).eval()
     hf.generation_config.eos_token_id = None  # every run generates all new_tokens
     hf.generation_config.pad_token_id = None
     generator = torch.Generator().manual_seed(p.get("seed", 0))
     prompt = torch.randint(0, hf.config.vocab_size, (p.get("rows", 1), p["prompt_len"]), generator=generator).to(device)
     # Counted like genfast's model: the tied output projection once.
     params = sum(t.numel() for t in hf.parameters())
-    return GenerationWorkload(hf, prompt, p["new_tokens"], params, device)
+    dtype = getattr(torch, p.get("dtype", "float32"))
+    # Every provider converts the same float32 weights: genfast's copy is taken before the cast.
+    work = GenerationWorkload(hf, prompt, p["new_tokens"], params, device, dtype)
+    work.hf_model = hf.to(device, dtype)
+    return work
+
+
+def _genfast_gpt2(work: GenerationWorkload):
+    gpt2 = _import_genfast("genfast.generation.gpt2", "genfast.models.gpt2")
+    return gpt2.GPT2.from_hf(work.hf_model.float()).to(work.device, work.dtype).eval()
 
 
 def genfast_generate(work: GenerationWorkload):
-    gpt2 = _import_genfast("genfast.models.gpt2")
-    model = gpt2.GPT2.from_hf(work.hf_model).to(work.device).eval()
+    model = _genfast_gpt2(work)
+    work.hf_model.to(work.dtype)  # back to the case's dtype after the float32 copy
     return lambda: model.generate(work.prompt, work.new_tokens)[:, work.prompt.shape[1]:]
+
+
+def genfast_generate_eager(work: GenerationWorkload):
+    _needs_cuda(work.device, "the eager variant of the CUDA-graph decode")
+    model = _genfast_gpt2(work)
+    work.hf_model.to(work.dtype)
+    return lambda: model.generate(work.prompt, work.new_tokens, cuda_graph=False)[:, work.prompt.shape[1]:]
 
 
 def transformers_generate(work: GenerationWorkload):
@@ -465,7 +559,7 @@ def _seeded(work: SamplingWorkload) -> torch.Generator:
 
 
 def genfast_sample(work: SamplingWorkload):
-    generation = _import_genfast("genfast.nn.generation")
+    generation = _import_genfast("genfast.generation.sampling", "genfast.nn.generation")
     generator = _seeded(work)
     return lambda: generation.sample(work.logits, work.temperature, work.top_k, work.top_p, generator=generator)
 
@@ -503,6 +597,102 @@ def transformers_sample(work: SamplingWorkload):
     return run
 
 
+# --------------------------------------------------------------- decode attention (GPU session)
+@dataclass(eq=False)
+class DecodeAttentionWorkload:
+    q: torch.Tensor              # (B, Hq, D): one query row per head
+    k: torch.Tensor              # (B, Hkv, L, D): the KV cache
+    v: torch.Tensor
+    length: int
+    scale: float
+    device: str
+
+
+def make_decode_attention_workload(case, device: str) -> DecodeAttentionWorkload:
+    p = case.params
+    generator = torch.Generator().manual_seed(p.get("seed", 0))
+    dtype = getattr(torch, p["dtype"])
+    q = torch.randn(p["B"], p["heads_q"], p["D"], generator=generator).to(device, dtype)
+    k, v = (torch.randn(p["B"], p["heads_kv"], p["L"], p["D"], generator=generator).to(device, dtype)
+            for _ in range(2))
+    return DecodeAttentionWorkload(q, k, v, p["L"], p["D"] ** -0.5, device)
+
+
+def genfast_decode_attention(work: DecodeAttentionWorkload):
+    op = _genfast_op("decode_attention")
+    return lambda: op(work.q, work.k, work.v, work.length, work.scale)
+
+
+def launcher_decode_attention(work: DecodeAttentionWorkload):
+    # The Triton launcher without the torch.ops dispatch: what the dispatch adds per call.
+    _needs_cuda(work.device, "the Triton launcher")
+    kernels = _import_genfast("genfast.kernels")
+    launch = kernels.load("decode_attention", "decode_attention").decode_attention
+    return lambda: launch(work.q, work.k, work.v, work.length, work.scale)
+
+
+def reference_decode_attention(work: DecodeAttentionWorkload):
+    return lambda: reference.attention(work.q[:, :, None], work.k, work.v, scale=work.scale,
+                                       enable_gqa=True)[:, :, 0]
+
+
+def torch_sdpa_decode_attention(work: DecodeAttentionWorkload):
+    gqa = work.q.shape[1] != work.k.shape[1]
+    return lambda: torch.nn.functional.scaled_dot_product_attention(
+        work.q[:, :, None], work.k, work.v, scale=work.scale, enable_gqa=gqa)[:, :, 0]
+
+
+# ------------------------------------------------------------------ sampling draw (GPU session)
+@dataclass(eq=False)
+class SamplingDrawWorkload:
+    logits: torch.Tensor         # (rows, vocab), N(0, 9)
+    uniforms: torch.Tensor       # (rows,) float64: the draw's uniform numbers, fixed
+    settings: tuple              # (temperature, top_k, top_p)
+    warps: int | None
+    block: int | None
+    device: str
+
+
+def make_sampling_draw_workload(case, device: str) -> SamplingDrawWorkload:
+    p = case.params
+    generator = torch.Generator().manual_seed(p.get("seed", 0))
+    logits = (torch.randn(p["rows"], p["vocab"], generator=generator) * 3).to(device)
+    uniforms = torch.rand(p["rows"], generator=generator, dtype=torch.float64).to(device)
+    return SamplingDrawWorkload(logits, uniforms, (p["temperature"], p["top_k"], p["top_p"]), p.get("warps"),
+                                p.get("block"), device)
+
+
+def genfast_sampling_draw(work: SamplingDrawWorkload):
+    op = _genfast_op("sampling_draw")
+    return lambda: op(work.logits, work.uniforms, *work.settings)
+
+
+def _sampling_kernels(work: SamplingDrawWorkload):
+    _needs_cuda(work.device, "a Triton kernel variant")
+    return _import_genfast("genfast.kernels").load("sampling", "sampling")
+
+
+def whole_row_sampling_draw(work: SamplingDrawWorkload):
+    sampling = _sampling_kernels(work)
+    return lambda: sampling.sampling_draw(work.logits, work.uniforms, *work.settings, candidates=False)
+
+
+def tile_sampling_draw(work: SamplingDrawWorkload):
+    sampling = _sampling_kernels(work)
+
+    def run():
+        default_warps, sampling._NUM_WARPS = sampling._NUM_WARPS, work.warps
+        try:
+            return sampling.sampling_draw(work.logits, work.uniforms, *work.settings, block=work.block)
+        finally:
+            sampling._NUM_WARPS = default_warps
+    return run
+
+
+def reference_sampling_draw(work: SamplingDrawWorkload):
+    return lambda: reference.draw_from_scores(reference.process_logits(work.logits, *work.settings), work.uniforms)
+
+
 # ---------------------------------------------------------------------------- registry
 @dataclass(frozen=True)
 class Provider:
@@ -524,6 +714,7 @@ PROVIDERS: dict[str, dict[str, Provider]] = {
         Provider("genfast", genfast_sdpa, "genfast.nn.functional.scaled_dot_product_attention"),
         Provider("genfast_triton", genfast_triton, "genfast.kernels.flash_attention (Triton)"),
         Provider("torch_sdpa", torch_sdpa, "torch F.scaled_dot_product_attention (default backend)"),
+        Provider("torch_sdpa_flash", torch_sdpa_flash, "torch F.scaled_dot_product_attention, flash backend"),
         Provider("math", math_attention, "genfast.reference.attention (materialised softmax)"),
     )},
     "imdb": {p.name: p for p in (
@@ -531,15 +722,29 @@ PROVIDERS: dict[str, dict[str, Provider]] = {
         Provider("torch", _imdb_provider("torch"), "IMDB model with torch.nn.LSTM"),
     )},
     "generation": {p.name: p for p in (
-        Provider("genfast", genfast_generate, "genfast.models.gpt2.GPT2.generate (KV cache)"),
+        Provider("genfast", genfast_generate, "genfast.generation.gpt2.GPT2.generate (KV cache)"),
+        Provider("genfast_eager", genfast_generate_eager, "the same with cuda_graph=False"),
         Provider("transformers", transformers_generate, "transformers GPT2LMHeadModel.generate"),
     )},
     "sampling": {p.name: p for p in (
-        Provider("genfast", genfast_sample, "genfast.nn.generation.sample (fused filter and draw)"),
+        Provider("genfast", genfast_sample, "genfast.generation.sampling.sample (fused filter and draw)"),
         Provider("reference", reference_sample, "genfast.reference.process_logits + draw_from_scores"),
         Provider("transformers", transformers_sample, "transformers' warpers + softmax + multinomial"),
+    )},
+    "decode_attention": {p.name: p for p in (
+        Provider("genfast", genfast_decode_attention, "torch.ops.genfast.decode_attention"),
+        Provider("launcher", launcher_decode_attention, "the Triton launcher, called without the dispatcher"),
+        Provider("reference", reference_decode_attention, "genfast.reference.attention"),
+        Provider("torch_sdpa", torch_sdpa_decode_attention, "torch F.scaled_dot_product_attention"),
+    )},
+    "sampling_draw": {p.name: p for p in (
+        Provider("genfast", genfast_sampling_draw, "torch.ops.genfast.sampling_draw"),
+        Provider("whole_row", whole_row_sampling_draw, "the Triton kernels on the whole vocabulary"),
+        Provider("tile", tile_sampling_draw, "the Triton kernel at a given tile and warp count"),
+        Provider("reference", reference_sampling_draw, "genfast.reference.process_logits + draw_from_scores"),
     )},
 }
 
 WORKLOADS = {"rnn": make_rnn_workload, "attention": make_attention_workload, "imdb": make_imdb_workload,
-             "generation": make_generation_workload, "sampling": make_sampling_workload}
+             "generation": make_generation_workload, "sampling": make_sampling_workload,
+             "decode_attention": make_decode_attention_workload, "sampling_draw": make_sampling_draw_workload}

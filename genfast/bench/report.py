@@ -127,6 +127,8 @@ def header_text(header: dict, peak: dict, plan, set_name: str) -> str:
         f"torch {header['torch']}  genfast {header['genfast']}  python {header['python']}",
         f"peak ({peak['dtype']} GEMM, best over {peak['rounds']} rounds of {len(peak['all'])} shapes/kernels): "
         f"{peak['gflops']:.1f} GFLOP/s from {peak['source']}",
+        "  by method: " + ", ".join(f"{method} {value:.1f}" for method, value in peak.get("by_method", {}).items())
+        + f"  (probe: {peak.get('probe', '-')})",
         f"timing: warm-up, then >= {plan.min_rounds} interleaved rounds (A B .. B A ..); time = median per call,"
         f" ±IQR = interquartile range / median;",
         "x<baseline> = median over rounds of baseline/genfast time (>1: genfast faster); %peak = GFLOP/s / peak.",
@@ -151,7 +153,8 @@ def to_json(header: dict, peak: dict, plan, set_name: str, results: list[CaseRes
             "providers": {p.name: {
                 "role": p.role, "status": p.status, "reason": p.reason, "samples_s": p.samples,
                 "stats_s": _stats_dict(p.stats), "gflops": p.gflops, "pct_peak": p.pct_peak,
-                "peak_memory_bytes": p.peak_memory_bytes} for p in r.providers.values()},
+                "peak_memory_bytes": p.peak_memory_bytes, "first_call_s": p.first_call_s}
+                for p in r.providers.values()},
             "speedups": {s: {b: _stats_dict(st) for b, st in per.items()} for s, per in r.speedups.items()},
             "checks": r.checks, "wall_s": r.wall_s,
         })

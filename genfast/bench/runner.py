@@ -22,6 +22,7 @@ class ProviderResult:
     gflops: float | None = None
     pct_peak: float | None = None
     peak_memory_bytes: int | None = None
+    first_call_s: float | None = None  # the first call (compiles, autotunes, allocates), timed alone
 
     @property
     def ok(self) -> bool:
@@ -51,6 +52,14 @@ def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     if a.numel() != b.numel():
         return math.nan
     return (a.reshape(-1).double() - b.reshape(-1).double()).abs().max().item() if a.numel() else 0.0
+
+
+def _first_difference(a: torch.Tensor, b: torch.Tensor):
+    """Index of the first generated token where two outputs differ (None: identical)."""
+    if a.shape != b.shape:
+        return f"shapes {tuple(a.shape)} vs {tuple(b.shape)}"
+    differs = (a != b).any(dim=0).nonzero()
+    return None if differs.numel() == 0 else int(differs[0])
 
 
 def finish_stats(result: CaseResult, flops: float, peak_gflops: float) -> None:
@@ -93,9 +102,7 @@ def _run_case(case: Case, device: str, plan: timing.TimingPlan, peak_gflops: flo
             r.status, r.reason = "error", f"workload: {_error_text(err)}"
         return outcome
 
-    if device == "cuda" and timer is None:
-        timer = timing.CudaTimer()
-    timer = timer or timing.CpuTimer()
+    timer = timer or timing.timer_for(device, case.timer)
     fns, outputs, first_call_s = {}, {}, {}
     for name, r in results.items():
         try:
@@ -108,9 +115,11 @@ def _run_case(case: Case, device: str, plan: timing.TimingPlan, peak_gflops: flo
         except Exception as err:  # noqa: BLE001
             r.status, r.reason = "error", _error_text(err)
 
-    if case.kind == "generation" and len(outputs) == len(results):
-        first, *others = outputs.values()
-        outcome.checks["identical_tokens"] = all(torch.equal(first, o) for o in others)
+    if case.kind == "generation" and len(outputs) > 1:
+        (first_name, first), *others = outputs.items()
+        outcome.checks["identical_tokens"] = all(torch.equal(first, o) for _, o in others)
+        outcome.checks["first_difference"] = {f"{name} vs {first_name}": _first_difference(first, o)
+                                              for name, o in others}
     agreement = {}
     reference_name = next((b for b in case.baselines if b in outputs), None)
     for subject in case.subjects:
@@ -128,6 +137,8 @@ def _run_case(case: Case, device: str, plan: timing.TimingPlan, peak_gflops: flo
         samples = {}
     for name, values in samples.items():
         results[name].samples = values
+    for name, seconds in first_call_s.items():
+        results[name].first_call_s = seconds
 
     if case.measure_memory:
         for name, fn in fns.items():
@@ -147,15 +158,15 @@ def _run_case(case: Case, device: str, plan: timing.TimingPlan, peak_gflops: flo
 
 def _generation_rates(result: CaseResult, work) -> dict:
     """tokens/s of each provider; the weight bytes genfast streams per second (every
-    generated token reads all fp32 weights once) next to this machine's copy bandwidth."""
-    from genfast.bench.generation import copy_bandwidth_gbps
+    generated token reads all weights once) next to this machine's copy bandwidth (CPU)."""
+    from genfast.bench.machine import copy_bandwidth_gbps
 
     tokens = work.prompt.shape[0] * work.new_tokens  # every row generates new_tokens
     rates = {f"{p.name}_tokens_per_s": tokens / p.stats.median
              for p in result.providers.values() if p.ok and p.stats}
     ours = result.providers.get("genfast")
     if ours is not None and ours.ok and ours.stats:
-        rates["genfast_weight_GBps"] = work.params * 4 * work.new_tokens / ours.stats.median / 1e9
+        rates["genfast_weight_GBps"] = work.params * work.dtype.itemsize * work.new_tokens / ours.stats.median / 1e9
         if work.device == "cpu":
             rates["copy_GBps_read_plus_write"] = copy_bandwidth_gbps()
     return rates

@@ -11,7 +11,10 @@ How a comparison is measured (run_interleaved):
   4. statistics: median and quartiles of each contender's samples; the speed ratio of
      baseline B against subject A is the median over rounds of B_i / A_i (same round,
      same conditions), not the ratio of two medians.
-CUDA: each sample is bracketed by CUDA events and synchronised; the clock is not used.
+Timers (what one sample is): CpuTimer, a wall clock around `inner` calls; CudaTimer, CUDA events
+around them after a synchronisation; DoBenchTimer, Triton's do_bench (CUDA events per call, the L2
+cache flushed between calls, the median taken), for kernels whose inputs would otherwise sit in L2.
+timer_for() picks one. This module is the only place genfast's benchmarks read a clock.
 """
 from __future__ import annotations
 
@@ -114,6 +117,43 @@ class CudaTimer(CpuTimer):
         end.record()
         end.synchronize()
         return start.elapsed_time(end) / 1e3 / inner
+
+
+class DoBenchTimer(CudaTimer):
+    """A sample is triton.testing.do_bench over about `inner` calls' worth of time: per-call CUDA
+    events with the L2 cache flushed before each call, the median, in seconds. A callable's first
+    sample is one plain event-timed call, which gives do_bench's time budget for the next ones.
+    `grad_to_none`: tensors whose .grad do_bench resets before each call."""
+
+    def __init__(self, clock: Clock = time.perf_counter, grad_to_none=None):
+        super().__init__(clock)
+        from triton.testing import do_bench
+
+        self._do_bench = do_bench
+        self.grad_to_none = grad_to_none
+        self._estimate_ms: dict[int, float] = {}
+
+    def time_calls(self, fn: Callable[[], object], inner: int) -> float:
+        estimate = self._estimate_ms.get(id(fn))
+        if estimate is None:
+            seconds = super().time_calls(fn, 1)
+        else:
+            seconds = self._do_bench(fn, warmup=0, rep=max(inner * estimate, 1e-3), grad_to_none=self.grad_to_none,
+                                     return_mode="median") / 1e3
+        self._estimate_ms[id(fn)] = seconds * 1e3
+        return seconds
+
+
+def timer_for(device: str, kind: str = "events") -> CpuTimer:
+    """The timer for a device: a wall clock on the CPU; on CUDA, events ("events") or
+    Triton's do_bench ("do_bench")."""
+    if device != "cuda":
+        return CpuTimer()
+    if kind == "do_bench":
+        return DoBenchTimer()
+    if kind != "events":
+        raise ValueError(f"kind must be 'events' or 'do_bench', got {kind!r}")
+    return CudaTimer()
 
 
 @dataclass(frozen=True)
