@@ -2,7 +2,7 @@
 // as a fragment of the same torch.ops.genfast namespace. Each CPU kernel registers itself next to
 // its code (csrc/generation/<op>.cpp); the CUDA kernels are Triton, registered from
 // genfast/generation/ops/<op>.py, which also holds the fake kernels. None of these ops has a
-// backward: they serve inference (genfast/generation/decode.py sends autograd calls elsewhere).
+// backward: they serve inference (their callers in genfast/generation send autograd calls elsewhere).
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(genfast, m) {
