@@ -50,8 +50,18 @@ at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& weight, const st
   return y;
 }
 
+int64_t decode_linear_max_rows(int64_t weight_bytes) {
+  TORCH_CHECK(weight_bytes >= 0, "decode_linear_max_rows: weight_bytes must be >= 0, got ", weight_bytes);
+  return cpu::dot_path_max_rows(weight_bytes);
+}
+
 }  // namespace genfast::generation::decode_linear
 
 TORCH_LIBRARY_IMPL(genfast, CPU, m) {
   m.impl("decode_linear", &genfast::generation::decode_linear::decode_linear);
+}
+
+// No tensor argument to dispatch on: one kernel for every backend.
+TORCH_LIBRARY_IMPL(genfast, CompositeExplicitAutograd, m) {
+  m.impl("decode_linear_max_rows", &genfast::generation::decode_linear::decode_linear_max_rows);
 }
