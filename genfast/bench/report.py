@@ -95,6 +95,8 @@ def _notes(r: CaseResult, subject: ProviderResult, first: bool) -> list[str]:
     notes = []
     if not subject.ok:
         notes.append(f"{subject.name}: {_short(subject.reason)}")
+    if subject.ok and subject.first_call_s is not None and r.case.timer == "do_bench":
+        notes.append(f"first call (autotunes) {subject.first_call_s:.1f}s")
     diff = r.checks.get("max_abs_diff", {})
     for key, value in diff.items():
         if key.startswith(subject.name + " "):
