@@ -299,6 +299,12 @@ def test_sets_by_device_gpu_session_cases_run_on_cuda_only():
     assert [c.name for c in both] == ["lstm.tiny.inference", "gru.tiny.training"]
     with pytest.raises(ValueError, match="device"):
         cases.cases("quick", device="tpu")
+    # %peak: against the peak of the case's dtype on CUDA, the fp32 peak on the CPU
+    from genfast.bench.__main__ import case_dtype
+
+    assert {case_dtype(c, "cuda") for c in attention} == {"bfloat16"}
+    assert {case_dtype(c, "cuda") for c in cuda_quick} == {"float32", "bfloat16", "float16"}
+    assert {case_dtype(c, "cpu") for c in cuda_quick} == {"float32"}
 
 
 def test_timer_for_and_do_bench_sampling(monkeypatch):
