@@ -388,6 +388,7 @@ def test_replay_clock_gives_pytest_benchmark_the_harness_samples():
     assert durations == [0.5, 0.25, 0.5]
 
 
+@pytest.mark.slow
 def test_bench_files_report_the_harness_numbers(tmp_path):
     out = tmp_path / "pb.json"
     env = dict(os.environ, GENFAST_BENCH_SET="smoke", GENFAST_BENCH_DEVICE="cpu",
@@ -425,6 +426,7 @@ def test_ab_aggregate_takes_medians_over_rounds():
     assert "c" in ab.table([row]) and "0.500" in ab.table([row])
 
 
+@pytest.mark.slow
 def test_ab_runs_both_builds_alternating(tmp_path, capsys):
     # The same checkout as both builds: the machinery, not a comparison.
     code = main(["--smoke", "--filter", "gru.tiny.training", "--threads", "1", "--ab", str(REPO),
