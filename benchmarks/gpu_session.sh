@@ -101,8 +101,11 @@ run_tests() {  # NAME FILE...
 # the rest of the file down with it.
 TEST_GROUPS=" ${GPU_SESSION_TESTS:-rnn attention_low_precision attention_rest generation} "
 wanted() { [[ $TEST_GROUPS == *" $1 "* ]]; }
-wanted rnn && (run_tests rnn tests/test_rnn_cuda.py tests/test_package.py -k "not argument_errors";
-               run_tests rnn_argument_errors tests/test_rnn_cuda.py -k argument_errors) &
+# The CUDA RNN tests: tests/test_rnn.py's cases marked `cuda` (or, in older checkouts, tests/test_rnn_cuda.py).
+if [[ -f tests/test_rnn_cuda.py ]]; then RNN_TESTS=(tests/test_rnn_cuda.py); else RNN_TESTS=(tests/test_rnn.py -m cuda); fi
+wanted rnn && (run_tests rnn "${RNN_TESTS[@]}" -k "not argument_errors";
+               run_tests rnn_package tests/test_package.py;
+               run_tests rnn_argument_errors "${RNN_TESTS[@]}" -k argument_errors) &
 (PYTHON=$PY timeout "$(cap 240)" bash benchmarks/gpu_error_probe.sh > "$WORK/probe.log" 2>&1) &
 wanted attention_low_precision && (export GENFAST_FLASH_AUTOTUNE=0;
   run_tests attention_low_precision tests/test_flash_attention_cuda.py -k low_precision) &
@@ -111,7 +114,7 @@ wanted attention_rest && (export GENFAST_FLASH_AUTOTUNE=0;
 wanted generation && run_tests generation tests/test_generation_cuda.py &
 wait
 { echo "===== gpu_error_probe.sh"; cat "$WORK/probe.log"; } >> "$SUMMARY"
-for name in rnn rnn_argument_errors attention_low_precision attention_rest generation; do
+for name in rnn rnn_package rnn_argument_errors attention_low_precision attention_rest generation; do
   [[ -f $WORK/tests_$name.log ]] || continue
   { echo "===== tests $name"; cat "$WORK/tests_$name.log"; } >> "$OUT/tests.log"
   echo "tests $name: $(grep -E 'passed|failed|error|no tests ran' "$WORK/tests_$name.log" | tail -1)" >> "$SUMMARY"

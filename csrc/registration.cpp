@@ -12,7 +12,6 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
-#include "cpu/gemm.h"
 #include "cpu/memory.h"
 #include "cpu/simd.h"
 
@@ -76,9 +75,6 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "genfast compiled kernels; the operators live in torch.ops.genfast";
   m.def("simd_level", &genfast::cpu::simd_level_name, "SIMD level the CPU kernels dispatch to on this CPU");
   m.def("cuda_built", &cuda_built, "whether the CUDA kernels were compiled in");
-  m.def("dot_path_max_rows", &genfast::cpu::dot_path_max_rows,
-        "the most rows for which the CPU matmul reads a weight of `bytes` in place (csrc/cpu/gemm.h)",
-        pybind11::arg("bytes"));
   m.def("cpu_cache_bytes", [] { return genfast::cpu::BufferCache::instance().cached_bytes(); },
         "bytes of freed large CPU buffers held for reuse (csrc/cpu/memory.h)");
   m.def("cpu_cache_limit_bytes", [] { return genfast::cpu::BufferCache::instance().limit_bytes(); },

@@ -5,12 +5,12 @@
 
 ``length`` is an int, or a one-element integer tensor on q's device that the kernels read from memory:
 then no host value changes from one decode step to the next, so a CUDA graph can capture the call once
-and replay it as the cache grows (genfast.models.gpt2 does). Splits are then sized for max_len.
+and replay it as the cache grows (genfast.generation.gpt2 does). Splits are then sized for max_len.
 
     out[b, h] = softmax(scale * K[b, g, :length] q[b, h]) V[b, g, :length],   g = h // (Hq // Hk)
 
 The CUDA implementation of ``torch.ops.genfast.decode_attention`` (registered in
-genfast/ops/decode_attention.py); the CPU one is csrc/cpu/decode_attention.cpp, with the same checks.
+genfast/generation/ops/decode_attention.py); the CPU one is csrc/generation/decode_attention.cpp, with the same checks.
 
 One query row per (batch, head) is too little work for one program when the context is long, so the
 cache's first ``length`` rows are cut into ``num_splits`` chunks (Dao et al., "Flash-Decoding", 2023):
@@ -172,7 +172,7 @@ def _block_n(block_d: int) -> int:
 
 
 def _check(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: int | Tensor) -> None:
-    # The C++ op's checks and messages (csrc/cpu/decode_attention.cpp), minus the device, plus the head dim.
+    # The C++ op's checks and messages (csrc/generation/decode_attention.cpp), minus the device, plus the head dim.
     op = "decode_attention"
     if q.dim() != 3:
         raise RuntimeError(f"{op}: q must be (batch, heads, dim), got {q.dim()} dims")

@@ -4,7 +4,7 @@ one program per row, without sorting the vocabulary.
     from genfast.kernels.sampling import sampling_filter, sampling_draw
 
 The CUDA implementation of ``torch.ops.genfast.sampling_filter`` / ``sampling_draw`` (registered in
-genfast/ops/sampling.py); the CPU one is csrc/cpu/sampling.cpp, and this file reproduces its
+genfast/generation/ops/sampling.py); the CPU one is csrc/generation/sampling.cpp, and this file reproduces its
 semantics, which are Hugging Face's (genfast.reference.process_logits / draw_from_scores):
 
     x      = logits / temperature, in float32 (float64 for float64 logits)
@@ -341,7 +341,7 @@ def _float64_bits(value: float) -> int:
 
 
 def _check_settings(op: str, logits: Tensor, temperature: float, top_k: int, top_p: float) -> None:
-    # The C++ op's checks and messages (csrc/cpu/sampling.cpp::check_settings), minus the device.
+    # The C++ op's checks and messages (csrc/generation/sampling.cpp::check_settings), minus the device.
     if logits.dim() != 2:
         raise RuntimeError(f"{op}: logits must be (batch, vocab), got {logits.dim()} dims")
     if not logits.is_floating_point():

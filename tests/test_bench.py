@@ -299,6 +299,12 @@ def test_sets_by_device_gpu_session_cases_run_on_cuda_only():
     assert [c.name for c in both] == ["lstm.tiny.inference", "gru.tiny.training"]
     with pytest.raises(ValueError, match="device"):
         cases.cases("quick", device="tpu")
+    # %peak: against the peak of the case's dtype on CUDA, the fp32 peak on the CPU
+    from genfast.bench.__main__ import case_dtype
+
+    assert {case_dtype(c, "cuda") for c in attention} == {"bfloat16"}
+    assert {case_dtype(c, "cuda") for c in cuda_quick} == {"float32", "bfloat16", "float16"}
+    assert {case_dtype(c, "cpu") for c in cuda_quick} == {"float32"}
 
 
 def test_timer_for_and_do_bench_sampling(monkeypatch):
@@ -382,6 +388,7 @@ def test_replay_clock_gives_pytest_benchmark_the_harness_samples():
     assert durations == [0.5, 0.25, 0.5]
 
 
+@pytest.mark.slow
 def test_bench_files_report_the_harness_numbers(tmp_path):
     out = tmp_path / "pb.json"
     env = dict(os.environ, GENFAST_BENCH_SET="smoke", GENFAST_BENCH_DEVICE="cpu",
@@ -419,6 +426,7 @@ def test_ab_aggregate_takes_medians_over_rounds():
     assert "c" in ab.table([row]) and "0.500" in ab.table([row])
 
 
+@pytest.mark.slow
 def test_ab_runs_both_builds_alternating(tmp_path, capsys):
     # The same checkout as both builds: the machinery, not a comparison.
     code = main(["--smoke", "--filter", "gru.tiny.training", "--threads", "1", "--ab", str(REPO),

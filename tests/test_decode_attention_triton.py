@@ -147,3 +147,18 @@ def test_bad_inputs_raise_clear_errors():
 
 def test_op_has_a_cuda_kernel_registered():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("genfast::decode_attention", "CUDA")
+
+
+@pytest.mark.parametrize("length_in_memory", [False, True])
+def test_the_direct_launch_equals_the_op(length_in_memory):
+    # genfast.generation.decode.decode_attention skips the dispatcher for eager CUDA calls by calling
+    # launch_cuda, the function registered as the op's CUDA kernel. Here that function runs on CPU tensors
+    # (interpreted) and must give what the op gives there (the C++ kernel), for an int length and for the
+    # CUDA-graph path's length tensor. The compiled pair on a GPU: tests/test_generation_cuda.py.
+    from genfast.generation.ops.decode_attention import launch_cuda
+
+    q, k_cache, v_cache = make_inputs(2, 4, 2, 600, 32, 32, torch.float32, seed=5)
+    for length in (1, 257, 600):
+        got = launch_cuda(q, k_cache, v_cache, torch.tensor([length]) if length_in_memory else length, 0.2)
+        torch.testing.assert_close(got, torch.ops.genfast.decode_attention(q, k_cache, v_cache, length, 0.2),
+                                   atol=2 * TOL[torch.float32], rtol=2 * TOL[torch.float32])

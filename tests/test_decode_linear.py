@@ -112,11 +112,15 @@ def test_linear_dispatch_keeps_autograd_and_batch_dims():
     torch.testing.assert_close(w_param.grad, x.sum(0, keepdim=True).expand(48, 32).contiguous())
 
 
-def test_dot_path_rows_depends_on_the_weight_size_only():
+def test_dot_path_rows_is_the_ops_answer_for_the_weight_bytes():
     small, large = dot_path_rows(torch.empty(48, 192)), dot_path_rows(torch.empty(2048, 192))
     assert small >= 1 and large >= 1
+    assert small == torch.ops.genfast.decode_linear_max_rows(48 * 192 * 4)
+    assert large == torch.ops.genfast.decode_linear_max_rows(2048 * 192 * 4)
     assert dot_path_rows(torch.empty(192, 48)) == small  # same bytes, other shape
     assert dot_path_rows(torch.empty(48, 96, dtype=torch.float64)) == small
+    with pytest.raises(RuntimeError, match="weight_bytes must be >= 0"):
+        torch.ops.genfast.decode_linear_max_rows(-1)
 
 
 @pytest.mark.parametrize("out_features", [48, 2048])  # 36 KB and 1.5 MB weights

@@ -43,12 +43,25 @@ at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& weight, const st
   // B = W^T: column n of B is row n of W, contiguous (stride_k = 1), which is what lets
   // matmul read it in place by dot products for up to dot_path_max_rows rows.
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "decode_linear", [&] {
-    cpu::matmul<scalar_t>(x.size(0), N, K, xc.const_data_ptr<scalar_t>(), xc.stride(0), w.const_data_ptr<scalar_t>(), 1,
-                     K, b.defined() ? b.const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(), N);
+    cpu::matmul<scalar_t>(x.size(0), N, K, xc.const_data_ptr<scalar_t>(), xc.stride(0),
+                          w.const_data_ptr<scalar_t>(), 1, K, b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
+                          y.mutable_data_ptr<scalar_t>(), N);
   });
   return y;
 }
 
+int64_t decode_linear_max_rows(int64_t weight_bytes) {
+  TORCH_CHECK(weight_bytes >= 0, "decode_linear_max_rows: weight_bytes must be >= 0, got ", weight_bytes);
+  return cpu::dot_path_max_rows(weight_bytes);
+}
+
 }  // namespace genfast::generation::decode_linear
 
-TORCH_LIBRARY_IMPL(genfast, CPU, m) { m.impl("decode_linear", &genfast::generation::decode_linear::decode_linear); }
+TORCH_LIBRARY_IMPL(genfast, CPU, m) {
+  m.impl("decode_linear", &genfast::generation::decode_linear::decode_linear);
+}
+
+// No tensor argument to dispatch on: one kernel for every backend.
+TORCH_LIBRARY_IMPL(genfast, CompositeExplicitAutograd, m) {
+  m.impl("decode_linear_max_rows", &genfast::generation::decode_linear::decode_linear_max_rows);
+}

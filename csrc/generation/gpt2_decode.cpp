@@ -196,4 +196,6 @@ at::Tensor gpt2_decode_block(const at::Tensor& x, const at::Tensor& ln_1_weight,
 
 }  // namespace genfast::generation::gpt2_decode
 
-TORCH_LIBRARY_IMPL(genfast, CPU, m) { m.impl("gpt2_decode_block", &genfast::generation::gpt2_decode::gpt2_decode_block); }
+TORCH_LIBRARY_IMPL(genfast, CPU, m) {
+  m.impl("gpt2_decode_block", &genfast::generation::gpt2_decode::gpt2_decode_block);
+}

@@ -2,7 +2,7 @@
 // as a fragment of the same torch.ops.genfast namespace. Each CPU kernel registers itself next to
 // its code (csrc/generation/<op>.cpp); the CUDA kernels are Triton, registered from
 // genfast/generation/ops/<op>.py, which also holds the fake kernels. None of these ops has a
-// backward: they serve inference (genfast/generation/decode.py sends autograd calls elsewhere).
+// backward: they serve inference (their callers in genfast/generation send autograd calls elsewhere).
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(genfast, m) {
@@ -17,6 +17,9 @@ TORCH_LIBRARY_FRAGMENT(genfast, m) {
   // ---- decode linear (decode_linear.cpp): F.linear for a few rows, W streamed once ----
   // x (M, K), weight (N, K), bias (N,) -> (M, N).
   m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  // The most rows of x for which decode_linear reads a weight of `weight_bytes` in place (the
+  // core matmul's dot-product path, csrc/cpu/gemm.h); callers send more rows to a GEMM.
+  m.def("decode_linear_max_rows(int weight_bytes) -> int");
   // ---- GPT-2 decode block (gpt2_decode.cpp): one pre-LN block for one token per row ---
   // x (B, C) -> x after the block; writes k, v of the token into row `position` of the caches
   // (B, n_head, max_len, C / n_head) and attends to rows [0, position]. Weights in nn.Linear's

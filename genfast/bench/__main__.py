@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                     if p.gflops is not None and case_dtype(result.case, device) == "float32":
                         p.pct_peak = 100.0 * p.gflops / peak["gflops"]
 
-    print(report.header_text(header, peak, plan, args.set))
+    print(report.header_text(header, peak, plan, args.set, peaks))
     print()
     print(report.table(results))
     document = report.to_json(header, peaks, plan, args.set, results)

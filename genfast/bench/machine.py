@@ -118,7 +118,7 @@ def _mm_gflops_once(operands, device: str) -> float:
 
 
 def measure_peak(device: str = "cpu", dtype: torch.dtype = torch.float32, budget_s: float = 4.0,
-                 repeats: int = 4, shapes=None) -> dict:
+                 repeats: int = 2, shapes=None) -> dict:
     """The machine's achievable GEMM peak, the yardstick for "% of peak" (not the datasheet number).
 
     Three ways on the CPU in fp32, the best of which is the peak: torch.mm timed from here, and
@@ -130,28 +130,30 @@ def measure_peak(device: str = "cpu", dtype: torch.dtype = torch.float32, budget
     deadline = time.perf_counter() + budget_s
     if shapes is None:
         shapes = CUDA_PEAK_SHAPES if device == "cuda" else CPU_PEAK_SHAPES
-    operands = {}
+    measures = {}  # name -> zero-argument callable returning GFLOP/s of one sample
     for m, n, k in shapes:
-        operands[f"torch.mm {m}x{n}x{k}"] = (torch.randn(m, k, device=device, dtype=dtype),
-                                             torch.randn(k, n, device=device, dtype=dtype),
-                                             torch.empty(m, n, device=device, dtype=dtype))
-    results: dict[str, float] = {}
-    # Cycle through the shapes until the budget is spent: on a shared machine the best of
-    # many short samples is the one least disturbed by other processes.
-    rounds = 0
-    while rounds < 2 or (time.perf_counter() < deadline and rounds < 50):
-        for name, ops in operands.items():
-            results[name] = max(results.get(name, 0.0), _mm_gflops_once(ops, device))
-        rounds += 1
-    del operands
+        operands = (torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype),
+                    torch.empty(m, n, device=device, dtype=dtype))
+        measures[f"torch.mm {m}x{n}x{k}"] = lambda operands=operands: _mm_gflops_once(operands, device)
     probe_status = "not used (CUDA or not fp32)"
     if device == "cpu" and dtype == torch.float32:
         probe = load_probe()
         probe_status = "genfast._probe" if probe is not None else "missing: torch.mm only"
         if probe is not None:
             for m, n, k in shapes[:2]:
-                results[f"genfast packed {m}x{n}x{k}"] = float(probe.packed_gemm_gflops(m, n, k, repeats))
-                results[f"aten brgemm {m}x{n}x{k}"] = float(probe.brgemm_gflops(m, n, k, repeats))
+                for name, kernel in (("genfast packed", probe.packed_gemm_gflops),
+                                     ("aten brgemm", probe.brgemm_gflops)):
+                    measures[f"{name} {m}x{n}x{k}"] = lambda kernel=kernel, shape=(m, n, k): kernel(*shape, repeats)
+    results: dict[str, float] = {}
+    # Cycle through every shape and kernel until the budget is spent: on a shared machine the
+    # best of many short samples is the one least disturbed by other processes, and each
+    # method gets the same chances.
+    rounds = 0
+    while rounds < 2 or (time.perf_counter() < deadline and rounds < 50):
+        for name, measure in measures.items():
+            results[name] = max(results.get(name, 0.0), float(measure()))
+        rounds += 1
+    del measures
     by_method: dict[str, float] = {}
     for name, value in results.items():
         method = name.rsplit(" ", 1)[0]

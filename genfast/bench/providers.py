@@ -71,13 +71,9 @@ def _import_genfast(module: str, *older: str):
 
 
 def _genfast_op(name: str):
-    """torch.ops.genfast.<name>, after importing what registers it (genfast.ops, genfast.generation)."""
-    _import_genfast("genfast.ops")
-    for module in ("genfast.generation",):
-        try:
-            _import_genfast(module)
-        except Unavailable:
-            pass  # older checkouts register every op from genfast.ops
+    """torch.ops.genfast.<name>, after importing what registers its kernels: genfast.generation.ops
+    (the generation ops' fake and CUDA kernels), or genfast.ops in a checkout from before the move."""
+    _import_genfast("genfast.generation.ops", "genfast.ops")
     try:
         return getattr(torch.ops.genfast, name)
     except (AttributeError, RuntimeError) as err:

@@ -95,6 +95,8 @@ def _notes(r: CaseResult, subject: ProviderResult, first: bool) -> list[str]:
     notes = []
     if not subject.ok:
         notes.append(f"{subject.name}: {_short(subject.reason)}")
+    if subject.ok and subject.first_call_s is not None and r.case.timer == "do_bench":
+        notes.append(f"first call (autotunes) {subject.first_call_s:.1f}s")
     diff = r.checks.get("max_abs_diff", {})
     for key, value in diff.items():
         if key.startswith(subject.name + " "):
@@ -119,7 +121,7 @@ def _notes(r: CaseResult, subject: ProviderResult, first: bool) -> list[str]:
     return notes
 
 
-def header_text(header: dict, peak: dict, plan, set_name: str) -> str:
+def header_text(header: dict, peak: dict, plan, set_name: str, other_peaks: dict | None = None) -> str:
     lines = [
         f"genfast benchmark ({set_name})  {header['date']}  commit {header['commit']}",
         f"cpu: {header['cpu']}  cores: {header['cores']}  simd: {header['simd']}  threads: {header['threads']}"
@@ -129,10 +131,15 @@ def header_text(header: dict, peak: dict, plan, set_name: str) -> str:
         f"{peak['gflops']:.1f} GFLOP/s from {peak['source']}",
         "  by method: " + ", ".join(f"{method} {value:.1f}" for method, value in peak.get("by_method", {}).items())
         + f"  (probe: {peak.get('probe', '-')})",
+        *(f"peak ({p['dtype']} GEMM): {p['gflops']:.1f} GFLOP/s from {p['source']}"
+          for p in (other_peaks or {}).values() if p is not peak),
         f"timing: warm-up, then >= {plan.min_rounds} interleaved rounds (A B .. B A ..); time = median per call,"
         f" ±IQR = interquartile range / median;",
         "x<baseline> = median over rounds of baseline/genfast time (>1: genfast faster); %peak = GFLOP/s / peak.",
     ]
+    if header["device"] == "cuda":
+        lines.append("CUDA: TF32 off (float32 means IEEE fp32 products on every side); times from CUDA events, "
+                     "or Triton's do_bench (L2 flushed) where a case says so.")
     load, cores = header.get("load_avg"), header.get("cores") or 0
     if header["device"] == "cpu" and load is not None and cores and load > 0.75 * cores:
         lines.append(f"WARNING: load average {load} on {cores} cores at start: other processes compete for the "

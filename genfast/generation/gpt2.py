@@ -70,7 +70,8 @@ class GPT2Config:
 
 class Linear(nn.Linear):
     """nn.Linear whose decode steps (a few rows, no autograd) run genfast's decode_linear:
-    one pass over the weight at memory bandwidth. Weights are in nn.Linear's (out, in) layout; from_hf transposes HF's Conv1D (in, out)."""
+    one pass over the weight at memory bandwidth. Weights are in nn.Linear's (out, in) layout;
+    from_hf transposes HF's Conv1D (in, out)."""
 
     def reset_parameters(self) -> None:  # GPT-2's initialisation
         nn.init.normal_(self.weight, std=0.02)

@@ -8,20 +8,24 @@ sends inputs that need gradients, and inputs with more rows than ``dot_path_rows
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
-from genfast import _extension
-
 _ops = torch.ops.genfast
-
 
 
 def dot_path_rows(weight: Tensor) -> int:
     """The most rows of x for which decode_linear(x, weight) reads ``weight`` in place, by dot products
     (the core matmul's few-row path, csrc/cpu/gemm.h dot_path_max_rows); more rows take its GEMM path,
     where torch's F.linear is as good."""
-    return _extension.load().dot_path_max_rows(weight.numel() * weight.element_size())
+    return _max_rows(weight.numel() * weight.element_size())
+
+
+@functools.lru_cache(maxsize=256)
+def _max_rows(weight_bytes: int) -> int:  # asked per decode-step linear layer: cached by size
+    return _ops.decode_linear_max_rows(weight_bytes)
 
 
 def decode_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
