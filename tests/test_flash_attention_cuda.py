@@ -25,6 +25,7 @@ if not INTERPRETED:
     from genfast import reference
     from genfast.kernels import flash_attention as flash_module
     from genfast.kernels.flash_attention import flash_attention
+    from tests.sdpa_dispatch import HANDED_OFF, TRITON_KERNEL, expect_dispatch
 
 
 def _inputs(batch, q_heads, kv_heads, len_q, len_k, head_dim, dtype, seed=0):
@@ -215,9 +216,9 @@ def test_functional_sdpa_runs_the_triton_kernel_on_cuda(dtype):
     # Two leading batch dims and GQA: reshaped to (B, H, L, D) for the kernel and back.
     q, k, v, grad_out = _inputs(6, 4, 2, 100, 120, 64, dtype=dtype, seed=3)
     as_5d = lambda t: t.unflatten(0, (2, 3))
-    ours = _output_and_grads(lambda a, b, c: gf.scaled_dot_product_attention(
-        as_5d(a), as_5d(b), as_5d(c), is_causal=True, enable_gqa=True).flatten(0, 1), q, k, v, grad_out)
-    assert gf.last_dispatch()["backend"] == "genfast-triton", gf.last_dispatch()
+    ours = expect_dispatch(lambda: _output_and_grads(lambda a, b, c: gf.scaled_dot_product_attention(
+        as_5d(a), as_5d(b), as_5d(c), is_causal=True, enable_gqa=True).flatten(0, 1), q, k, v, grad_out),
+        TRITON_KERNEL)
     torchs = _output_and_grads(lambda a, b, c: F.scaled_dot_product_attention(
         a, b, c, is_causal=True, enable_gqa=True), q, k, v, grad_out)
     expected = _fp32_reference(q, k, v, grad_out, causal=True)
@@ -233,15 +234,23 @@ def test_functional_sdpa_with_a_mask_goes_to_torch_and_says_why():
 
     q, k, v, _ = _inputs(1, 2, 2, 50, 60, 64, dtype=torch.float16, seed=4)
     mask = torch.rand(50, 60, device="cuda", generator=torch.Generator(device="cuda").manual_seed(5)) > 0.3
-    out = gf.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    dispatch = gf.last_dispatch()
-    assert dispatch["backend"] == "torch" and "attn_mask" in dispatch["reason"], dispatch
+    out = expect_dispatch(lambda: gf.scaled_dot_product_attention(q, k, v, attn_mask=mask), HANDED_OFF, "attn_mask")
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), atol=0, rtol=0)
 
 
 @requires_cuda
-def test_multihead_attention_on_cuda_within_2x_of_torch_error():
+def test_functional_sdpa_with_dropout_goes_to_torch_and_says_why():
     import genfast.nn.functional as gf
+
+    q, k, v, _ = _inputs(1, 2, 2, 50, 60, 64, dtype=torch.float16, seed=7)
+    torch.manual_seed(8)
+    out = expect_dispatch(lambda: gf.scaled_dot_product_attention(q, k, v, dropout_p=0.3), HANDED_OFF, "dropout")
+    torch.manual_seed(8)  # torch's SDPA with the same generator state draws the same dropout mask
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, dropout_p=0.3), atol=0, rtol=0)
+
+
+@requires_cuda
+def test_multihead_attention_on_cuda_within_2x_of_torch_error():
     from genfast.nn.attention import MultiheadAttention
 
     torch.manual_seed(6)
@@ -259,8 +268,7 @@ def test_multihead_attention_on_cuda_within_2x_of_torch_error():
         out.float().square().sum().backward()
         return [out.detach().float(), inputs.grad.float()] + [p.grad.float() for p in module.parameters()]
 
-    got = forward_and_grads(ours, x.half())
-    assert gf.last_dispatch()["backend"] == "genfast-triton", gf.last_dispatch()
+    got = expect_dispatch(lambda: forward_and_grads(ours, x.half()), TRITON_KERNEL)
     torchs = forward_and_grads(theirs, x.half())
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
