@@ -351,8 +351,8 @@ def test_torch_compile_fullgraph(cell, device):
     class Model(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.rnn = cell.module(6, 8, 2, batch_first=True)
-            self.head = torch.nn.Linear(8, 1)
+            self.rnn = cell.module(6, 8, 2, batch_first=True, bidirectional=True)
+            self.head = torch.nn.Linear(16, 1)
 
         def forward(self, x):
             out, hx = self.rnn(x)
