@@ -65,7 +65,8 @@ def per_cell(cases):
     """pytest params (cell, case) for every cell and every case dict it can run: a case with a
     projection (proj > 0) only for the cells that take one."""
     def case_id(case):
-        return "-".join(f"{k}{int(v) if isinstance(v, bool) else v}" for k, v in case.items())
+        return "-".join(str(v) if k == "case" else f"{k}{int(v) if isinstance(v, bool) else v}"
+                        for k, v in case.items())
     return [pytest.param(cell, case, id=f"{cell.name}-{case_id(case)}")
             for cell in CELLS for case in cases if cell.projection or not case.get("proj")]
 
@@ -147,23 +148,23 @@ def test_packed_sequence(cell, config, device, dtype, enforce_sorted):
 # (machine-tuned thresholds in csrc/cpu); these shapes sit far on either side of each, and only
 # results are asserted.
 PATH_CASES = [
-    dict(case="one sequence", steps=6, batch=1, input_size=7, hidden=20, proj=6, layers=2, hx=True),
-    dict(case="one sequence", steps=6, batch=1, input_size=7, hidden=20, proj=0, layers=2, hx=True),
-    dict(case="two sequences packed", steps=5, batch=2, input_size=7, hidden=20, proj=6, layers=2, hx=False),
-    dict(case="two sequences packed", steps=5, batch=2, input_size=7, hidden=20, proj=0, layers=2, hx=False),
-    dict(case="small weights", steps=4, batch=8, input_size=64, hidden=64, proj=0, layers=1, hx=False),
+    dict(case="one-sequence", steps=6, batch=1, input_size=7, hidden=20, proj=6, layers=2, hx=True),
+    dict(case="one-sequence", steps=6, batch=1, input_size=7, hidden=20, proj=0, layers=2, hx=True),
+    dict(case="two-sequences-packed", steps=5, batch=2, input_size=7, hidden=20, proj=6, layers=2, hx=False),
+    dict(case="two-sequences-packed", steps=5, batch=2, input_size=7, hidden=20, proj=0, layers=2, hx=False),
+    dict(case="small-weights", steps=4, batch=8, input_size=64, hidden=64, proj=0, layers=1, hx=False),
     # (2048 + 1024) * gates * 1024 float32 values: 50 MB (LSTM), 38 MB (GRU)
-    dict(case="large weights", steps=3, batch=8, input_size=2048, hidden=1024, proj=0, layers=1, hx=False),
-    dict(case="large batch", steps=4, batch=96, input_size=24, hidden=40, proj=0, layers=1, hx=False),
+    dict(case="large-weights", steps=3, batch=8, input_size=2048, hidden=1024, proj=0, layers=1, hx=False),
+    dict(case="large-batch", steps=4, batch=96, input_size=24, hidden=40, proj=0, layers=1, hx=False),
 ]
 
 
 @pytest.mark.parametrize("cell,path", per_cell(PATH_CASES))
 def test_input_projection_and_weight_paths(cell, path):
-    dtype = torch.float32 if path["case"] == "large weights" else torch.float64
+    dtype = torch.float32 if path["case"] == "large-weights" else torch.float64
     ref, mine = _modules(cell, "cpu", dtype, input_size=path["input_size"], hidden=path["hidden"], proj=path["proj"],
                          num_layers=path["layers"], bidirectional=path["layers"] > 1, seed=3)
-    if path["case"] == "two sequences packed":
+    if path["case"] == "two-sequences-packed":
         make = packed_input([path["steps"], 3], path["input_size"], dtype, enforce_sorted=False)
     else:
         make = padded_input(torch.randn(path["steps"], path["batch"], path["input_size"], dtype=dtype))
