@@ -24,7 +24,8 @@ if not INTERPRETED:
 
     from genfast import reference
     from genfast.kernels import flash_attention as flash_module
-    from genfast.kernels.flash_attention import flash_attention
+    from tests import flash_kernels
+    from tests.flash_kernels import flash_attention
     from tests.sdpa_dispatch import HANDED_OFF, TRITON_KERNEL, expect_dispatch
 
 
@@ -124,19 +125,24 @@ def test_gradcheck_float64():
 def test_opcheck():
     q, k, v, grad_out = _inputs(1, 2, 1, 65, 33, 64, dtype=torch.float16)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    torch.library.opcheck(torch.ops.genfast.flash_attention_forward.default, (q, k, v, True, 0.125))
-    out, lse = torch.ops.genfast.flash_attention_forward(q.detach(), k.detach(), v.detach(), True, 0.125)
-    torch.library.opcheck(torch.ops.genfast.flash_attention_backward.default,
-                          (grad_out, q.detach(), k.detach(), v.detach(), out, lse, True, 0.125))
+    # The op whose CUDA kernels these are (tests/flash_kernels.py).
+    forward_op, backward_op = flash_kernels.op(flash_kernels.OP_FORWARD), flash_kernels.op(flash_kernels.OP_BACKWARD)
+    torch.library.opcheck(forward_op, flash_kernels.op_forward_args(q, k, v, True, 0.125))
+    out, lse = forward_op(*flash_kernels.op_forward_args(q.detach(), k.detach(), v.detach(), True, 0.125))
+    torch.library.opcheck(backward_op, flash_kernels.op_backward_args(grad_out, q.detach(), k.detach(), v.detach(),
+                                                                      out, lse, True, 0.125))
 
 
 @requires_cuda
-def test_torch_compile_traces_into_the_kernels():
+def test_torch_compile_fullgraph_through_the_op():
+    # torch.compile of the op whose CUDA kernels these are (its autograd included), against the kernels
+    # run eagerly.
     q, k, v, grad_out = _inputs(2, 4, 2, 300, 300, 64, dtype=torch.bfloat16)
     torch._dynamo.reset()
-    compiled = torch.compile(lambda a, b, c: flash_attention(a, b, c, causal=True) * 2.0, fullgraph=True)
+    compiled = torch.compile(lambda a, b, c: flash_kernels.op_attention(a, b, c, True, 0.125) * 2.0, fullgraph=True)
     got = _output_and_grads(compiled, q, k, v, grad_out)
-    want = _output_and_grads(lambda a, b, c: flash_attention(a, b, c, causal=True) * 2.0, q, k, v, grad_out)
+    want = _output_and_grads(lambda a, b, c: flash_attention(a, b, c, causal=True, scale=0.125) * 2.0, q, k, v,
+                             grad_out)
     for a, b in zip(got, want):
         # Same kernels, same tiles; only the fused "* 2.0" epilogue may round differently (1 bf16 ulp).
         torch.testing.assert_close(a, b, atol=2e-2, rtol=1e-2)
@@ -189,9 +195,8 @@ def test_kernels_compile_with_the_scale_as_torch_passes_it(scale_as):
     # Triton's launcher types a Python float argument as fp32. torch.compile (Inductor's user-defined
     # Triton kernel path) types it as fp64, and torch's mutation analysis of the kernel (opcheck's
     # aot_dispatch test) passes it as a constant Python float. The kernels must bring the scale to the
-    # accumulator type in a way that takes all three: with fp64, the softmax and the accumulator were
-    # promoted to fp64 and tl.dot refused the accumulator (test_torch_compile_traces_into_the_kernels on
-    # the H200); with a constant, `scale.to(...)` failed (test_opcheck on the H200).
+    # accumulator type in a way that takes all three: an fp64 scale must not promote the softmax and the
+    # accumulator to fp64 (tl.dot refuses an fp64 accumulator), and a constant one has no `.to(...)`.
     constants = dict(GROUP_SIZE=1, IS_CAUSAL=True, BLOCK_D=64, ACC_DTYPE=tl.float32, DOT_PRECISION="tf32",
                      UPCAST_BF16=False, BLOCK_M=64, BLOCK_N=64)
     if scale_as == "constant":
