@@ -71,6 +71,23 @@ def gru_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor,
     return torch.stack(outputs), h
 
 
+def layer_over_lengths(layer, x: Tensor, lengths: list[int], states: list[Tensor], *weights: Tensor | None,
+                       reverse: bool = False) -> tuple[Tensor, list[Tensor]]:
+    """What an RNN op computes on a PackedSequence: ``layer`` (lstm_layer, gru_layer) run on each
+    sequence n of the padded x (T, N, I) over its own length lengths[n], from its own row of each
+    initial state (N, *). Returns the padded output (T, N, H_out), zero past each length, and the
+    final states, each sequence's from its own last step (its first, when reverse)."""
+    outputs, finals = [], [[] for _ in states]
+    for n, length in enumerate(lengths):
+        out, *last = layer(x[:length, n:n + 1], *(s[n:n + 1] for s in states), *weights, reverse=reverse)
+        outputs.append(out[:, 0])
+        for kind, value in enumerate(last):
+            finals[kind].append(value)
+    padded = torch.nn.utils.rnn.pad_sequence(outputs)
+    padded = torch.cat([padded, padded.new_zeros(x.shape[0] - padded.shape[0], *padded.shape[1:])])
+    return padded, [torch.cat(f) for f in finals]
+
+
 def repeat_kv_heads(t: Tensor, heads_q: int) -> Tensor:
     """K or V (..., H_k, L, D) repeated so that head j serves the H_q / H_k consecutive query
     heads j*G .. j*G+G-1 (torch's enable_gqa); unchanged when H_k == heads_q."""

@@ -4,6 +4,9 @@ Run in its own process (the Makefile does): TRITON_INTERPRET must be set before 
     TRITON_INTERPRET=1 python -m pytest tests/test_flash_attention.py
 The interpreter executes every tile in numpy, so shapes are tiny; the interpreted tile is 16x16, so
 lengths 1, 17, 33, 130 cover one partial tile, a full tile plus a 1-row tail, and many tiles.
+The tests call the kernels' own launchers (tests/flash_kernels.py), which have no route to torch;
+which backend the drop-in scaled_dot_product_attention takes on CUDA is checked in
+test_flash_attention_cuda.py.
 """
 import os
 
@@ -17,7 +20,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from genfast import reference  # noqa: E402
 from genfast.kernels import flash_attention as flash_module  # noqa: E402
-from genfast.kernels.flash_attention import flash_attention  # noqa: E402
+from tests import flash_kernels  # noqa: E402
+from tests.flash_kernels import flash_attention  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not flash_module._INTERPRETED,
@@ -161,24 +165,35 @@ def test_gradcheck_float64(causal):
                                     fast_mode=True)
 
 
+# Where the kernels are the CUDA kernels of genfast::attention_forward, that op on CPU tensors runs its
+# C++ kernel, not these: its opcheck and torch.compile with these kernels need a GPU
+# (test_flash_attention_cuda.py).
+own_ops = pytest.mark.skipif(flash_kernels.LAUNCHERS, reason="the kernels have no op of their own: they are "
+                             "attention_forward's CUDA kernels (opcheck and compile in test_flash_attention_cuda.py)")
+
+
+@own_ops
 def test_opcheck_forward_and_backward_ops():
     q, k, v, grad_out = _inputs(1, 2, 1, 9, 5, 16)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    forward_op = torch.ops.genfast.flash_attention_forward.default
-    torch.library.opcheck(forward_op, (q, k, v, True, 0.25))
-    out, lse = forward_op(q.detach(), k.detach(), v.detach(), True, 0.25)
-    torch.library.opcheck(torch.ops.genfast.flash_attention_backward.default,
-                          (grad_out, q.detach(), k.detach(), v.detach(), out, lse, True, 0.25))
+    forward_op = flash_kernels.op(flash_kernels.OP_FORWARD)
+    torch.library.opcheck(forward_op, flash_kernels.op_forward_args(q, k, v, True, 0.25))
+    out, lse = forward_op(*flash_kernels.op_forward_args(q.detach(), k.detach(), v.detach(), True, 0.25))
+    torch.library.opcheck(flash_kernels.op(flash_kernels.OP_BACKWARD), flash_kernels.op_backward_args(
+        grad_out, q.detach(), k.detach(), v.detach(), out, lse, True, 0.25))
 
 
+@own_ops
 def test_torch_compile_fullgraph():
     # Under the interpreter the op is opaque to torch.compile (torch cannot trace interpreted kernels);
     # this checks that it compiles without graph breaks, through its fake kernel, and stays exact.
     q, k, v, grad_out = _inputs(1, 2, 1, 17, 9, 16)
     torch._dynamo.reset()
-    compiled = torch.compile(lambda a, b, c: flash_attention(a, b, c, causal=True) * 2.0, fullgraph=True)
+    scale = 0.25
+    compiled = torch.compile(lambda a, b, c: flash_kernels.op_attention(a, b, c, True, scale) * 2.0, fullgraph=True)
     got = _output_and_grads(compiled, q, k, v, grad_out)
-    want = _output_and_grads(lambda a, b, c: flash_attention(a, b, c, causal=True) * 2.0, q, k, v, grad_out)
+    want = _output_and_grads(lambda a, b, c: flash_attention(a, b, c, causal=True, scale=scale) * 2.0, q, k, v,
+                             grad_out)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
@@ -186,9 +201,8 @@ def test_torch_compile_fullgraph():
 def test_lse_is_the_row_logsumexp():
     q, k, v, _ = _inputs(1, 1, 1, 17, 20, 24, dtype=torch.float64)
     scale = 1 / math.sqrt(24)
-    _, lse = torch.ops.genfast.flash_attention_forward(q, k, v, True, scale)
-    scores = (q @ k.transpose(-2, -1)) * scale
-    scores = scores.masked_fill(~torch.ones(17, 20, dtype=torch.bool).tril(), float("-inf"))
+    _, lse = flash_kernels.forward(q, k, v, True, scale)
+    scores = reference.attention_scores(q, k, is_causal=True, scale=scale)
     torch.testing.assert_close(lse, torch.logsumexp(scores, dim=-1), atol=1e-12, rtol=1e-12)
 
 

@@ -24,7 +24,9 @@ if not INTERPRETED:
 
     from genfast import reference
     from genfast.kernels import flash_attention as flash_module
-    from genfast.kernels.flash_attention import flash_attention
+    from tests import flash_kernels
+    from tests.flash_kernels import flash_attention
+    from tests.sdpa_dispatch import HANDED_OFF, TRITON_KERNEL, expect_dispatch
 
 
 def _inputs(batch, q_heads, kv_heads, len_q, len_k, head_dim, dtype, seed=0):
@@ -123,19 +125,24 @@ def test_gradcheck_float64():
 def test_opcheck():
     q, k, v, grad_out = _inputs(1, 2, 1, 65, 33, 64, dtype=torch.float16)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    torch.library.opcheck(torch.ops.genfast.flash_attention_forward.default, (q, k, v, True, 0.125))
-    out, lse = torch.ops.genfast.flash_attention_forward(q.detach(), k.detach(), v.detach(), True, 0.125)
-    torch.library.opcheck(torch.ops.genfast.flash_attention_backward.default,
-                          (grad_out, q.detach(), k.detach(), v.detach(), out, lse, True, 0.125))
+    # The op whose CUDA kernels these are (tests/flash_kernels.py).
+    forward_op, backward_op = flash_kernels.op(flash_kernels.OP_FORWARD), flash_kernels.op(flash_kernels.OP_BACKWARD)
+    torch.library.opcheck(forward_op, flash_kernels.op_forward_args(q, k, v, True, 0.125))
+    out, lse = forward_op(*flash_kernels.op_forward_args(q.detach(), k.detach(), v.detach(), True, 0.125))
+    torch.library.opcheck(backward_op, flash_kernels.op_backward_args(grad_out, q.detach(), k.detach(), v.detach(),
+                                                                      out, lse, True, 0.125))
 
 
 @requires_cuda
-def test_torch_compile_traces_into_the_kernels():
+def test_torch_compile_fullgraph_through_the_op():
+    # torch.compile of the op whose CUDA kernels these are (its autograd included), against the kernels
+    # run eagerly.
     q, k, v, grad_out = _inputs(2, 4, 2, 300, 300, 64, dtype=torch.bfloat16)
     torch._dynamo.reset()
-    compiled = torch.compile(lambda a, b, c: flash_attention(a, b, c, causal=True) * 2.0, fullgraph=True)
+    compiled = torch.compile(lambda a, b, c: flash_kernels.op_attention(a, b, c, True, 0.125) * 2.0, fullgraph=True)
     got = _output_and_grads(compiled, q, k, v, grad_out)
-    want = _output_and_grads(lambda a, b, c: flash_attention(a, b, c, causal=True) * 2.0, q, k, v, grad_out)
+    want = _output_and_grads(lambda a, b, c: flash_attention(a, b, c, causal=True, scale=0.125) * 2.0, q, k, v,
+                             grad_out)
     for a, b in zip(got, want):
         # Same kernels, same tiles; only the fused "* 2.0" epilogue may round differently (1 bf16 ulp).
         torch.testing.assert_close(a, b, atol=2e-2, rtol=1e-2)
@@ -188,9 +195,8 @@ def test_kernels_compile_with_the_scale_as_torch_passes_it(scale_as):
     # Triton's launcher types a Python float argument as fp32. torch.compile (Inductor's user-defined
     # Triton kernel path) types it as fp64, and torch's mutation analysis of the kernel (opcheck's
     # aot_dispatch test) passes it as a constant Python float. The kernels must bring the scale to the
-    # accumulator type in a way that takes all three: with fp64, the softmax and the accumulator were
-    # promoted to fp64 and tl.dot refused the accumulator (test_torch_compile_traces_into_the_kernels on
-    # the H200); with a constant, `scale.to(...)` failed (test_opcheck on the H200).
+    # accumulator type in a way that takes all three: an fp64 scale must not promote the softmax and the
+    # accumulator to fp64 (tl.dot refuses an fp64 accumulator), and a constant one has no `.to(...)`.
     constants = dict(GROUP_SIZE=1, IS_CAUSAL=True, BLOCK_D=64, ACC_DTYPE=tl.float32, DOT_PRECISION="tf32",
                      UPCAST_BF16=False, BLOCK_M=64, BLOCK_N=64)
     if scale_as == "constant":
@@ -215,9 +221,9 @@ def test_functional_sdpa_runs_the_triton_kernel_on_cuda(dtype):
     # Two leading batch dims and GQA: reshaped to (B, H, L, D) for the kernel and back.
     q, k, v, grad_out = _inputs(6, 4, 2, 100, 120, 64, dtype=dtype, seed=3)
     as_5d = lambda t: t.unflatten(0, (2, 3))
-    ours = _output_and_grads(lambda a, b, c: gf.scaled_dot_product_attention(
-        as_5d(a), as_5d(b), as_5d(c), is_causal=True, enable_gqa=True).flatten(0, 1), q, k, v, grad_out)
-    assert gf.last_dispatch()["backend"] == "genfast-triton", gf.last_dispatch()
+    ours = expect_dispatch(lambda: _output_and_grads(lambda a, b, c: gf.scaled_dot_product_attention(
+        as_5d(a), as_5d(b), as_5d(c), is_causal=True, enable_gqa=True).flatten(0, 1), q, k, v, grad_out),
+        TRITON_KERNEL)
     torchs = _output_and_grads(lambda a, b, c: F.scaled_dot_product_attention(
         a, b, c, is_causal=True, enable_gqa=True), q, k, v, grad_out)
     expected = _fp32_reference(q, k, v, grad_out, causal=True)
@@ -233,15 +239,23 @@ def test_functional_sdpa_with_a_mask_goes_to_torch_and_says_why():
 
     q, k, v, _ = _inputs(1, 2, 2, 50, 60, 64, dtype=torch.float16, seed=4)
     mask = torch.rand(50, 60, device="cuda", generator=torch.Generator(device="cuda").manual_seed(5)) > 0.3
-    out = gf.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    dispatch = gf.last_dispatch()
-    assert dispatch["backend"] == "torch" and "attn_mask" in dispatch["reason"], dispatch
+    out = expect_dispatch(lambda: gf.scaled_dot_product_attention(q, k, v, attn_mask=mask), HANDED_OFF, "attn_mask")
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), atol=0, rtol=0)
 
 
 @requires_cuda
-def test_multihead_attention_on_cuda_within_2x_of_torch_error():
+def test_functional_sdpa_with_dropout_goes_to_torch_and_says_why():
     import genfast.nn.functional as gf
+
+    q, k, v, _ = _inputs(1, 2, 2, 50, 60, 64, dtype=torch.float16, seed=7)
+    torch.manual_seed(8)
+    out = expect_dispatch(lambda: gf.scaled_dot_product_attention(q, k, v, dropout_p=0.3), HANDED_OFF, "dropout")
+    torch.manual_seed(8)  # torch's SDPA with the same generator state draws the same dropout mask
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, dropout_p=0.3), atol=0, rtol=0)
+
+
+@requires_cuda
+def test_multihead_attention_on_cuda_within_2x_of_torch_error():
     from genfast.nn.attention import MultiheadAttention
 
     torch.manual_seed(6)
@@ -259,8 +273,7 @@ def test_multihead_attention_on_cuda_within_2x_of_torch_error():
         out.float().square().sum().backward()
         return [out.detach().float(), inputs.grad.float()] + [p.grad.float() for p in module.parameters()]
 
-    got = forward_and_grads(ours, x.half())
-    assert gf.last_dispatch()["backend"] == "genfast-triton", gf.last_dispatch()
+    got = expect_dispatch(lambda: forward_and_grads(ours, x.half()), TRITON_KERNEL)
     torchs = forward_and_grads(theirs, x.half())
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False

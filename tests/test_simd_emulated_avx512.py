@@ -30,8 +30,7 @@ BUILD = ROOT / "build" / "avx512-emulated"
 # The test files that exercise CPU kernels with a per-ISA copy (GEMM tiles, gate loops,
 # attention softmax, decode dot products, sampling).
 KERNEL_TEST_FILES = [
-    "test_lstm.py",
-    "test_gru.py",
+    "test_rnn.py",
     "test_attention.py",
     "test_decode_attention.py",
     "test_decode_linear.py",
