@@ -9,7 +9,8 @@ DEPS   := $(VENV)/.deps-installed
 .PHONY: setup build bench test test-fast clean
 
 # Triton kernels tested on the CPU under the Triton interpreter (their own pytest process, see `test`).
-INTERPRETED_TESTS := tests/test_flash_attention.py tests/test_sampling_triton.py tests/test_decode_attention_triton.py
+INTERPRETED_TESTS := tests/test_flash_attention.py tests/test_attention_triton_route.py tests/test_sampling_triton.py \
+                     tests/test_decode_attention_triton.py
 
 # torch first, pinned, so no later install can resolve a bare `torch` (a multi-GB CUDA build).
 $(DEPS): requirements-dev.txt
@@ -33,4 +34,4 @@ test: setup
 	TRITON_INTERPRET=1 $(PY) -m pytest $(INTERPRETED_TESTS) -q
 
 clean:
-	rm -rf build *.egg-info genfast/_C*.so
+	rm -rf build *.egg-info genfast/_C*.so genfast/_probe*.so

@@ -165,37 +165,8 @@ def test_gradcheck_float64(causal):
                                     fast_mode=True)
 
 
-# Where the kernels are the CUDA kernels of genfast::attention_forward, that op on CPU tensors runs its
-# C++ kernel, not these: its opcheck and torch.compile with these kernels need a GPU
-# (test_flash_attention_cuda.py).
-own_ops = pytest.mark.skipif(flash_kernels.LAUNCHERS, reason="the kernels have no op of their own: they are "
-                             "attention_forward's CUDA kernels (opcheck and compile in test_flash_attention_cuda.py)")
-
-
-@own_ops
-def test_opcheck_forward_and_backward_ops():
-    q, k, v, grad_out = _inputs(1, 2, 1, 9, 5, 16)
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
-    forward_op = flash_kernels.op(flash_kernels.OP_FORWARD)
-    torch.library.opcheck(forward_op, flash_kernels.op_forward_args(q, k, v, True, 0.25))
-    out, lse = forward_op(*flash_kernels.op_forward_args(q.detach(), k.detach(), v.detach(), True, 0.25))
-    torch.library.opcheck(flash_kernels.op(flash_kernels.OP_BACKWARD), flash_kernels.op_backward_args(
-        grad_out, q.detach(), k.detach(), v.detach(), out, lse, True, 0.25))
-
-
-@own_ops
-def test_torch_compile_fullgraph():
-    # Under the interpreter the op is opaque to torch.compile (torch cannot trace interpreted kernels);
-    # this checks that it compiles without graph breaks, through its fake kernel, and stays exact.
-    q, k, v, grad_out = _inputs(1, 2, 1, 17, 9, 16)
-    torch._dynamo.reset()
-    scale = 0.25
-    compiled = torch.compile(lambda a, b, c: flash_kernels.op_attention(a, b, c, True, scale) * 2.0, fullgraph=True)
-    got = _output_and_grads(compiled, q, k, v, grad_out)
-    want = _output_and_grads(lambda a, b, c: flash_attention(a, b, c, causal=True, scale=scale) * 2.0, q, k, v,
-                             grad_out)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, atol=0, rtol=0)
+# opcheck and torch.compile of genfast::attention_forward / _backward with these kernels need a GPU
+# (test_flash_attention_cuda.py): on CPU tensors the op runs its C++ kernel (test_attention.py).
 
 
 def test_lse_is_the_row_logsumexp():
