@@ -101,8 +101,8 @@ run_tests() {  # NAME FILE...
 # the rest of the file down with it.
 TEST_GROUPS=" ${GPU_SESSION_TESTS:-rnn attention_low_precision attention_rest generation} "
 wanted() { [[ $TEST_GROUPS == *" $1 "* ]]; }
-# The CUDA RNN tests: tests/test_rnn.py's cases marked `cuda` (or, in older checkouts, tests/test_rnn_cuda.py).
-if [[ -f tests/test_rnn_cuda.py ]]; then RNN_TESTS=(tests/test_rnn_cuda.py); else RNN_TESTS=(tests/test_rnn.py -m cuda); fi
+# The CUDA RNN tests: tests/test_rnn.py's cases marked `cuda`.
+RNN_TESTS=(tests/test_rnn.py -m cuda)
 wanted rnn && (run_tests rnn "${RNN_TESTS[@]}" -k "not argument_errors";
                run_tests rnn_package tests/test_package.py;
                run_tests rnn_argument_errors "${RNN_TESTS[@]}" -k argument_errors) &
