@@ -93,8 +93,6 @@ std::string cuda_archs() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "genfast compiled kernels; the operators live in torch.ops.genfast";
   m.def("simd_level", &genfast::cpu::simd_level_name, "SIMD level the CPU kernels dispatch to on this CPU");
-  m.def("packed_gemm_gflops", &genfast::cpu::packed_gemm_gflops, "GFLOP/s of the RNN kernels' packed GEMM on M x N x K fp32",
-        pybind11::arg("M"), pybind11::arg("N"), pybind11::arg("K"), pybind11::arg("repeats") = 5);
   m.def("cuda_built", &cuda_built, "whether the CUDA kernels were compiled in");
   m.def("dot_path_max_rows", &genfast::cpu::dot_path_max_rows,
         "the most rows for which the CPU matmul reads a weight of `bytes` in place (csrc/cpu/gemm.h)",
