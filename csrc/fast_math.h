@@ -26,29 +26,48 @@ namespace math {
 //  - Cody-Waite reduction r = x - n ln 2 with ln 2 split in two (n * 0.693359375 is exact);
 //  - exp(r) by a degree-6 polynomial evaluated by Estrin's scheme (pairs, then r^2): three
 //    dependent multiply-adds deep instead of six.
+namespace detail {
+// exp(x) for x within [-88, 88.3] (or NaN): the body of exp_fast(float) below, written once for
+// float (V = float, U = uint32_t) and for GCC vectors of floats (U: the vector of uint32_t of the
+// same size), which attention's explicit-vector softmax passes. Plain arithmetic, so it vectorises
+// in a loop and contracts to FMAs where the target has them.
+template <typename V, typename U>
+GENFAST_HD V exp_unclamped(V x) {
+  constexpr float kShifter = 12582912.0f + 127.0f;
+  const V t = x * 1.44269504088896341f + kShifter;
+  const V n = t - kShifter;
+  V r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  const V r2 = r * r;
+  // exp(r) = 1 + r + r^2 (c2 + c3 r + r^2 (c4 + c5 r + r^2 (c6 + c7 r)))
+  const V c67 = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  const V c45 = r * 8.3334519073e-3f + 4.1665795894e-2f;
+  const V c23 = r * 1.6666665459e-1f + 5.0000001201e-1f;
+  const V tail = (c67 * r2 + c45) * r2 + c23;
+  const V p = tail * r2 + (r + 1.0f);
+  // 2^n from t's bits (n + 127 = 0 gives 0). For NaN, p is NaN and so is the product.
+  static_assert(sizeof(U) == sizeof(V), "U must be V's bits");
+  U bits;
+  std::memcpy(&bits, &t, sizeof(bits));
+  bits <<= 23;
+  V scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+}  // namespace detail
+
 GENFAST_HD float exp_fast(float x) {
   // Clamp without losing NaN: comparisons with NaN are false, so NaN passes through.
   x = x < -87.3f ? -87.3f : x;
   x = x > 88.3f ? 88.3f : x;
-  constexpr float kShifter = 12582912.0f + 127.0f;
-  const float t = x * 1.44269504088896341f + kShifter;
-  const float n = t - kShifter;
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  const float r2 = r * r;
-  // exp(r) = 1 + r + r^2 (c2 + c3 r + r^2 (c4 + c5 r + r^2 (c6 + c7 r)))
-  const float c67 = 1.9875691500e-4f * r + 1.3981999507e-3f;
-  const float c45 = 8.3334519073e-3f * r + 4.1665795894e-2f;
-  const float c23 = 1.6666665459e-1f * r + 5.0000001201e-1f;
-  const float tail = (c67 * r2 + c45) * r2 + c23;
-  const float p = tail * r2 + (r + 1.0f);
-  // 2^n from t's bits. For NaN, p is NaN and so is the product.
-  uint32_t bits;
-  std::memcpy(&bits, &t, sizeof(bits));
-  bits <<= 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  return detail::exp_unclamped<float, uint32_t>(x);
+}
+
+// exp for x <= 0 or NaN (a softmax's x - rowmax): no upper clamp, and the lower one sits where
+// 2^n underflows to zero bits, so exp(-inf) is exactly 0 without a compare and select.
+GENFAST_HD float exp_fast_nonpositive(float x) {
+  x = x < -88.0f ? -88.0f : x;
+  return detail::exp_unclamped<float, uint32_t>(x);
 }
 
 // exp for double on the CPU: the same scheme in double precision. Cody-Waite reduction with

@@ -28,9 +28,27 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#if defined(GENFAST_EMULATE_AVX512)
+#define SIMDE_ENABLE_NATIVE_ALIASES  // the _mm512_* names in struct Avx512 resolve to SIMDe's (see simd.h)
+#include <simde/x86/avx512.h>
+// SIMDe 0.8.2 has no _mm512_reduce_add_ps.
+inline float genfast_emulated_reduce_add_ps(simde__m512 v) {
+  float lanes[16];
+  simde_mm512_storeu_ps(lanes, v);
+  float sum = 0.0f;
+  for (float lane : lanes) sum += lane;
+  return sum;
+}
+#define _mm512_reduce_add_ps(v) genfast_emulated_reduce_add_ps(v)
+#endif
+#endif
 
 #include "cpu/gemm.h"
 #include "cpu/gemm_entry.h"
@@ -73,8 +91,8 @@ void apply_mask(const Problem<T>& p, int64_t b, int64_t h, int64_t i0, int64_t r
   const Mask<T>& m = p.mask;
   // Branch-free, with the usual contiguous key dim apart so the additive loop vectorises. A
   // boolean mask adds 0 or -inf from a two-entry table, as torch adds the float mask it makes of
-  // one: a branch (or a conditional store, which GCC makes of a select) per score mispredicted
-  // on a random mask often enough to take ~20% of the forward.
+  // one: a branch (or a conditional store, which GCC makes of a select) per score mispredicts
+  // on a random mask.
   const int64_t sk = m.stride_k;
   static constexpr T kBoolMaskAdd[2] = {kNegInf, T(0)};
   if (m.kind == Mask<T>::kAdditive) {
@@ -210,8 +228,116 @@ GENFAST_SOFTMAX_COPY(avx2, GENFAST_TARGET_AVX2)
 GENFAST_SOFTMAX_COPY(avx512, GENFAST_TARGET_AVX512)
 
 
+// ---- float softmax with explicit vectors (AVX2 / AVX-512) ------------------------------
+// The float copies for AVX2 and AVX-512 use explicit vectors, which ran the softmax faster than
+// the loops above auto-vectorised (docs/performance.md). exp is fast_math.h's, applied to GCC
+// vectors (S::VF).
+#if GENFAST_X86
+struct Avx2 {
+  using V = __m256;
+  static constexpr int kWidth = 8;
+  // The same lanes as a GCC vector, for fast_math.h's exp.
+  typedef float VF __attribute__((vector_size(32)));
+  typedef uint32_t VU __attribute__((vector_size(32)));
+  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE VF to_vf(V x) {
+    VF y;
+    std::memcpy(&y, &x, sizeof(y));
+    return y;
+  }
+  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V from_vf(VF x) {
+    V y;
+    std::memcpy(&y, &x, sizeof(y));
+    return y;
+  }
+  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V load(const float* p) { return _mm256_loadu_ps(p); }
+  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V set1(float x) { return _mm256_set1_ps(x); }
+  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V vmax(V a, V b) { return _mm256_max_ps(a, b); }
+  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V vmin(V a, V b) { return _mm256_min_ps(a, b); }
+  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V add(V a, V b) { return _mm256_add_ps(a, b); }
+  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  // Horizontal max / sum of the 8 lanes.
+  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE float hmax(V v) {
+    __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
+  }
+  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE float hsum(V v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+  }
+  // x where x != -inf, else 0
+  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V zero_if_neg_inf(V x, V value) {
+    return _mm256_andnot_ps(_mm256_cmp_ps(x, set1(-std::numeric_limits<float>::infinity()), _CMP_EQ_OQ), value);
+  }
+};
+
+struct Avx512 {
+  using V = __m512;
+  static constexpr int kWidth = 16;
+  // The same lanes as a GCC vector, for fast_math.h's exp.
+  typedef float VF __attribute__((vector_size(64)));
+  typedef uint32_t VU __attribute__((vector_size(64)));
+  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE VF to_vf(V x) {
+    VF y;
+    std::memcpy(&y, &x, sizeof(y));
+    return y;
+  }
+  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V from_vf(VF x) {
+    V y;
+    std::memcpy(&y, &x, sizeof(y));
+    return y;
+  }
+  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V load(const float* p) { return _mm512_loadu_ps(p); }
+  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V set1(float x) { return _mm512_set1_ps(x); }
+  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V vmax(V a, V b) { return _mm512_max_ps(a, b); }
+  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V vmin(V a, V b) { return _mm512_min_ps(a, b); }
+  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V add(V a, V b) { return _mm512_add_ps(a, b); }
+  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE float hmax(V v) { return _mm512_reduce_max_ps(v); }
+  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE float hsum(V v) { return _mm512_reduce_add_ps(v); }
+  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V zero_if_neg_inf(V x, V value) {
+    const __mmask16 is_neg_inf =
+        _mm512_cmp_ps_mask(x, set1(-std::numeric_limits<float>::infinity()), _CMP_EQ_OQ);
+    return _mm512_mask_blend_ps(is_neg_inf, value, _mm512_setzero_ps());
+  }
+};
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+using S = Avx2;
+#include "cpu/attention_softmax.inc"
+}  // namespace avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+GENFAST_PRAGMA_TARGET_AVX512
+namespace avx512 {
+using S = Avx512;
+#include "cpu/attention_softmax.inc"
+}  // namespace avx512
+#pragma GCC pop_options
+#endif
+
 template <typename T>
 SoftmaxKernels<T> softmax_kernels() {
+#if GENFAST_X86
+  if constexpr (std::is_same_v<T, float>) {
+    switch (simd_level()) {
+      case SimdLevel::kAVX512:
+        return {avx512::online_softmax_f32, avx512::softmax_grad_f32, rescale_add_avx512<float>};
+      case SimdLevel::kAVX2:
+        return {avx2::online_softmax_f32, avx2::softmax_grad_f32, rescale_add_avx2<float>};
+      default:
+        break;
+    }
+  }
+#endif
   switch (simd_level()) {
     case SimdLevel::kAVX512:
       return {online_softmax_avx512<T>, softmax_grad_avx512<T>, rescale_add_avx512<T>};
