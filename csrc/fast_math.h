@@ -31,8 +31,10 @@ namespace detail {
 // float (V = float, U = uint32_t) and for GCC vectors of floats (U: the vector of uint32_t of the
 // same size), which attention's explicit-vector softmax passes. Plain arithmetic, so it vectorises
 // in a loop and contracts to FMAs where the target has them.
+// By reference: a 32- or 64-byte vector passed or returned by value would change the ABI of
+// this (untargeted) function; always inlined, it costs nothing.
 template <typename V, typename U>
-GENFAST_HD V exp_unclamped(V x) {
+GENFAST_HD void exp_unclamped(const V& x, V& out) {
   constexpr float kShifter = 12582912.0f + 127.0f;
   const V t = x * 1.44269504088896341f + kShifter;
   const V n = t - kShifter;
@@ -52,7 +54,7 @@ GENFAST_HD V exp_unclamped(V x) {
   bits <<= 23;
   V scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  out = p * scale;
 }
 }  // namespace detail
 
@@ -60,14 +62,9 @@ GENFAST_HD float exp_fast(float x) {
   // Clamp without losing NaN: comparisons with NaN are false, so NaN passes through.
   x = x < -87.3f ? -87.3f : x;
   x = x > 88.3f ? 88.3f : x;
-  return detail::exp_unclamped<float, uint32_t>(x);
-}
-
-// exp for x <= 0 or NaN (a softmax's x - rowmax): no upper clamp, and the lower one sits where
-// 2^n underflows to zero bits, so exp(-inf) is exactly 0 without a compare and select.
-GENFAST_HD float exp_fast_nonpositive(float x) {
-  x = x < -88.0f ? -88.0f : x;
-  return detail::exp_unclamped<float, uint32_t>(x);
+  float y;
+  detail::exp_unclamped<float, uint32_t>(x, y);
+  return y;
 }
 
 // exp for double on the CPU: the same scheme in double precision. Cody-Waite reduction with
