@@ -17,31 +17,54 @@
 namespace genfast {
 namespace math {
 
-// exp for float on the CPU: Cody-Waite range reduction and a degree-6 polynomial,
-// branch-free so loops over it vectorise (std::exp calls do not). Max relative
-// error about 2 ulp over the clamped range; NaN in gives NaN out.
+// exp for float on the CPU, the one the gate math and the attention softmax share: branch-free,
+// so loops over it vectorise (std::exp calls do not). Max relative error about 1.3 ulp over
+// the clamped range, whose ends keep 2^n a normal number; NaN in gives NaN out.
+//  - n = round(x log2 e) comes from one multiply-add with the shifter 1.5 * 2^23 + 127: the sum's
+//    low mantissa bits hold n + 127, so its bits shifted left by 23 are 2^n (plain arithmetic
+//    and an integer shift, no floor or float-to-int conversion, on every ISA);
+//  - Cody-Waite reduction r = x - n ln 2 with ln 2 split in two (n * 0.693359375 is exact);
+//  - exp(r) by a degree-6 polynomial evaluated by Estrin's scheme (pairs, then r^2): three
+//    dependent multiply-adds deep instead of six.
+namespace detail {
+// exp(x) for x within [-88, 88.3] (or NaN): the body of exp_fast(float) below, written once for
+// float (V = float, U = uint32_t) and for GCC vectors of floats (U: the vector of uint32_t of the
+// same size), which attention's explicit-vector softmax passes. Plain arithmetic, so it vectorises
+// in a loop and contracts to FMAs where the target has them.
+// By reference: a 32- or 64-byte vector passed or returned by value would change the ABI of
+// this (untargeted) function; always inlined, it costs nothing.
+template <typename V, typename U>
+GENFAST_HD void exp_unclamped(const V& x, V& out) {
+  constexpr float kShifter = 12582912.0f + 127.0f;
+  const V t = x * 1.44269504088896341f + kShifter;
+  const V n = t - kShifter;
+  V r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  const V r2 = r * r;
+  // exp(r) = 1 + r + r^2 (c2 + c3 r + r^2 (c4 + c5 r + r^2 (c6 + c7 r)))
+  const V c67 = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  const V c45 = r * 8.3334519073e-3f + 4.1665795894e-2f;
+  const V c23 = r * 1.6666665459e-1f + 5.0000001201e-1f;
+  const V tail = (c67 * r2 + c45) * r2 + c23;
+  const V p = tail * r2 + (r + 1.0f);
+  // 2^n from t's bits (n + 127 = 0 gives 0). For NaN, p is NaN and so is the product.
+  static_assert(sizeof(U) == sizeof(V), "U must be V's bits");
+  U bits;
+  std::memcpy(&bits, &t, sizeof(bits));
+  bits <<= 23;
+  V scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  out = p * scale;
+}
+}  // namespace detail
+
 GENFAST_HD float exp_fast(float x) {
   // Clamp without losing NaN: comparisons with NaN are false, so NaN passes through.
   x = x < -87.3f ? -87.3f : x;
   x = x > 88.3f ? 88.3f : x;
-  // Round to nearest by adding and subtracting 1.5 * 2^23: plain arithmetic, so it
-  // vectorises on every ISA (floorf becomes a library call on baseline x86-64).
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  // Scale by 2^n through the exponent bits. For NaN, n converts to some integer
-  // and p is NaN, so the product stays NaN.
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  float y;
+  detail::exp_unclamped<float, uint32_t>(x, y);
+  return y;
 }
 
 // exp for double on the CPU: the same scheme in double precision. Cody-Waite reduction with
@@ -51,8 +74,8 @@ GENFAST_HD float exp_fast(float x) {
 // 2^n comes from the bits of the rounded sum itself: 1.5 * 2^52 + n holds n in its low bits,
 // and adding the bias and shifting left by 52 leaves exactly (n + 1023) << 52. Everything is
 // add, multiply, compare and integer add/shift, so loops over it vectorise (std::exp and
-// std::tanh are scalar library calls: with them float64 LSTM gate math took more time than
-// the GEMM). The clamp keeps 2^n normal: exp(-708) = 3.3e-308, exp(709) = 8.2e307.
+// std::tanh are scalar library calls). The clamp keeps 2^n normal: exp(-708) = 3.3e-308,
+// exp(709) = 8.2e307.
 GENFAST_HD double exp_fast(double x) {
   x = x < -708.0 ? -708.0 : x;
   x = x > 709.0 ? 709.0 : x;

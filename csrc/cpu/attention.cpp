@@ -9,7 +9,8 @@
 //
 // The GEMMs whose right operand is key-side (K^T, V, V^T, K) run on genfast's packed-panel
 // micro-kernel (cpu/gemm.h) with that operand packed once per (batch, kv head); the two
-// backward products with a transposed left operand (dV, dK) use BLAS (attention_gemm.h).
+// backward products with a transposed left operand (dV, dK) go through the CPU kernels' GEMM
+// entry point (cpu/gemm_entry.h).
 //
 // Backward recomputes P = exp(S - logsumexp) tile by tile. A task owns one
 // (batch, key/value head): it accumulates dK and dV of that head without races
@@ -27,6 +28,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -48,10 +50,10 @@ inline float genfast_emulated_reduce_add_ps(simde__m512 v) {
 #endif
 #endif
 
-#include "cpu/attention_gemm.h"
 #include "cpu/gemm.h"
+#include "cpu/gemm_entry.h"
 #include "cpu/simd.h"
-#include "gate_math.h"
+#include "fast_math.h"
 
 namespace genfast::cpu::attention {
 
@@ -89,8 +91,8 @@ void apply_mask(const Problem<T>& p, int64_t b, int64_t h, int64_t i0, int64_t r
   const Mask<T>& m = p.mask;
   // Branch-free, with the usual contiguous key dim apart so the additive loop vectorises. A
   // boolean mask adds 0 or -inf from a two-entry table, as torch adds the float mask it makes of
-  // one: a branch (or a conditional store, which GCC makes of a select) per score mispredicted
-  // on a random mask often enough to take ~20% of the forward.
+  // one: a branch (or a conditional store, which GCC makes of a select) per score mispredicts
+  // on a random mask.
   const int64_t sk = m.stride_k;
   static constexpr T kBoolMaskAdd[2] = {kNegInf, T(0)};
   if (m.kind == Mask<T>::kAdditive) {
@@ -122,8 +124,8 @@ void apply_mask(const Problem<T>& p, int64_t b, int64_t h, int64_t i0, int64_t r
 
 // ---- softmax pieces, compiled per ISA ------------------------------------------------
 // The *_impl templates are always inlined into the target-attributed wrappers below, so
-// the `omp simd` loops vectorise to the width of each ISA (exp_ is the polynomial exp
-// for float, branch-free).
+// the `omp simd` loops vectorise to the width of each ISA (exp_ is fast_math.h's
+// branch-free polynomial exp, the one the RNN gate math uses).
 
 #define GENFAST_ALWAYS_INLINE inline __attribute__((always_inline))
 
@@ -147,12 +149,12 @@ GENFAST_ALWAYS_INLINE void online_softmax_impl(T* s, int64_t rows, int64_t cols,
 #pragma omp simd reduction(+ : sum)
     for (int64_t c = 0; c < cols; ++c) {
       const T x = row[c];
-      const T e = genfast::gates::exp_<T>(x - base);
+      const T e = genfast::math::exp_<T>(x - base);
       const T prob = x == kNegInf ? T(0) : e;  // the polynomial exp clamps: force exact 0
       row[c] = prob;
       sum += prob;
     }
-    const T a = m_old == kNegInf ? T(0) : genfast::gates::exp_<T>(m_old - base);
+    const T a = m_old == kNegInf ? T(0) : genfast::math::exp_<T>(m_old - base);
     alpha[r] = a;
     l[r] = l[r] * a + sum;
     m[r] = m_new;
@@ -177,7 +179,7 @@ GENFAST_ALWAYS_INLINE void softmax_grad_impl(T* s, T* dp, int64_t rows, int64_t 
 #pragma omp simd
     for (int64_t c = 0; c < cols; ++c) {
       const T x = srow[c];
-      const T e = genfast::gates::exp_<T>(x - lse_r);
+      const T e = genfast::math::exp_<T>(x - lse_r);
       const T prob = x == kNegInf ? T(0) : e;
       srow[c] = prob;
       dprow[c] = prob * (dprow[c] - delta_r);
@@ -227,13 +229,26 @@ GENFAST_SOFTMAX_COPY(avx512, GENFAST_TARGET_AVX512)
 
 
 // ---- float softmax with explicit vectors (AVX2 / AVX-512) ------------------------------
-// GCC does not vectorise the float reductions above without -ffast-math, so the float
-// copies for AVX2 and AVX-512 use intrinsics; exp is the same Cody-Waite + degree-6
-// polynomial as genfast::gates::exp_fast, lane by lane.
+// The float copies for AVX2 and AVX-512 use explicit vectors, which ran the softmax faster than
+// the loops above auto-vectorised (docs/performance.md). exp is fast_math.h's, applied to GCC
+// vectors (S::VF).
 #if GENFAST_X86
 struct Avx2 {
   using V = __m256;
   static constexpr int kWidth = 8;
+  // The same lanes as a GCC vector, for fast_math.h's exp.
+  typedef float VF __attribute__((vector_size(32)));
+  typedef uint32_t VU __attribute__((vector_size(32)));
+  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE VF to_vf(V x) {
+    VF y;
+    std::memcpy(&y, &x, sizeof(y));
+    return y;
+  }
+  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V from_vf(VF x) {
+    V y;
+    std::memcpy(&y, &x, sizeof(y));
+    return y;
+  }
   GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V load(const float* p) { return _mm256_loadu_ps(p); }
   GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE void store(float* p, V v) { _mm256_storeu_ps(p, v); }
   GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V set1(float x) { return _mm256_set1_ps(x); }
@@ -242,12 +257,6 @@ struct Avx2 {
   GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V add(V a, V b) { return _mm256_add_ps(a, b); }
   GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V sub(V a, V b) { return _mm256_sub_ps(a, b); }
   GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V mul(V a, V b) { return _mm256_mul_ps(a, b); }
-  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V fnma(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }
-  // 2^n as a float from the bits of t = n + 127 + 1.5 * 2^23 (n + 127 in the low mantissa bits).
-  GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE V exponent_bits_to_float(V t) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23));
-  }
   // Horizontal max / sum of the 8 lanes.
   GENFAST_TARGET_AVX2 static GENFAST_ALWAYS_INLINE float hmax(V v) {
     __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -268,6 +277,19 @@ struct Avx2 {
 struct Avx512 {
   using V = __m512;
   static constexpr int kWidth = 16;
+  // The same lanes as a GCC vector, for fast_math.h's exp.
+  typedef float VF __attribute__((vector_size(64)));
+  typedef uint32_t VU __attribute__((vector_size(64)));
+  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE VF to_vf(V x) {
+    VF y;
+    std::memcpy(&y, &x, sizeof(y));
+    return y;
+  }
+  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V from_vf(VF x) {
+    V y;
+    std::memcpy(&y, &x, sizeof(y));
+    return y;
+  }
   GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V load(const float* p) { return _mm512_loadu_ps(p); }
   GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE void store(float* p, V v) { _mm512_storeu_ps(p, v); }
   GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V set1(float x) { return _mm512_set1_ps(x); }
@@ -276,11 +298,6 @@ struct Avx512 {
   GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V add(V a, V b) { return _mm512_add_ps(a, b); }
   GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V sub(V a, V b) { return _mm512_sub_ps(a, b); }
   GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V mul(V a, V b) { return _mm512_mul_ps(a, b); }
-  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V fnma(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }
-  GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V exponent_bits_to_float(V t) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_castps_si512(t), 23));
-  }
   GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE float hmax(V v) { return _mm512_reduce_max_ps(v); }
   GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE float hsum(V v) { return _mm512_reduce_add_ps(v); }
   GENFAST_TARGET_AVX512 static GENFAST_ALWAYS_INLINE V zero_if_neg_inf(V x, V value) {
@@ -335,8 +352,8 @@ SoftmaxKernels<T> softmax_kernels() {
 //
 // Both forward GEMMs run on genfast's register-blocked micro-kernel (cpu/gemm.h), which
 // reads the right-hand operand as packed panels and A in place, so nothing is packed
-// inside the tile loop (MKL packs both operands on every call, and at these sizes the
-// packing and its small-matrix overheads cost about as much as the FMAs):
+// inside the tile loop (a general GEMM call would pack both operands every time, which at
+// these tile sizes costs about as much as the FMAs):
 //   S  = Q_tile (rows x D, read in place) * K^T panels   K^T packed once per (batch, kv head)
 //   PV = P (rows x cols) * V rows                       V used in place when its rows are
 //                                                       contiguous panel rows, else packed once
@@ -538,11 +555,11 @@ void backward_kernel(const Problem<T>& p, const T* grad_out, const T* out, const
             }
             apply_mask(p, b, h, i0, rows, j0, cols, probs.data(), kBlockK);
             sk.softmax_grad(probs.data(), dprobs.data(), rows, cols, kBlockK, row_lse, delta.data());
-            // dV += P^T dO ; dK += (scale dS)^T Q  (transposed left operands: BLAS)
-            gemm_tn<T>(cols, p.dim_v, rows, T(1), probs.data(), kBlockK, dout, p.dim_v, T(1), dv + j0 * p.dim_v,
-                       p.dim_v);
-            gemm_tn<T>(cols, p.dim_qk, rows, T(1), dprobs.data(), kBlockK, q, p.q_sr, T(1), dk + j0 * p.dim_qk,
-                       p.dim_qk);
+            // dV += P^T dO ; dK += (scale dS)^T Q  (transposed left operands, read in place)
+            gemm_out<T>(cols, p.dim_v, rows, probs.data(), 1, kBlockK, dout, p.dim_v, 1, dv + j0 * p.dim_v, p.dim_v,
+                        /*accumulate=*/true);
+            gemm_out<T>(cols, p.dim_qk, rows, dprobs.data(), 1, kBlockK, q, p.q_sr, 1, dk + j0 * p.dim_qk, p.dim_qk,
+                        /*accumulate=*/true);
             // dQ += (scale dS) K, through a tile because gemm_panel overwrites its output.
             gemm_rowmajor<T>(rows, cols, dprobs.data(), kBlockK, k_rows + j0 * wqk, wqk, dq_tile.data(), wqk);
             for (int64_t r = 0; r < rows; ++r)
@@ -691,10 +708,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   at::Tensor grad_v = at::zeros(v.sizes(), v.options().memory_format(at::MemoryFormat::Contiguous));
   if (grad_q.numel() > 0 && k.size(2) > 0) {
     AT_DISPATCH_FLOATING_TYPES(kdtype, "attention_backward", [&] {
-      if (!blas_available<scalar_t>()) {
-        TORCH_WARN_ONCE("genfast attention: this torch exports no BLAS sgemm_/dgemm_; the CPU attention "
-                        "backward uses its slow reference loop nest instead");
-      }
       const Problem<scalar_t> p = make_problem<scalar_t>(q, k, v, mask, is_causal, scale);
       backward_kernel<scalar_t>(p, grad_out.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                                 lse.data_ptr<scalar_t>(), grad_q.data_ptr<scalar_t>(), grad_k.data_ptr<scalar_t>(),

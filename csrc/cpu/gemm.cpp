@@ -4,7 +4,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cstring>
 #include <vector>
 
@@ -29,10 +28,13 @@ GENFAST_VEC(float, 16) GENFAST_VEC(float, 32) GENFAST_VEC(float, 64)
 GENFAST_VEC(double, 16) GENFAST_VEC(double, 32) GENFAST_VEC(double, 64)
 #undef GENFAST_VEC
 
-// C[MR x S] = [A1 | A2][MR x (K1 + K2)] * B[(K1 + K2) x S], S = kSubWidth<T> (64 bytes), B rows `ldb`
-// apart: B's first K1 rows multiply A1, the next K2 rows A2 (K2 = 0 for a plain product). The two
-// left operands let a caller multiply [x_t | h_{t-1}] by one stacked weight without copying them
-// side by side. The MR x (64 / VB) accumulators stay in registers for both K loops.
+// C[MR x S] (+)= [A1 | A2][MR x (K1 + K2)] * B[(K1 + K2) x S], S = kSubWidth<T> (64 bytes), B rows
+// `ldb` apart: B's first K1 rows multiply A1, the next K2 rows A2 (K2 = 0 for a plain product). The
+// two left operands let a caller multiply [x_t | h_{t-1}] by one stacked weight without copying
+// them side by side. The MR x (64 / VB) accumulators stay in registers for both K loops.
+// A's layout is a template argument (kColumnsA below), its element (m, k) at A[m * lda + k]
+// (rows contiguous) or A[k * lda + m] (columns contiguous: a transposed view such as dG^T,
+// whose MR values for one k are then adjacent).
 template <typename T>
 struct LeftOperands {
   int64_t K1;
@@ -41,12 +43,17 @@ struct LeftOperands {
   int64_t K2;
   const T* A2;
   int64_t lda2;
+  bool accumulate = false;  // C += product instead of C = product
 
-  LeftOperands rows_from(int64_t m) const { return {K1, A1 + m * lda1, lda1, K2, A2 ? A2 + m * lda2 : A2, lda2}; }
+  template <bool kColumnsA>
+  LeftOperands rows_from(int64_t m) const {
+    if constexpr (kColumnsA) return {K1, A1 + m, lda1, 0, nullptr, 0, accumulate};
+    return {K1, A1 + m * lda1, lda1, K2, A2 ? A2 + m * lda2 : A2, lda2, accumulate};
+  }
 };
 
 // acc[MR][64 / VB] += A[MR x K] * B[K x S].
-template <typename T, int VB, int MR>
+template <typename T, int VB, int MR, bool kColumnsA>
 inline __attribute__((always_inline)) void accumulate_k(typename VecOf<T, VB>::type (&acc)[MR][64 / VB], int64_t K,
                                                         const T* A, int64_t lda, const T* B, int64_t ldb) {
   using V = typename VecOf<T, VB>::type;
@@ -58,14 +65,14 @@ inline __attribute__((always_inline)) void accumulate_k(typename VecOf<T, VB>::t
     for (int v = 0; v < NV; ++v) b[v] = *reinterpret_cast<const V*>(B + k * ldb + v * L);
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
-      const T a = A[r * lda + k];
+      const T a = kColumnsA ? A[k * lda + r] : A[r * lda + k];
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
     }
   }
 }
 
-template <typename T, int VB, int MR>
+template <typename T, int VB, int MR, bool kColumnsA>
 inline __attribute__((always_inline)) void micro_kernel(const LeftOperands<T>& a, const T* B, int64_t ldb, T* C,
                                                         int64_t ldc) {
   using V = typename VecOf<T, VB>::type;
@@ -75,9 +82,9 @@ inline __attribute__((always_inline)) void micro_kernel(const LeftOperands<T>& a
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = V{};
-  accumulate_k<T, VB, MR>(acc, a.K1, a.A1, a.lda1, B, ldb);
-  if (a.K2 > 0) accumulate_k<T, VB, MR>(acc, a.K2, a.A2, a.lda2, B + a.K1 * ldb, ldb);
+    for (int v = 0; v < NV; ++v) acc[r][v] = a.accumulate ? *reinterpret_cast<const V*>(C + r * ldc + v * L) : V{};
+  accumulate_k<T, VB, MR, kColumnsA>(acc, a.K1, a.A1, a.lda1, B, ldb);
+  if (!kColumnsA && a.K2 > 0) accumulate_k<T, VB, MR, kColumnsA>(acc, a.K2, a.A2, a.lda2, B + a.K1 * ldb, ldb);
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
@@ -85,7 +92,7 @@ inline __attribute__((always_inline)) void micro_kernel(const LeftOperands<T>& a
 }
 
 // The row loop: full blocks of MR rows, then one call for the remaining rows.
-template <typename T, int VB, int MR>
+template <typename T, int VB, int MR, bool kColumnsA>
 inline __attribute__((always_inline)) void panel_rows(int64_t M, const LeftOperands<T>& a, const T* panel,
                                                       int64_t width, int64_t slice_stride, int64_t ldb, T* C,
                                                       int64_t ldc) {
@@ -95,17 +102,17 @@ inline __attribute__((always_inline)) void panel_rows(int64_t M, const LeftOpera
   // block of A streams past it.
   for (int64_t s = 0; s < width; s += S) {
     for (int64_t m = 0; m < full; m += MR)
-      micro_kernel<T, VB, MR>(a.rows_from(m), panel + s / S * slice_stride, ldb, C + m * ldc + s, ldc);
+      micro_kernel<T, VB, MR, kColumnsA>(a.template rows_from<kColumnsA>(m), panel + s / S * slice_stride, ldb, C + m * ldc + s, ldc);
     if (rest == 0) continue;
     const int64_t m = full;
-    const LeftOperands<T> tail = a.rows_from(m);
+    const LeftOperands<T> tail = a.template rows_from<kColumnsA>(m);
     const T* b = panel + s / S * slice_stride;
     T* c = C + m * ldc + s;
     // A switch over compile-time row counts keeps the tail in registers too.
     switch (rest) {
 #define GENFAST_TAIL(R) \
   case R:               \
-    if constexpr (R < MR) micro_kernel<T, VB, R>(tail, b, ldb, c, ldc); \
+    if constexpr (R < MR) micro_kernel<T, VB, R, kColumnsA>(tail, b, ldb, c, ldc); \
     break;
       GENFAST_TAIL(1) GENFAST_TAIL(2) GENFAST_TAIL(3) GENFAST_TAIL(4) GENFAST_TAIL(5) GENFAST_TAIL(6)
       GENFAST_TAIL(7) GENFAST_TAIL(8) GENFAST_TAIL(9) GENFAST_TAIL(10) GENFAST_TAIL(11)
@@ -213,22 +220,22 @@ constexpr int kRowsAVX512 = 12;  // 12 of 32 zmm
 constexpr int kRowsAVX2 = 6;     // 12 of 16 ymm (each 64-byte vector is two ymm)
 constexpr int kRowsBaseline = 3; // 12 of 16 xmm
 
-template <typename T>
+template <typename T, bool kColumnsA>
 GENFAST_TARGET_AVX512 void gemm_panel_avx512(int64_t M, const LeftOperands<T>& a, const T* panel, int64_t width,
                       int64_t slice_stride, int64_t ldb, T* C, int64_t ldc) {
-  panel_rows<T, 64, kRowsAVX512>(M, a, panel, width, slice_stride, ldb, C, ldc);
+  panel_rows<T, 64, kRowsAVX512, kColumnsA>(M, a, panel, width, slice_stride, ldb, C, ldc);
 }
 
-template <typename T>
+template <typename T, bool kColumnsA>
 GENFAST_TARGET_AVX2 void gemm_panel_avx2(int64_t M, const LeftOperands<T>& a, const T* panel, int64_t width,
                       int64_t slice_stride, int64_t ldb, T* C, int64_t ldc) {
-  panel_rows<T, 32, kRowsAVX2>(M, a, panel, width, slice_stride, ldb, C, ldc);
+  panel_rows<T, 32, kRowsAVX2, kColumnsA>(M, a, panel, width, slice_stride, ldb, C, ldc);
 }
 
-template <typename T>
+template <typename T, bool kColumnsA>
 void gemm_panel_baseline(int64_t M, const LeftOperands<T>& a, const T* panel, int64_t width,
                       int64_t slice_stride, int64_t ldb, T* C, int64_t ldc) {
-  panel_rows<T, 16, kRowsBaseline>(M, a, panel, width, slice_stride, ldb, C, ldc);
+  panel_rows<T, 16, kRowsBaseline, kColumnsA>(M, a, panel, width, slice_stride, ldb, C, ldc);
 }
 
 }  // namespace
@@ -236,18 +243,19 @@ void gemm_panel_baseline(int64_t M, const LeftOperands<T>& a, const T* panel, in
 namespace {
 
 // B element (k, c) at b[(c / S) * slice_stride + k * ldb + c % S], S = kSubWidth<T>.
-template <typename T>
+template <typename T, bool kColumnsA = false>
 void gemm_strided(int64_t M, const LeftOperands<T>& a, const T* B, int64_t width, int64_t slice_stride,
                   int64_t ldb, T* C, int64_t ldc) {
   if (M <= 0) return;
   if (a.K1 + a.K2 == 0) {
-    for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + width, T(0));
+    if (!a.accumulate)
+      for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + width, T(0));
     return;
   }
   switch (simd_level()) {
-    case SimdLevel::kAVX512: return gemm_panel_avx512<T>(M, a, B, width, slice_stride, ldb, C, ldc);
-    case SimdLevel::kAVX2: return gemm_panel_avx2<T>(M, a, B, width, slice_stride, ldb, C, ldc);
-    default: return gemm_panel_baseline<T>(M, a, B, width, slice_stride, ldb, C, ldc);
+    case SimdLevel::kAVX512: return gemm_panel_avx512<T, kColumnsA>(M, a, B, width, slice_stride, ldb, C, ldc);
+    case SimdLevel::kAVX2: return gemm_panel_avx2<T, kColumnsA>(M, a, B, width, slice_stride, ldb, C, ldc);
+    default: return gemm_panel_baseline<T, kColumnsA>(M, a, B, width, slice_stride, ldb, C, ldc);
   }
 }
 
@@ -299,65 +307,157 @@ template void gemm_panel_stacked<double>(int64_t, int64_t, const double*, int64_
                                          const double*, int64_t, double*, int64_t);
 template void gemm_panel<double>(int64_t, int64_t, const double*, int64_t, const double*, int64_t, double*, int64_t);
 
+namespace {
+
+// Columns per panel (four micro-kernel slices) and rows per tile (a multiple of every
+// level's micro-kernel rows) of matmul's (row block x panel) work items.
+constexpr int64_t kPanelWidth = 64;
+constexpr int64_t kTileRows = 96;
+// K is multiplied in chunks of this many rows: a chunk of a row block of A (96 x 256) and of a
+// panel (256 x 64) stay in L2 while the tile accumulates, however long K is (the weight
+// gradients sum over every time step).
+constexpr int64_t kKBlock = 256;
+
+// matmul for a few rows of A with contiguous rows, B's columns contiguous (stride_k == 1): B is
+// read once, so packing it would cost more than the product; dot products over its columns in
+// place, each thread reading its range of columns front to back, at memory bandwidth.
 template <typename T>
-void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* b, int64_t stride_k, int64_t stride_n,
-            const T* bias, T* C, int64_t ldc) {
-  constexpr int64_t kWidth = 64;  // columns per panel: four micro-kernel slices
-  constexpr int64_t kRows = 96;   // rows per tile: a multiple of every level's micro-kernel rows
-  if (M <= 0 || N <= 0) return;
-  if (stride_k == 1 && M <= dot_path_max_rows(N * K * static_cast<int64_t>(sizeof(T)))) {
-    // A few rows (a decode step): B is read once, so packing it would cost more than the
-    // product. Its columns are contiguous: dot products over them in place, each thread
-    // reading its range of columns front to back, at memory bandwidth (see kMaxDotPathRows).
-    const int64_t blocks = (N + kWidth - 1) / kWidth;
-    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-      const T* columns[kWidth];
-      for (int64_t blk = b0; blk < b1; ++blk) {
-        const int64_t c0 = blk * kWidth, cols = std::min(kWidth, N - c0);
-        for (int64_t j = 0; j < cols; ++j) columns[j] = b + (c0 + j) * stride_n;
-        dot_panel<T>(M, K, A, lda, columns, cols, C + c0, ldc);
-        if (bias)
-          for (int64_t m = 0; m < M; ++m)
-            for (int64_t j = 0; j < cols; ++j) C[m * ldc + c0 + j] += bias[c0 + j];
-      }
-    });
-    return;
-  }
-  const int64_t panels = (N + kWidth - 1) / kWidth;
-  // Not a std::vector: that would zero every page before packing overwrites it.
-  const at::Tensor packed_buffer =
-      empty_large({panels * K * kWidth}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
-  T* const packed = packed_buffer.data_ptr<T>();
-  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-    pack_panels<T>(b + p0 * kWidth * stride_n, stride_k, stride_n, K, p1 - p0, kWidth,
-                   [&](int64_t p, int64_t c) { return (p0 + p) * kWidth + c < N ? p * kWidth + c : -1; },
-                   packed + p0 * K * kWidth);
+void matmul_dot(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* b, int64_t stride_n,
+                const T* bias, T* C, int64_t ldc) {
+  const int64_t blocks = (N + kPanelWidth - 1) / kPanelWidth;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    const T* columns[kPanelWidth];
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t c0 = blk * kPanelWidth, cols = std::min(kPanelWidth, N - c0);
+      for (int64_t j = 0; j < cols; ++j) columns[j] = b + (c0 + j) * stride_n;
+      dot_panel<T>(M, K, A, lda, columns, cols, C + c0, ldc);
+      if (bias)
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t j = 0; j < cols; ++j) C[m * ldc + c0 + j] += bias[c0 + j];
+    }
   });
-  const int64_t row_blocks = (M + kRows - 1) / kRows;
-  // Row-block-major: a thread's consecutive tiles share rows of A (in L2) while the
-  // panels stream from L3.
+}
+
+// C (+)= A B (+ bias) on the packed-panel micro-kernel, (row block x panel) work items split over
+// threads (run inline when called inside a parallel region, as attention does per tile). B is
+// used in place when its rows are contiguous and a whole number of slices wide (b_in_place),
+// else packed once into panels. K is walked in chunks of k_block (0: all of K at once), the
+// first chunk writing the tile and the later ones adding to it.
+template <typename T, bool kColumnsA>
+void matmul_panels(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* b, int64_t stride_k,
+                   int64_t stride_n, const T* bias, T* C, int64_t ldc, bool accumulate, bool b_in_place,
+                   int64_t k_block) {
+  constexpr int64_t S = kSubWidth<T>;
+  const int64_t panels = (N + kPanelWidth - 1) / kPanelWidth;
+  at::Tensor packed_buffer;
+  const T* panel0 = b;
+  int64_t panel_stride = kPanelWidth, slice_stride = S, ldb = stride_k;
+  if (!b_in_place) {
+    // Not a std::vector: that would zero every page before packing overwrites it.
+    packed_buffer =
+        empty_large({panels * K * kPanelWidth}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+    T* const packed = packed_buffer.data_ptr<T>();
+    at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+      pack_panels<T>(b + p0 * kPanelWidth * stride_n, stride_k, stride_n, K, p1 - p0, kPanelWidth,
+                     [&](int64_t p, int64_t c) { return (p0 + p) * kPanelWidth + c < N ? p * kPanelWidth + c : -1; },
+                     packed + p0 * K * kPanelWidth);
+    });
+    panel0 = packed, panel_stride = K * kPanelWidth, slice_stride = K * S, ldb = S;
+  }
+  const int64_t kc = k_block > 0 ? std::min(k_block, K) : K;
+  const int64_t row_blocks = (M + kTileRows - 1) / kTileRows;
+  // Row-block-major: a thread's consecutive items share rows of A (in L2) while the panels
+  // stream from L3.
   at::parallel_for(0, row_blocks * panels, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> tile(kRows * kWidth);
+    std::vector<T> tile, a_block;
+    int64_t a_block_r0 = -1;  // first row of A that a_block holds
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t r0 = (item / panels) * kRows, p = item % panels;
-      const int64_t rows = std::min(kRows, M - r0), c0 = p * kWidth, cols = std::min(kWidth, N - c0);
-      gemm_panel<T>(rows, K, A + r0 * lda, lda, packed + p * K * kWidth, kWidth, tile.data(), kWidth);
+      const int64_t r0 = (item / panels) * kTileRows, p = item % panels;
+      const int64_t rows = std::min(kTileRows, M - r0), c0 = p * kPanelWidth, cols = std::min(kPanelWidth, N - c0);
+      const T* a_rows = A;  // A(r0 + m, k) = a_rows[k * a_ld + m] (kColumnsA) or a_rows[m * a_ld + k]
+      int64_t a_ld = lda;
+      if constexpr (kColumnsA) {
+        // A transposed view's columns are lda apart; with lda a multiple of 4 KB every k of a
+        // chunk maps to the same L1 set. Copy the row block once into k-major rows of
+        // kTileRows values (reused for all of the thread's panels of this row block).
+        if (a_block_r0 != r0) {
+          a_block.resize(K * kTileRows);
+          for (int64_t k = 0; k < K; ++k) std::copy(A + k * lda + r0, A + k * lda + r0 + rows, &a_block[k * kTileRows]);
+          a_block_r0 = r0;
+        }
+        a_rows = a_block.data(), a_ld = kTileRows;
+      } else {
+        a_rows = A + r0 * lda;
+      }
+      const int64_t width = (cols + S - 1) / S * S;
+      // Whole slices and no bias: the micro-kernel writes (or adds to) C itself.
+      const bool direct = cols == width && bias == nullptr;
+      if (!direct && tile.empty()) tile.resize(kTileRows * kPanelWidth);
+      T* dst = direct ? C + r0 * ldc + c0 : tile.data();
+      const int64_t ldd = direct ? ldc : kPanelWidth;
+      for (int64_t k0 = 0; k0 < K; k0 += kc) {
+        const int64_t kn = std::min(kc, K - k0);
+        const T* a = kColumnsA ? a_rows + k0 * a_ld : a_rows + k0;
+        LeftOperands<T> ops{kn, a, a_ld, 0, nullptr, 0, k0 > 0 || (direct && accumulate)};
+        gemm_strided<T, kColumnsA>(rows, ops, panel0 + p * panel_stride + k0 * ldb, width, slice_stride, ldb, dst,
+                                   ldd);
+      }
+      if (direct) continue;
       for (int64_t r = 0; r < rows; ++r) {
         T* c = C + (r0 + r) * ldc + c0;
-        const T* t = tile.data() + r * kWidth;
-        if (bias)
-          for (int64_t j = 0; j < cols; ++j) c[j] = t[j] + bias[c0 + j];
+        const T* t = tile.data() + r * kPanelWidth;
+        if (accumulate)
+          for (int64_t j = 0; j < cols; ++j) c[j] += t[j];
         else
           std::copy(t, t + cols, c);
+        if (bias)
+          for (int64_t j = 0; j < cols; ++j) c[j] += bias[c0 + j];
       }
     }
   });
+}
+
+}  // namespace
+
+template <typename T>
+void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_stride_m, int64_t a_stride_k, const T* b,
+            int64_t stride_k, int64_t stride_n, const T* bias, T* C, int64_t ldc, bool accumulate) {
+  if (M <= 0 || N <= 0) return;
+  TORCH_CHECK(a_stride_k == 1 || a_stride_m == 1, "genfast matmul: A needs contiguous rows or columns");
+  if (K == 0) {
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n)
+        C[m * ldc + n] = (accumulate ? C[m * ldc + n] : T(0)) + (bias ? bias[n] : T(0));
+    return;
+  }
+  const bool rows_a = a_stride_k == 1;
+  if (rows_a && !accumulate && stride_k == 1 && M <= dot_path_max_rows(N * K * static_cast<int64_t>(sizeof(T))))
+    return matmul_dot<T>(M, N, K, A, a_stride_m, b, stride_n, bias, C, ldc);
+  // B's rows contiguous and whole slices wide: the micro-kernel reads them in place (no packing
+  // pass, nothing allocated), as fast as the packed panels on the products genfast makes.
+  const bool b_in_place = stride_n == 1 && N % kSubWidth<T> == 0;
+  if (rows_a)
+    matmul_panels<T, false>(M, N, K, A, a_stride_m, b, stride_k, stride_n, bias, C, ldc, accumulate, b_in_place,
+                            kKBlock);
+  else
+    matmul_panels<T, true>(M, N, K, A, a_stride_k, b, stride_k, stride_n, bias, C, ldc, accumulate, b_in_place,
+                           kKBlock);
+}
+
+template <typename T>
+void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* b, int64_t stride_k, int64_t stride_n,
+            const T* bias, T* C, int64_t ldc) {
+  matmul<T>(M, N, K, A, lda, 1, b, stride_k, stride_n, bias, C, ldc, false);
 }
 
 template void matmul<float>(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, int64_t,
                             const float*, float*, int64_t);
 template void matmul<double>(int64_t, int64_t, int64_t, const double*, int64_t, const double*, int64_t, int64_t,
                              const double*, double*, int64_t);
+template void matmul<float>(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t,
+                            int64_t, const float*, float*, int64_t, bool);
+template void matmul<double>(int64_t, int64_t, int64_t, const double*, int64_t, int64_t, const double*, int64_t,
+                             int64_t, const double*, double*, int64_t, bool);
 
 int64_t gemm_rows_per_kernel() {
   switch (simd_level()) {
@@ -365,33 +465,6 @@ int64_t gemm_rows_per_kernel() {
     case SimdLevel::kAVX2: return kRowsAVX2;
     default: return kRowsBaseline;
   }
-}
-
-double packed_gemm_gflops(int64_t M, int64_t N, int64_t K, int64_t repeats) {
-  constexpr int64_t width = 64;
-  const int64_t panels = (N + width - 1) / width;
-  std::vector<float> a(M * K), b(K * N), packed(panels * K * width), c(M * panels * width);
-  for (size_t i = 0; i < a.size(); ++i) a[i] = static_cast<float>((i * 7919) % 13) * 0.01f;
-  for (size_t i = 0; i < b.size(); ++i) b[i] = static_cast<float>((i * 104729) % 17) * 0.01f;
-  pack_panels<float>(b.data(), N, 1, K, panels, width,
-                     [&](int64_t p, int64_t col) { return p * width + col < N ? p * width + col : -1; },
-                     packed.data());
-  auto run = [&] {
-    at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p)
-        gemm_panel<float>(M, K, a.data(), K, packed.data() + p * K * width, width, c.data() + p * width,
-                          panels * width);
-    });
-  };
-  run();  // warm-up
-  double best = 1e30;
-  for (int64_t i = 0; i < std::max<int64_t>(repeats, 1); ++i) {
-    const auto start = std::chrono::steady_clock::now();
-    run();
-    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    best = std::min(best, seconds);
-  }
-  return 2.0 * M * N * K / best / 1e9;
 }
 
 }  // namespace genfast::cpu

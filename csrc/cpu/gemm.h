@@ -1,4 +1,5 @@
-// A small packed GEMM for the recurrent step of the RNN kernels.
+// genfast's packed GEMM: the RNN step's recurrent products, attention's tiles and, through
+// matmul, every non-fused product of the CPU kernels (reached via cpu/gemm_entry.h).
 //
 // The recurrent weight is reused at every time step, so it is packed once per call
 // into column panels: panel p holds columns [p*W, p*W + W) of B (W = panel width, a
@@ -78,13 +79,9 @@ constexpr int64_t kMaxDotRows = 8;
 template <typename T>
 void dot_panel(int64_t M, int64_t K, const T* A, int64_t lda, const T* const* rows, int64_t width, T* C, int64_t ldc);
 
-// matmul's dot-product path takes up to kMaxDotPathRows rows, kMaxDotRows at a time: each
-// chunk after the first reads the 64 weight rows of its column block from L2, not memory.
-// Measured with 2 threads: on GPT-2 124M's block matrices (340 MB, from memory) it beat
-// packing the weight for the GEMM at every row count tried up to 48 (10 rows: 30 vs 55 ms;
-// 32: 72 vs 94 ms; torch's F.linear 67 and 106 ms). A weight of at most 1 MB is read from
-// cache, and there the GEMM wins from about 32 rows (256x64, 1024x256: 20-28 vs 32 us,
-// 185-210 vs 234-272 us), so such weights take the dot path up to 16 rows only.
+// matmul reads B in place by dot products (kMaxDotRows rows at a time) for at most this many
+// rows of A: a weight read once from memory costs more to pack than the product with a few rows.
+// A weight of at most kSmallWeightBytes sits in cache, where packing pays off sooner.
 constexpr int64_t kMaxDotPathRows = 32;
 constexpr int64_t kMaxDotPathRowsSmallWeight = 16;
 constexpr int64_t kSmallWeightBytes = int64_t(1) << 20;
@@ -94,12 +91,19 @@ constexpr int64_t dot_path_max_rows(int64_t bytes) {
   return bytes <= kSmallWeightBytes ? kMaxDotPathRowsSmallWeight : kMaxDotPathRows;
 }
 
-// C (M x N) = A (M x K) * B (K x N) (+ bias over columns), B(k, n) = b[k * stride_k + n * stride_n],
-// whole and in parallel: B is packed once into 64-column panels, then (row block x panel)
-// tiles are split over threads. For the large products next to the recurrence (the input
-// projection of every step at once, dX in backward). With at most kMaxDotPathRows rows and
-// contiguous columns of B (stride_k == 1), B is read in place by dot products instead
-// (a decode step, or genfast::decode_linear): one pass over B at memory bandwidth.
+// C (M x N) = A (M x K) * B (K x N) (+ bias over columns) [+ C if accumulate], whole and in
+// parallel (inline when called inside a parallel region). A(m, k) = A[m * a_stride_m + k * a_stride_k]
+// with rows or columns contiguous (a_stride_k == 1 or a_stride_m == 1: a transposed view such as
+// dG^T is read in place); B(k, n) = b[k * stride_k + n * stride_n], any strides. B is packed once
+// into 64-column panels (or read in place, see gemm.cpp), then (row block x panel) tiles are split
+// over threads. With at most dot_path_max_rows rows of A and contiguous columns of B
+// (stride_k == 1), B is read in place by dot products instead (a decode step,
+// genfast::decode_linear): one pass over B at memory bandwidth.
+template <typename T>
+void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_stride_m, int64_t a_stride_k, const T* b,
+            int64_t stride_k, int64_t stride_n, const T* bias, T* C, int64_t ldc, bool accumulate);
+
+// The same for A with contiguous rows, lda apart, C overwritten.
 template <typename T>
 void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* b, int64_t stride_k, int64_t stride_n,
             const T* bias, T* C, int64_t ldc);
@@ -107,9 +111,5 @@ void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* b
 // Rows of A the micro-kernel handles at once for the current SIMD level (a good
 // row-block size is a multiple of this).
 int64_t gemm_rows_per_kernel();
-
-// Times gemm_panel on an (M x K) * (K x N) product split over threads like the RNN
-// kernels split it; returns GFLOP/s. Used by the benchmark suite's peak measurement.
-double packed_gemm_gflops(int64_t M, int64_t N, int64_t K, int64_t repeats);
 
 }  // namespace genfast::cpu
