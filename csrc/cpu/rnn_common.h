@@ -1,4 +1,4 @@
-// The machinery of the CPU time loops (csrc/cpu/rnn_core.h): the team of threads that runs a
+// The machinery of the CPU time loops (csrc/cpu/rnn.cpp): the team of threads that runs a
 // time loop, how one time step's work is split over it, the recurrent product of one work item,
 // and the packing of the recurrent weight. The schedule and the argument checks are shared with
 // CUDA (csrc/rnn/rnn_host.h).

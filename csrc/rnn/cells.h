@@ -1,4 +1,4 @@
-// The recurrent cells as policies of the RNN core, shared by the CPU kernels (csrc/cpu/rnn_core.h)
+// The recurrent cells as policies of the RNN core, shared by the CPU kernels (csrc/cpu/rnn.cpp)
 // and the CUDA kernels (csrc/cuda/rnn_step.cuh). No torch headers here.
 //
 // A cell policy says

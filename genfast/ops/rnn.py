@@ -1,8 +1,7 @@
 """LSTM and GRU ops: one layer, one direction, a whole (padded or packed) sequence.
 
     genfast.nn.LSTM.forward -> genfast.ops.rnn.lstm -> torch.ops.genfast.lstm_forward
-        -> csrc/cpu/rnn.cpp (rnn_forward<LstmCell>) -> csrc/cpu/rnn_core.h (forward_loop)
-        -> csrc/rnn/cells.h (LstmCell)
+        -> csrc/cpu/rnn.cpp (rnn_forward<LstmCell>, forward_loop) -> csrc/rnn/cells.h (LstmCell)
 
 The kernels live in C++ (csrc/cpu/, csrc/cuda/), and so does their autograd
 (csrc/rnn_autograd.cpp: BPTT through the *_backward ops). This module gives them fake
