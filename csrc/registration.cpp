@@ -14,11 +14,13 @@
 
 #include "cpu/memory.h"
 #include "cpu/simd.h"
+#include "rnn/rnn_host.h"
 
 TORCH_LIBRARY(genfast, m) {
   // ---- LSTM: one layer, one direction, the whole sequence -------------------------
   // input: (T, N, I) padded, or (S, I) packed with batch_sizes (int64, CPU, length T).
-  // workspace: what backward needs (empty unless `train`). See csrc/cpu/lstm.cpp.
+  // workspace: what backward needs (empty unless `train`); its layout is the cell's (csrc/rnn/cells.h),
+  // the same on every backend. Kernels: csrc/cpu/rnn.cpp, csrc/cuda/rnn_glue.cpp.
   m.def(
       "lstm_forward(Tensor input, Tensor hx, Tensor cx, Tensor w_ih, Tensor w_hh, "
       "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? batch_sizes, bool reverse, bool train) "
@@ -81,5 +83,6 @@ PYBIND11_MODULE(_C, m) {
         "the most the CPU buffer cache holds (GENFAST_CPU_CACHE_MB)");
   m.def("empty_cpu_cache", [] { genfast::cpu::BufferCache::instance().clear(); },
         "frees the cached CPU buffers (genfast.empty_cache())");
+  m.def("rnn_workspace_values_per_row", &genfast::rnn::workspace_values_per_row, "H-wide values an RNN training workspace holds per row (csrc/rnn/cells.h)", pybind11::arg("cell"), pybind11::arg("projected"));
   m.def("cuda_archs", &cuda_archs, "CUDA architectures the kernels were compiled for");
 }

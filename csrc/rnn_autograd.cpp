@@ -4,8 +4,8 @@
 //
 // Registered at the Autograd key, so it serves every backend (csrc/cpu/, csrc/cuda/) and
 // torch.compile traces through it to the ops' fake kernels (genfast/ops/rnn.py). It is in
-// C++ rather than torch.library.register_autograd because the Python wrapper cost about
-// 15-30 us per call even under no_grad, as much as the kernel of a one-token decode step.
+// C++ rather than torch.library.register_autograd because a Python wrapper's cost per call, even
+// under no_grad, is of the order of a one-token decode step's kernel.
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -24,6 +24,24 @@ at::Tensor zeros_if_undefined(const at::Tensor& grad, const at::Tensor& like) {
 
 OptTensor optional_of(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
+// What every RNN op's autograd does around its cell-specific argument lists: call the forward op
+// below autograd, save what backward needs, and later check that the forward kept its workspace.
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+// Gradients of outputs nobody used arrive undefined rather than as zeros: the workspace is as large
+// as the saved gates, and zero-filling its gradient every backward is waste.
+void save_forward(AutogradContext* ctx, const at::Tensor& workspace, bool reverse, bool has_bias,
+                  const variable_list& saved) {
+  ctx->set_materialize_grads(false);
+  ctx->mark_non_differentiable({workspace});
+  ctx->saved_data["reverse"] = reverse;
+  ctx->saved_data["has_bias"] = has_bias;
+  ctx->save_for_backward(saved);
+}
+
 void check_workspace(const at::Tensor& workspace, const char* op) {
   // sym_numel: under torch.compile with dynamic shapes the size is symbolic.
   TORCH_SYM_CHECK(workspace.sym_numel().sym_ne(0), "genfast::", op, ": backward needs the workspace that ", op,
@@ -31,40 +49,37 @@ void check_workspace(const at::Tensor& workspace, const char* op) {
               "requiring grad)");
 }
 
+// The bias gradients as autograd returns them: undefined for a layer without biases.
+at::Tensor if_bias(AutogradContext* ctx, const at::Tensor& grad) {
+  return ctx->saved_data["has_bias"].toBool() ? grad : at::Tensor();
+}
+
 // ---------------------------------------------------------------- LSTM
 using LSTMOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using LSTMForward = LSTMOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                                const OptTensor&, bool, bool);
+using LSTMBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, const OptTensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
+    bool);
 
 struct LSTMFunction : public torch::autograd::Function<LSTMFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& hx,
                                const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
                                const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
                                const OptTensor& batch_sizes, bool reverse, bool train) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("genfast::lstm_forward", "")
-                         .typed<LSTMOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                            const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
-                                            const OptTensor&, const OptTensor&, bool, bool)>();
+    static auto op = find_op<LSTMForward>("genfast::lstm_forward");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [output, hy, cy, workspace] = op.call(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, train);
-    // Gradients of outputs nobody used arrive undefined rather than as zeros: the workspace
-    // is as large as the saved gates, and zero-filling its gradient every backward is waste.
-    ctx->set_materialize_grads(false);
-    ctx->mark_non_differentiable({workspace});
-    ctx->saved_data["reverse"] = reverse;
-    ctx->saved_data["has_bias"] = b_ih.has_value();
-    ctx->save_for_backward({input, hx, cx, w_ih, w_hh, w_hr.value_or(at::Tensor()), output, workspace,
-                            batch_sizes.value_or(at::Tensor())});
+    save_forward(ctx, workspace, reverse, b_ih.has_value(),
+                 {input, hx, cx, w_ih, w_hh, w_hr.value_or(at::Tensor()), output, workspace,
+                  batch_sizes.value_or(at::Tensor())});
     return {output, hy, cy, workspace};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("genfast::lstm_backward", "")
-                         .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                           at::Tensor>(
-                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                             const OptTensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, bool)>();
+    static auto op = find_op<LSTMBackward>("genfast::lstm_backward");
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &input = saved[0], &hx = saved[1], &cx = saved[2], &w_ih = saved[3], &w_hh = saved[4],
                      &w_hr = saved[5], &output = saved[6], &workspace = saved[7], &batch_sizes = saved[8];
@@ -73,7 +88,6 @@ struct LSTMFunction : public torch::autograd::Function<LSTMFunction> {
         op.call(zeros_if_undefined(grads[0], output), zeros_if_undefined(grads[1], hx),
                 zeros_if_undefined(grads[2], cx), input, hx, cx, w_ih, w_hh, optional_of(w_hr), output, workspace,
                 optional_of(batch_sizes), ctx->saved_data["reverse"].toBool());
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
     // b_ih and b_hh get the same gradient tensor; the engine's AccumulateGrad copies it for all but
     // the last of them, so their .grad never share storage (tests/test_lstm.py checks).
     return {grad_input,
@@ -81,8 +95,8 @@ struct LSTMFunction : public torch::autograd::Function<LSTMFunction> {
             grad_cx,
             grad_w_ih,
             grad_w_hh,
-            has_bias ? grad_bias : at::Tensor(),
-            has_bias ? grad_bias : at::Tensor(),
+            if_bias(ctx, grad_bias),
+            if_bias(ctx, grad_bias),
             w_hr.defined() ? grad_w_hr : at::Tensor(),
             at::Tensor(),   // batch_sizes
             at::Tensor(),   // reverse
@@ -101,33 +115,26 @@ LSTMOutputs lstm_forward_autograd(const at::Tensor& input, const at::Tensor& hx,
 
 // ---------------------------------------------------------------- GRU
 using GRUOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using GRUForward = GRUOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                              const OptTensor&, const OptTensor&, const OptTensor&, bool, bool);
+using GRUBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, bool);
 
 struct GRUFunction : public torch::autograd::Function<GRUFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& hx,
                                const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& b_ih,
                                const OptTensor& b_hh, const OptTensor& batch_sizes, bool reverse, bool train) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("genfast::gru_forward", "")
-                         .typed<GRUOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                           const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-                                           bool, bool)>();
+    static auto op = find_op<GRUForward>("genfast::gru_forward");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [output, hy, workspace] = op.call(input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, train);
-    ctx->set_materialize_grads(false);  // see LSTMFunction
-    ctx->mark_non_differentiable({workspace});
-    ctx->saved_data["reverse"] = reverse;
-    ctx->saved_data["has_bias"] = b_ih.has_value();
-    ctx->save_for_backward({input, hx, w_ih, w_hh, output, workspace, batch_sizes.value_or(at::Tensor())});
+    save_forward(ctx, workspace, reverse, b_ih.has_value(),
+                 {input, hx, w_ih, w_hh, output, workspace, batch_sizes.value_or(at::Tensor())});
     return {output, hy, workspace};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("genfast::gru_backward", "")
-                         .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                             const OptTensor&, bool)>();
+    static auto op = find_op<GRUBackward>("genfast::gru_backward");
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &input = saved[0], &hx = saved[1], &w_ih = saved[2], &w_hh = saved[3], &output = saved[4],
                      &workspace = saved[5], &batch_sizes = saved[6];
@@ -135,13 +142,12 @@ struct GRUFunction : public torch::autograd::Function<GRUFunction> {
     auto [grad_input, grad_hx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh] =
         op.call(zeros_if_undefined(grads[0], output), zeros_if_undefined(grads[1], hx), input, hx, w_ih, w_hh,
                 output, workspace, optional_of(batch_sizes), ctx->saved_data["reverse"].toBool());
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
     return {grad_input,
             grad_hx,
             grad_w_ih,
             grad_w_hh,
-            has_bias ? grad_b_ih : at::Tensor(),
-            has_bias ? grad_b_hh : at::Tensor(),
+            if_bias(ctx, grad_b_ih),
+            if_bias(ctx, grad_b_hh),
             at::Tensor(),   // batch_sizes
             at::Tensor(),   // reverse
             at::Tensor()};  // train

@@ -2,20 +2,14 @@
 // gradients of every step, packed weights, outputs).
 //
 // torch's CPU allocator does not cache: a buffer over glibc's mmap threshold (at most 32 MB) is
-// fresh memory on every call, which the kernel maps and zeroes page by page on first touch. On
-// the reference machine (AMD EPYC, 2 cores, a VM) that was a large part of an RNN training step:
-// allocating and filling 65 MB (the LSTM training workspace at T=100, N=64, H=512) took 26-31 ms
-// against 4 ms to refill. So empty_cached draws training buffers of 1 MB and more from a cache of
-// freed ones (BufferCache below: best fit within 2x, up to GENFAST_CPU_CACHE_MB, default 1024, held
-// until genfast.empty_cache()). Measured with `python -m genfast.bench --quick --filter rnns`, the
-// build before and after alternating, two rounds: LSTM training x0.93/0.98 -> x1.15/1.15 against
-// torch, GRU training x1.01/1.10 -> x1.14/1.35, inference unchanged.
+// fresh memory on every call, which the kernel maps and zeroes page by page on first touch, a large
+// part of an RNN training step. So empty_cached draws training buffers of 1 MB and more from a cache
+// of freed ones (BufferCache below: best fit within 2x, up to GENFAST_CPU_CACHE_MB, default 1024,
+// held until genfast.empty_cache()).
 //
-// Huge pages were tried first: asking for 2 MB transparent huge pages before the first touch
-// brought that 65 MB to 6 ms and a training forward from 31k minor faults to 1.3k, but LSTM
-// training medians moved within the noise while their run-to-run spread grew from ~5% to 10-40%
-// (a 2 MB page is zeroed at once, inside a step whose threads then wait for each other). They stay
-// opt-in for newly allocated blocks: GENFAST_HUGE_PAGES=1 (Linux madvise(MADV_HUGEPAGE), advice only).
+// Transparent huge pages are opt-in for newly allocated blocks (GENFAST_HUGE_PAGES=1, Linux
+// madvise(MADV_HUGEPAGE), advice only): they cut the page faults, but a 2 MB page is zeroed at
+// once, inside a step whose threads then wait for each other, so step times vary more.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -137,9 +131,8 @@ inline at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& op
 }
 
 // at::empty for a large CPU buffer of training (the forward's workspace, backward's buffers and
-// gradients), from BufferCache. Inference buffers stay on empty_large: reusing the output and
-// packed-weight buffers of a forward measured a few percent slower there (LSTM T=100 N=64 H=512,
-// 240 vs 230 ms, noisy), and a forward allocates far less. The storage stays resizable (a resize
+// gradients), from BufferCache. Inference buffers stay on empty_large: a forward allocates far less,
+// and reusing its output and packed-weight buffers did not pay. The storage stays resizable (a resize
 // allocates through torch and hands the block back to the cache).
 inline at::Tensor empty_cached(at::IntArrayRef sizes, const at::TensorOptions& options) {
   int64_t numel = 1;

@@ -1,6 +1,7 @@
-// What the CPU LSTM and GRU kernels share: argument checks, the time-step schedule
-// (padded or packed), the team of threads that runs a time loop, and how one time
-// step's work is split over it.
+// The machinery of the CPU time loops (csrc/cpu/rnn.cpp): the team of threads that runs a
+// time loop, how one time step's work is split over it, the recurrent product of one work item,
+// and the packing of the recurrent weight. The schedule and the argument checks are shared with
+// CUDA (csrc/rnn/rnn_host.h).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -19,82 +20,18 @@
 #include "cpu/gemm.h"
 #include "cpu/memory.h"
 #include "cpu/simd.h"
+#include "rnn/rnn_host.h"
 
 namespace genfast::cpu {
 
-// Hidden units per panel. A panel of the recurrent weight holds the columns of every
-// gate of kUnits consecutive units, so one thread computes all gates of its units and
-// applies the cell update without waiting for anyone.
+// Hidden units per panel: one 64-byte vector of floats. A panel of the recurrent weight holds the
+// columns of every gate of kUnits consecutive units, so one thread computes all gates of its units
+// and applies the cell update without waiting for anyone.
 constexpr int64_t kUnits = 16;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Which rows of the (S, features) sequence matrix step t uses: rows
-// [offset[t], offset[t] + batch[t]). Padded input is the packed case with equal
-// batch sizes. PackedSequence sorts sequences by length, so batch sizes never grow
-// with t: sequence m is active at step t exactly when m < batch[t].
-struct Schedule {
-  int64_t steps = 0;        // T
-  int64_t batch = 0;        // N (rows at the longest step)
-  int64_t rows = 0;         // S = sum of batch sizes
-  std::vector<int64_t> offset, active;
-
-  // The step processed before `t` in the forward pass (t-1, or t+1 when reversed), or -1.
-  int64_t previous(int64_t t, bool reverse) const {
-    const int64_t p = reverse ? t + 1 : t - 1;
-    return (p >= 0 && p < steps) ? p : -1;
-  }
-  int64_t active_at(int64_t t) const { return t < 0 ? 0 : active[t]; }
-
-  // Where pass s of the backward (BPTT) loop stands. The loop runs steps in reverse
-  // forward order, plus one last pass with no step (t = -1, n = 0) that only adds
-  // dG W_hh of the final step to the gradient of the initial state.
-  // prev_t: the step of pass s - 1 (whose gate gradients feed this pass), or -1.
-  struct BackwardPass {
-    int64_t n, offset, prev_t, n_prev, fwd_prev;
-  };
-  BackwardPass backward_pass(int64_t s, bool reverse) const {
-    const bool last = s == steps;
-    const int64_t t = last ? -1 : (reverse ? s : steps - 1 - s);
-    const int64_t prev_t = s == 0 ? -1 : (reverse ? s - 1 : steps - s);
-    return {last ? 0 : active[t], last ? 0 : offset[t], prev_t, active_at(prev_t), last ? -1 : previous(t, reverse)};
-  }
-};
-
-inline Schedule make_schedule(const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes) {
-  Schedule s;
-  if (!batch_sizes.has_value()) {
-    TORCH_CHECK(input.dim() == 3, "input: expected a 3-D (T, N, features) tensor, got ", input.dim(), "-D");
-    s.steps = input.size(0);
-    s.batch = input.size(1);
-    for (int64_t t = 0; t < s.steps; ++t) {
-      s.offset.push_back(t * s.batch);
-      s.active.push_back(s.batch);
-    }
-    s.rows = s.steps * s.batch;
-    return s;
-  }
-  const at::Tensor& bs = *batch_sizes;
-  TORCH_CHECK(input.dim() == 2, "input: packed input must be 2-D (sum(batch_sizes), features), got ", input.dim(),
-              "-D");
-  TORCH_CHECK(bs.dim() == 1 && bs.scalar_type() == at::kLong && bs.device().is_cpu(),
-              "batch_sizes: expected a 1-D int64 CPU tensor");
-  auto sizes = bs.contiguous();
-  const int64_t* b = sizes.data_ptr<int64_t>();
-  s.steps = sizes.numel();
-  int64_t total = 0;
-  for (int64_t t = 0; t < s.steps; ++t) {
-    TORCH_CHECK(b[t] > 0, "batch_sizes: entries must be positive, got ", b[t], " at step ", t);
-    TORCH_CHECK(t == 0 || b[t] <= b[t - 1], "batch_sizes: must be non-increasing (sorted PackedSequence)");
-    s.offset.push_back(total);
-    s.active.push_back(b[t]);
-    total += b[t];
-  }
-  s.batch = s.steps ? b[0] : 0;
-  s.rows = total;
-  TORCH_CHECK(total == input.size(0), "input: has ", input.size(0), " rows but batch_sizes sum to ", total);
-  return s;
-}
+using rnn::Schedule;
 
 // Asks the cache for one row of a tile's slice of the input projection: `gates` segments
 // of 16 units (one or two cache lines each), `gate_stride` apart. The projection of every
@@ -176,8 +113,7 @@ inline at::Tensor pack_columns(const at::Tensor& w, bool transpose) {
 // W_hh (gates*H x cols) as the backward's recurrent product reads it (backward_recurrent_tile):
 // packed column panels, or, with one sequence, W_hh^T read in place, as the forward does
 // (read_weight_in_place). The packed micro-kernel with a single row waits on its two accumulators;
-// a dot group keeps eight. In-process A/B, training T=100 batch 1: LSTM H=64-512 x1.02-1.04,
-// I=H=1024 x1.16 (no 16 MB packing pass); GRU x1.03-1.07.
+// a dot group keeps eight.
 template <typename T>
 struct BackwardWeight {
   at::Tensor packed, transposed;  // exactly one is defined
@@ -197,10 +133,11 @@ struct BackwardWeight {
 // dot products over the weight in place (dot_panel) do less memory traffic. With one
 // sequence they are also the faster product: a single row keeps only two of the packed
 // micro-kernel's accumulators busy, waiting on each FMA, where a dot group keeps eight.
-// Measured (in-process A/B, T=100, batch 1, inference unless noted): LSTM H=256 1.07-1.18x,
-// H=1024 1.26x (training 1.08x); GRU H=256 1.13x, H=1024 1.13x; H=64 0.97-0.99x.
+// Why these cut-offs: docs/design.md (RNN thresholds).
+constexpr int64_t kInPlaceMaxDotGroups = 2;  // steps x dot groups of rows below which packing does not pay
+
 inline bool read_weight_in_place(const Schedule& sc) {
-  return sc.batch == 1 || sc.steps * ceil_div(sc.batch, kMaxDotRows) <= 2;
+  return sc.batch == 1 || sc.steps * ceil_div(sc.batch, kMaxDotRows) <= kInPlaceMaxDotGroups;
 }
 
 // Final hidden state of each sequence: its output at the last step it was active.
@@ -228,23 +165,6 @@ void gather_previous_hidden(const Schedule& sc, bool reverse, const T* out, cons
   });
 }
 
-// Checks shared by every RNN op: dtype, device, shapes of the weights and states.
-inline void check_same(const at::Tensor& t, const char* name, const at::Tensor& ref) {
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, ": dtype ", t.scalar_type(), " does not match input dtype ",
-              ref.scalar_type());
-  TORCH_CHECK(t.device() == ref.device(), name, ": on ", t.device(), " but input is on ", ref.device());
-}
-
-inline void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected) {
-  TORCH_CHECK(t.sizes() == expected, name, ": expected shape ", expected, ", got ", t.sizes());
-}
-
-inline void check_input_dtype(const at::Tensor& input) {
-  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
-              "input: genfast's CPU RNN kernels support float32 and float64, got ", input.scalar_type());
-  TORCH_CHECK(input.device().is_cpu(), "input: expected a CPU tensor, got ", input.device());
-}
-
 // How one time step is cut into work items: `panels` column panels times row blocks
 // of `block` rows. Items are numbered panel-major so a thread's consecutive items
 // share a weight panel, and each thread keeps the same panels step after step.
@@ -270,9 +190,7 @@ inline Partition partition(int64_t panels, int64_t rows, int64_t threads) {
 // A time loop is a chain of short parallel passes (tens of microseconds at small sizes), each
 // needing the one before. One parallel region per pass costs a fork and a join per step, so
 // one region spans the whole loop and consecutive passes are separated by StepTeam::sync(), a
-// barrier the threads spin on. Measured (in-process A/B against a region per step, 2-core AMD
-// EPYC, LSTM inference T=100): batch 2-4 at H=64-128 x1.15-1.35, batch 8-16 x1.04-1.09,
-// IMDB (N=32 H=64) x0.97-1.12 (median ~1.05), N=64 H=512 x1.00.
+// barrier the threads spin on.
 
 // The CPUs this process may run on (its affinity mask on Linux), read once.
 inline int usable_cpus() {
@@ -296,9 +214,7 @@ inline std::atomic<int>& threads_in_teams() {
 
 // A sense-reversing counter barrier. Waiters spin (a pause per check) and, after a while,
 // yield their CPU. With more team threads than CPUs they yield at once: a spinning thread
-// would hold the CPU that the thread everyone waits for needs. Measured on 2 CPUs, spinning
-// first: a team of 6 threads 5-9x slower than fork/join per step; two Python threads each
-// running an LSTM (teams of 2) 20-27 ms a call, against 3.1-3.8 ms yielding at once.
+// would hold the CPU that the thread everyone waits for needs.
 class SpinBarrier {
  public:
   void wait(int team_size) {
@@ -322,7 +238,9 @@ class SpinBarrier {
   }
 
  private:
-  static constexpr int kSpinsBeforeYield = 20000;  // 0.5-1 ms of pause instructions
+  // Pause-checks before a waiter yields: long enough to cover a step's imbalance between threads,
+  // short enough that an idle team gives its CPUs back soon (docs/design.md, RNN thresholds).
+  static constexpr int kSpinsBeforeYield = 20000;
   alignas(64) std::atomic<int> arrived_{0};
   alignas(64) std::atomic<int> generation_{0};
 };
@@ -336,7 +254,8 @@ struct StepTeam {
   }
 };
 
-// Below this many flops a step runs on one thread: waking the others would cost more.
+// Below this many flops a step runs on one thread: waking the others (a barrier per step) would cost
+// more than they save.
 constexpr double kMinParallelStepFlops = 2e5;
 
 // body(s, team) for s = 0 .. steps - 1, on every thread of one team, with a team.sync() after

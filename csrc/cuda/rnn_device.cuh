@@ -1,4 +1,4 @@
-// Device-side helpers shared by lstm.cu and gru.cu: element <-> accumulator
+// Device-side helpers of the RNN step kernels (rnn_step.cuh): element <-> accumulator
 // conversions and the launch shape of the element-wise step kernels.
 #pragma once
 

@@ -1,16 +1,21 @@
 """LSTM and GRU ops: one layer, one direction, a whole (padded or packed) sequence.
 
     genfast.nn.LSTM.forward -> genfast.ops.rnn.lstm -> torch.ops.genfast.lstm_forward
-                                                     -> csrc/cpu/lstm.cpp (forward_loop)
+        -> csrc/cpu/rnn.cpp (rnn_forward<LstmCell>, forward_loop) -> csrc/rnn/cells.h (LstmCell)
 
 The kernels live in C++ (csrc/cpu/, csrc/cuda/), and so does their autograd
 (csrc/rnn_autograd.cpp: BPTT through the *_backward ops). This module gives them fake
-kernels (shapes only, for torch.compile).
+kernels (shapes only, for torch.compile); the workspace size comes from the C++ definition
+of each cell's layout (csrc/rnn/cells.h), asked once per cell.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
+
+from genfast import _extension
 
 _ops = torch.ops.genfast
 
@@ -70,8 +75,17 @@ def gru(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | No
 
 
 # ---------------------------------------------------------------- fake kernels
-def _workspace_rows(input: Tensor, batch_sizes: Tensor | None):
-    return input.shape[0] if batch_sizes is not None else input.shape[0] * input.shape[1]
+@functools.lru_cache(maxsize=None)
+def _workspace_values_per_row(cell: str, projected: bool) -> int:
+    """H-wide values the training workspace of ``cell`` holds per row of the sequence."""
+    return _extension.load().rnn_workspace_values_per_row(cell, projected)
+
+
+def _workspace(cell: str, input: Tensor, batch_sizes: Tensor | None, hidden, projected: bool, train: bool) -> Tensor:
+    """The (empty) workspace the forward op returns: rows * hidden * values per row, or 0 elements."""
+    rows = input.shape[0] if batch_sizes is not None else input.shape[0] * input.shape[1]
+    size = rows * hidden * _workspace_values_per_row(cell, projected) if train else 0
+    return input.new_empty((size,))
 
 
 @torch.library.register_fake("genfast::lstm_forward")
@@ -79,8 +93,7 @@ def _lstm_forward_fake(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes,
     hidden = w_ih.shape[0] // 4
     out_features = w_hh.shape[1]
     output = input.new_empty((*input.shape[:-1], out_features))
-    per_row = (5 + (1 if w_hr is not None else 0)) * hidden
-    workspace = input.new_empty((_workspace_rows(input, batch_sizes) * per_row if train else 0,))
+    workspace = _workspace("lstm", input, batch_sizes, hidden, w_hr is not None, train)
     return output, hx.new_empty(hx.shape), cx.new_empty(cx.shape), workspace
 
 
@@ -96,7 +109,7 @@ def _lstm_backward_fake(grad_output, grad_hy, grad_cy, input, hx, cx, w_ih, w_hh
 def _gru_forward_fake(input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, train):
     hidden = w_ih.shape[0] // 3
     output = input.new_empty((*input.shape[:-1], hidden))
-    workspace = input.new_empty((_workspace_rows(input, batch_sizes) * 4 * hidden if train else 0,))
+    workspace = _workspace("gru", input, batch_sizes, hidden, False, train)
     return output, hx.new_empty(hx.shape), workspace
 
 

@@ -1,0 +1,303 @@
+// The recurrent cells as policies of the RNN core, shared by the CPU kernels (csrc/cpu/rnn.cpp)
+// and the CUDA kernels (csrc/cuda/rnn_step.cuh). No torch headers here.
+//
+// A cell policy says
+//   - its shape: kGates gate blocks of H columns each (PyTorch's order), whether it carries a cell
+//     state c beside h (kCellState), and whether its pre-activations are simply the input side plus
+//     the recurrent side (kSidesAdd: then [W_ih | W_hh] may be multiplied as one stacked weight,
+//     b_ih + b_hh fold into one bias, and one gate gradient serves both weights), and whether
+//     h_{t-1} enters h_t other than through W_hh (kDirectHidden: backward then adds a direct term);
+//   - what its forward saves for backward (kSaved values of H per row; WorkspaceLayout below);
+//   - its math, forward and backward, on scalars (forward / backward), called per unit by the CPU
+//     loops (forward_units / backward_units: branch-free over restrict pointers, so they vectorise)
+//     and per thread by the CUDA kernels (forward_thread / backward_thread).
+// Optional capabilities of the core (the LSTM's projection w_hr) are traits (kProjection).
+//
+// Backward functions take the *activated* gates saved by the forward pass and return gradients
+// with respect to the pre-activation values.
+#pragma once
+
+#include <cstdint>
+
+#include "fast_math.h"
+
+// The CPU unit loops are always inlined into the SIMD-targeted tiles that call them.
+#define GENFAST_CELL_LOOP inline __attribute__((always_inline))
+
+namespace genfast {
+namespace rnn {
+
+using math::sigmoid;
+using math::tanh_;
+
+// Where the training workspace (one 1-D buffer, the input's dtype) keeps what backward needs, for
+// S rows of the (packed or flattened) sequence: [saved values (S, kSaved*H) | c_t (S, H) when the
+// cell has a cell state | o*tanh(c_t) (S, H) when projecting]. The same on every backend.
+struct WorkspaceLayout {
+  int64_t saved = 0;       // offset of the per-row saved values (always 0)
+  int64_t cell = 0;        // offset of c_t, or -1
+  int64_t projected = 0;   // offset of the projection's input r_t, or -1
+  int64_t size = 0;        // elements in all
+
+  // H-wide values per row.
+  static int64_t per_row(int64_t saved_values, bool cell_state, bool project) {
+    return saved_values + (cell_state ? 1 : 0) + (project ? 1 : 0);
+  }
+  static WorkspaceLayout make(int64_t saved_values, bool cell_state, bool project, int64_t rows, int64_t hidden) {
+    WorkspaceLayout w;
+    int64_t at = rows * saved_values * hidden;
+    w.cell = cell_state ? at : -1;
+    if (cell_state) at += rows * hidden;
+    w.projected = project ? at : -1;
+    if (project) at += rows * hidden;
+    w.size = at;
+    return w;
+  }
+};
+
+// ---- LSTM ------------------------------------------------------------------------
+// Gates i, f, g, o. c_t = f c_{t-1} + i g, h_t = o tanh(c_t) (then h_t = W_hr h_t with a projection).
+struct LstmCell {
+  static constexpr const char* kName = "lstm";
+  static constexpr int kGates = 4;
+  static constexpr int kSaved = 4;  // activated i, f, g, o
+  static constexpr bool kCellState = true;
+  static constexpr bool kSidesAdd = true;
+  static constexpr bool kDirectHidden = false;  // h_{t-1} reaches h_t only through W_hh
+  static constexpr bool kProjection = true;
+
+  template <typename T>
+  struct Out {
+    T i, f, g, o, c, h;
+  };
+
+  // c_prev by reference, so it is read where it is used, after the gates (the vectorised CPU loop
+  // depends on it: a value loaded at the call stays live in a register across the gate math).
+  template <typename T>
+  static GENFAST_HD Out<T> forward(T pre_i, T pre_f, T pre_g, T pre_o, const T& c_prev) {
+    Out<T> out;
+    out.i = sigmoid<T>(pre_i);
+    out.f = sigmoid<T>(pre_f);
+    out.g = tanh_<T>(pre_g);
+    out.o = sigmoid<T>(pre_o);
+    out.c = out.f * c_prev + out.i * out.g;
+    out.h = out.o * tanh_<T>(out.c);
+    return out;
+  }
+
+  template <typename T>
+  struct Grad {
+    T d_i, d_f, d_g, d_o, d_c_prev;
+  };
+
+  // In: dL/dh_t (total), dL/dc_t from step t+1, the saved activated gates, c_{t-1} and c_t.
+  template <typename T>
+  static GENFAST_HD Grad<T> backward(T d_h, T d_c_next, T i, T f, T g, T o, T c_prev, T c) {
+    const T tanh_c = tanh_<T>(c);
+    const T d_c = d_c_next + d_h * o * (T(1) - tanh_c * tanh_c);
+    Grad<T> grad;
+    grad.d_o = d_h * tanh_c * o * (T(1) - o);
+    grad.d_i = d_c * g * i * (T(1) - i);
+    grad.d_f = d_c * c_prev * f * (T(1) - f);
+    grad.d_g = d_c * i * (T(1) - g * g);
+    grad.d_c_prev = d_c * f;
+    return grad;
+  }
+
+  // CPU: one row of `units` hidden units. acc: the recurrent product (gate g at acc[g*Units]), gx:
+  // the input side with both biases (gate g at gx[g*H]); c: the cell state, updated in place; h and
+  // h_next receive h_t; act[s] the saved values. b_hh and h_prev are not used by this cell.
+  template <int64_t Units, typename T>
+  static GENFAST_CELL_LOOP void forward_units(int64_t units, const T* __restrict__ acc, const T* __restrict__ gx,
+                                              const T* __restrict__ /*b_hh*/, int64_t H, T* __restrict__ c,
+                                              const T* __restrict__ /*h_prev*/, T* __restrict__ h,
+                                              T* __restrict__ h_next, T (*__restrict__ act)[Units]) {
+    T h_tmp[Units];
+    for (int64_t u = 0; u < units; ++u) {
+      const auto cell = forward<T>(acc[u] + gx[u], acc[Units + u] + gx[H + u], acc[2 * Units + u] + gx[2 * H + u],
+                                   acc[3 * Units + u] + gx[3 * H + u], c[u]);
+      c[u] = cell.c;
+      h[u] = cell.h;
+      h_tmp[u] = cell.h;
+      act[1][u] = cell.f;
+      act[2][u] = cell.g;
+      act[3][u] = cell.o;
+      act[0][u] = cell.i;
+    }
+    for (int64_t u = 0; u < units; ++u) h_next[u] = h_tmp[u];
+  }
+
+  // CPU: the backward of one row of units. d_h: total dL/dh_t; dc: dL/dc, carried in place; g: the
+  // saved values; state_prev: c_{t-1}; c_cur: c_t; dG: the gate gradients (both sides). dh_direct
+  // and dG_h are not used by this cell (its recurrent gradient is dG W_hh alone).
+  template <typename T>
+  static GENFAST_CELL_LOOP void backward_units(int64_t units, int64_t H, const T* __restrict__ d_h,
+                                               T* __restrict__ /*dh_direct*/, T* __restrict__ dc,
+                                               const T* __restrict__ g, const T* __restrict__ state_prev,
+                                               const T* __restrict__ c_cur, T* __restrict__ dG,
+                                               T* __restrict__ /*dG_h*/) {
+    for (int64_t u = 0; u < units; ++u) {
+      const auto grad = backward<T>(d_h[u], dc[u], g[u], g[H + u], g[2 * H + u], g[3 * H + u], state_prev[u], c_cur[u]);
+      dG[u] = grad.d_i;
+      dG[H + u] = grad.d_f;
+      dG[2 * H + u] = grad.d_g;
+      dG[3 * H + u] = grad.d_o;
+      dc[u] = grad.d_c_prev;
+    }
+  }
+
+  // CUDA: one (row, unit) per thread, in the accumulation type A. x, h: the input and recurrent
+  // products of each gate, b_ih, b_hh: the biases (zeros when absent); c: the cell state in place.
+  template <typename A>
+  static GENFAST_HD void forward_thread(const A (&x)[kGates], const A (&h)[kGates], const A (&b_ih)[kGates],
+                                        const A (&b_hh)[kGates], A& c, A /*h_prev*/, A& h_out, A (&saved)[kSaved]) {
+    A pre[kGates];
+#pragma unroll
+    for (int gate = 0; gate < kGates; ++gate) pre[gate] = x[gate] + h[gate] + b_ih[gate] + b_hh[gate];
+    const Out<A> out = forward<A>(pre[0], pre[1], pre[2], pre[3], c);
+    c = out.c;
+    h_out = out.h;
+    saved[0] = out.i;
+    saved[1] = out.f;
+    saved[2] = out.g;
+    saved[3] = out.o;
+  }
+
+  template <typename A>
+  static GENFAST_HD void backward_thread(A d_h, A& d_c, const A (&saved)[kSaved], A state_prev, A c_cur,
+                                         A (&d_x)[kGates], A (&/*d_hside*/)[kGates], A& /*d_h_direct*/) {
+    const Grad<A> grad = backward<A>(d_h, d_c, saved[0], saved[1], saved[2], saved[3], state_prev, c_cur);
+    d_c = grad.d_c_prev;
+    d_x[0] = grad.d_i;
+    d_x[1] = grad.d_f;
+    d_x[2] = grad.d_g;
+    d_x[3] = grad.d_o;
+  }
+};
+
+// ---- GRU (PyTorch's convention) ---------------------------------------------------
+// r = sigmoid(x_r + h_r), z = sigmoid(x_z + h_z), n = tanh(x_n + r * h_n), h' = (1 - z) n + z h,
+// where x_* = W_i* x + b_i* and h_* = W_h* h + b_h*. r multiplies h_n, so the two sides of the n
+// gate do not simply add: the recurrent side (with b_hh) is kept apart, and h_n is saved.
+struct GruCell {
+  static constexpr const char* kName = "gru";
+  static constexpr int kGates = 3;
+  static constexpr int kSaved = 4;  // activated r, z, n and h_n
+  static constexpr bool kCellState = false;
+  static constexpr bool kSidesAdd = false;
+  static constexpr bool kDirectHidden = true;  // h' = ... + z h: backward adds z dh to dL/dh_{t-1}
+  static constexpr bool kProjection = false;
+
+  template <typename T>
+  struct Out {
+    T r, z, n, h;
+  };
+
+  // x_n, h_n and h_prev by reference, read where n and h' need them (see LstmCell::forward).
+  template <typename T>
+  static GENFAST_HD Out<T> forward(T x_r, T x_z, const T& x_n, T h_r, T h_z, const T& h_n, const T& h_prev) {
+    Out<T> out;
+    out.r = sigmoid<T>(x_r + h_r);
+    out.z = sigmoid<T>(x_z + h_z);
+    out.n = tanh_<T>(x_n + out.r * h_n);
+    out.h = (T(1) - out.z) * out.n + out.z * h_prev;
+    return out;
+  }
+
+  // Gradients w.r.t. the input-side pre-activations (d_r, d_z, d_xn), the recurrent ones (d_r, d_z,
+  // d_hn) and the direct part of dL/dh_prev (z dh; the rest is dG_h W_hh).
+  template <typename T>
+  struct Grad {
+    T d_r, d_z, d_xn, d_hn, d_h_prev;
+  };
+
+  template <typename T>
+  static GENFAST_HD Grad<T> backward(T d_h, T r, T z, T n, T h_n, T h_prev) {
+    Grad<T> grad;
+    const T d_n_pre = d_h * (T(1) - z) * (T(1) - n * n);
+    grad.d_z = d_h * (h_prev - n) * z * (T(1) - z);
+    grad.d_xn = d_n_pre;
+    grad.d_hn = d_n_pre * r;
+    grad.d_r = d_n_pre * h_n * r * (T(1) - r);
+    grad.d_h_prev = d_h * z;
+    return grad;
+  }
+
+  // CPU: see LstmCell::forward_units. gx: the input side with b_ih; b_hh added to the recurrent
+  // side here; h_prev: h_{t-1}. c is not used by this cell.
+  template <int64_t Units, typename T>
+  static GENFAST_CELL_LOOP void forward_units(int64_t units, const T* __restrict__ acc, const T* __restrict__ gx,
+                                              const T* __restrict__ b, int64_t H, T* __restrict__ /*c*/,
+                                              const T* __restrict__ h_prev, T* __restrict__ out,
+                                              T* __restrict__ h_next, T (*__restrict__ act)[Units]) {
+    // h_n = W_hn h + b_hn (saved for backward) first, so the cell reads it where n needs it.
+    for (int64_t u = 0; u < units; ++u) act[3][u] = acc[2 * Units + u] + b[2 * H + u];
+    for (int64_t u = 0; u < units; ++u) {
+      const auto cell =
+          forward<T>(gx[u], gx[H + u], gx[2 * H + u], acc[u] + b[u], acc[Units + u] + b[H + u], act[3][u], h_prev[u]);
+      out[u] = cell.h;
+      h_next[u] = cell.h;
+      act[0][u] = cell.r;
+      act[1][u] = cell.z;
+      act[2][u] = cell.n;
+    }
+  }
+
+  // CPU: see LstmCell::backward_units. state_prev: h_{t-1}; dh_direct receives z dh; dG (input
+  // side) and dG_h (recurrent side) the gate gradients. dc and c_cur are not used by this cell.
+  template <typename T>
+  static GENFAST_CELL_LOOP void backward_units(int64_t units, int64_t H, const T* __restrict__ d_h,
+                                               T* __restrict__ dh_direct, T* __restrict__ /*dc*/,
+                                               const T* __restrict__ g, const T* __restrict__ state_prev,
+                                               const T* __restrict__ /*c_cur*/, T* __restrict__ dG,
+                                               T* __restrict__ dG_h) {
+    for (int64_t u = 0; u < units; ++u) {
+      const auto grad = backward<T>(d_h[u], g[u], g[H + u], g[2 * H + u], g[3 * H + u], state_prev[u]);
+      dG[u] = grad.d_r;
+      dG[H + u] = grad.d_z;
+      dG[2 * H + u] = grad.d_xn;
+      dG_h[u] = grad.d_r;
+      dG_h[H + u] = grad.d_z;
+      dG_h[2 * H + u] = grad.d_hn;
+      dh_direct[u] = grad.d_h_prev;
+    }
+  }
+
+  // CUDA: see LstmCell::forward_thread. h_prev: h_{t-1}; c is not used by this cell.
+  template <typename A>
+  static GENFAST_HD void forward_thread(const A (&x)[kGates], const A (&h)[kGates], const A (&b_ih)[kGates],
+                                        const A (&b_hh)[kGates], A& /*c*/, A h_prev, A& h_out, A (&saved)[kSaved]) {
+    A x_part[kGates], h_part[kGates];
+#pragma unroll
+    for (int gate = 0; gate < kGates; ++gate) {
+      x_part[gate] = x[gate] + b_ih[gate];
+      h_part[gate] = h[gate] + b_hh[gate];
+    }
+    const Out<A> out = forward<A>(x_part[0], x_part[1], x_part[2], h_part[0], h_part[1], h_part[2], h_prev);
+    h_out = out.h;
+    saved[0] = out.r;
+    saved[1] = out.z;
+    saved[2] = out.n;
+    saved[3] = h_part[2];
+  }
+
+  template <typename A>
+  static GENFAST_HD void backward_thread(A d_h, A& /*d_c*/, const A (&saved)[kSaved], A state_prev, A /*c_cur*/,
+                                         A (&d_x)[kGates], A (&d_hside)[kGates], A& d_h_direct) {
+    const Grad<A> grad = backward<A>(d_h, saved[0], saved[1], saved[2], saved[3], state_prev);
+    d_h_direct = grad.d_h_prev;
+    d_x[0] = d_hside[0] = grad.d_r;
+    d_x[1] = d_hside[1] = grad.d_z;
+    d_x[2] = grad.d_xn;
+    d_hside[2] = grad.d_hn;
+  }
+};
+
+// Per-row workspace values of a cell (the one definition behind every backend and the fake kernels).
+template <typename Cell>
+WorkspaceLayout workspace_layout(int64_t rows, int64_t hidden, bool project) {
+  return WorkspaceLayout::make(Cell::kSaved, Cell::kCellState, project, rows, hidden);
+}
+
+}  // namespace rnn
+}  // namespace genfast
