@@ -3,7 +3,8 @@
 // Rule: every float32 and float64 product runs on genfast's packed-panel kernel (matmul,
 // cpu/gemm.h), whatever the layout of its operands: row-major or transposed A are read in
 // place, B with any strides. Why (measured on the shapes genfast multiplies, table in
-// docs/performance.md): it was faster than ATen's at::mm (MKL) on all of them, both dtypes;
+// docs/performance.md): it was faster than ATen's at::mm (MKL) on all of them but one (a tie
+// within the noise), both dtypes;
 // oneDNN's brgemm (ATen's cpublas::brgemm) has no float64, takes row-major operands only and
 // was slower on the weight gradients. One kernel also keeps GENFAST_SIMD and the AVX-512
 // emulation tests in charge of every product.
