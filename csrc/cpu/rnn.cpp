@@ -211,15 +211,25 @@ struct BackwardStep {
   int64_t n, n_prev, n_prev_fwd, H, Hout;
 };
 
+// The backward of row m of a step for a cell without a direct hidden term (d_h: the total dL/dh_t).
 template <typename Cell, typename T>
 GENFAST_INLINE void cell_backward_row(const BackwardStep<T>* s, int64_t m, int64_t j0, int64_t units, const T* d_h) {
   const int64_t H = s->H;
-  constexpr int64_t G = Cell::kGates;
   const T* prev = m < s->n_prev_fwd ? s->state_prev + m * H + j0 : s->state_init + m * H + j0;
-  Cell::backward_units(units, H, d_h, s->dh_state + m * s->Hout + j0,
-                       Cell::kCellState ? s->dc_state + m * H + j0 : nullptr, s->saved + m * Cell::kSaved * H + j0,
-                       prev, Cell::kCellState ? s->c_cur + m * H + j0 : nullptr, s->dG + m * G * H + j0,
-                       Cell::kSidesAdd ? nullptr : s->dG_h + m * G * H + j0);
+  Cell::backward_units(units, H, d_h, s->dc_state + m * H + j0, s->saved + m * Cell::kSaved * H + j0, prev,
+                       s->c_cur + m * H + j0, s->dG + m * Cell::kGates * H + j0);
+}
+
+// The same for a cell with a direct term (Cell::kDirectHidden): it forms the total from its parts
+// and rewrites dh_state in one loop. rec: dG_h W_hh of the step processed before, or zeros.
+template <typename Cell, typename T>
+GENFAST_INLINE void direct_cell_backward_row(const BackwardStep<T>* s, int64_t m, int64_t j0, int64_t units,
+                                             const T* rec) {
+  const int64_t H = s->H;
+  const T* prev = m < s->n_prev_fwd ? s->state_prev + m * H + j0 : s->state_init + m * H + j0;
+  Cell::backward_units(units, H, s->grad_out + m * s->Hout + j0, s->dh_state + m * s->Hout + j0, rec,
+                       s->saved + m * Cell::kSaved * H + j0, prev, s->dG + m * Cell::kGates * H + j0,
+                       s->dG_h + m * Cell::kGates * H + j0);
 }
 
 // dL/dh_t for a panel of h's columns: output gradient + what reached h from outside
@@ -282,10 +292,24 @@ struct BackwardTile {
   template <typename T>
   static GENFAST_INLINE void rows(int64_t units, const BackwardStep<T>* s, int64_t j0, int64_t r0, int64_t r1,
                                   const T* acc) {
-    T d_h[kUnits];
-    for (int64_t m = r0; m < r1; ++m) {
-      if (m + kPrefetchRows < std::min(r1, s->n)) prefetch_backward_row<Cell>(s, m + kPrefetchRows, j0);
-      if (total_dh_row(s, m, j0, units, acc + (m - r0) * kUnits, d_h)) cell_backward_row<Cell>(s, m, j0, units, d_h);
+    if constexpr (Cell::kDirectHidden) {
+      static constexpr T zeros[kUnits] = {};
+      for (int64_t m = r0; m < r1; ++m, acc += kUnits) {
+        if (m + kPrefetchRows < std::min(r1, s->n)) prefetch_backward_row<Cell>(s, m + kPrefetchRows, j0);
+        if (m >= s->n) {  // no longer active: collect the gradient of its initial state
+          T* dh = s->dh_state + m * s->Hout + j0;
+          if (m < s->n_prev)
+            for (int64_t u = 0; u < units; ++u) dh[u] += acc[u];
+          continue;
+        }
+        direct_cell_backward_row<Cell>(s, m, j0, units, m < s->n_prev ? acc : zeros);
+      }
+    } else {
+      T d_h[kUnits];
+      for (int64_t m = r0; m < r1; ++m) {
+        if (m + kPrefetchRows < std::min(r1, s->n)) prefetch_backward_row<Cell>(s, m + kPrefetchRows, j0);
+        if (total_dh_row(s, m, j0, units, acc + (m - r0) * kUnits, d_h)) cell_backward_row<Cell>(s, m, j0, units, d_h);
+      }
     }
   }
 };

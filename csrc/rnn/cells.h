@@ -10,7 +10,10 @@
 //   - what its forward saves for backward (kSaved values of H per row; WorkspaceLayout below);
 //   - its math, forward and backward, on scalars (forward / backward), called per unit by the CPU
 //     loops (forward_units / backward_units: branch-free over restrict pointers, so they vectorise)
-//     and per thread by the CUDA kernels (forward_thread / backward_thread).
+//     and per thread by the CUDA kernels (forward_thread / backward_thread). forward_units has one
+//     argument list for every cell (a cell ignores what it does not use); backward_units has two,
+//     chosen by kDirectHidden: a cell without a direct term takes the total dL/dh_t and the cell
+//     state, a cell with one takes the parts of dL/dh_t and rewrites dh with its direct term.
 // Optional capabilities of the core (the LSTM's projection w_hr) are traits (kProjection).
 //
 // Backward functions take the *activated* gates saved by the forward pass and return gradients
@@ -127,15 +130,14 @@ struct LstmCell {
     for (int64_t u = 0; u < units; ++u) h_next[u] = h_tmp[u];
   }
 
-  // CPU: the backward of one row of units. d_h: total dL/dh_t; dc: dL/dc, carried in place; g: the
-  // saved values; state_prev: c_{t-1}; c_cur: c_t; dG: the gate gradients (both sides). dh_direct
-  // and dG_h are not used by this cell (its recurrent gradient is dG W_hh alone).
+  // CPU: the backward of one row of units. d_h: total dL/dh_t (formed by the core, or by the
+  // projection's backward); dc: dL/dc, carried in place; g: the saved values; state_prev: c_{t-1};
+  // c_cur: c_t; dG: the gate gradients (both sides: its recurrent gradient is dG W_hh alone).
   template <typename T>
   static GENFAST_CELL_LOOP void backward_units(int64_t units, int64_t H, const T* __restrict__ d_h,
-                                               T* __restrict__ /*dh_direct*/, T* __restrict__ dc,
-                                               const T* __restrict__ g, const T* __restrict__ state_prev,
-                                               const T* __restrict__ c_cur, T* __restrict__ dG,
-                                               T* __restrict__ /*dG_h*/) {
+                                               T* __restrict__ dc, const T* __restrict__ g,
+                                               const T* __restrict__ state_prev, const T* __restrict__ c_cur,
+                                               T* __restrict__ dG) {
     for (int64_t u = 0; u < units; ++u) {
       const auto grad = backward<T>(d_h[u], dc[u], g[u], g[H + u], g[2 * H + u], g[3 * H + u], state_prev[u], c_cur[u]);
       dG[u] = grad.d_i;
@@ -243,23 +245,25 @@ struct GruCell {
     }
   }
 
-  // CPU: see LstmCell::backward_units. state_prev: h_{t-1}; dh_direct receives z dh; dG (input
-  // side) and dG_h (recurrent side) the gate gradients. dc and c_cur are not used by this cell.
+  // CPU: the backward of one row of units. This cell rewrites dL/dh with its direct term in this
+  // loop, so it forms the total here as well: d_h = go + dh + rec (output gradient, what reached h
+  // from outside the recurrence, dG_h W_hh of the step processed before); dh leaves holding z d_h.
+  // state_prev: h_{t-1}; dG (input side) and dG_h (recurrent side) the gate gradients.
   template <typename T>
-  static GENFAST_CELL_LOOP void backward_units(int64_t units, int64_t H, const T* __restrict__ d_h,
-                                               T* __restrict__ dh_direct, T* __restrict__ /*dc*/,
+  static GENFAST_CELL_LOOP void backward_units(int64_t units, int64_t H, const T* __restrict__ go,
+                                               T* __restrict__ dh, const T* __restrict__ rec,
                                                const T* __restrict__ g, const T* __restrict__ state_prev,
-                                               const T* __restrict__ /*c_cur*/, T* __restrict__ dG,
-                                               T* __restrict__ dG_h) {
+                                               T* __restrict__ dG, T* __restrict__ dG_h) {
     for (int64_t u = 0; u < units; ++u) {
-      const auto grad = backward<T>(d_h[u], g[u], g[H + u], g[2 * H + u], g[3 * H + u], state_prev[u]);
+      const T d_h = go[u] + dh[u] + rec[u];
+      const auto grad = backward<T>(d_h, g[u], g[H + u], g[2 * H + u], g[3 * H + u], state_prev[u]);
       dG[u] = grad.d_r;
       dG[H + u] = grad.d_z;
       dG[2 * H + u] = grad.d_xn;
       dG_h[u] = grad.d_r;
       dG_h[H + u] = grad.d_z;
       dG_h[2 * H + u] = grad.d_hn;
-      dh_direct[u] = grad.d_h_prev;
+      dh[u] = grad.d_h_prev;
     }
   }
 
