@@ -398,9 +398,8 @@ def _rows_contiguous(logits: Tensor) -> Tensor:
     return logits if logits.stride(1) == 1 else logits.contiguous()
 
 
-# Top-k through candidates. One program per row walks the whole vocabulary ~20 times, on one SM: on an
-# H200 that took 2.3-7.6 ms per batch-1 call with top-k 50 (benchmarks/results/gpu-h200-2026-11-28-session2/),
-# and neither bigger tiles nor more warps helped. With a top-k filter only the k largest logits can be kept,
+# Top-k through candidates. One program per row walks the whole vocabulary ~20 times, on one SM, which
+# is slow at batch 1 whatever the tile size or warp count (docs/performance.md). With a top-k filter only the k largest logits can be kept,
 # so on a GPU the kernels run on the 2k + 64 largest of each row (torch.topk, a many-SM kernel), put back
 # in vocabulary order: the same filter and draw over the same values, on a row of 2k + 64 instead of V.
 # Top-k keeps every token equal to the k-th largest once scaled, so the candidates must hold that whole

@@ -82,8 +82,10 @@ def emulated_tree(tmp_path_factory) -> pathlib.Path:
     _require_simde()
     library = _build()
     tree = tmp_path_factory.mktemp("avx512-emulated")
-    ignore = shutil.ignore_patterns("_C*.so", "__pycache__")
-    shutil.copytree(ROOT / "genfast", tree / "genfast", ignore=ignore)
+    ignore = shutil.ignore_patterns("_C*.so", "_probe*.so", "__pycache__")
+    # genfast/kernels may be a link to kernels/ in a development checkout: the copy below replaces it.
+    shutil.copytree(ROOT / "genfast", tree / "genfast", ignore=shutil.ignore_patterns("_C*.so", "_probe*.so",
+                                                                                        "__pycache__", "kernels"))
     shutil.copytree(ROOT / "kernels", tree / "genfast" / "kernels", ignore=ignore)  # as installed
     shutil.copytree(ROOT / "tests", tree / "tests", ignore=ignore)
     shutil.copy(ROOT / "pyproject.toml", tree / "pyproject.toml")  # pytest markers

@@ -27,6 +27,13 @@
 // The CPU unit loops are always inlined into the SIMD-targeted tiles that call them.
 #define GENFAST_CELL_LOOP inline __attribute__((always_inline))
 
+// The CUDA per-thread gate loops are unrolled; host compilers do not know the pragma.
+#if defined(__CUDACC__)
+#define GENFAST_UNROLL _Pragma("unroll")
+#else
+#define GENFAST_UNROLL
+#endif
+
 namespace genfast {
 namespace rnn {
 
@@ -154,7 +161,7 @@ struct LstmCell {
   static GENFAST_HD void forward_thread(const A (&x)[kGates], const A (&h)[kGates], const A (&b_ih)[kGates],
                                         const A (&b_hh)[kGates], A& c, A /*h_prev*/, A& h_out, A (&saved)[kSaved]) {
     A pre[kGates];
-#pragma unroll
+GENFAST_UNROLL
     for (int gate = 0; gate < kGates; ++gate) pre[gate] = x[gate] + h[gate] + b_ih[gate] + b_hh[gate];
     const Out<A> out = forward<A>(pre[0], pre[1], pre[2], pre[3], c);
     c = out.c;
@@ -272,7 +279,7 @@ struct GruCell {
   static GENFAST_HD void forward_thread(const A (&x)[kGates], const A (&h)[kGates], const A (&b_ih)[kGates],
                                         const A (&b_hh)[kGates], A& /*c*/, A h_prev, A& h_out, A (&saved)[kSaved]) {
     A x_part[kGates], h_part[kGates];
-#pragma unroll
+GENFAST_UNROLL
     for (int gate = 0; gate < kGates; ++gate) {
       x_part[gate] = x[gate] + b_ih[gate];
       h_part[gate] = h[gate] + b_hh[gate];

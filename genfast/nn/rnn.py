@@ -4,7 +4,7 @@ Same constructor, parameter names, initialisation, state_dict, forward signature
 outputs as torch.nn; the work runs in genfast's fused kernels:
 
     LSTM.forward -> genfast.ops.rnn.lstm (one call per layer and direction)
-                 -> torch.ops.genfast.lstm_forward -> csrc/cpu/lstm.cpp
+                 -> torch.ops.genfast.lstm_forward -> csrc/cpu/rnn.cpp -> csrc/rnn/cells.h
 
 The modules derive from torch.nn.RNNBase / RNNCellBase for their parameters and
 argument checks, but are not torch.nn.LSTM/GRU subclasses: torch.compile graph-breaks
