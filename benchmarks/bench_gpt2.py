@@ -1,4 +1,4 @@
-"""pytest-benchmark suite for GPT-2 greedy generation (genfast.models.gpt2 vs transformers)."""
+"""pytest-benchmark suite for GPT-2 greedy generation (genfast.generation.gpt2 vs transformers)."""
 import pytest
 
 from genfast.bench import suite
