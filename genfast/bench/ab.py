@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from genfast.bench import machine
+
 WORKER = Path(__file__).with_name("ab_worker.py")
 
 
@@ -36,19 +38,6 @@ def this_root() -> Path:
     import genfast
 
     return Path(genfast.__file__).resolve().parents[1]
-
-
-def _commit(root: Path) -> str:
-    try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                             text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return "-"
-    if out.returncode != 0:
-        return "-"
-    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def _environment(root: Path) -> dict:
@@ -187,7 +176,7 @@ def run(args, device: str, other: str) -> int:
     print(f"genfast benchmark A/B ({args.set}{', --filter ' + args.filter if args.filter else ''}), "
           f"{args.ab_rounds} rounds, one process per build per round, alternating")
     for build, root in roots.items():
-        print(f"  build {build}: {root} (commit {_commit(root)})")
+        print(f"  build {build}: {root} (commit {machine.git_commit(root)})")
     print(f"cpu: {header['cpu']}  threads: {header['threads']}  device: {header['device']}  torch {header['torch']}")
     print("ratio = median over rounds of baseline time / genfast time in that build (>1: genfast faster);")
     print("time A/B = median over rounds of genfast's time in A / in B (<1: build A faster).")
@@ -196,7 +185,7 @@ def run(args, device: str, other: str) -> int:
     if args.json:
         from genfast.bench.report import write_json
 
-        write_json(args.json, {"builds": {b: {"root": str(r), "commit": _commit(r)} for b, r in roots.items()},
+        write_json(args.json, {"builds": {b: {"root": str(r), "commit": machine.git_commit(r)} for b, r in roots.items()},
                                "rounds": args.ab_rounds, "set": args.set, "filter": args.filter, "rows": rows,
                                "runs": runs})
         print(f"\nJSON: {args.json}")

@@ -41,8 +41,9 @@ def repo_root() -> Path | None:
     return here if (here / ".git").exists() else None
 
 
-def git_commit() -> str:
-    root = repo_root()
+def git_commit(root: Path | None = None) -> str:
+    """The short commit of the checkout at root (default: the one genfast is imported from), +dirty if modified."""
+    root = repo_root() if root is None else root
     if root is None:
         return "-"
     try:
