@@ -140,6 +140,16 @@ class _FusedRNNBase(torch.nn.RNNBase):
         new.train(module.training)
         return new
 
+    @classmethod
+    def from_keras(cls, layer):
+        """A genfast copy of a built Keras 3 ``keras.layers.LSTM`` / ``GRU``, with ``batch_first=True``.
+
+        Its output is what Keras returns with ``return_sequences=True`` and its final states are Keras'
+        (with torch's leading layer axis). Weight layout and refused options: genfast/nn/keras_interop.py.
+        """
+        from genfast.nn.keras_interop import from_keras
+        return from_keras(cls, layer)
+
 
 class LSTM(_FusedRNNBase):
     """torch.nn.LSTM, computed by genfast's fused LSTM kernels. See torch.nn.LSTM for the API."""
