@@ -12,7 +12,8 @@ differs by at most about (I + H) * 2^-24 * max|summand|: 11 * 6e-8 * ~1.5 = 1e-6
 1/8). The gate functions are 1-Lipschitz and the recurrent weights are small (U(+-1/sqrt(H)), torch's
 initialisation), so the recurrence contracts: a step adds its own rounding rather than amplifying the past
 one, and the outputs stay within a few per-step errors.
-ATOL = 2e-5 leaves a factor of about 5 on that (measured: at most 2e-7). float64 layers get 1e-12.
+ATOL = 2e-5 leaves a factor of about 5 on that (measured: at most 2e-7). float64 layers get 1e-12 where Keras
+itself computes in float64 (see test_float64_layer_gives_float64_module).
 """
 from __future__ import annotations
 
@@ -127,7 +128,12 @@ def test_float64_layer_gives_float64_module(kind):
     module = convert(kind, layer)
     assert next(module.parameters()).dtype == torch.float64
     x = rng.standard_normal((3, 11, I))
-    assert_matches_keras(run_genfast(module, x), run_keras(layer, x), ATOL_FLOAT64)
+    # Keras' generic cell loop, the only one it has for reset_after=False, multiplies in float32 even for
+    # float64 layers on the torch backend (in Keras 3.15.1 keras.ops.matmul of two torch float64 tensors
+    # returns float32), so there Keras is only float32-accurate. Its fused loops (LSTM, GRU reset_after=True)
+    # stay in float64.
+    atol = ATOL if kind == "gru_reset_before" else ATOL_FLOAT64
+    assert_matches_keras(run_genfast(module, x), run_keras(layer, x), atol)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -14,7 +14,7 @@ Weight layout (Keras stores ``x @ kernel``, torch stores ``W @ x``, so every mat
           reset_after=False: bias (3H,), the input bias -> bias_ih, bias_hh = 0; the module is
           GRU(..., reset_after=False), Keras' n = tanh(W_in x + b_in + W_hn (r * h))
 
-Keras works with any backend here: values are read with ``keras.ops.convert_to_numpy``. keras is imported
+Values are read with ``keras.ops.convert_to_numpy`` (tested with Keras on the torch backend). keras is imported
 only when a conversion is asked for; genfast does not depend on it.
 """
 from __future__ import annotations
