@@ -319,7 +319,7 @@ def _gpu(seqlens=GPU_ATTENTION_SEQLENS_QUICK) -> list[Case]:
         for dtype in ("float32", "bfloat16"):
             cases += [_gpu_rnn(cell, dtype, mode) for mode in MODES]
             cases.append(_gpu_rnn_decode(cell, dtype))
-    for dtype in ("float16", "float32"):
+    for dtype in ("float16", "bfloat16", "float32"):  # bfloat16: decode_attention.bfloat16 is an inferred rule
         for shape in ((1, 12, 12, 64, 1024), (1, 12, 12, 64, 16384), (8, 32, 8, 128, 4096), (1, 32, 8, 128, 32768)):
             cases.append(_gpu_decode_attention(dtype, *shape))
     for B, vocab in ((1, 50257), (32, 50257), (1, 151936)):
