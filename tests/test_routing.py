@@ -383,3 +383,30 @@ def test_cuda_rnn_float32_routes_to_cudnn_exactly(cell):
     half(torch.randn(1, 1, 32, device="cuda", dtype=torch.bfloat16))  # one token: the kernel won it
     assert routing.last_dispatch("rnn")["backend"] == "genfast-cuda"
     assert math.isfinite(float(out_g.sum()))
+
+
+@CUDA
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_cuda_rnn_routed_path_compiles_fullgraph(cell):
+    # The routed module calls torch._VF.lstm/gru, which torch.compile traces (aten._cudnn_rnn has a fake kernel).
+    torch.manual_seed(0)
+    module = (genfast.nn.LSTM if cell == "lstm" else genfast.nn.GRU)(16, 32).cuda()
+    x = torch.randn(10, 4, 16, device="cuda")
+    expected, _ = module(x)
+    assert routing.last_dispatch("rnn")["backend"] == "torch_cudnn"
+    got, _ = torch.compile(module, fullgraph=True)(x)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@CUDA
+def test_cuda_gpt2_eager_decode_is_routed_and_graph_decode_is_not():
+    from genfast.generation.gpt2 import GPT2, GPT2Config
+
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(vocab_size=500, n_positions=64, n_embd=64, n_layer=2, n_head=4)).eval().cuda()
+    prompt = torch.randint(0, 500, (2, 5), device="cuda")
+    model.generate(prompt, 5, cuda_graph=False)
+    assert routing.last_dispatch("decode_attention")["rule"] == "decode_attention.float32.small_mha"
+    routing._last.clear()
+    model.generate(prompt, 5, cuda_graph=True)  # the captured step reads the length on the device
+    assert routing.last_dispatch("decode_attention")["backend"] in ("genfast-triton", None)
