@@ -92,18 +92,26 @@ RULES: tuple[Rule, ...] = (
          "measured 2.5-2.8x (lines 7, 13)"),
 )
 
-_BY_OP: dict[tuple[str, str], tuple[Rule, ...]] = {}
+# (op, device, dtype) -> its rules, each with its checks: a decode step asks once per layer, so the lookup is lean.
+_INDEX: dict[tuple, tuple] = {}
 for _rule in RULES:
-    _BY_OP[(_rule.op, _rule.device)] = _BY_OP.get((_rule.op, _rule.device), ()) + (_rule,)
+    _checks = tuple((CONDITIONS[key], value) for key, value in _rule.when.items())
+    for _dtype in _rule.dtypes:
+        _key = (_rule.op, _rule.device, _dtype)
+        _INDEX[_key] = _INDEX.get(_key, ()) + ((_rule, _checks),)
 
 _forced = os.environ.get("GENFAST_FORCE_KERNELS", "0") == "1"
 _last: dict[str, dict] = {}
+_records: dict[tuple, dict] = {}  # the record of each (op, rule or kernel, forced), made once
 
 
 def decide(op: str, device: str, dtype: torch.dtype, **facts) -> Rule | None:
     """The rule that sends this call to a torch path, or None (genfast's kernel runs). Pure: ignores forcing."""
-    for rule in _BY_OP.get((op, device), ()):
-        if dtype in rule.dtypes and all(CONDITIONS[key](facts, value) for key, value in rule.when.items()):
+    for rule, checks in _INDEX.get((op, device, dtype), ()):
+        for check, value in checks:
+            if not check(facts, value):
+                break
+        else:
             return rule
     return None
 
@@ -113,14 +121,20 @@ def route(op: str, device: str, dtype: torch.dtype, kernel: str, **facts) -> Rul
     ``kernel``: the backend name recorded when genfast's kernel runs."""
     rule = None if _forced else decide(op, device, dtype, **facts)
     if not torch.compiler.is_compiling():  # the decision is made once at trace time; no recording then
-        if rule is not None:
-            _last[op] = {"op": op, "backend": rule.winner, "rule": rule.name, "source": rule.source,
-                         "reason": f"{rule.measured} ({rule.evidence})"}
-        else:
-            _last[op] = {"op": op, "backend": kernel, "rule": None, "source": None,
-                         "reason": "kernels forced (GENFAST_FORCE_KERNELS / force_kernels())" if _forced
-                         else "no rule: genfast's kernel"}
+        key = (op, rule.name if rule is not None else kernel, _forced)
+        record = _records.get(key)
+        if record is None:
+            record = _records[key] = _record(op, rule, kernel)
+        _last[op] = record
     return rule
+
+
+def _record(op: str, rule: Rule | None, kernel: str) -> dict:
+    if rule is not None:
+        return {"op": op, "backend": rule.winner, "rule": rule.name, "source": rule.source,
+                "reason": f"{rule.measured} ({rule.evidence})"}
+    reason = "kernels forced (GENFAST_FORCE_KERNELS / force_kernels())" if _forced else "no rule: genfast's kernel"
+    return {"op": op, "backend": kernel, "rule": None, "source": None, "reason": reason}
 
 
 def last_dispatch(op: str | None = None) -> dict:

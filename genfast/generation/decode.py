@@ -59,16 +59,20 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: int | 
 def _routed_torch_path(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: int | Tensor):
     """The torch path genfast.routing sends this CUDA call to (None: genfast's kernel). Only well-formed calls
     are routed: the kernel raises the errors for the others."""
-    well_formed = (q.dim() == 3 and k_cache.dim() == 4 and v_cache.dim() == 4 and k_cache.dtype == q.dtype
-                   and v_cache.dtype == q.dtype and k_cache.device == q.device and v_cache.device == q.device
-                   and k_cache.shape[:3] == v_cache.shape[:3] and k_cache.shape[0] == q.shape[0]
-                   and k_cache.shape[3] == q.shape[2] and k_cache.shape[1] > 0 and q.shape[1] % k_cache.shape[1] == 0
-                   and (isinstance(length, Tensor) or 1 <= length <= k_cache.shape[2]))
-    if not well_formed:
+    if q.dim() != 3 or k_cache.dim() != 4 or v_cache.dim() != 4:
         return None
-    rule = routing.route("decode_attention", "cuda", q.dtype, "genfast-triton", batch=q.shape[0],
-                         heads_q=q.shape[1], heads_kv=k_cache.shape[1], head_dim=q.shape[2],
-                         length=None if isinstance(length, Tensor) else int(length))
+    batch, heads_q, dim = q.shape
+    k_batch, heads_kv, max_len, k_dim = k_cache.shape
+    v_batch, v_heads, v_len, _ = v_cache.shape
+    host_length = not isinstance(length, Tensor)
+    dtype = q.dtype
+    if (k_cache.dtype != dtype or v_cache.dtype != dtype or k_batch != batch or v_batch != batch
+            or v_heads != heads_kv or v_len != max_len or k_dim != dim or heads_kv == 0 or heads_q % heads_kv
+            or (host_length and not 1 <= length <= max_len)
+            or k_cache.get_device() != q.get_device() or v_cache.get_device() != q.get_device()):
+        return None
+    rule = routing.route("decode_attention", "cuda", dtype, "genfast-triton", batch=batch, heads_q=heads_q,
+                         heads_kv=heads_kv, head_dim=dim, length=int(length) if host_length else None)
     return None if rule is None else _TORCH_PATHS[rule.winner]
 
 
