@@ -305,10 +305,15 @@ def test_rnn_torch_path_is_torch_nn_exactly(cell, config, packed, monkeypatch):
             t, lengths, batch_first=batch_first, enforce_sorted=False)
     else:
         make_input = lambda t: t  # noqa: E731
+    directions = 2 if config.get("bidirectional") else 1
+    out_size = config.get("proj_size") or 7
+    h0 = torch.randn(config["num_layers"] * directions, 4, out_size, dtype=torch.float64)
+    c0 = torch.randn(config["num_layers"] * directions, 4, 7, dtype=torch.float64)
     results = []
     for module in (theirs, ours):
         inp = x.clone().requires_grad_()
-        out, state = module(make_input(inp))
+        hx = (h0, c0) if cell == "lstm" else h0  # given states: permuted like the rows of a packed input
+        out, state = module(make_input(inp), hx)
         out = out.data if packed else out
         states = list(state) if cell == "lstm" else [state]
         loss = out.pow(2).sum() + sum(s.pow(3).sum() for s in states)
@@ -337,6 +342,22 @@ def test_benchmark_cases_time_the_kernel_and_the_routed_call():
 
 
 # ---------------------------------------------------------------- on a GPU
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_rnn_torch_path_unbatched_input(cell, monkeypatch):
+    from genfast.nn import rnn
+
+    monkeypatch.setattr(rnn._FusedRNNBase, "_run_layers", rnn._FusedRNNBase._run_torch)
+    torch.manual_seed(1)
+    theirs = (torch.nn.LSTM if cell == "lstm" else torch.nn.GRU)(6, 7, num_layers=2)
+    ours = (genfast.nn.LSTM if cell == "lstm" else genfast.nn.GRU).from_torch(theirs)
+    x = torch.randn(5, 6)
+    out_t, state_t = theirs(x)
+    out_g, state_g = ours(x)
+    assert torch.equal(out_t, out_g)
+    for a, b in zip(*((s if isinstance(s, tuple) else (s,)) for s in (state_t, state_g))):
+        assert torch.equal(a, b)
+
+
 @CUDA
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_cuda_decode_attention_routes_and_agrees_with_the_kernel(dtype):
