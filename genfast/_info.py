@@ -44,10 +44,19 @@ def info(print_it: bool = True) -> dict:
             report["attention_dispatch"] = explain()
     except ImportError:
         pass
+    from genfast import routing
+
+    # Routing until a kernel wins: the CUDA shapes sent to a torch path, each with its measurement.
+    report["routing"] = routing.describe()
+    report["routing_forced"] = routing.kernels_forced()
+    report["routing_last_dispatch"] = routing.last_dispatch()
     if print_it:
         width = max(len(k) for k in report)
         for key, value in report.items():
-            print(f"{key:<{width}}  {value}")
+            lines = value if isinstance(value, list) and value else [value]  # a list: one item per line
+            print(f"{key:<{width}}  {lines[0]}")
+            for line in lines[1:]:
+                print(f"{'':<{width}}  {line}")
     return report
 
 

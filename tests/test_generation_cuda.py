@@ -18,8 +18,16 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 if torch.cuda.is_available():
     import genfast.generation.ops  # noqa: F401
-    from genfast import reference
+    from genfast import reference, routing
     from genfast.generation import sampling as generation
+
+
+@pytest.fixture(autouse=True)
+def _genfast_kernels():
+    """genfast.routing's rules off: these tests are of genfast's kernels (tests/test_routing.py tests the
+    routing), and the CUDA-graph tests compare eager steps with replays of the same kernels."""
+    with routing.force_kernels():
+        yield
 
 SETTINGS = [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.0, 1, 1.0), (1.0, 50, 1.0), (1.0, 0, 0.9), (1.0, 0, 0.0),
             (1.4, 50, 0.95), (1.0, 100000, 0.5)]

@@ -27,7 +27,7 @@ import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import genfast.nn as gnn
-from genfast import _extension
+from genfast import _extension, routing
 from tests.rnn_cells import (CELLS, TOLERANCES, assert_reduced_precision_matches_float64, assert_same,
                              assert_same_for_any_thread_count, clone_module, op_case, packed_input,
                              padded_input, random_states, reference_for_case, run_both, run_forward_op, torch_module)
@@ -44,7 +44,8 @@ DEVICES = ["cpu", CUDA]
 @pytest.fixture(params=DEVICES)
 def device(request):
     """The device a test runs on. On CUDA: the kernels must be built in, and torch's side computes in
-    true float32 (cuDNN RNNs and matmuls use TF32 by default on Ampere and later)."""
+    true float32 (cuDNN RNNs and matmuls use TF32 by default on Ampere and later). genfast.routing's rules
+    are off, so that the modules run genfast's CUDA kernels (tests/test_routing.py tests the routing)."""
     if request.param == "cpu":
         yield "cpu"
         return
@@ -53,7 +54,8 @@ def device(request):
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        yield "cuda"
+        with routing.force_kernels():
+            yield "cuda"
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 

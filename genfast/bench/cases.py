@@ -241,7 +241,8 @@ def _smoke() -> list[Case]:
 
 # ------------------------------------------------------------------------- GPU session
 # What benchmarks/gpu_session.sh measures on a lent GPU. TF32 is off for the whole CUDA run
-# (genfast.bench's main), so float32 means IEEE fp32 products on both sides.
+# (genfast.bench's main), so float32 means IEEE fp32 products on both sides. "genfast" times genfast's
+# kernel (genfast.routing's rules off), "routed" the call as users make it (a rule may pick torch's path).
 GPU = ("cuda",)
 
 
@@ -249,8 +250,8 @@ def _gpu_rnn(cell, dtype, mode, T=100, N=64, size=512, devices=GPU) -> Case:
     # A training step is forward + backward through the input and the weights.
     params = {"cell": cell, "seed": 0, "T": T, "N": N, "input_size": size, "hidden_size": size, "dtype": dtype,
               "input_grad": mode == "training"}
-    return Case(f"gpu.rnn.{cell}.t{T}.n{N}.h{size}.{dtype}.{mode}", cell, "rnn", mode, params, ("genfast",),
-                ("torch",), devices=devices)
+    return Case(f"gpu.rnn.{cell}.t{T}.n{N}.h{size}.{dtype}.{mode}", cell, "rnn", mode, params,
+                ("genfast", "routed"), ("torch",), devices=devices)
 
 
 def _gpu_rnn_decode(cell, dtype, tokens=100, size=512, devices=GPU) -> Case:
@@ -259,7 +260,7 @@ def _gpu_rnn_decode(cell, dtype, tokens=100, size=512, devices=GPU) -> Case:
     params = {"cell": cell, "seed": 0, "T": tokens, "N": 1, "input_size": size, "hidden_size": size,
               "dtype": dtype, "stepwise": True}
     return Case(f"gpu.rnn.{cell}.decode{tokens}.h{size}.{dtype}.inference", cell, "rnn", "inference", params,
-                ("genfast",), ("torch",), devices=devices)
+                ("genfast", "routed"), ("torch",), devices=devices)
 
 
 def _gpu_attention(D, L, causal, mode, B=4, heads=32, devices=GPU) -> Case:
@@ -276,8 +277,8 @@ def _gpu_decode_attention(dtype, B, heads_q, heads_kv, D, L, devices=GPU) -> Cas
     # One query row per head against a KV cache of L positions (grouped-query when heads differ).
     params = {"B": B, "heads_q": heads_q, "heads_kv": heads_kv, "D": D, "L": L, "dtype": dtype, "seed": 0}
     return Case(f"gpu.decode_attention.{dtype}.b{B}.h{heads_q}-{heads_kv}.d{D}.l{L}", "attention",
-                "decode_attention", "inference", params, ("genfast", "launcher"), ("reference", "torch_sdpa"),
-                unit="us", devices=devices)
+                "decode_attention", "inference", params, ("genfast", "launcher", "routed"),
+                ("reference", "torch_sdpa"), unit="us", devices=devices)
 
 
 def _gpu_sampling_draw(B, vocab, temperature, top_k, top_p, devices=GPU) -> Case:
@@ -285,7 +286,7 @@ def _gpu_sampling_draw(B, vocab, temperature, top_k, top_p, devices=GPU) -> Case
     # against the unfused reference; "whole_row" is the op with its kernels on the whole vocabulary
     # rather than on the top-k candidates (CUDA, top-k only).
     params = {"rows": B, "vocab": vocab, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": 0}
-    subjects = ("genfast", "whole_row") if top_k else ("genfast",)
+    subjects = ("genfast", "whole_row", "routed") if top_k else ("genfast", "routed")
     return Case(f"gpu.sampling_draw.b{B}.v{vocab}.t{temperature:g}.k{top_k}.p{top_p:g}", "sampling",
                 "sampling_draw", "inference", params, subjects, ("reference",), unit="us", devices=devices)
 
@@ -318,7 +319,7 @@ def _gpu(seqlens=GPU_ATTENTION_SEQLENS_QUICK) -> list[Case]:
         for dtype in ("float32", "bfloat16"):
             cases += [_gpu_rnn(cell, dtype, mode) for mode in MODES]
             cases.append(_gpu_rnn_decode(cell, dtype))
-    for dtype in ("float16", "float32"):
+    for dtype in ("float16", "bfloat16", "float32"):  # bfloat16: decode_attention.bfloat16 is an inferred rule
         for shape in ((1, 12, 12, 64, 1024), (1, 12, 12, 64, 16384), (8, 32, 8, 128, 4096), (1, 32, 8, 128, 32768)):
             cases.append(_gpu_decode_attention(dtype, *shape))
     for B, vocab in ((1, 50257), (32, 50257), (1, 151936)):

@@ -7,7 +7,8 @@ forward + backward for training) and returns the forward output, or raises
 Unavailable saying why it can't run here ("not built: <import error>", "needs CUDA",
 "skipped: ...").
 
-RNN providers:       genfast (genfast.nn.LSTM/GRU), genfast_cell (genfast.nn.LSTMCell/GRUCell,
+RNN providers:       genfast (genfast.nn.LSTM/GRU, kernels forced), routed (the same as users get it: on
+                     CUDA genfast.routing may send it to cuDNN), genfast_cell (genfast.nn.LSTMCell/GRUCell,
                      decode cases), torch (nn.LSTM/GRU: oneDNN/ATen on CPU, cuDNN on GPU),
                      cell_loop (Python loop over nn.LSTMCell/GRUCell), reference
                      (genfast.reference equations), compiled_reference (torch.compile of it).
@@ -21,9 +22,11 @@ GPT-2 providers:     genfast (genfast.generation.gpt2.GPT2.generate, greedy, KV 
                      per decode step on CUDA), genfast_eager (the same with cuda_graph=False, CUDA),
                      transformers (GPT2LMHeadModel.generate on the same weights).
 Decode attention:    genfast (torch.ops.genfast.decode_attention), launcher (the Triton launcher
-                     called directly, skipping the dispatcher; CUDA), reference, torch_sdpa.
+                     called directly, skipping the dispatcher; CUDA), routed
+                     (genfast.generation.decode.decode_attention: genfast.routing's choice), reference, torch_sdpa.
 Sampling draw:       genfast (torch.ops.genfast.sampling_draw), whole_row (its kernels on the whole
-                     vocabulary; CUDA), tile (a tile size and warp count; CUDA), reference.
+                     vocabulary; CUDA), tile (a tile size and warp count; CUDA), routed
+                     (genfast.generation.sampling.draw: genfast.routing's choice), reference.
 
 Generation code is imported from genfast.generation.*; an older checkout's genfast.models.gpt2 and
 genfast.nn.generation are accepted too, so that `--ab` can time a build from before the move.
@@ -83,6 +86,20 @@ def _genfast_op(name: str):
 def _needs_cuda(device: str, what: str) -> None:
     if device != "cuda":
         raise Unavailable("needs CUDA", f"{what}; this run is on {device}")
+
+
+def _kernels_forced(run: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """run() with genfast.routing's rules off, so that it times genfast's kernel even at shapes the rules send to
+    torch (the "routed" providers time the call as users get it). A checkout without genfast.routing has no rules."""
+    try:
+        from genfast import routing
+    except ImportError:
+        return run
+
+    def forced():
+        with routing.force_kernels():
+            return run()
+    return forced
 
 
 # --------------------------------------------------------------------------------- RNN
@@ -178,6 +195,11 @@ def torch_rnn(work: RnnWorkload):
 
 
 def genfast_rnn(work: RnnWorkload):
+    return _kernels_forced(routed_rnn(work))
+
+
+def routed_rnn(work: RnnWorkload):
+    # genfast.nn.LSTM/GRU as users get it: on CUDA, genfast.routing may send the call to cuDNN.
     gnn = _import_genfast("genfast.nn")
     cls = gnn.LSTM if work.cell == "lstm" else gnn.GRU
     return _run_module(work, cls.from_torch(work.module).to(work.device))
@@ -627,6 +649,12 @@ def launcher_decode_attention(work: DecodeAttentionWorkload):
     return lambda: launch(work.q, work.k, work.v, work.length, work.scale)
 
 
+def routed_decode_attention(work: DecodeAttentionWorkload):
+    # genfast.generation.decode.decode_attention, what GPT-2's decode step calls: routed by genfast.routing.
+    decode = _import_genfast("genfast.generation.decode")
+    return lambda: decode.decode_attention(work.q, work.k, work.v, work.length, work.scale)
+
+
 def reference_decode_attention(work: DecodeAttentionWorkload):
     return lambda: reference.attention(work.q[:, :, None], work.k, work.v, scale=work.scale,
                                        enable_gqa=True)[:, :, 0]
@@ -685,6 +713,14 @@ def tile_sampling_draw(work: SamplingDrawWorkload):
     return run
 
 
+def routed_sampling_draw(work: SamplingDrawWorkload):
+    # genfast.generation.sampling.draw (sample() at given uniforms): routed by genfast.routing.
+    sampling = _import_genfast("genfast.generation.sampling")
+    if not hasattr(sampling, "draw"):
+        raise Unavailable("not built", "genfast.generation.sampling has no draw() in this checkout")
+    return lambda: sampling.draw(work.logits, work.uniforms, *work.settings)
+
+
 def reference_sampling_draw(work: SamplingDrawWorkload):
     return lambda: reference.draw_from_scores(reference.process_logits(work.logits, *work.settings), work.uniforms)
 
@@ -699,7 +735,8 @@ class Provider:
 
 PROVIDERS: dict[str, dict[str, Provider]] = {
     "rnn": {p.name: p for p in (
-        Provider("genfast", genfast_rnn, "genfast.nn.LSTM/GRU"),
+        Provider("genfast", genfast_rnn, "genfast.nn.LSTM/GRU, its kernels forced (no routing)"),
+        Provider("routed", routed_rnn, "genfast.nn.LSTM/GRU as users get it (genfast.routing may pick cuDNN)"),
         Provider("genfast_cell", genfast_cell, "genfast.nn.LSTMCell/GRUCell"),
         Provider("torch", torch_rnn, "torch.nn.LSTM/GRU (oneDNN/ATen on CPU, cuDNN on GPU)"),
         Provider("cell_loop", cell_loop, "Python loop over torch.nn.LSTMCell/GRUCell"),
@@ -730,6 +767,7 @@ PROVIDERS: dict[str, dict[str, Provider]] = {
     "decode_attention": {p.name: p for p in (
         Provider("genfast", genfast_decode_attention, "torch.ops.genfast.decode_attention"),
         Provider("launcher", launcher_decode_attention, "the Triton launcher, called without the dispatcher"),
+        Provider("routed", routed_decode_attention, "genfast.generation.decode.decode_attention (genfast.routing)"),
         Provider("reference", reference_decode_attention, "genfast.reference.attention"),
         Provider("torch_sdpa", torch_sdpa_decode_attention, "torch F.scaled_dot_product_attention"),
     )},
@@ -737,6 +775,7 @@ PROVIDERS: dict[str, dict[str, Provider]] = {
         Provider("genfast", genfast_sampling_draw, "torch.ops.genfast.sampling_draw"),
         Provider("whole_row", whole_row_sampling_draw, "the Triton kernels on the whole vocabulary"),
         Provider("tile", tile_sampling_draw, "the Triton kernel at a given tile and warp count"),
+        Provider("routed", routed_sampling_draw, "genfast.generation.sampling.draw (genfast.routing)"),
         Provider("reference", reference_sampling_draw, "genfast.reference.process_logits + draw_from_scores"),
     )},
 }

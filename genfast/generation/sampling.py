@@ -3,8 +3,10 @@
 ``top_k`` None or 0 and ``top_p`` 1.0 disable a filter.
 
   process_logits / sample   CPU, CUDA -> genfast's fused op (torch.ops.genfast.sampling_*: C++ on
-                            CPU, Triton on CUDA); other devices -> the plain-PyTorch reference,
-                            with a one-time warning
+                            CPU, Triton on CUDA); CUDA calls where the Triton kernel measured slower
+                            -> the plain-PyTorch reference, by genfast.routing's rules (recorded in
+                            genfast.routing.last_dispatch); other devices -> the plain-PyTorch
+                            reference, with a one-time warning
   apply_repetition_penalty  plain PyTorch (a gather and a scatter; nothing to fuse)
 """
 from __future__ import annotations
@@ -15,7 +17,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from genfast import reference
+from genfast import reference, routing
 
 _warned_devices: set[str] = set()
 _OP_DEVICES = ("cpu", "cuda")  # devices with a genfast sampling kernel
@@ -47,11 +49,12 @@ def process_logits(logits: Tensor, temperature: float = 1.0, top_k: int | None =
                    top_p: float = 1.0) -> Tensor:
     """logits (N, V) -> scores / temperature with -inf where top-k / top-p remove the token."""
     top_k = _check_settings(logits, temperature, top_k, top_p)
-    if logits.device.type in _OP_DEVICES:
+    if logits.device.type in _OP_DEVICES and not _routed_to_torch("sampling_filter", logits):
         from genfast.generation.ops.sampling import sampling_filter
 
         return sampling_filter(logits, temperature, top_k, top_p)
-    _warn_fallback(logits.device, "sampling")
+    if logits.device.type not in _OP_DEVICES:
+        _warn_fallback(logits.device, "sampling")
     return reference.process_logits(logits, temperature, top_k, top_p)
 
 
@@ -65,13 +68,36 @@ def sample(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, t
     top_k = _check_settings(logits, temperature, top_k, top_p)
     uniforms = torch.rand(logits.shape[0], generator=generator, dtype=torch.float64,
                           device=generator.device if generator is not None else logits.device)
-    if logits.device.type in _OP_DEVICES:
+    return _draw(logits, uniforms.to(logits.device), temperature, top_k, top_p)
+
+
+def draw(logits: Tensor, uniforms: Tensor, temperature: float = 1.0, top_k: int | None = None,
+         top_p: float = 1.0) -> Tensor:
+    """sample() at given uniforms (N,) in [0, 1) on logits' device: the processed distribution's inverse CDF."""
+    top_k = _check_settings(logits, temperature, top_k, top_p)
+    if uniforms.shape != (logits.shape[0],) or uniforms.device != logits.device or not uniforms.is_floating_point():
+        raise ValueError(f"uniforms must be a floating point ({logits.shape[0]},) tensor on {logits.device}, got "
+                         f"{uniforms.dtype} {tuple(uniforms.shape)} on {uniforms.device}")
+    return _draw(logits, uniforms, temperature, top_k, top_p)
+
+
+def _draw(logits: Tensor, uniforms: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
+    if logits.device.type in _OP_DEVICES and not _routed_to_torch("sampling_draw", logits):
         from genfast.generation.ops.sampling import sampling_draw
 
-        return sampling_draw(logits, uniforms.to(logits.device), temperature, top_k, top_p)
-    _warn_fallback(logits.device, "sampling")
+        return sampling_draw(logits, uniforms, temperature, top_k, top_p)
+    if logits.device.type not in _OP_DEVICES:
+        _warn_fallback(logits.device, "sampling")
     scores = reference.process_logits(logits, temperature, top_k, top_p)
-    return reference.draw_from_scores(scores, uniforms.to(logits.device))
+    return reference.draw_from_scores(scores, uniforms)
+
+
+def _routed_to_torch(op: str, logits: Tensor) -> bool:
+    """Whether genfast.routing sends this CUDA call to the plain-PyTorch path (the reference's equations)."""
+    if not logits.is_cuda or logits.numel() == 0:  # empty input: the op's own result or error
+        return False
+    rows, vocab = logits.shape
+    return routing.route(op, "cuda", logits.dtype, "genfast-triton", rows=rows, vocab=vocab) is not None
 
 
 def apply_repetition_penalty(scores: Tensor, token_ids: Tensor, penalty: float) -> Tensor:
@@ -86,4 +112,4 @@ def apply_repetition_penalty(scores: Tensor, token_ids: Tensor, penalty: float) 
     return scores.scatter(1, token_ids, seen)
 
 
-__all__ = ["process_logits", "sample", "apply_repetition_penalty"]
+__all__ = ["process_logits", "sample", "draw", "apply_repetition_penalty"]

@@ -6,6 +6,9 @@ outputs as torch.nn; the work runs in genfast's fused kernels:
     LSTM.forward -> genfast.ops.rnn.lstm (one call per layer and direction)
                  -> torch.ops.genfast.lstm_forward -> csrc/cpu/rnn.cpp -> csrc/rnn/cells.h
 
+On CUDA, shapes at which the CUDA kernels measured slower than cuDNN run torch's own LSTM/GRU on the
+same weights instead (genfast.routing's rules; genfast.routing.last_dispatch("rnn") says which ran).
+
 The modules derive from torch.nn.RNNBase / RNNCellBase for their parameters and
 argument checks, but are not torch.nn.LSTM/GRU subclasses: torch.compile graph-breaks
 on those, and captures these whole.
@@ -17,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
-from genfast import _extension, ops
+from genfast import _extension, ops, routing
 
 __all__ = ["LSTM", "GRU", "LSTMCell", "GRUCell", "replace_rnns"]
 
@@ -38,6 +41,8 @@ class _FusedRNNBase(torch.nn.RNNBase):
 
     def _run_layers(self, input: Tensor, states: list[Tensor], batch_sizes: Tensor | None):
         """states: per state kind, a (layers*directions, N, *) tensor. Returns output and final states."""
+        if input.is_cuda and self._routed_to_torch(input, states, batch_sizes):
+            return self._run_torch(input, states, batch_sizes)
         directions = 2 if self.bidirectional else 1
         initial = [s.unbind(0) for s in states]  # per state kind, one (N, *) view per layer and direction
         final: list[list[Tensor]] = [[] for _ in states]
@@ -55,6 +60,27 @@ class _FusedRNNBase(torch.nn.RNNBase):
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, self.dropout, training=True)
         return layer_input, [f[0].unsqueeze(0) if len(f) == 1 else torch.stack(f) for f in final]
+
+    def _routed_to_torch(self, input: Tensor, states: list[Tensor], batch_sizes: Tensor | None) -> bool:
+        """Whether genfast.routing sends this CUDA call to torch's own LSTM/GRU (cuDNN). Only genfast's LSTM
+        and GRU themselves (a subclass with another cell has no torch equivalent), and only calls whose weights
+        and states match the input's dtype and device: the kernels raise genfast's errors for the others."""
+        weight = self._flat_weights[0]  # the device is the caller's to check (_run_layers: CUDA inputs)
+        if (type(self) not in (LSTM, GRU) or weight.dtype != input.dtype or weight.device != input.device
+                or any(s.dtype != input.dtype or s.device != input.device for s in states)):
+            return False
+        steps, batch = (len(batch_sizes), int(batch_sizes[0])) if batch_sizes is not None else input.shape[:2]
+        return routing.route("rnn", "cuda", input.dtype, "genfast-cuda", cell=self.mode.lower(), steps=steps,
+                             batch=batch) is not None
+
+    def _run_torch(self, input: Tensor, states: list[Tensor], batch_sizes: Tensor | None):
+        """torch.nn.LSTM/GRU's own computation (torch._VF.lstm / gru, cuDNN on CUDA) on this module's weights
+        (RNNBase's _flat_weights, as torch.nn.LSTM passes them): the same forward and backward as torch.nn."""
+        vf = torch._VF.lstm if self.mode == "LSTM" else torch._VF.gru
+        hx = tuple(states) if self.mode == "LSTM" else states[0]
+        args = (self._flat_weights, self.bias, self.num_layers, self.dropout, self.training, self.bidirectional)
+        result = vf(input, hx, *args, False) if batch_sizes is None else vf(input, batch_sizes, hx, *args)
+        return result[0], list(result[1:])
 
     def _layer_weights(self, index: int):
         """(w_ih, w_hh, b_ih, b_hh, w_hr) of layer-and-direction ``index`` (None where absent).
