@@ -335,6 +335,7 @@ def test_vocabulary_word_and_char_levels():
     chars = Vocabulary.build(["abba"], "char")
     assert chars.tokens[4:] == ["a", "b"] and chars.decode(chars.encode("ab")) == "ab"
     assert chars.encode("abc").tolist() == [4, 5, 3]
+    assert chars.decode([4, 3, 5]) == "a\ufffdb"  # <unk> is one character at the character level
 
 
 def test_read_sentences_splits_long_lines_at_sentence_ends(tmp_path):
@@ -423,6 +424,23 @@ def test_cli_train_resume_sample_interpolate(tmp_path, capsys, one_thread):
     done = _cli(*args)
     assert done.returncode == 0, done.stderr
     assert done.stdout == first
+
+
+def test_cli_char_level(tmp_path, capsys, one_thread):
+    text = tmp_path / "s.txt"
+    text.write_text("\n".join(SENTENCES) + "\n")
+    ckpt = tmp_path / "c.pt"
+    code, _, err = _main(capsys, "train", "--text", str(text), "--checkpoint", str(ckpt), "--level", "char",
+                         "--batch-size", "4", "--hidden-size", "16", "--embedding-dim", "8", "--latent-size", "4",
+                         "--steps", "2", "--quiet")
+    assert code == 0, err
+    model, vocab, ckpt_dict = load_checkpoint(ckpt)
+    assert vocab.level == "char" and set(vocab.tokens[4:]) == set("".join(SENTENCES))
+    assert ckpt_dict["settings"]["max_len"] == 120  # the char level's default
+    code, out, err = _main(capsys, "sample", "--checkpoint", str(ckpt), "--n", "2", "--max-len", "10", "--seed", "0")
+    assert code == 0, err
+    lines = out.split("\n")[:2]
+    assert all(len(line) <= 10 and set(line) <= set(vocab.tokens[4:]) | {"\ufffd"} for line in lines), out
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

@@ -314,9 +314,10 @@ class Vocabulary:
         return torch.tensor([self.index.get(t, UNK) for t in split_tokens(sentence, self.level)], dtype=torch.long)
 
     def decode(self, ids: Sequence[int]) -> str:
-        tokens = [self.tokens[i] for i in ids]
+        """Text from ids; at the character level <unk> prints as one U+FFFD replacement character."""
         if self.level == "char":
-            return "".join(tokens)
+            return "".join("\ufffd" if i == UNK else self.tokens[i] for i in ids)
+        tokens = [self.tokens[i] for i in ids]
         text = " ".join(tokens)
         return _NO_SPACE_AFTER.sub(r"\1", _NO_SPACE_BEFORE.sub(r"\1", text))
 
