@@ -90,16 +90,18 @@ class SentenceVAE(nn.Module):
             raise TypeError(f"{name} must be a list of 1-D LongTensors, got {type(batch).__name__}")
         if not batch:
             raise ValueError(f"{name} is empty")
-        device = self.head.weight.device
-        checked = []
         for i, ids in enumerate(batch):
             if not isinstance(ids, Tensor) or ids.dim() != 1 or ids.dtype != torch.long:
                 what = f"{ids.dim()}-D {ids.dtype}" if isinstance(ids, Tensor) else type(ids).__name__
                 raise ValueError(f"{name}[{i}] must be a 1-D LongTensor, got {what}")
-            if ids.numel() and (int(ids.min()) < FIRST_ID or int(ids.max()) >= self.config.vocab_size):
-                raise ValueError(f"{name}[{i}] holds ids outside [{FIRST_ID}, {self.config.vocab_size}) "
-                                 f"(0, 1, 2 are reserved for padding, start and end)")
-            checked.append(ids.to(device))
+        checked = [ids.to(self.head.weight.device) for ids in batch]
+        # One range check for the whole batch (one device sync); the offending sentence is looked up only on failure.
+        every = torch.cat(checked)
+        if every.numel() and (int(every.min()) < FIRST_ID or int(every.max()) >= self.config.vocab_size):
+            i = next(i for i, ids in enumerate(checked)
+                     if ids.numel() and (int(ids.min()) < FIRST_ID or int(ids.max()) >= self.config.vocab_size))
+            raise ValueError(f"{name}[{i}] holds ids outside [{FIRST_ID}, {self.config.vocab_size}) "
+                             f"(0, 1, 2 are reserved for padding, start and end)")
         return checked
 
     def _embedded_packed(self, padded: Tensor, lengths: Tensor, z: Tensor | None = None) -> PackedSequence:
@@ -112,7 +114,9 @@ class SentenceVAE(nn.Module):
     # ----------------------------------------------------------------- encoder
     def encode(self, batch: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """batch: N sentences (1-D LongTensors of ids >= 3) -> (mu, logvar), each (N, latent_size)."""
-        sentences = self._check_batch(batch)
+        return self._encode(self._check_batch(batch))
+
+    def _encode(self, sentences: list[Tensor]) -> tuple[Tensor, Tensor]:
         end = sentences[0].new_full((1,), END)
         padded = pad_sequence([torch.cat([s, end]) for s in sentences], padding_value=PAD)
         lengths = torch.tensor([s.numel() + 1 for s in sentences])
@@ -145,7 +149,7 @@ class SentenceVAE(nn.Module):
         Both come from `generator` when one is given.
         """
         sentences = self._check_batch(batch)
-        mu, logvar = self.encode(sentences)
+        mu, logvar = self._encode(sentences)
         eps = self._draw(mu.shape, generator)
         z = mu + torch.exp(0.5 * logvar) * eps
 
@@ -222,7 +226,7 @@ class SentenceVAE(nn.Module):
         to b's (both ends included)."""
         if not isinstance(steps, int) or steps < 2:
             raise ValueError(f"steps must be an int >= 2, got {steps!r}")
-        mu, _ = self.encode(self._check_batch([a], "a") + self._check_batch([b], "b"))
+        mu, _ = self._encode(self._check_batch([a], "a") + self._check_batch([b], "b"))
         t = torch.linspace(0.0, 1.0, steps, device=mu.device, dtype=mu.dtype)[:, None]
         return self.decode((1 - t) * mu[0] + t * mu[1], max_len, greedy=True)
 
