@@ -58,20 +58,19 @@ def reference_elbo(model: SentenceVAE, batch, eps, drop):
     replaced by padding) as drawn by the model. Returns (loss, reconstruction, kl) and the
     parameters by the model's names (to compare gradients)."""
     params = {k: v.detach().double().requires_grad_() for k, v in model.named_parameters()}
-    encoder, decoder = _torch_rnn(model, "encoder"), _torch_rnn(model, "decoder")
-    # The modules' own parameters are rebound to the leaves above, so gradients land there.
-    for module, name in ((encoder, "encoder"), (decoder, "decoder")):
-        for weight_name in list(module._parameters):
-            del module._parameters[weight_name]
-            setattr(module, weight_name, params[f"{name}.{weight_name}"])
-        module._flat_weights = [getattr(module, w) for w in module._flat_weights_names]
+    modules = {name: _torch_rnn(model, name) for name in ("encoder", "decoder")}
+
+    def rnn(name, *args):  # the torch module run on the leaves above, so gradients land there
+        weights = {k.removeprefix(name + "."): v for k, v in params.items() if k.startswith(name + ".")}
+        return torch.func.functional_call(modules[name], weights, args)
+
     layers, hidden, lstm = model.config.num_layers, model.config.hidden_size, model.config.cell == "lstm"
     linear = lambda x, name: x @ params[f"{name}.weight"].T + params[f"{name}.bias"]
     embed = lambda ids: params["embedding.weight"][ids]
     reconstruction, kl = 0.0, 0.0
     for n, sentence in enumerate(batch):
         x = embed(torch.cat([sentence, torch.tensor([END])]))[:, None]          # (T, 1, E)
-        _, state = encoder(x)
+        _, state = rnn("encoder", x)
         h_last = (state[0] if lstm else state)[-1, 0]
         mu, logvar = linear(h_last, "to_mu"), linear(h_last, "to_logvar")
         z = mu + torch.exp(0.5 * logvar) * eps[n].double()
@@ -80,7 +79,7 @@ def reference_elbo(model: SentenceVAE, batch, eps, drop):
         inputs = torch.cat([torch.tensor([START]), sentence])
         inputs = torch.where(drop[:inputs.numel(), n], torch.full_like(inputs, PAD), inputs)
         steps = torch.cat([embed(inputs), z.expand(inputs.numel(), -1)], dim=-1)[:, None]
-        out, _ = decoder(steps, state0)
+        out, _ = rnn("decoder", steps, state0)
         log_probs = torch.log_softmax(linear(out[:, 0], "head"), dim=-1)
         targets = torch.cat([sentence, torch.tensor([END])])
         reconstruction = reconstruction - log_probs[torch.arange(targets.numel()), targets].sum()
