@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from genfast.bench import flops
 from genfast.bench.providers import rnn_lengths
+from genfast.bench.vae import step_flops as vae_step_flops
 
 SETS = ("quick", "full", "smoke")
 
@@ -64,6 +65,8 @@ class Case:
             return p.get("rows", 1) * flops.gpt2_generate(p["prompt_len"], p["new_tokens"], p.get("config", {}))
         if self.kind == "decode_attention":
             return flops.attention(p["B"], p["heads_q"], 1, p["L"], p["D"], False, False)
+        if self.kind == "vae":
+            return vae_step_flops(p, self.training)
         if self.kind in ("sampling", "sampling_draw"):
             return 0.0  # selection and a draw, no arithmetic worth counting: no GFLOP/s column
         raise ValueError(f"unknown case kind {self.kind!r}")
@@ -150,6 +153,17 @@ def _sampling(vocab=50257, top_k=0, top_p=0.9, temperature=1.0, spread=1.0, name
                 ("genfast",), ("reference", "transformers"), unit="us")
 
 
+def _vae(cell="gru", name=None, **overrides) -> Case:
+    # One training step of the sentence VAE (genfast/bench/vae.py). The default shape is the
+    # SentenceVAE defaults (embedding 256, hidden 512, latent 32) with Bowman et al.'s Penn Treebank
+    # vocabulary of 10000 words and sentences of 5 to 40 words.
+    params = {"cell": cell, "vocab": 10000, "embed": 256, "hidden": 512, "latent": 32, "batch": 32,
+              "shortest": 5, "longest": 40, "word_dropout": 0.25, "lr": 1e-3, "steps_checked": 5, "seed": 0,
+              **overrides}
+    return Case(name or f"vae.{cell}.b{params['batch']}.h{params['hidden']}.v{params['vocab']}.training", "vae",
+                "vae", "training", params, ("genfast",), ("torch",))
+
+
 def _quick() -> list[Case]:
     cases = []
     # The slow baselines (reference, cell_loop) cost several torch calls per call on the big
@@ -169,6 +183,7 @@ def _quick() -> list[Case]:
     cases.append(_attention(1, 1024, 64, True, "training", ("torch_sdpa",)))
     cases += [_sampling(top_k=50, top_p=0.9, spread=5.0), _sampling(top_p=0.9, spread=1.0)]
     cases.append(_gpt2())
+    cases.append(_vae())
     return cases
 
 
@@ -212,6 +227,8 @@ def _full() -> list[Case]:
     cases.append(_gpt2())
     # Ten sequences at once, as generate(..., num_return_sequences=10) decodes them.
     cases.append(_gpt2(new_tokens=32, rows=10, name="gpt2.124m.greedy.batch10"))
+    # The VAE step: its GRU's share grows as the output layer shrinks (vocabulary 2000).
+    cases += [_vae(), _vae("lstm"), _vae(vocab=2000)]
     return cases
 
 
@@ -236,6 +253,8 @@ def _smoke() -> list[Case]:
     tiny_gpt2 = dict(n_layer=2, n_embd=32, n_head=2, n_positions=32, vocab_size=100)
     cases.append(_gpt2(new_tokens=4, prompt_len=3, name="gpt2.tiny.greedy", config=tiny_gpt2))
     cases.append(_gpt2(new_tokens=4, prompt_len=3, name="gpt2.tiny.greedy.batch3", config=tiny_gpt2, rows=3))
+    cases.append(_vae(name="vae.tiny.training", vocab=50, embed=8, hidden=8, latent=4, batch=4, shortest=1,
+                      longest=6, steps_checked=3))
     return cases
 
 

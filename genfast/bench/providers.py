@@ -27,6 +27,8 @@ Decode attention:    genfast (torch.ops.genfast.decode_attention), launcher (the
 Sampling draw:       genfast (torch.ops.genfast.sampling_draw), whole_row (its kernels on the whole
                      vocabulary; CUDA), tile (a tile size and warp count; CUDA), routed
                      (genfast.generation.sampling.draw: genfast.routing's choice), reference.
+Sentence VAE:        genfast (SentenceVAE on genfast.nn.GRU/LSTM), torch (the same on torch.nn.GRU/LSTM);
+                     genfast/bench/vae.py.
 
 Generation code is imported from genfast.generation.*; an older checkout's genfast.models.gpt2 and
 genfast.nn.generation are accepted too, so that `--ab` can time a build from before the move.
@@ -780,6 +782,15 @@ PROVIDERS: dict[str, dict[str, Provider]] = {
     )},
 }
 
+# The sentence VAE's training step (genfast/bench/vae.py).
+from genfast.bench.vae import make_vae_workload, vae_provider  # noqa: E402
+
+PROVIDERS["vae"] = {p.name: p for p in (
+    Provider("genfast", vae_provider("genfast"), "SentenceVAE on genfast.nn.GRU/LSTM"),
+    Provider("torch", vae_provider("torch"), "SentenceVAE on torch.nn.GRU/LSTM, same weights"),
+)}
+
 WORKLOADS = {"rnn": make_rnn_workload, "attention": make_attention_workload, "imdb": make_imdb_workload,
              "generation": make_generation_workload, "sampling": make_sampling_workload,
-             "decode_attention": make_decode_attention_workload, "sampling_draw": make_sampling_draw_workload}
+             "decode_attention": make_decode_attention_workload, "sampling_draw": make_sampling_draw_workload,
+             "vae": make_vae_workload}

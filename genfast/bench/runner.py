@@ -150,6 +150,13 @@ def _run_case(case: Case, device: str, plan: timing.TimingPlan, peak_gflops: flo
         outcome.checks["loss_after_steps"] = {"steps": steps, "genfast": ours[-1], "torch": theirs[-1],
                                               "abs_diff": abs(ours[-1] - theirs[-1])}
 
+    if case.kind == "vae" and "genfast" in fns and "torch" in fns:
+        from genfast.bench.vae import vae_train_losses
+
+        ours, theirs = vae_train_losses("genfast", work), vae_train_losses("torch", work)
+        outcome.checks["loss_after_steps"] = {"steps": work.steps_checked, "genfast": ours[-1], "torch": theirs[-1],
+                                              "abs_diff": abs(ours[-1] - theirs[-1])}
+
     finish_stats(outcome, case.flops, peak_gflops)
     if case.kind == "generation":
         outcome.checks.update(_generation_rates(outcome, work))

@@ -9,6 +9,8 @@ and the pieces they share.
                                    decode_attention, decode_linear, gpt2_decode_block)
     genfast.generation.gpt2_cli    `python -m genfast.generate`
     genfast.generation.char_rnn_cli `python -m genfast.char_rnn`
+    genfast.generation.vae         SentenceVAE (Bowman et al.'s sentence VAE), Vocabulary, kl_annealing, train
+    genfast.generation.vae_cli     `python -m genfast.vae` (genfast.vae re-exports the model)
 
 Generation builds on the core (genfast.nn, genfast.ops); the core imports nothing from here.
 Submodules are imported on first use.
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import importlib
 
-_SUBMODULES = {"gpt2", "char_rnn", "sampling", "decode", "ops", "gpt2_cli", "char_rnn_cli"}
+_SUBMODULES = {"gpt2", "char_rnn", "sampling", "decode", "ops", "gpt2_cli", "char_rnn_cli", "vae", "vae_cli"}
 
 
 def __getattr__(name):
