@@ -166,6 +166,10 @@ class TimingPlan:
     min_rounds: int = 5
     max_rounds: int = 200
     budget_s: float = 1.0
+    # When set, slow calls get fewer rounds: min_rounds drops (not below this floor) to the number
+    # of rounds that fit budget_s, judged from the last warm-up call of each contender. The sweep
+    # uses it so that its largest shapes cost a couple of rounds, not min_rounds.
+    min_rounds_floor: int | None = None
 
 
 def run_interleaved(fns: dict[str, Callable[[], object]], plan: TimingPlan = TimingPlan(),
@@ -186,6 +190,7 @@ def run_interleaved(fns: dict[str, Callable[[], object]], plan: TimingPlan = Tim
     names = list(fns)
 
     inner: dict[str, int] = {}
+    last_call_s: dict[str, float] = {}
     for name in names:
         fn = fns[name]
         started = timer.now()
@@ -198,11 +203,20 @@ def run_interleaved(fns: dict[str, Callable[[], object]], plan: TimingPlan = Tim
             if calls >= 1000:  # enough for anything that fast; min_sample_s batching takes over
                 break
         inner[name] = max(1, math.ceil(plan.min_sample_s / per_call)) if per_call > 0 else 1000
+        last_call_s[name] = per_call if math.isfinite(per_call) else 0.0
+
+    min_rounds = plan.min_rounds
+    if plan.min_rounds_floor is not None:
+        if plan.min_rounds_floor < 1:
+            raise ValueError("plan.min_rounds_floor must be >= 1")
+        round_s = sum(last_call_s[name] * inner[name] for name in names)
+        fit = int(plan.budget_s / round_s) if round_s > 0 else min_rounds
+        min_rounds = max(plan.min_rounds_floor, min(min_rounds, fit))
 
     samples: dict[str, list[float]] = {name: [] for name in names}
     started = timer.now()
     rounds = 0
-    while rounds < plan.min_rounds or (timer.now() - started < plan.budget_s and rounds < plan.max_rounds):
+    while rounds < min_rounds or (timer.now() - started < plan.budget_s and rounds < plan.max_rounds):
         order = names if rounds % 2 == 0 else names[::-1]
         for name in order:
             samples[name].append(timer.time_calls(fns[name], inner[name]))
