@@ -167,7 +167,8 @@ class TimingPlan:
     max_rounds: int = 200
     budget_s: float = 1.0
     # When set, slow calls get fewer rounds: min_rounds drops (not below this floor) to the number
-    # of rounds that fit budget_s, judged from the last warm-up call of each contender. The sweep
+    # of rounds that fit budget_s, judged from the fastest warm-up call of each contender (a call
+    # stalled by another process on a shared machine does not cut the rounds short). The sweep
     # uses it so that its largest shapes cost a couple of rounds, not min_rounds.
     min_rounds_floor: int | None = None
 
@@ -190,7 +191,7 @@ def run_interleaved(fns: dict[str, Callable[[], object]], plan: TimingPlan = Tim
     names = list(fns)
 
     inner: dict[str, int] = {}
-    last_call_s: dict[str, float] = {}
+    fastest_call_s: dict[str, float] = {}
     for name in names:
         fn = fns[name]
         started = timer.now()
@@ -199,17 +200,19 @@ def run_interleaved(fns: dict[str, Callable[[], object]], plan: TimingPlan = Tim
             calls, per_call = 1, first_call_s[name]
         while calls < plan.warmup_calls or timer.now() - started < plan.warmup_s:
             per_call = timer.time_calls(fn, 1)
+            fastest_call_s[name] = min(fastest_call_s.get(name, math.inf), per_call)
             calls += 1
             if calls >= 1000:  # enough for anything that fast; min_sample_s batching takes over
                 break
         inner[name] = max(1, math.ceil(plan.min_sample_s / per_call)) if per_call > 0 else 1000
-        last_call_s[name] = per_call if math.isfinite(per_call) else 0.0
+        fastest_call_s[name] = min(fastest_call_s.get(name, math.inf), per_call)
 
     min_rounds = plan.min_rounds
     if plan.min_rounds_floor is not None:
         if plan.min_rounds_floor < 1:
             raise ValueError("plan.min_rounds_floor must be >= 1")
-        round_s = sum(last_call_s[name] * inner[name] for name in names)
+        round_s = sum(fastest_call_s[name] * inner[name] for name in names
+                      if math.isfinite(fastest_call_s.get(name, math.inf)))
         fit = int(plan.budget_s / round_s) if round_s > 0 else min_rounds
         min_rounds = max(plan.min_rounds_floor, min(min_rounds, fit))
 
