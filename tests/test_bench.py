@@ -493,6 +493,7 @@ def test_tiny_sweep_writes_the_csv_and_one_heatmap_per_cell_and_mode(tmp_path, c
     for r in rows:
         assert r["status"] == "ok" and float(r["ratio"]) > 0 and int(r["rounds"]) >= 1
         assert float(r["ratio_q1"]) <= float(r["ratio"]) <= float(r["ratio_q3"])
+        assert float(r["ratio_best"]) > 0
         assert float(r["max_abs_diff"]) <= 1e-6  # the stand-in is a copy of the torch module
         assert r["threads"] == "1" and r["simd"]
     import matplotlib.image
@@ -509,9 +510,10 @@ def test_sweep_heatmap_marks_only_cells_below_the_threshold(tmp_path):
     from genfast.bench import sweep
 
     rows = [{"cell": "lstm", "mode": "training", "T": "50", "N": str(n), "H": str(h), "packed": "0",
-             "status": "ok", "ratio": str(ratio)}
-            for (n, h), ratio in {(1, 32): 0.5, (1, 64): 1.0, (8, 32): 0.96, (8, 64): 2.0}.items()]
-    assert sweep.heatmap(tmp_path / "h.png", rows, "lstm", "training", "t") == [(1, 32)]  # ratio 0.5 only
+             "status": "ok", "ratio": str(ratio), "ratio_best": str(ratio * 2)}
+            for (n, h), ratio in {(1, 32): 0.5, (1, 64): 1.0, (8, 32): 0.45, (8, 64): 2.0}.items()]
+    assert sweep.heatmap(tmp_path / "h.png", rows, "lstm", "training", "t") == [(1, 32), (8, 32)]
+    assert sweep.heatmap(tmp_path / "b.png", rows, "lstm", "training", "t", stat="ratio_best") == [(8, 32)]  # 0.9
     assert (tmp_path / "h.png").stat().st_size > 0
     assert sweep.heatmap(tmp_path / "none.png", rows, "gru", "training", "t") is None  # nothing to draw
     assert not (tmp_path / "none.png").exists()

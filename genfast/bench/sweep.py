@@ -40,7 +40,7 @@ EXTRA_T_SHAPES = ((8, 128), (64, 256))
 EXTRA_PACKED_SHAPES = ((16, 128), (64, 256), (64, 512))
 FLAG_BELOW = 0.95   # cells under this ratio are outlined in the heatmaps and listed at the end
 
-COLUMNS = ("cell", "mode", "T", "N", "H", "I", "packed", "ratio", "ratio_q1", "ratio_q3", "rounds",
+COLUMNS = ("cell", "mode", "T", "N", "H", "I", "packed", "ratio", "ratio_q1", "ratio_q3", "ratio_best", "rounds",
            "genfast_ms", "torch_ms", "genfast_gflops", "torch_gflops", "max_abs_diff", "status", "reason",
            "simd", "threads", "commit", "date")
 
@@ -104,7 +104,7 @@ def row_for(shape: Shape, result, header: dict) -> dict:
         return row
     diff = result.checks.get("max_abs_diff", {}).get("genfast vs torch")
     row.update(ratio=f"{speedup.median:.4f}", ratio_q1=f"{speedup.q1:.4f}", ratio_q3=f"{speedup.q3:.4f}",
-               rounds=speedup.n, genfast_ms=f"{ours.stats.median * 1e3:.4f}",
+               ratio_best=f"{theirs.stats.min / ours.stats.min:.4f}", rounds=speedup.n, genfast_ms=f"{ours.stats.median * 1e3:.4f}",
                torch_ms=f"{theirs.stats.median * 1e3:.4f}", genfast_gflops=f"{ours.gflops:.2f}",
                torch_gflops=f"{theirs.gflops:.2f}", max_abs_diff="" if diff is None else f"{diff:.3g}",
                status="ok", reason="")
@@ -116,10 +116,11 @@ def read_csv(path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-def heatmap(path, rows: list[dict], cell: str, mode: str, title: str, T: int = GRID_T):
+def heatmap(path, rows: list[dict], cell: str, mode: str, title: str, T: int = GRID_T, stat: str = "ratio"):
     """One (cell, mode)'s grid (unpacked, sequence length T) as a heatmap: N down, H across, colour
-    log2(ratio) centred at 0 (parity). Returns the (N, H) of the outlined cells (ratio < FLAG_BELOW),
-    or None (and draws nothing) when the rows hold no such shape."""
+    log2(ratio) centred at 0 (parity). stat: the column shown ("ratio", the median of the per-round
+    ratios, or "ratio_best", fastest against fastest). Returns the (N, H) of the outlined cells
+    (ratio < FLAG_BELOW), or None (and draws nothing) when the rows hold no such shape."""
     require_matplotlib()
     import matplotlib.pyplot as plt
     from matplotlib.colors import TwoSlopeNorm
@@ -133,8 +134,8 @@ def heatmap(path, rows: list[dict], cell: str, mode: str, title: str, T: int = G
     hs = sorted({int(r["H"]) for r in mine})
     ratio = [[math.nan] * len(hs) for _ in ns]
     for r in mine:
-        if r.get("status") == "ok" and r.get("ratio"):
-            ratio[ns.index(int(r["N"]))][hs.index(int(r["H"]))] = float(r["ratio"])
+        if r.get("status") == "ok" and r.get(stat):
+            ratio[ns.index(int(r["N"]))][hs.index(int(r["H"]))] = float(r[stat])
     logs = [math.log2(v) for line in ratio for v in line if not math.isnan(v)]
     span = max([abs(v) for v in logs] + [math.log2(1.5)])
     norm = TwoSlopeNorm(vmin=-span, vcenter=0.0, vmax=span)
@@ -170,16 +171,20 @@ def heatmap(path, rows: list[dict], cell: str, mode: str, title: str, T: int = G
     return outlined
 
 
-def heatmaps(rows: list[dict], out_dir: Path, header: dict, T: int = GRID_T) -> list[Path]:
+STAT_TEXT = {"ratio": "median over rounds of torch time / genfast time",
+             "ratio_best": "torch's fastest round / genfast's fastest round"}
+
+
+def heatmaps(rows: list[dict], out_dir: Path, header: dict, T: int = GRID_T, stat: str = "ratio") -> list[Path]:
     written = []
     for cell in CELLS:
         for mode in MODES:
             path = out_dir / f"{cell}_{mode}.png"
             title = (f"genfast.nn.{cell.upper()} vs torch.nn.{cell.upper()}, {mode}, T={T}, I=H\n"
-                     f"torch time / genfast time (> 1: genfast faster; outlined: < {FLAG_BELOW})\n"
+                     f"{STAT_TEXT[stat]} (> 1: genfast faster; outlined: < {FLAG_BELOW})\n"
                      f"{header['cpu']}, {header['simd']}, {header['threads']} threads, "
                      f"{header['commit']}, {header['date']}")
-            if heatmap(path, rows, cell, mode, title, T) is not None:
+            if heatmap(path, rows, cell, mode, title, T, stat) is not None:
                 written.append(path)
     return written
 
@@ -224,6 +229,10 @@ def add_arguments(parser) -> None:
     group.add_argument("--sweep-budget", type=float, metavar="S", default=1.0,
                        help="seconds of interleaved rounds per shape; slow shapes stop at --sweep-min-rounds "
                             "(default 1.0)")
+    group.add_argument("--sweep-stat", choices=tuple(STAT_TEXT), default="ratio",
+                       help="what the heatmaps and the list of slow cells show: ratio (median of the per-round "
+                            "ratios, the default) or ratio_best (fastest round against fastest round: less "
+                            "sensitive to other processes on a shared machine); the CSV has both")
     group.add_argument("--sweep-min-rounds", type=int, metavar="N", default=2,
                        help="the fewest rounds a slow shape gets (default 2)")
 
@@ -264,23 +273,25 @@ def run(args) -> int:
             rows.append(row)
             writer.writerow(row)
             handle.flush()  # a run that is cut short keeps what it measured
-            what = f"x{float(row['ratio']):.3f} ({row['rounds']} rounds)" if row["status"] == "ok" else \
-                f"{row['status']}: {row['reason']}"
+            what = (f"x{float(row['ratio']):.3f}, best x{float(row['ratio_best']):.3f} ({row['rounds']} rounds)"
+                    if row["status"] == "ok" else
+                    f"{row['status']}: {row['reason']}")
             print(f"[{index + 1}/{len(todo)} {time.perf_counter() - started:6.0f}s] {case.name}: {what}",
                   file=sys.stderr if args.no_progress else sys.stdout, flush=True)
-    written = heatmaps(rows, out_dir, header, args.sweep_t)
+    written = heatmaps(rows, out_dir, header, args.sweep_t, args.sweep_stat)
 
+    stat = args.sweep_stat
     ok = [r for r in rows if r["status"] == "ok"]
-    low = sorted((r for r in ok if float(r["ratio"]) < FLAG_BELOW), key=lambda r: float(r["ratio"]))
-    print(f"\n{len(ok)}/{len(rows)} shapes measured; ratio torch.nn / genfast: "
-          + (f"min {min(float(r['ratio']) for r in ok):.3f}, median "
-             f"{sorted(float(r['ratio']) for r in ok)[len(ok) // 2]:.3f}" if ok else "none"))
+    low = sorted((r for r in ok if float(r[stat]) < FLAG_BELOW), key=lambda r: float(r[stat]))
+    print(f"\n{len(ok)}/{len(rows)} shapes measured; {stat} (torch.nn / genfast): "
+          + (f"min {min(float(r[stat]) for r in ok):.3f}, median "
+             f"{sorted(float(r[stat]) for r in ok)[len(ok) // 2]:.3f}" if ok else "none"))
     if low:
-        print(f"below {FLAG_BELOW}x:")
+        print(f"below {FLAG_BELOW}x ({stat}):")
         for r in low:
             print(f"  {r['cell']} {r['mode']:9s} T={r['T']:>4} N={r['N']:>3} H={r['H']:>4}"
                   f"{' packed' if int(r['packed']) else ''}: x{float(r['ratio']):.3f} "
-                  f"[{float(r['ratio_q1']):.3f}, {float(r['ratio_q3']):.3f}]")
+                  f"[{float(r['ratio_q1']):.3f}, {float(r['ratio_q3']):.3f}], best x{float(r['ratio_best']):.3f}")
     failed = [r for r in rows if r["status"] != "ok"]
     for r in failed:
         print(f"  not measured: {r['cell']} {r['mode']} T={r['T']} N={r['N']} H={r['H']}: {r['status']}: "
