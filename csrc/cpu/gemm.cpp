@@ -343,10 +343,11 @@ void matmul_dot(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const 
 // used in place when its rows are contiguous and a whole number of slices wide (b_in_place),
 // else packed once into panels. K is walked in chunks of k_block (0: all of K at once), the
 // first chunk writing the tile and the later ones adding to it.
+// a_row_sums (kColumnsA only): A's row sums, taken from the copy of each row block (see matmul).
 template <typename T, bool kColumnsA>
 void matmul_panels(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* b, int64_t stride_k,
                    int64_t stride_n, const T* bias, T* C, int64_t ldc, bool accumulate, bool b_in_place,
-                   int64_t k_block) {
+                   int64_t k_block, T* a_row_sums = nullptr) {
   constexpr int64_t S = kSubWidth<T>;
   const int64_t panels = (N + kPanelWidth - 1) / kPanelWidth;
   at::Tensor packed_buffer;
@@ -382,7 +383,19 @@ void matmul_panels(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, con
         // kTileRows values (reused for all of the thread's panels of this row block).
         if (a_block_r0 != r0) {
           a_block.resize(K * kTileRows);
-          for (int64_t k = 0; k < K; ++k) std::copy(A + k * lda + r0, A + k * lda + r0 + rows, &a_block[k * kTileRows]);
+          // The row sums come from the copy made for the row block's first panel: exactly one thread
+          // handles that item, and it always copies there (its previous item, if any, was another block).
+          if (a_row_sums != nullptr && p == 0) {
+            double sums[kTileRows] = {};
+            for (int64_t k = 0; k < K; ++k) {
+              const T* src = A + k * lda + r0;
+              std::copy(src, src + rows, &a_block[k * kTileRows]);
+              for (int64_t m = 0; m < rows; ++m) sums[m] += src[m];
+            }
+            for (int64_t m = 0; m < rows; ++m) a_row_sums[r0 + m] = static_cast<T>(sums[m]);
+          } else {
+            for (int64_t k = 0; k < K; ++k) std::copy(A + k * lda + r0, A + k * lda + r0 + rows, &a_block[k * kTileRows]);
+          }
           a_block_r0 = r0;
         }
         a_rows = a_block.data(), a_ld = kTileRows;
@@ -421,16 +434,28 @@ void matmul_panels(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, con
 
 template <typename T>
 void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_stride_m, int64_t a_stride_k, const T* b,
-            int64_t stride_k, int64_t stride_n, const T* bias, T* C, int64_t ldc, bool accumulate) {
-  if (M <= 0 || N <= 0) return;
+            int64_t stride_k, int64_t stride_n, const T* bias, T* C, int64_t ldc, bool accumulate, T* a_row_sums) {
+  if (M <= 0) return;
   TORCH_CHECK(a_stride_k == 1 || a_stride_m == 1, "genfast matmul: A needs contiguous rows or columns");
+  const bool rows_a = a_stride_k == 1;
+  if (a_row_sums != nullptr && (rows_a || N <= 0 || K == 0)) {
+    // Only the transposed-A product takes its row sums from its copy of A; otherwise one pass here.
+    at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) {
+        double sum = 0;
+        for (int64_t k = 0; k < K; ++k) sum += A[m * a_stride_m + k * a_stride_k];
+        a_row_sums[m] = static_cast<T>(sum);
+      }
+    });
+    a_row_sums = nullptr;
+  }
+  if (N <= 0) return;
   if (K == 0) {
     for (int64_t m = 0; m < M; ++m)
       for (int64_t n = 0; n < N; ++n)
         C[m * ldc + n] = (accumulate ? C[m * ldc + n] : T(0)) + (bias ? bias[n] : T(0));
     return;
   }
-  const bool rows_a = a_stride_k == 1;
   if (rows_a && !accumulate && stride_k == 1 && M <= dot_path_max_rows(N * K * static_cast<int64_t>(sizeof(T))))
     return matmul_dot<T>(M, N, K, A, a_stride_m, b, stride_n, bias, C, ldc);
   // B's rows contiguous and whole slices wide: the micro-kernel reads them in place (no packing
@@ -441,7 +466,7 @@ void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_stride_m, int
                             kKBlock);
   else
     matmul_panels<T, true>(M, N, K, A, a_stride_k, b, stride_k, stride_n, bias, C, ldc, accumulate, b_in_place,
-                           kKBlock);
+                           kKBlock, a_row_sums);
 }
 
 template <typename T>
@@ -455,9 +480,9 @@ template void matmul<float>(int64_t, int64_t, int64_t, const float*, int64_t, co
 template void matmul<double>(int64_t, int64_t, int64_t, const double*, int64_t, const double*, int64_t, int64_t,
                              const double*, double*, int64_t);
 template void matmul<float>(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t,
-                            int64_t, const float*, float*, int64_t, bool);
+                            int64_t, const float*, float*, int64_t, bool, float*);
 template void matmul<double>(int64_t, int64_t, int64_t, const double*, int64_t, int64_t, const double*, int64_t,
-                             int64_t, const double*, double*, int64_t, bool);
+                             int64_t, const double*, double*, int64_t, bool, double*);
 
 int64_t gemm_rows_per_kernel() {
   switch (simd_level()) {
