@@ -463,6 +463,15 @@ def test_min_rounds_floor_gives_slow_calls_fewer_rounds():
     assert len(timing.run_interleaved(big, plan, timing.CpuTimer(clock))["a"]) == 2  # never below the floor
 
 
+def test_process_time_timer_reads_the_process_cpu_clock():
+    import time
+
+    timer = timing.ProcessTimeTimer()
+    assert timer.clock is time.process_time
+    busy = timer.time_calls(lambda: sum(range(20000)), 3)
+    assert busy > 0
+
+
 def test_sweep_shapes_grid_then_extras():
     from genfast.bench import sweep
 
@@ -480,7 +489,8 @@ def test_tiny_sweep_writes_the_csv_and_one_heatmap_per_cell_and_mode(tmp_path, c
 
     out = tmp_path / "sweep"
     code = main(["--sweep", "--sweep-out", str(out), "--sweep-n", "1,2", "--sweep-h", "4,8", "--sweep-t", "3",
-                 "--sweep-no-extras", "--sweep-budget", "0", "--sweep-min-rounds", "1", "--threads", "1"])
+                 "--sweep-no-extras", "--sweep-budget", "0", "--sweep-min-rounds", "1", "--threads", "1",
+                 "--sweep-clock", "cpu"])
     assert code == 0
     with (out / "sweep.csv").open() as handle:
         reader = csv.DictReader(handle)
@@ -495,7 +505,7 @@ def test_tiny_sweep_writes_the_csv_and_one_heatmap_per_cell_and_mode(tmp_path, c
         assert float(r["ratio_q1"]) <= float(r["ratio"]) <= float(r["ratio_q3"])
         assert float(r["ratio_best"]) > 0
         assert float(r["max_abs_diff"]) <= 1e-6  # the stand-in is a copy of the torch module
-        assert r["threads"] == "1" and r["simd"]
+        assert r["threads"] == "1" and r["simd"] and r["clock"] == "cpu"
     import matplotlib.image
 
     for cell in ("lstm", "gru"):

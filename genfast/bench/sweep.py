@@ -42,7 +42,7 @@ FLAG_BELOW = 0.95   # cells under this ratio are outlined in the heatmaps and li
 
 COLUMNS = ("cell", "mode", "T", "N", "H", "I", "packed", "ratio", "ratio_q1", "ratio_q3", "ratio_best", "rounds",
            "genfast_ms", "torch_ms", "genfast_gflops", "torch_gflops", "max_abs_diff", "status", "reason",
-           "simd", "threads", "commit", "date")
+           "simd", "threads", "clock", "commit", "date")
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ def row_for(shape: Shape, result, header: dict) -> dict:
     """One CSV row from a runner.CaseResult."""
     ours, theirs = result.providers["genfast"], result.providers["torch"]
     row = {"cell": shape.cell, "mode": shape.mode, "T": shape.T, "N": shape.N, "H": shape.H, "I": shape.H,
-           "packed": int(shape.packed), "simd": header["simd"], "threads": header["threads"],
+           "packed": int(shape.packed), "simd": header["simd"], "threads": header["threads"], "clock": header["clock"],
            "commit": header["commit"], "date": header["date"]}
     speedup = result.speedups.get("genfast", {}).get("torch")
     if speedup is None:
@@ -180,7 +180,8 @@ def heatmaps(rows: list[dict], out_dir: Path, header: dict, T: int = GRID_T, sta
     for cell in CELLS:
         for mode in MODES:
             path = out_dir / f"{cell}_{mode}.png"
-            title = (f"genfast.nn.{cell.upper()} vs torch.nn.{cell.upper()}, {mode}, T={T}, I=H\n"
+            title = (f"genfast.nn.{cell.upper()} vs torch.nn.{cell.upper()}, {mode}, T={T}, I=H, "
+                     f"{header.get('clock', 'wall')} clock\n"
                      f"{STAT_TEXT[stat]} (> 1: genfast faster; outlined: < {FLAG_BELOW})\n"
                      f"{header['cpu']}, {header['simd']}, {header['threads']} threads, "
                      f"{header['commit']}, {header['date']}")
@@ -233,6 +234,10 @@ def add_arguments(parser) -> None:
                        help="what the heatmaps and the list of slow cells show: ratio (median of the per-round "
                             "ratios, the default) or ratio_best (fastest round against fastest round: less "
                             "sensitive to other processes on a shared machine); the CSV has both")
+    group.add_argument("--sweep-clock", choices=("wall", "cpu"), default="wall",
+                       help="wall: the wall clock (default); cpu: the process's CPU time, which on a machine "
+                            "shared with busy processes leaves out the time they took; meant for --threads 1 "
+                            "(with more threads it adds up every thread's time, spin-waits included)")
     group.add_argument("--sweep-min-rounds", type=int, metavar="N", default=2,
                        help="the fewest rounds a slow shape gets (default 2)")
 
@@ -240,7 +245,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import torch
 
-    from genfast.bench import machine, runner
+    from genfast.bench import machine, runner, timing
 
     require_matplotlib()  # before spending a quarter of an hour, not after
     cells = _names(args.sweep_cells, CELLS, "--sweep-cells")
@@ -254,11 +259,17 @@ def run(args) -> int:
     header = machine.header("cpu", torch.get_num_threads())
     header["commit"] = machine.git_commit()
     header["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    header["clock"] = args.sweep_clock
+    timer = timing.ProcessTimeTimer() if args.sweep_clock == "cpu" else timing.CpuTimer()
+    if args.sweep_clock == "cpu" and header["threads"] > 1:
+        print(f"--sweep-clock cpu with {header['threads']} threads: times add up every thread's CPU time, "
+              "spin-waits included (use --threads 1)", file=sys.stderr)
     timing_plan = plan(args.sweep_budget, args.sweep_min_rounds)
     out_dir = Path(args.sweep_out)
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / "sweep.csv"
-    print(f"sweep: {len(todo)} shapes, {header['cpu']}, {header['simd']}, {header['threads']} threads -> {out_dir}",
+    print(f"sweep: {len(todo)} shapes, {header['cpu']}, {header['simd']}, {header['threads']} threads, "
+          f"{args.sweep_clock} clock -> {out_dir}",
           flush=True)
 
     started = time.perf_counter()
@@ -268,7 +279,7 @@ def run(args) -> int:
         writer.writeheader()
         for index, shape in enumerate(todo):
             case = shape.case()
-            result = runner.run_case(case, "cpu", timing_plan, peak_gflops=0.0)
+            result = runner.run_case(case, "cpu", timing_plan, peak_gflops=0.0, timer=timer)
             row = row_for(shape, result, header)
             rows.append(row)
             writer.writerow(row)

@@ -14,7 +14,9 @@ How a comparison is measured (run_interleaved):
 Timers (what one sample is): CpuTimer, a wall clock around `inner` calls; CudaTimer, CUDA events
 around them after a synchronisation; DoBenchTimer, Triton's do_bench (CUDA events per call, the L2
 cache flushed between calls, the median taken), for kernels whose inputs would otherwise sit in L2.
-timer_for() picks one. This module is the only place genfast's benchmarks read a clock.
+timer_for() picks one. ProcessTimeTimer counts the process's CPU time instead of the wall clock (one-thread
+runs on a machine shared with busy processes; the sweep's --sweep-clock cpu).
+This module is the only place genfast's benchmarks read a clock.
 """
 from __future__ import annotations
 
@@ -96,6 +98,16 @@ class CpuTimer:
         for _ in range(inner):
             fn()
         return (self.clock() - start) / inner
+
+
+class ProcessTimeTimer(CpuTimer):
+    """Times with the process's CPU time (time.process_time: all its threads) instead of the wall clock.
+    On a machine shared with other busy processes, a one-thread run's CPU time does not count the time
+    the scheduler gave to others, which the wall clock does. With several threads it counts every
+    thread's time, spin-waits included, so it is no longer the elapsed time: use it with one thread."""
+
+    def __init__(self):
+        super().__init__(time.process_time)
 
 
 class CudaTimer(CpuTimer):
