@@ -52,74 +52,94 @@ struct LeftOperands {
   }
 };
 
-// acc[MR][64 / VB] += A[MR x K] * B[K x S].
-template <typename T, int VB, int MR, bool kColumnsA>
-inline __attribute__((always_inline)) void accumulate_k(typename VecOf<T, VB>::type (&acc)[MR][64 / VB], int64_t K,
-                                                        const T* A, int64_t lda, const T* B, int64_t ldb) {
+// acc[MR][NS * 64 / VB] += A[MR x K] * B[K x NS*S]: NS slices of the panel at once, slice j at
+// B + j * slice_stride. On AVX-512 two slices per call (NS = 2) let each broadcast of A feed two FMAs:
+// one slice needs 13 loads for 12 FMAs per k, more than the load ports issue beside two FMA pipes.
+template <typename T, int VB, int MR, bool kColumnsA, int NS = 1>
+inline __attribute__((always_inline)) void accumulate_k(typename VecOf<T, VB>::type (&acc)[MR][NS * 64 / VB],
+                                                        int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
+                                                        int64_t slice_stride) {
   using V = typename VecOf<T, VB>::type;
   constexpr int NV = 64 / VB;
   constexpr int L = VB / static_cast<int>(sizeof(T));
   for (int64_t k = 0; k < K; ++k) {
-    V b[NV];
+    V b[NS * NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) b[v] = *reinterpret_cast<const V*>(B + k * ldb + v * L);
+    for (int j = 0; j < NS; ++j)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) b[j * NV + v] = *reinterpret_cast<const V*>(B + j * slice_stride + k * ldb + v * L);
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
       const T a = kColumnsA ? A[k * lda + r] : A[r * lda + k];
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
+#pragma GCC unroll 8
+      for (int v = 0; v < NS * NV; ++v) acc[r][v] += a * b[v];
     }
   }
 }
 
-template <typename T, int VB, int MR, bool kColumnsA>
+// C[MR x NS*S] (+)= A * B over NS slices (see accumulate_k); C's slice j starts at C + j * S.
+template <typename T, int VB, int MR, bool kColumnsA, int NS = 1>
 inline __attribute__((always_inline)) void micro_kernel(const LeftOperands<T>& a, const T* B, int64_t ldb, T* C,
-                                                        int64_t ldc) {
+                                                        int64_t ldc, int64_t slice_stride = 0) {
   using V = typename VecOf<T, VB>::type;
   constexpr int NV = 64 / VB;
   constexpr int L = VB / static_cast<int>(sizeof(T));
-  V acc[MR][NV];
+  V acc[MR][NS * NV];
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = a.accumulate ? *reinterpret_cast<const V*>(C + r * ldc + v * L) : V{};
-  accumulate_k<T, VB, MR, kColumnsA>(acc, a.K1, a.A1, a.lda1, B, ldb);
-  if (!kColumnsA && a.K2 > 0) accumulate_k<T, VB, MR, kColumnsA>(acc, a.K2, a.A2, a.lda2, B + a.K1 * ldb, ldb);
+#pragma GCC unroll 8
+    for (int v = 0; v < NS * NV; ++v) acc[r][v] = a.accumulate ? *reinterpret_cast<const V*>(C + r * ldc + v * L) : V{};
+  accumulate_k<T, VB, MR, kColumnsA, NS>(acc, a.K1, a.A1, a.lda1, B, ldb, slice_stride);
+  if (!kColumnsA && a.K2 > 0)
+    accumulate_k<T, VB, MR, kColumnsA, NS>(acc, a.K2, a.A2, a.lda2, B + a.K1 * ldb, ldb, slice_stride);
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) *reinterpret_cast<V*>(C + r * ldc + v * L) = acc[r][v];
+#pragma GCC unroll 8
+    for (int v = 0; v < NS * NV; ++v) *reinterpret_cast<V*>(C + r * ldc + v * L) = acc[r][v];
 }
 
-// The row loop: full blocks of MR rows, then one call for the remaining rows.
+// The row loop over NS slices starting at `b` (C at c): full blocks of MR rows, then one call for the rest.
+template <typename T, int VB, int MR, bool kColumnsA, int NS>
+inline __attribute__((always_inline)) void slice_rows(int64_t M, const LeftOperands<T>& a, const T* b,
+                                                      int64_t slice_stride, int64_t ldb, T* c, int64_t ldc) {
+  const int64_t full = M / MR * MR, rest = M - full;
+  for (int64_t m = 0; m < full; m += MR)
+    micro_kernel<T, VB, MR, kColumnsA, NS>(a.template rows_from<kColumnsA>(m), b, ldb, c + m * ldc, ldc, slice_stride);
+  if (rest == 0) return;
+  const LeftOperands<T> tail = a.template rows_from<kColumnsA>(full);
+  T* ct = c + full * ldc;
+  // A switch over compile-time row counts keeps the tail in registers too.
+  switch (rest) {
+#define GENFAST_TAIL(R) \
+  case R:               \
+    if constexpr (R < MR) micro_kernel<T, VB, R, kColumnsA, NS>(tail, b, ldb, ct, ldc, slice_stride); \
+    break;
+    GENFAST_TAIL(1) GENFAST_TAIL(2) GENFAST_TAIL(3) GENFAST_TAIL(4) GENFAST_TAIL(5) GENFAST_TAIL(6)
+    GENFAST_TAIL(7) GENFAST_TAIL(8) GENFAST_TAIL(9) GENFAST_TAIL(10) GENFAST_TAIL(11)
+#undef GENFAST_TAIL
+    default: break;
+  }
+}
+
+// Slices per micro-kernel call: two where the register file holds 2 x MR accumulators (AVX-512).
+template <int VB>
+constexpr int kSlicesPerCall = VB == 64 ? 2 : 1;
+
+// The panel: pairs of slices (AVX-512), then any slice left, each with every row of A.
 template <typename T, int VB, int MR, bool kColumnsA>
 inline __attribute__((always_inline)) void panel_rows(int64_t M, const LeftOperands<T>& a, const T* panel,
                                                       int64_t width, int64_t slice_stride, int64_t ldb, T* C,
                                                       int64_t ldc) {
   constexpr int64_t S = kSubWidth<T>;
-  const int64_t full = M / MR * MR, rest = M - full;
-  // Column slice outermost: its K x 16 slice of the panel stays in L1 while every row
-  // block of A streams past it.
-  for (int64_t s = 0; s < width; s += S) {
-    for (int64_t m = 0; m < full; m += MR)
-      micro_kernel<T, VB, MR, kColumnsA>(a.template rows_from<kColumnsA>(m), panel + s / S * slice_stride, ldb, C + m * ldc + s, ldc);
-    if (rest == 0) continue;
-    const int64_t m = full;
-    const LeftOperands<T> tail = a.template rows_from<kColumnsA>(m);
-    const T* b = panel + s / S * slice_stride;
-    T* c = C + m * ldc + s;
-    // A switch over compile-time row counts keeps the tail in registers too.
-    switch (rest) {
-#define GENFAST_TAIL(R) \
-  case R:               \
-    if constexpr (R < MR) micro_kernel<T, VB, R, kColumnsA>(tail, b, ldb, c, ldc); \
-    break;
-      GENFAST_TAIL(1) GENFAST_TAIL(2) GENFAST_TAIL(3) GENFAST_TAIL(4) GENFAST_TAIL(5) GENFAST_TAIL(6)
-      GENFAST_TAIL(7) GENFAST_TAIL(8) GENFAST_TAIL(9) GENFAST_TAIL(10) GENFAST_TAIL(11)
-#undef GENFAST_TAIL
-      default: break;
-    }
-  }
+  constexpr int NS = kSlicesPerCall<VB>;
+  // Column slices outermost: their K x 16 blocks of the panel stay in cache while every row block of
+  // A streams past them.
+  int64_t s = 0;
+  if constexpr (NS > 1)
+    for (; s + NS * S <= width; s += NS * S)
+      slice_rows<T, VB, MR, kColumnsA, NS>(M, a, panel + s / S * slice_stride, slice_stride, ldb, C + s, ldc);
+  for (; s < width; s += S)
+    slice_rows<T, VB, MR, kColumnsA, 1>(M, a, panel + s / S * slice_stride, slice_stride, ldb, C + s, ldc);
 }
 
 // C[m][c] = dot(A row m, weight row c) for R weight rows c at once: each weight row is
