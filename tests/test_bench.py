@@ -447,3 +447,94 @@ def test_ab_runs_both_builds_alternating(tmp_path, capsys):
 def test_ab_refuses_a_path_that_is_not_a_checkout(tmp_path, capsys):
     assert main(["--smoke", "--filter", "gru.tiny.training", "--ab", str(tmp_path)]) == 2
     assert "genfast/__init__.py" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------- shape sweep
+def test_min_rounds_floor_gives_slow_calls_fewer_rounds():
+    clock = FakeClock()
+    fns = {"a": clock.op("a", 0.5), "b": clock.op("b", 0.5)}
+    plan = timing.TimingPlan(warmup_calls=1, warmup_s=0.0, min_sample_s=0.0, min_rounds=5, budget_s=2.0,
+                             min_rounds_floor=2)
+    samples = timing.run_interleaved(fns, plan, timing.CpuTimer(clock))
+    assert len(samples["a"]) == 2  # a round takes 1 s: 2 fit the 2 s budget, fewer than min_rounds
+    fast = {"a": clock.op("a", 0.001), "b": clock.op("b", 0.001)}
+    assert len(timing.run_interleaved(fast, plan, timing.CpuTimer(clock))["a"]) == 200  # budget-bound, max_rounds
+    big = {"a": clock.op("a", 10.0)}
+    assert len(timing.run_interleaved(big, plan, timing.CpuTimer(clock))["a"]) == 2  # never below the floor
+
+
+def test_process_time_timer_reads_the_process_cpu_clock():
+    import time
+
+    timer = timing.ProcessTimeTimer()
+    assert timer.clock is time.process_time
+    busy = timer.time_calls(lambda: sum(range(20000)), 3)
+    assert busy > 0
+
+
+def test_sweep_shapes_grid_then_extras():
+    from genfast.bench import sweep
+
+    grid = sweep.shapes(extras=False)
+    assert len(grid) == 2 * 2 * len(sweep.GRID_N) * len(sweep.GRID_H)
+    assert {(s.T, s.packed) for s in grid} == {(50, False)}
+    everything = sweep.shapes()
+    extras = everything[len(grid):]
+    assert {s.T for s in extras} >= {10, 200, 1000} and any(s.packed for s in extras)
+    assert all(s.case().params["input_size"] == s.H for s in everything)
+
+
+def test_tiny_sweep_writes_the_csv_and_one_heatmap_per_cell_and_mode(tmp_path, capsys, fake_genfast):
+    from genfast.bench import sweep
+
+    out = tmp_path / "sweep"
+    code = main(["--sweep", "--sweep-out", str(out), "--sweep-n", "1,2", "--sweep-h", "4,8", "--sweep-t", "3",
+                 "--sweep-no-extras", "--sweep-budget", "0", "--sweep-min-rounds", "1", "--threads", "1",
+                 "--sweep-clock", "cpu"])
+    assert code == 0
+    with (out / "sweep.csv").open() as handle:
+        reader = csv.DictReader(handle)
+        assert tuple(reader.fieldnames) == sweep.COLUMNS
+        rows = list(reader)
+    assert len(rows) == 2 * 2 * 2 * 2  # cells x modes x N x H
+    assert {(r["cell"], r["mode"], r["N"], r["H"], r["I"], r["T"]) for r in rows} == {
+        (c, m, n, h, h, "3") for c in ("lstm", "gru") for m in ("inference", "training")
+        for n in ("1", "2") for h in ("4", "8")}
+    for r in rows:
+        assert r["status"] == "ok" and float(r["ratio"]) > 0 and int(r["rounds"]) >= 1
+        assert float(r["ratio_q1"]) <= float(r["ratio"]) <= float(r["ratio_q3"])
+        assert float(r["ratio_best"]) > 0
+        assert float(r["max_abs_diff"]) <= 1e-6  # the stand-in is a copy of the torch module
+        assert r["threads"] == "1" and r["simd"] and r["clock"] == "cpu"
+    import matplotlib.image
+
+    for cell in ("lstm", "gru"):
+        for mode in ("inference", "training"):
+            image = matplotlib.image.imread(out / f"{cell}_{mode}.png")
+            assert image.ndim == 3 and image.shape[0] > 100
+    printed = capsys.readouterr().out
+    assert "16/16 shapes measured" in printed and str(out / "sweep.csv") in printed
+
+
+def test_sweep_heatmap_marks_only_cells_below_the_threshold(tmp_path):
+    from genfast.bench import sweep
+
+    rows = [{"cell": "lstm", "mode": "training", "T": "50", "N": str(n), "H": str(h), "packed": "0",
+             "status": "ok", "ratio": str(ratio), "ratio_best": str(ratio * 2)}
+            for (n, h), ratio in {(1, 32): 0.5, (1, 64): 1.0, (8, 32): 0.45, (8, 64): 2.0}.items()]
+    assert sweep.heatmap(tmp_path / "h.png", rows, "lstm", "training", "t") == [(1, 32), (8, 32)]
+    assert sweep.heatmap(tmp_path / "b.png", rows, "lstm", "training", "t", stat="ratio_best") == [(8, 32)]  # 0.9
+    assert (tmp_path / "h.png").stat().st_size > 0
+    assert sweep.heatmap(tmp_path / "none.png", rows, "gru", "training", "t") is None  # nothing to draw
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_sweep_without_matplotlib_says_so(monkeypatch, tmp_path):
+    from genfast.bench import sweep
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(SystemExit, match="matplotlib, which is not installed"):
+        main(["--sweep", "--sweep-out", str(tmp_path), "--sweep-n", "1", "--sweep-h", "4"])
+    assert not (tmp_path / "sweep.csv").exists()  # refused before measuring anything
+    with pytest.raises(SystemExit, match="--sweep-cells"):
+        sweep._names("lstm,rnn", sweep.CELLS, "--sweep-cells")

@@ -52,74 +52,94 @@ struct LeftOperands {
   }
 };
 
-// acc[MR][64 / VB] += A[MR x K] * B[K x S].
-template <typename T, int VB, int MR, bool kColumnsA>
-inline __attribute__((always_inline)) void accumulate_k(typename VecOf<T, VB>::type (&acc)[MR][64 / VB], int64_t K,
-                                                        const T* A, int64_t lda, const T* B, int64_t ldb) {
+// acc[MR][NS * 64 / VB] += A[MR x K] * B[K x NS*S]: NS slices of the panel at once, slice j at
+// B + j * slice_stride. On AVX-512 two slices per call (NS = 2) let each broadcast of A feed two FMAs:
+// one slice needs 13 loads for 12 FMAs per k, more than the load ports issue beside two FMA pipes.
+template <typename T, int VB, int MR, bool kColumnsA, int NS = 1>
+inline __attribute__((always_inline)) void accumulate_k(typename VecOf<T, VB>::type (&acc)[MR][NS * 64 / VB],
+                                                        int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
+                                                        int64_t slice_stride) {
   using V = typename VecOf<T, VB>::type;
   constexpr int NV = 64 / VB;
   constexpr int L = VB / static_cast<int>(sizeof(T));
   for (int64_t k = 0; k < K; ++k) {
-    V b[NV];
+    V b[NS * NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) b[v] = *reinterpret_cast<const V*>(B + k * ldb + v * L);
+    for (int j = 0; j < NS; ++j)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) b[j * NV + v] = *reinterpret_cast<const V*>(B + j * slice_stride + k * ldb + v * L);
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
       const T a = kColumnsA ? A[k * lda + r] : A[r * lda + k];
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
+#pragma GCC unroll 8
+      for (int v = 0; v < NS * NV; ++v) acc[r][v] += a * b[v];
     }
   }
 }
 
-template <typename T, int VB, int MR, bool kColumnsA>
+// C[MR x NS*S] (+)= A * B over NS slices (see accumulate_k); C's slice j starts at C + j * S.
+template <typename T, int VB, int MR, bool kColumnsA, int NS = 1>
 inline __attribute__((always_inline)) void micro_kernel(const LeftOperands<T>& a, const T* B, int64_t ldb, T* C,
-                                                        int64_t ldc) {
+                                                        int64_t ldc, int64_t slice_stride = 0) {
   using V = typename VecOf<T, VB>::type;
   constexpr int NV = 64 / VB;
   constexpr int L = VB / static_cast<int>(sizeof(T));
-  V acc[MR][NV];
+  V acc[MR][NS * NV];
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = a.accumulate ? *reinterpret_cast<const V*>(C + r * ldc + v * L) : V{};
-  accumulate_k<T, VB, MR, kColumnsA>(acc, a.K1, a.A1, a.lda1, B, ldb);
-  if (!kColumnsA && a.K2 > 0) accumulate_k<T, VB, MR, kColumnsA>(acc, a.K2, a.A2, a.lda2, B + a.K1 * ldb, ldb);
+#pragma GCC unroll 8
+    for (int v = 0; v < NS * NV; ++v) acc[r][v] = a.accumulate ? *reinterpret_cast<const V*>(C + r * ldc + v * L) : V{};
+  accumulate_k<T, VB, MR, kColumnsA, NS>(acc, a.K1, a.A1, a.lda1, B, ldb, slice_stride);
+  if (!kColumnsA && a.K2 > 0)
+    accumulate_k<T, VB, MR, kColumnsA, NS>(acc, a.K2, a.A2, a.lda2, B + a.K1 * ldb, ldb, slice_stride);
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) *reinterpret_cast<V*>(C + r * ldc + v * L) = acc[r][v];
+#pragma GCC unroll 8
+    for (int v = 0; v < NS * NV; ++v) *reinterpret_cast<V*>(C + r * ldc + v * L) = acc[r][v];
 }
 
-// The row loop: full blocks of MR rows, then one call for the remaining rows.
+// The row loop over NS slices starting at `b` (C at c): full blocks of MR rows, then one call for the rest.
+template <typename T, int VB, int MR, bool kColumnsA, int NS>
+inline __attribute__((always_inline)) void slice_rows(int64_t M, const LeftOperands<T>& a, const T* b,
+                                                      int64_t slice_stride, int64_t ldb, T* c, int64_t ldc) {
+  const int64_t full = M / MR * MR, rest = M - full;
+  for (int64_t m = 0; m < full; m += MR)
+    micro_kernel<T, VB, MR, kColumnsA, NS>(a.template rows_from<kColumnsA>(m), b, ldb, c + m * ldc, ldc, slice_stride);
+  if (rest == 0) return;
+  const LeftOperands<T> tail = a.template rows_from<kColumnsA>(full);
+  T* ct = c + full * ldc;
+  // A switch over compile-time row counts keeps the tail in registers too.
+  switch (rest) {
+#define GENFAST_TAIL(R) \
+  case R:               \
+    if constexpr (R < MR) micro_kernel<T, VB, R, kColumnsA, NS>(tail, b, ldb, ct, ldc, slice_stride); \
+    break;
+    GENFAST_TAIL(1) GENFAST_TAIL(2) GENFAST_TAIL(3) GENFAST_TAIL(4) GENFAST_TAIL(5) GENFAST_TAIL(6)
+    GENFAST_TAIL(7) GENFAST_TAIL(8) GENFAST_TAIL(9) GENFAST_TAIL(10) GENFAST_TAIL(11)
+#undef GENFAST_TAIL
+    default: break;
+  }
+}
+
+// Slices per micro-kernel call: two where the register file holds 2 x MR accumulators (AVX-512).
+template <int VB>
+constexpr int kSlicesPerCall = VB == 64 ? 2 : 1;
+
+// The panel: pairs of slices (AVX-512), then any slice left, each with every row of A.
 template <typename T, int VB, int MR, bool kColumnsA>
 inline __attribute__((always_inline)) void panel_rows(int64_t M, const LeftOperands<T>& a, const T* panel,
                                                       int64_t width, int64_t slice_stride, int64_t ldb, T* C,
                                                       int64_t ldc) {
   constexpr int64_t S = kSubWidth<T>;
-  const int64_t full = M / MR * MR, rest = M - full;
-  // Column slice outermost: its K x 16 slice of the panel stays in L1 while every row
-  // block of A streams past it.
-  for (int64_t s = 0; s < width; s += S) {
-    for (int64_t m = 0; m < full; m += MR)
-      micro_kernel<T, VB, MR, kColumnsA>(a.template rows_from<kColumnsA>(m), panel + s / S * slice_stride, ldb, C + m * ldc + s, ldc);
-    if (rest == 0) continue;
-    const int64_t m = full;
-    const LeftOperands<T> tail = a.template rows_from<kColumnsA>(m);
-    const T* b = panel + s / S * slice_stride;
-    T* c = C + m * ldc + s;
-    // A switch over compile-time row counts keeps the tail in registers too.
-    switch (rest) {
-#define GENFAST_TAIL(R) \
-  case R:               \
-    if constexpr (R < MR) micro_kernel<T, VB, R, kColumnsA>(tail, b, ldb, c, ldc); \
-    break;
-      GENFAST_TAIL(1) GENFAST_TAIL(2) GENFAST_TAIL(3) GENFAST_TAIL(4) GENFAST_TAIL(5) GENFAST_TAIL(6)
-      GENFAST_TAIL(7) GENFAST_TAIL(8) GENFAST_TAIL(9) GENFAST_TAIL(10) GENFAST_TAIL(11)
-#undef GENFAST_TAIL
-      default: break;
-    }
-  }
+  constexpr int NS = kSlicesPerCall<VB>;
+  // Column slices outermost: their K x 16 blocks of the panel stay in cache while every row block of
+  // A streams past them.
+  int64_t s = 0;
+  if constexpr (NS > 1)
+    for (; s + NS * S <= width; s += NS * S)
+      slice_rows<T, VB, MR, kColumnsA, NS>(M, a, panel + s / S * slice_stride, slice_stride, ldb, C + s, ldc);
+  for (; s < width; s += S)
+    slice_rows<T, VB, MR, kColumnsA, 1>(M, a, panel + s / S * slice_stride, slice_stride, ldb, C + s, ldc);
 }
 
 // C[m][c] = dot(A row m, weight row c) for R weight rows c at once: each weight row is
@@ -343,10 +363,11 @@ void matmul_dot(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const 
 // used in place when its rows are contiguous and a whole number of slices wide (b_in_place),
 // else packed once into panels. K is walked in chunks of k_block (0: all of K at once), the
 // first chunk writing the tile and the later ones adding to it.
+// a_row_sums (kColumnsA only): A's row sums, taken from the copy of each row block (see matmul).
 template <typename T, bool kColumnsA>
 void matmul_panels(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* b, int64_t stride_k,
                    int64_t stride_n, const T* bias, T* C, int64_t ldc, bool accumulate, bool b_in_place,
-                   int64_t k_block) {
+                   int64_t k_block, T* a_row_sums = nullptr) {
   constexpr int64_t S = kSubWidth<T>;
   const int64_t panels = (N + kPanelWidth - 1) / kPanelWidth;
   at::Tensor packed_buffer;
@@ -382,7 +403,19 @@ void matmul_panels(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, con
         // kTileRows values (reused for all of the thread's panels of this row block).
         if (a_block_r0 != r0) {
           a_block.resize(K * kTileRows);
-          for (int64_t k = 0; k < K; ++k) std::copy(A + k * lda + r0, A + k * lda + r0 + rows, &a_block[k * kTileRows]);
+          // The row sums come from the copy made for the row block's first panel: exactly one thread
+          // handles that item, and it always copies there (its previous item, if any, was another block).
+          if (a_row_sums != nullptr && p == 0) {
+            double sums[kTileRows] = {};
+            for (int64_t k = 0; k < K; ++k) {
+              const T* src = A + k * lda + r0;
+              std::copy(src, src + rows, &a_block[k * kTileRows]);
+              for (int64_t m = 0; m < rows; ++m) sums[m] += src[m];
+            }
+            for (int64_t m = 0; m < rows; ++m) a_row_sums[r0 + m] = static_cast<T>(sums[m]);
+          } else {
+            for (int64_t k = 0; k < K; ++k) std::copy(A + k * lda + r0, A + k * lda + r0 + rows, &a_block[k * kTileRows]);
+          }
           a_block_r0 = r0;
         }
         a_rows = a_block.data(), a_ld = kTileRows;
@@ -421,16 +454,28 @@ void matmul_panels(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, con
 
 template <typename T>
 void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_stride_m, int64_t a_stride_k, const T* b,
-            int64_t stride_k, int64_t stride_n, const T* bias, T* C, int64_t ldc, bool accumulate) {
-  if (M <= 0 || N <= 0) return;
+            int64_t stride_k, int64_t stride_n, const T* bias, T* C, int64_t ldc, bool accumulate, T* a_row_sums) {
+  if (M <= 0) return;
   TORCH_CHECK(a_stride_k == 1 || a_stride_m == 1, "genfast matmul: A needs contiguous rows or columns");
+  const bool rows_a = a_stride_k == 1;
+  if (a_row_sums != nullptr && (rows_a || N <= 0 || K == 0)) {
+    // Only the transposed-A product takes its row sums from its copy of A; otherwise one pass here.
+    at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) {
+        double sum = 0;
+        for (int64_t k = 0; k < K; ++k) sum += A[m * a_stride_m + k * a_stride_k];
+        a_row_sums[m] = static_cast<T>(sum);
+      }
+    });
+    a_row_sums = nullptr;
+  }
+  if (N <= 0) return;
   if (K == 0) {
     for (int64_t m = 0; m < M; ++m)
       for (int64_t n = 0; n < N; ++n)
         C[m * ldc + n] = (accumulate ? C[m * ldc + n] : T(0)) + (bias ? bias[n] : T(0));
     return;
   }
-  const bool rows_a = a_stride_k == 1;
   if (rows_a && !accumulate && stride_k == 1 && M <= dot_path_max_rows(N * K * static_cast<int64_t>(sizeof(T))))
     return matmul_dot<T>(M, N, K, A, a_stride_m, b, stride_n, bias, C, ldc);
   // B's rows contiguous and whole slices wide: the micro-kernel reads them in place (no packing
@@ -441,7 +486,7 @@ void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_stride_m, int
                             kKBlock);
   else
     matmul_panels<T, true>(M, N, K, A, a_stride_k, b, stride_k, stride_n, bias, C, ldc, accumulate, b_in_place,
-                           kKBlock);
+                           kKBlock, a_row_sums);
 }
 
 template <typename T>
@@ -455,9 +500,9 @@ template void matmul<float>(int64_t, int64_t, int64_t, const float*, int64_t, co
 template void matmul<double>(int64_t, int64_t, int64_t, const double*, int64_t, const double*, int64_t, int64_t,
                              const double*, double*, int64_t);
 template void matmul<float>(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t,
-                            int64_t, const float*, float*, int64_t, bool);
+                            int64_t, const float*, float*, int64_t, bool, float*);
 template void matmul<double>(int64_t, int64_t, int64_t, const double*, int64_t, int64_t, const double*, int64_t,
-                             int64_t, const double*, double*, int64_t, bool);
+                             int64_t, const double*, double*, int64_t, bool, double*);
 
 int64_t gemm_rows_per_kernel() {
   switch (simd_level()) {

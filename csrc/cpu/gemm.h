@@ -99,9 +99,13 @@ constexpr int64_t dot_path_max_rows(int64_t bytes) {
 // over threads. With at most dot_path_max_rows rows of A and contiguous columns of B
 // (stride_k == 1), B is read in place by dot products instead (a decode step,
 // genfast::decode_linear): one pass over B at memory bandwidth.
+// a_row_sums (M values), when given, also receives the sums of A's rows, sum over k of A(m, k), summed in
+// double while A is read for the product: a weight gradient dG^T X and its bias gradient (the column sums
+// of dG) in one pass over dG.
 template <typename T>
 void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_stride_m, int64_t a_stride_k, const T* b,
-            int64_t stride_k, int64_t stride_n, const T* bias, T* C, int64_t ldc, bool accumulate);
+            int64_t stride_k, int64_t stride_n, const T* bias, T* C, int64_t ldc, bool accumulate,
+            T* a_row_sums = nullptr);
 
 // The same for A with contiguous rows, lda apart, C overwritten.
 template <typename T>

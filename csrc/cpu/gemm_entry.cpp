@@ -25,7 +25,10 @@ template void gemm_out<float>(int64_t, int64_t, int64_t, const float*, int64_t, 
 template void gemm_out<double>(int64_t, int64_t, int64_t, const double*, int64_t, int64_t, const double*, int64_t,
                                int64_t, double*, int64_t, bool);
 
-void gemm_out(at::Tensor& out, const at::Tensor& a_in, const at::Tensor& b, const std::optional<at::Tensor>& bias) {
+namespace {
+
+void gemm_into(at::Tensor& out, const at::Tensor& a_in, const at::Tensor& b, const std::optional<at::Tensor>& bias,
+               at::Tensor* row_sums) {
   TORCH_CHECK(a_in.dim() == 2 && b.dim() == 2 && a_in.size(1) == b.size(0), "gemm: cannot multiply ", a_in.sizes(),
               " by ", b.sizes());
   TORCH_CHECK(out.sizes() == at::IntArrayRef({a_in.size(0), b.size(1)}), "gemm: out has shape ", out.sizes(),
@@ -50,9 +53,26 @@ void gemm_out(at::Tensor& out, const at::Tensor& a_in, const at::Tensor& b, cons
   AT_DISPATCH_FLOATING_TYPES(dtype, "genfast::gemm", [&] {
     matmul<scalar_t>(M, N, K, a.const_data_ptr<scalar_t>(), a_sm, a_sk, b.const_data_ptr<scalar_t>(), b.stride(0),
                      b.stride(1), bias_c.defined() ? bias_c.const_data_ptr<scalar_t>() : nullptr,
-                     dst.data_ptr<scalar_t>(), std::max<int64_t>(dst.stride(0), N), /*accumulate=*/false);
+                     dst.data_ptr<scalar_t>(), std::max<int64_t>(dst.stride(0), N), /*accumulate=*/false,
+                     row_sums != nullptr ? row_sums->data_ptr<scalar_t>() : nullptr);
   });
   if (!out_ok) out.copy_(dst);
+}
+
+}  // namespace
+
+void gemm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias) {
+  gemm_into(out, a, b, bias, nullptr);
+}
+
+at::Tensor gemm_with_row_sums(const at::Tensor& a, const at::Tensor& b, at::Tensor& row_sums) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2, "gemm: a and b must be 2-D, got ", a.dim(), " and ", b.dim(), " dims");
+  TORCH_CHECK(row_sums.dim() == 1 && row_sums.size(0) == a.size(0) && row_sums.is_contiguous() &&
+                  row_sums.scalar_type() == a.scalar_type() && row_sums.device().is_cpu(),
+              "gemm: row_sums must be a contiguous CPU vector of ", a.size(0), " values of dtype ", a.scalar_type());
+  at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+  gemm_into(out, a, b, std::nullopt, &row_sums);
+  return out;
 }
 
 at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias) {

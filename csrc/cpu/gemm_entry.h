@@ -18,6 +18,10 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const std::optional<at
 void gemm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
             const std::optional<at::Tensor>& bias = std::nullopt);
 
+// a @ b, and a's row sums (sum over k of a(m, k)) into row_sums (M values of a's dtype), taken in the
+// same pass over a: a weight gradient dG^T X with its bias gradient, the column sums of dG.
+at::Tensor gemm_with_row_sums(const at::Tensor& a, const at::Tensor& b, at::Tensor& row_sums);
+
 // The raw-pointer form, for kernels that multiply tiles of their own buffers (attention's
 // backward): C (M x N, rows ldc apart) = A B, or C += A B when accumulate. A(m, k) =
 // a[m * a_stride_m + k * a_stride_k] with its rows or its columns contiguous (a_stride_k == 1

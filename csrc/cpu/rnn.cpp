@@ -588,10 +588,16 @@ BackwardResult rnn_backward(const LayerArgs& a, const rnn::BackwardArgs& g, bool
   r.grad_input = grad_input.view(a.input.sizes());
   r.grad_hx = dh_state;
   r.grad_cx = dc_state;
-  r.grad_w_ih = gemm(dG.t(), x);
-  r.grad_w_hh = gemm(dG_h.t(), h_prev);
-  r.grad_b_ih = dG.sum(0);
-  r.grad_b_hh = Cell::kSidesAdd ? r.grad_b_ih : dG_h.sum(0);
+  // Each bias gradient (the column sums of dG or dG_h) comes from the pass its weight gradient makes over dG.
+  r.grad_b_ih = at::empty({G * H}, x.options());
+  r.grad_w_ih = gemm_with_row_sums(dG.t(), x, r.grad_b_ih);
+  if (Cell::kSidesAdd) {
+    r.grad_w_hh = gemm(dG_h.t(), h_prev);
+    r.grad_b_hh = r.grad_b_ih;
+  } else {
+    r.grad_b_hh = at::empty({G * H}, x.options());
+    r.grad_w_hh = gemm_with_row_sums(dG_h.t(), h_prev, r.grad_b_hh);
+  }
   r.grad_w_hr = at::empty({0}, x.options());
   if (project) {
     const rnn::WorkspaceLayout layout = rnn::workspace_layout<Cell>(S, H, true);

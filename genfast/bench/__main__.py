@@ -6,6 +6,7 @@
     python -m genfast.bench --list          # case names, for --filter
     python -m genfast.bench --device cuda   # on a GPU: the GPU session's cases (gpu.*)
     python -m genfast.bench --ab ../other   # this build against another checkout's, alternating
+    python -m genfast.bench --sweep         # LSTM/GRU shape sweep against torch.nn: CSV + heatmaps
 """
 from __future__ import annotations
 
@@ -56,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
                              "process per build per round, alternating; print ratios in A and B and A/B times")
     parser.add_argument("--ab-rounds", type=int, default=3, metavar="N",
                         help="--ab: rounds (one process per build each) (default 3)")
+    from genfast.bench import sweep
+
+    sweep.add_arguments(parser)
     parser.set_defaults(set="quick")
     return parser
 
@@ -79,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     args = _parser().parse_args(argv)
 
+    if args.sweep:
+        from genfast.bench import sweep
+
+        return sweep.run(args)
     import torch
 
     from genfast.bench import cases as case_sets

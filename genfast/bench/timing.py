@@ -14,7 +14,9 @@ How a comparison is measured (run_interleaved):
 Timers (what one sample is): CpuTimer, a wall clock around `inner` calls; CudaTimer, CUDA events
 around them after a synchronisation; DoBenchTimer, Triton's do_bench (CUDA events per call, the L2
 cache flushed between calls, the median taken), for kernels whose inputs would otherwise sit in L2.
-timer_for() picks one. This module is the only place genfast's benchmarks read a clock.
+timer_for() picks one. ProcessTimeTimer counts the process's CPU time instead of the wall clock (one-thread
+runs on a machine shared with busy processes; the sweep's --sweep-clock cpu).
+This module is the only place genfast's benchmarks read a clock.
 """
 from __future__ import annotations
 
@@ -98,6 +100,16 @@ class CpuTimer:
         return (self.clock() - start) / inner
 
 
+class ProcessTimeTimer(CpuTimer):
+    """Times with the process's CPU time (time.process_time: all its threads) instead of the wall clock.
+    On a machine shared with other busy processes, a one-thread run's CPU time does not count the time
+    the scheduler gave to others, which the wall clock does. With several threads it counts every
+    thread's time, spin-waits included, so it is no longer the elapsed time: use it with one thread."""
+
+    def __init__(self):
+        super().__init__(time.process_time)
+
+
 class CudaTimer(CpuTimer):
     """Times with CUDA events on the current stream; synchronises so queued work counts."""
 
@@ -166,6 +178,11 @@ class TimingPlan:
     min_rounds: int = 5
     max_rounds: int = 200
     budget_s: float = 1.0
+    # When set, slow calls get fewer rounds: min_rounds drops (not below this floor) to the number
+    # of rounds that fit budget_s, judged from the fastest warm-up call of each contender (a call
+    # stalled by another process on a shared machine does not cut the rounds short). The sweep
+    # uses it so that its largest shapes cost a couple of rounds, not min_rounds.
+    min_rounds_floor: int | None = None
 
 
 def run_interleaved(fns: dict[str, Callable[[], object]], plan: TimingPlan = TimingPlan(),
@@ -186,6 +203,7 @@ def run_interleaved(fns: dict[str, Callable[[], object]], plan: TimingPlan = Tim
     names = list(fns)
 
     inner: dict[str, int] = {}
+    fastest_call_s: dict[str, float] = {}
     for name in names:
         fn = fns[name]
         started = timer.now()
@@ -194,15 +212,26 @@ def run_interleaved(fns: dict[str, Callable[[], object]], plan: TimingPlan = Tim
             calls, per_call = 1, first_call_s[name]
         while calls < plan.warmup_calls or timer.now() - started < plan.warmup_s:
             per_call = timer.time_calls(fn, 1)
+            fastest_call_s[name] = min(fastest_call_s.get(name, math.inf), per_call)
             calls += 1
             if calls >= 1000:  # enough for anything that fast; min_sample_s batching takes over
                 break
         inner[name] = max(1, math.ceil(plan.min_sample_s / per_call)) if per_call > 0 else 1000
+        fastest_call_s[name] = min(fastest_call_s.get(name, math.inf), per_call)
+
+    min_rounds = plan.min_rounds
+    if plan.min_rounds_floor is not None:
+        if plan.min_rounds_floor < 1:
+            raise ValueError("plan.min_rounds_floor must be >= 1")
+        round_s = sum(fastest_call_s[name] * inner[name] for name in names
+                      if math.isfinite(fastest_call_s.get(name, math.inf)))
+        fit = int(plan.budget_s / round_s) if round_s > 0 else min_rounds
+        min_rounds = max(plan.min_rounds_floor, min(min_rounds, fit))
 
     samples: dict[str, list[float]] = {name: [] for name in names}
     started = timer.now()
     rounds = 0
-    while rounds < plan.min_rounds or (timer.now() - started < plan.budget_s and rounds < plan.max_rounds):
+    while rounds < min_rounds or (timer.now() - started < plan.budget_s and rounds < plan.max_rounds):
         order = names if rounds % 2 == 0 else names[::-1]
         for name in order:
             samples[name].append(timer.time_calls(fns[name], inner[name]))
