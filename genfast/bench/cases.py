@@ -150,6 +150,28 @@ def _sampling(vocab=50257, top_k=0, top_p=0.9, temperature=1.0, spread=1.0, name
                 ("genfast",), ("reference", "transformers"), unit="us")
 
 
+# Issue 19's regularisers: a training step of genfast's module with one regulariser (subject) against
+# the plain module (baseline), at the fastrnns shape and the IMDB layer's; the target is <= 1.1x the
+# plain time, i.e. a ratio >= 0.91.
+REGULARIZERS = {"lstm": ("zoneout", "cell_zoneout", "recurrent_dropout", "weight_dropout"),
+                "gru": ("zoneout", "recurrent_dropout", "weight_dropout")}
+
+
+def _regularized(cell, regularizer, shape_name, **shape) -> Case:
+    params = {"cell": cell, "seed": 0, "regularizers": ((regularizer, 0.25),), **shape}
+    return Case(f"{cell}.regularizers.{shape_name}.{regularizer}.training", cell, "rnn", "training", params,
+                ("genfast_regularized",), ("genfast",))
+
+
+def _regularizer_cases() -> list[Case]:
+    cases = []
+    for cell, names in REGULARIZERS.items():
+        for name in names:
+            cases.append(_regularized(cell, name, "fastrnns", T=100, N=64, input_size=512, hidden_size=512))
+            cases.append(_regularized(cell, name, "imdb", T=100, N=32, input_size=256, hidden_size=64))
+    return cases
+
+
 def _quick() -> list[Case]:
     cases = []
     # The slow baselines (reference, cell_loop) cost several torch calls per call on the big
@@ -212,6 +234,7 @@ def _full() -> list[Case]:
     cases.append(_gpt2())
     # Ten sequences at once, as generate(..., num_return_sequences=10) decodes them.
     cases.append(_gpt2(new_tokens=32, rows=10, name="gpt2.124m.greedy.batch10"))
+    cases += _regularizer_cases()
     return cases
 
 
@@ -236,6 +259,7 @@ def _smoke() -> list[Case]:
     tiny_gpt2 = dict(n_layer=2, n_embd=32, n_head=2, n_positions=32, vocab_size=100)
     cases.append(_gpt2(new_tokens=4, prompt_len=3, name="gpt2.tiny.greedy", config=tiny_gpt2))
     cases.append(_gpt2(new_tokens=4, prompt_len=3, name="gpt2.tiny.greedy.batch3", config=tiny_gpt2, rows=3))
+    cases += [_regularized(cell, names[0], "tiny", **tiny) for cell, names in REGULARIZERS.items()]
     return cases
 
 
