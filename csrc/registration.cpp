@@ -23,23 +23,32 @@ TORCH_LIBRARY(genfast, m) {
   // the same on every backend. Kernels: csrc/cpu/rnn.cpp, csrc/cuda/rnn_glue.cpp.
   m.def(
       "lstm_forward(Tensor input, Tensor hx, Tensor cx, Tensor w_ih, Tensor w_hh, "
-      "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? batch_sizes, bool reverse, bool train) "
+      "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? batch_sizes, bool reverse, bool train, "
+      "Tensor? zoneout=None, Tensor? cell_zoneout=None, Tensor? recurrent_mask=None) "
       "-> (Tensor output, Tensor hy, Tensor cy, Tensor workspace)");
   m.def(
       "lstm_backward(Tensor grad_output, Tensor grad_hy, Tensor grad_cy, Tensor input, Tensor hx, "
       "Tensor cx, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor output, Tensor workspace, "
-      "Tensor? batch_sizes, bool reverse) "
+      "Tensor? batch_sizes, bool reverse, Tensor? zoneout=None, Tensor? cell_zoneout=None, "
+      "Tensor? recurrent_mask=None) "
       "-> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor grad_w_ih, Tensor grad_w_hh, "
       "Tensor grad_bias, Tensor grad_w_hr)");
   // ---- GRU (PyTorch convention: gates r, z, n; n = tanh(Wx + b_in + r*(W_hn h + b_hn))) --
   m.def(
       "gru_forward(Tensor input, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
-      "Tensor? batch_sizes, bool reverse, bool train) -> (Tensor output, Tensor hy, Tensor workspace)");
+      "Tensor? batch_sizes, bool reverse, bool train, Tensor? zoneout=None, Tensor? recurrent_mask=None) "
+      "-> (Tensor output, Tensor hy, Tensor workspace)");
   m.def(
       "gru_backward(Tensor grad_output, Tensor grad_hy, Tensor input, Tensor hx, Tensor w_ih, "
-      "Tensor w_hh, Tensor output, Tensor workspace, Tensor? batch_sizes, bool reverse) "
+      "Tensor w_hh, Tensor output, Tensor workspace, Tensor? batch_sizes, bool reverse, Tensor? zoneout=None, "
+      "Tensor? recurrent_mask=None) "
       "-> (Tensor grad_input, Tensor grad_hx, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, "
       "Tensor grad_b_hh)");
+  // Regularisers (every RNN op; docs/design.md "Regularisers", csrc/rnn/regularizers_host.h), each
+  // optional: zoneout (S, H) the weight of h_{t-1} in h_t per row of the sequence (a 0/1 draw in
+  // training, the probability in eval); cell_zoneout (S, H) the same for c; recurrent_mask (N, Hout)
+  // multiplies h_{t-1} in the recurrent product. Under cell_zoneout the training workspace holds one
+  // more (S, H) block, the carried c_t. The backward takes the forward's masks.
   // ---- attention (csrc/cpu/attention.cpp) ------------------------------------------
   // ATTENTION_SCHEMAS
   // q (B, Hq, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv) with Hq % Hk == 0 (GQA when unequal);

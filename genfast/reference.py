@@ -13,26 +13,34 @@ from torch import Tensor
 
 def lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
                b_ih: Tensor | None = None, b_hh: Tensor | None = None,
-               w_hr: Tensor | None = None, reverse: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+               w_hr: Tensor | None = None, reverse: bool = False, *, zoneout: Tensor | None = None,
+               cell_zoneout: Tensor | None = None,
+               recurrent_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """One LSTM layer, one direction, over x of shape (T, N, I).
 
     i, f, g, o = split(W_ih x + b_ih + W_hh h + b_hh)      (PyTorch's gate order)
     c' = sigmoid(f) * c + sigmoid(i) * tanh(g)
     h' = sigmoid(o) * tanh(c')            then h' = W_hr h' when projecting (proj_size > 0)
     Returns (output (T, N, H_out), h_T, c_T).
+
+    Regularisers with their masks given (see zoned below): zoneout, cell_zoneout (T, N, H), the weight
+    of h_{t-1} (c_{t-1}) at step t; recurrent_mask (N, H) multiplies h in W_hh h.
     """
     outputs = []
     h, c = h0, c0
     steps = range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])
     for t in steps:
-        gates = x[t] @ w_ih.t() + h @ w_hh.t()
+        h_in = h if recurrent_mask is None else h * recurrent_mask
+        gates = x[t] @ w_ih.t() + h_in @ w_hh.t()
         if b_ih is not None:
             gates = gates + b_ih + b_hh
         i, f, g, o = gates.chunk(4, dim=-1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
+        c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h_new = torch.sigmoid(o) * torch.tanh(c_new)
         if w_hr is not None:
-            h = h @ w_hr.t()
+            h_new = h_new @ w_hr.t()
+        c = zoned(cell_zoneout, t, c, c_new)
+        h = zoned(zoneout, t, h, h_new)
         outputs.append(h)
     if reverse:
         outputs.reverse()
@@ -41,21 +49,22 @@ def lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
 
 def gru_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor,
               b_ih: Tensor | None = None, b_hh: Tensor | None = None,
-              reverse: bool = False) -> tuple[Tensor, Tensor]:
+              reverse: bool = False, *, zoneout: Tensor | None = None,
+              recurrent_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One GRU layer, one direction, over x of shape (T, N, I), in PyTorch's convention.
 
     r = sigmoid(W_ir x + b_ir + W_hr h + b_hr)
     z = sigmoid(W_iz x + b_iz + W_hz h + b_hz)
     n = tanh(W_in x + b_in + r * (W_hn h + b_hn))
     h' = (1 - z) * n + z * h
-    Returns (output (T, N, H), h_T).
+    Returns (output (T, N, H), h_T). Regularisers: see lstm_layer (the mask multiplies h in W_h* h only).
     """
     outputs = []
     h = h0
     steps = range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])
     for t in steps:
         gx = x[t] @ w_ih.t()
-        gh = h @ w_hh.t()
+        gh = (h if recurrent_mask is None else h * recurrent_mask) @ w_hh.t()
         if b_ih is not None:
             gx = gx + b_ih
             gh = gh + b_hh
@@ -64,11 +73,20 @@ def gru_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor,
         r = torch.sigmoid(xr + hr)
         z = torch.sigmoid(xz + hz)
         n = torch.tanh(xn + r * hn)
-        h = (1 - z) * n + z * h
+        h = zoned(zoneout, t, h, (1 - z) * n + z * h)
         outputs.append(h)
     if reverse:
         outputs.reverse()
     return torch.stack(outputs), h
+
+
+def zoned(keep: Tensor | None, t: int, prev: Tensor, fresh: Tensor) -> Tensor:
+    """Zoneout (Krueger et al. 2016) of a recurrent state at step t: keep[t] * prev + (1 - keep[t]) * fresh.
+    keep (T, N, H): a 0/1 mask in training (Bernoulli(p): 1 keeps the previous value), p itself in eval;
+    None: the fresh value. The fresh value is what the cell computes from the carried previous states."""
+    if keep is None:
+        return fresh
+    return keep[t] * prev + (1 - keep[t]) * fresh
 
 
 def layer_over_lengths(layer, x: Tensor, lengths: list[int], states: list[Tensor], *weights: Tensor | None,

@@ -24,9 +24,11 @@
 
 #include "cpu/gemm_entry.h"
 #include "cpu/rnn_common.h"
+#include "cpu/rnn_regularizers.h"
 #include "cpu/simd.h"
 #include "rnn/cells.h"
 #include "rnn/rnn_host.h"
+#include "rnn/regularizers_host.h"
 
 namespace genfast::cpu {
 namespace {
@@ -51,6 +53,7 @@ struct ForwardStep {
   T* saved;          // (n, saved*H) or nullptr
   T* saved_c;        // (n, H) or nullptr
   int64_t H, Hout, ld_h_out;
+  const RegularizerStep<T>* reg = nullptr;  // zoneout / recurrent dropout (rnn_regularizers.h), or nullptr
 };
 
 template <typename Cell>
@@ -63,14 +66,16 @@ struct ForwardTile {
     const int64_t H = s->H;
     const int64_t j0 = panel * kUnits;
     const int64_t units = std::min(kUnits, H - j0);
+    // The recurrent product's h_{t-1}: times the recurrent dropout mask when there is one.
+    const T* h_in = s->reg && s->reg->h_product ? s->reg->h_product : s->h_prev;
     if (Cell::kSidesAdd && s->x) {
       const int64_t K = s->I + s->Hout;
-      gemm_panel_stacked<T>(r1 - r0, s->I, s->x + r0 * s->I, s->I, s->Hout, s->h_prev + r0 * s->Hout, s->Hout,
+      gemm_panel_stacked<T>(r1 - r0, s->I, s->x + r0 * s->I, s->I, s->Hout, h_in + r0 * s->Hout, s->Hout,
                             s->packed + panel * K * kWidth, kWidth, acc, kWidth);
     } else {
       for (int64_t m = r0; m < std::min(r1, r0 + kPrefetchRows); ++m)
         prefetch_gate_row(s->gx + m * s->gx_stride + j0, kGates, H);
-      recurrent_tile<T, kGates>(s->packed, s->w_hh, s->h_prev, s->Hout, H, panel, r0, r1, acc);
+      recurrent_tile<T, kGates>(s->packed, s->w_hh, h_in, s->Hout, H, panel, r0, r1, acc);
     }
     rows(units, s, j0, r0, r1, acc);
   }
@@ -88,6 +93,8 @@ struct ForwardTile {
       T* h = s->h_out + m * s->ld_h_out + j0;
       T act[Cell::kSaved][kUnits], unused[kUnits];
       T* h_next = (!Cell::kProjection || s->h_next) ? s->h_next + m * s->Hout + j0 : unused;  // projecting: phase 2
+      T c_prev[kUnits];
+      if (s->reg) regularize_forward_before<Cell>(s->reg, c, units, c_prev);
       Cell::template forward_units<kUnits, T>(units, acc, gx, b, H, c, h_prev, h, h_next, act);
       if (s->saved) {  // training: keep what backward needs
         T* g = s->saved + m * Cell::kSaved * H + j0;
@@ -98,6 +105,9 @@ struct ForwardTile {
           for (int64_t u = 0; u < units; ++u) c_saved[u] = c[u];
         }
       }
+      if (s->reg)  // zoneout of what the cell produced; h_t * r for the next product
+        regularize_forward_after<Cell>(s->reg, m, j0, units, H, s->Hout, s->h_prev + m * s->Hout + j0, c_prev, c, h,
+                                       h_next);
     }
   }
 };
@@ -140,6 +150,7 @@ struct ForwardBuffers {
   T* c;                 // (N, H) cell state, or nullptr
   T* ws;                // training workspace (rnn::WorkspaceLayout), or nullptr
   T* r_tmp;             // projecting without training: (N, H) for r_t
+  const RegularizerBuffers<T>* reg = nullptr;  // zoneout / recurrent dropout, or nullptr
 };
 
 template <typename Cell, typename T>
@@ -160,7 +171,7 @@ void forward_loop(const Schedule& sc, bool reverse, const ForwardBuffers<T>& b, 
     const int64_t n = sc.active[t], off = sc.offset[t];
     T* h_prev = b.hbuf + (s % 2) * N * Hout;
     T* h_next = b.hbuf + ((s + 1) % 2) * N * Hout;
-    const ForwardStep<T> step{h_prev,
+    ForwardStep<T> step{h_prev,
                               b.x ? b.x + off * I : nullptr,
                               b.packed,
                               b.w_hh,
@@ -176,6 +187,11 @@ void forward_loop(const Schedule& sc, bool reverse, const ForwardBuffers<T>& b, 
                               H,
                               Hout,
                               project ? H : Hout};
+    RegularizerStep<T> reg;
+    if (b.reg) {
+      reg = b.reg->step(s, off, N, H, Hout);
+      step.reg = &reg;
+    }
     run_tiles<ForwardTile<Cell>>(team, ceil_div(H, kUnits), n, &step, scratch.data(), kWidth);
     if constexpr (Cell::kProjection) {
       if (project) {
@@ -209,6 +225,7 @@ struct BackwardStep {
   T* dG_h;               // (n, gates*H) recurrent-side ones (cells whose sides do not add), else nullptr
   T* dh_total_out;       // projecting, phase A: where dh_total goes
   int64_t n, n_prev, n_prev_fwd, H, Hout;
+  const RegularizerStep<T>* reg = nullptr;  // zoneout / recurrent dropout masks, or nullptr
 };
 
 // The backward of row m of a step for a cell without a direct hidden term (d_h: the total dL/dh_t).
@@ -230,6 +247,20 @@ GENFAST_INLINE void direct_cell_backward_row(const BackwardStep<T>* s, int64_t m
   Cell::backward_units(units, H, s->grad_out + m * s->Hout + j0, s->dh_state + m * s->Hout + j0, rec,
                        s->saved + m * Cell::kSaved * H + j0, prev, s->dG + m * Cell::kGates * H + j0,
                        s->dG_h + m * Cell::kGates * H + j0);
+}
+
+// The same under h zoneout: the cell gets the zoned part of the total (rnn_regularizers.h).
+template <typename Cell, typename T>
+GENFAST_INLINE void zoneout_direct_backward_row(const BackwardStep<T>* s, int64_t m, int64_t j0, int64_t units,
+                                                const T* rec) {
+  const int64_t H = s->H;
+  const T* prev = m < s->n_prev_fwd ? s->state_prev + m * H + j0 : s->state_init + m * H + j0;
+  zoneout_direct_cell_backward<kUnits, T>(
+      s->reg, m, j0, units, H, s->grad_out + m * s->Hout + j0, s->dh_state + m * s->Hout + j0, rec,
+      [&](const T* d_fresh, T* direct, const T* zeros) __attribute__((always_inline)) {
+        Cell::backward_units(units, H, d_fresh, direct, zeros, s->saved + m * Cell::kSaved * H + j0, prev,
+                             s->dG + m * Cell::kGates * H + j0, s->dG_h + m * Cell::kGates * H + j0);
+      });
 }
 
 // dL/dh_t for a panel of h's columns: output gradient + what reached h from outside
@@ -286,6 +317,7 @@ struct BackwardTile {
     const int64_t j0 = panel * kUnits, units = std::min(kUnits, s->H - j0);
     for (int64_t m = r0; m < std::min({r1, r0 + kPrefetchRows, s->n}); ++m) prefetch_backward_row<Cell>(s, m, j0);
     recurrent_gemm<Cell>(s, panel, r0, r1, acc);
+    if (s->reg) mask_recurrent_rows<kUnits>(s->reg, r0, std::min(r1, s->n_prev) - r0, j0, units, s->Hout, acc);
     rows(units, s, j0, r0, r1, acc);
   }
 
@@ -302,13 +334,25 @@ struct BackwardTile {
             for (int64_t u = 0; u < units; ++u) dh[u] += acc[u];
           continue;
         }
+        if (s->reg && s->reg->zoneout) {
+          zoneout_direct_backward_row<Cell>(s, m, j0, units, m < s->n_prev ? acc : zeros);
+          continue;
+        }
         direct_cell_backward_row<Cell>(s, m, j0, units, m < s->n_prev ? acc : zeros);
       }
     } else {
       T d_h[kUnits];
       for (int64_t m = r0; m < r1; ++m) {
         if (m + kPrefetchRows < std::min(r1, s->n)) prefetch_backward_row<Cell>(s, m + kPrefetchRows, j0);
-        if (total_dh_row(s, m, j0, units, acc + (m - r0) * kUnits, d_h)) cell_backward_row<Cell>(s, m, j0, units, d_h);
+        if (!total_dh_row(s, m, j0, units, acc + (m - r0) * kUnits, d_h)) continue;
+        if (s->reg)
+          regularized_cell_backward<Cell>(s->reg, m, j0, units, s->H, d_h, s->dh_state + m * s->Hout + j0,
+                                          Cell::kCellState ? s->dc_state + m * s->H + j0 : nullptr,
+                                          [&]() __attribute__((always_inline)) {
+                                            cell_backward_row<Cell>(s, m, j0, units, d_h);
+                                          });
+        else
+          cell_backward_row<Cell>(s, m, j0, units, d_h);
       }
     }
   }
@@ -353,6 +397,7 @@ struct BackwardBuffers {
   T* dh_state;          // (N, Hout)
   T* dc_state;          // (N, H) or nullptr
   T* dh_total;          // projecting: (S, Hout), else nullptr
+  const RegularizerBuffers<T>* reg = nullptr;  // zoneout / recurrent dropout masks, or nullptr
 };
 
 template <typename Cell, typename T>
@@ -365,13 +410,14 @@ void backward_loop(const Schedule& sc, bool reverse, const BackwardBuffers<T>& b
   const rnn::WorkspaceLayout layout = rnn::workspace_layout<Cell>(S, H, project);
   // The state history the cell read: c_t saved by the forward, or its output h_t.
   const T* states = Cell::kCellState ? b.ws + layout.cell : b.out;
+  if (Cell::kCellState && b.reg && b.reg->carried_c) states = b.reg->carried_c;  // cell zoneout: c_t, not c~_t
   // One pass more than there are steps: the last one (n = 0) only adds dG_0 W_hh to
   // the gradient of the initial state.
   const double step_flops = 2.0 * N * kGates * H * Hout;
   for_each_step(sc.steps + 1, step_flops, [&](int64_t s, const StepTeam& team) {
     const auto pass = sc.backward_pass(s, reverse);
     const int64_t n = pass.n, off = pass.offset, prev_t = pass.prev_t, n_prev = pass.n_prev, fwd_prev = pass.fwd_prev;
-    const BackwardStep<T> step{prev_t >= 0 ? b.dG_h + sc.offset[prev_t] * kGates * H : nullptr,
+    BackwardStep<T> step{prev_t >= 0 ? b.dG_h + sc.offset[prev_t] * kGates * H : nullptr,
                                b.packed_whh,
                                b.w_hh_t,
                                b.grad_out + off * Hout,
@@ -391,6 +437,11 @@ void backward_loop(const Schedule& sc, bool reverse, const BackwardBuffers<T>& b
                                sc.active_at(fwd_prev),
                                H,
                                Hout};
+    RegularizerStep<T> reg;
+    if (b.reg) {
+      reg = b.reg->step(s, off, N, H, Hout);
+      step.reg = &reg;
+    }
     const int64_t rows = std::max(n, n_prev);
     if (!Cell::kProjection || !project) {
       run_tiles<BackwardTile<Cell>>(team, ceil_div(H, kUnits), rows, &step, scratch.data(), kUnits);
@@ -477,10 +528,12 @@ struct ForwardResult {
 };
 
 template <typename Cell>
-ForwardResult rnn_forward(const LayerArgs& a, bool reverse, bool train) {
+ForwardResult rnn_forward(const LayerArgs& a, bool reverse, bool train,
+                          const rnn::RegularizerArgs& regularizers = rnn::kNoRegularizers) {
   constexpr int64_t G = Cell::kGates;
   const Schedule sc = rnn::make_schedule(a.input, a.batch_sizes);
   const Dims d = rnn::check_forward<Cell>(rnn::kCpu, a, sc);
+  rnn::check_regularizers<Cell>(regularizers, a, sc, d);
   const int64_t S = sc.rows, H = d.H, Hout = d.Hout;
   const at::Tensor x = a.input.reshape({S, d.I}).contiguous();
   const at::Tensor w_ih = a.w_ih.contiguous(), w_hh = a.w_hh.contiguous();
@@ -508,7 +561,9 @@ ForwardResult rnn_forward(const LayerArgs& a, bool reverse, bool train) {
   at::Tensor hbuf = a.hx.unsqueeze(0).expand({2, sc.batch, Hout}).contiguous();
   at::Tensor cy = Cell::kCellState ? a.cx->contiguous().clone() : at::Tensor();
   at::Tensor hy = at::empty({sc.batch, Hout}, x.options());
-  at::Tensor ws = empty_cached({train ? rnn::workspace_layout<Cell>(S, H, project).size : 0}, x.options());
+  const int64_t ws_base = rnn::workspace_layout<Cell>(S, H, project).size;
+  at::Tensor ws = empty_cached({train ? ws_base + regularizers.extra_workspace_values() * S * H : 0}, x.options());
+  const RegularizerTensors reg_tensors(regularizers, a.hx);
   if (project_first)  // G = X W_ih^T + b for every row, one product before the loop.
     gemm_out(gx, x, w_ih.t(), x_bias.defined() ? std::optional<at::Tensor>(x_bias) : std::nullopt);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "genfast::rnn_forward", [&] {
@@ -521,7 +576,7 @@ ForwardResult rnn_forward(const LayerArgs& a, bool reverse, bool train) {
       if (!train) r_tmp = at::empty({sc.batch, H}, x.options());
     }
     auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
-    const ForwardBuffers<scalar_t> buffers{project_first ? nullptr : x.data_ptr<scalar_t>(),
+    ForwardBuffers<scalar_t> buffers{project_first ? nullptr : x.data_ptr<scalar_t>(),
                                            project_first ? gx.data_ptr<scalar_t>() : x_bias.data_ptr<scalar_t>(),
                                            ptr(packed),
                                            w_hh.data_ptr<scalar_t>(),
@@ -532,6 +587,10 @@ ForwardResult rnn_forward(const LayerArgs& a, bool reverse, bool train) {
                                            ptr(cy),
                                            train ? ws.data_ptr<scalar_t>() : nullptr,
                                            ptr(r_tmp)};
+    const RegularizerBuffers<scalar_t> reg =
+        reg_tensors.buffers<scalar_t>(train && regularizers.cell_zoneout.has_value() ? ws.data_ptr<scalar_t>() + ws_base
+                                                                                     : nullptr);
+    if (regularizers.any()) buffers.reg = &reg;
     forward_loop<Cell, scalar_t>(sc, reverse, buffers, d.I, H, Hout);
     gather_last_hidden<scalar_t>(sc, reverse, out.data_ptr<scalar_t>(), hy.data_ptr<scalar_t>(), Hout);
   });
@@ -543,10 +602,14 @@ struct BackwardResult {
 };
 
 template <typename Cell>
-BackwardResult rnn_backward(const LayerArgs& a, const rnn::BackwardArgs& g, bool reverse) {
+BackwardResult rnn_backward(const LayerArgs& a, const rnn::BackwardArgs& g, bool reverse,
+                            const rnn::RegularizerArgs& regularizers = rnn::kNoRegularizers) {
   constexpr int64_t G = Cell::kGates;
   const Schedule sc = rnn::make_schedule(a.input, a.batch_sizes);
   const Dims d = rnn::check_backward<Cell>(rnn::kCpu, a, g, sc);
+  rnn::check_regularizers<Cell>(regularizers, a, sc, d);
+  TORCH_CHECK(g.extra_workspace_values == regularizers.extra_workspace_values(),
+              "workspace: its layout does not match the regularisers given");
   const int64_t S = sc.rows, H = d.H, Hout = d.Hout;
   const bool project = Cell::kProjection && a.w_hr.has_value();
   const at::Tensor x = a.input.reshape({S, d.I}).contiguous();
@@ -561,11 +624,12 @@ BackwardResult rnn_backward(const LayerArgs& a, const rnn::BackwardArgs& g, bool
   at::Tensor dc_state = Cell::kCellState ? g.grad_cy->contiguous().clone() : at::Tensor();
   at::Tensor dh_total = project ? empty_cached({S, Hout}, x.options()) : at::Tensor();
   at::Tensor h_prev = empty_cached({S, Hout}, x.options());
+  const RegularizerTensors reg_tensors(regularizers, at::Tensor());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "genfast::rnn_backward", [&] {
     const BackwardWeight<scalar_t> whh(sc, w_hh);
     at::Tensor packed_whr = project ? pack_columns<scalar_t>(a.w_hr->contiguous(), false) : at::Tensor();
     auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
-    const BackwardBuffers<scalar_t> buffers{go.data_ptr<scalar_t>(),
+    BackwardBuffers<scalar_t> buffers{go.data_ptr<scalar_t>(),
                                             ws.data_ptr<scalar_t>(),
                                             out.data_ptr<scalar_t>(),
                                             Cell::kCellState ? cx.data_ptr<scalar_t>() : hx.data_ptr<scalar_t>(),
@@ -577,9 +641,14 @@ BackwardResult rnn_backward(const LayerArgs& a, const rnn::BackwardArgs& g, bool
                                             dh_state.data_ptr<scalar_t>(),
                                             ptr(dc_state),
                                             ptr(dh_total)};
+    const int64_t ws_base = rnn::workspace_layout<Cell>(S, H, project).size;
+    const RegularizerBuffers<scalar_t> reg =
+        reg_tensors.buffers<scalar_t>(regularizers.cell_zoneout.has_value() ? ws.data_ptr<scalar_t>() + ws_base : nullptr);
+    if (regularizers.any()) buffers.reg = &reg;
     backward_loop<Cell, scalar_t>(sc, reverse, buffers, H, Hout);
     gather_previous_hidden<scalar_t>(sc, reverse, out.data_ptr<scalar_t>(), hx.data_ptr<scalar_t>(),
                                      h_prev.data_ptr<scalar_t>(), Hout);
+    if (reg.recurrent_mask) mask_previous_hidden<scalar_t>(sc, reg.recurrent_mask, h_prev.data_ptr<scalar_t>(), Hout);
   });
   // The input and weight gradients: one large GEMM each over all steps.
   at::Tensor grad_input = empty_cached({S, d.I}, x.options());
@@ -612,9 +681,11 @@ const std::optional<at::Tensor> kNone;
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward(
     const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
-    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& batch_sizes, bool reverse, bool train) {
-  const ForwardResult r =
-      rnn_forward<rnn::LstmCell>({input, hx, &cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes}, reverse, train);
+    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& batch_sizes, bool reverse, bool train,
+    const std::optional<at::Tensor>& zoneout, const std::optional<at::Tensor>& cell_zoneout,
+    const std::optional<at::Tensor>& recurrent_mask) {
+  const ForwardResult r = rnn_forward<rnn::LstmCell>({input, hx, &cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes},
+                                                     reverse, train, {zoneout, cell_zoneout, recurrent_mask});
   return {r.output, r.hy, r.cy, r.workspace};
 }
 
@@ -622,9 +693,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& grad_output, const at::Tensor& grad_hy, const at::Tensor& grad_cy, const at::Tensor& input,
     const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& w_hr, const at::Tensor& output, const at::Tensor& workspace,
-    const std::optional<at::Tensor>& batch_sizes, bool reverse) {
-  const BackwardResult r = rnn_backward<rnn::LstmCell>({input, hx, &cx, w_ih, w_hh, kNone, kNone, w_hr, batch_sizes},
-                                                       {grad_output, grad_hy, &grad_cy, output, workspace}, reverse);
+    const std::optional<at::Tensor>& batch_sizes, bool reverse, const std::optional<at::Tensor>& zoneout,
+    const std::optional<at::Tensor>& cell_zoneout, const std::optional<at::Tensor>& recurrent_mask) {
+  const rnn::RegularizerArgs reg{zoneout, cell_zoneout, recurrent_mask};
+  const BackwardResult r = rnn_backward<rnn::LstmCell>(
+      {input, hx, &cx, w_ih, w_hh, kNone, kNone, w_hr, batch_sizes},
+      {grad_output, grad_hy, &grad_cy, output, workspace, reg.extra_workspace_values()}, reverse, reg);
   return {r.grad_input, r.grad_hx, r.grad_cx, r.grad_w_ih, r.grad_w_hh, r.grad_b_ih, r.grad_w_hr};
 }
 
@@ -633,18 +707,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_forward(const at::Tensor& inp
                                                            const std::optional<at::Tensor>& b_ih,
                                                            const std::optional<at::Tensor>& b_hh,
                                                            const std::optional<at::Tensor>& batch_sizes, bool reverse,
-                                                           bool train) {
-  const ForwardResult r =
-      rnn_forward<rnn::GruCell>({input, hx, nullptr, w_ih, w_hh, b_ih, b_hh, kNone, batch_sizes}, reverse, train);
+                                                           bool train, const std::optional<at::Tensor>& zoneout,
+                                                           const std::optional<at::Tensor>& recurrent_mask) {
+  const ForwardResult r = rnn_forward<rnn::GruCell>({input, hx, nullptr, w_ih, w_hh, b_ih, b_hh, kNone, batch_sizes},
+                                                    reverse, train, {zoneout, kNone, recurrent_mask});
   return {r.output, r.hy, r.workspace};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_backward(
     const at::Tensor& grad_output, const at::Tensor& grad_hy, const at::Tensor& input, const at::Tensor& hx,
     const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& output, const at::Tensor& workspace,
-    const std::optional<at::Tensor>& batch_sizes, bool reverse) {
+    const std::optional<at::Tensor>& batch_sizes, bool reverse, const std::optional<at::Tensor>& zoneout,
+    const std::optional<at::Tensor>& recurrent_mask) {
   const BackwardResult r = rnn_backward<rnn::GruCell>({input, hx, nullptr, w_ih, w_hh, kNone, kNone, kNone, batch_sizes},
-                                                      {grad_output, grad_hy, nullptr, output, workspace}, reverse);
+                                                      {grad_output, grad_hy, nullptr, output, workspace}, reverse,
+                                                      {zoneout, kNone, recurrent_mask});
   return {r.grad_input, r.grad_hx, r.grad_w_ih, r.grad_w_hh, r.grad_b_ih, r.grad_b_hh};
 }
 

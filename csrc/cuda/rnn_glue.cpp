@@ -22,6 +22,7 @@
 #include <tuple>
 #include <vector>
 
+#include "rnn/regularizers_host.h"
 #include "rnn/rnn_host.h"
 #include "rnn_kernels.h"
 
@@ -67,10 +68,12 @@ struct ForwardResult {
 };
 
 template <typename Cell>
-ForwardResult rnn_forward(const LayerArgs& a, bool reverse, bool train) {
+ForwardResult rnn_forward(const LayerArgs& a, bool reverse, bool train,
+                          const rnn::RegularizerArgs& regularizers = rnn::kNoRegularizers) {
   constexpr int64_t G = Cell::kGates;
   const Schedule sc = rnn::make_schedule(a.input, a.batch_sizes);
   const Dims d = rnn::check_forward<Cell>(rnn::kCuda, a, sc);
+  rnn::check_regularizers<Cell>(regularizers, a, sc, d);
   const bool projected = Cell::kProjection && a.w_hr.has_value();
   const int64_t S = sc.rows, H = d.H, H_out = d.Hout, N = sc.batch;
   const c10::cuda::CUDAGuard guard(a.input.device());
@@ -94,7 +97,15 @@ ForwardResult rnn_forward(const LayerArgs& a, bool reverse, bool train) {
     c_state.copy_(*a.cx);
   }
   const rnn::WorkspaceLayout layout = rnn::workspace_layout<Cell>(S, H, projected);
-  Tensor workspace = at::empty({train ? layout.size : 0}, options);
+  Tensor workspace =
+      at::empty({train ? layout.size + regularizers.extra_workspace_values() * S * H : 0}, options);
+  // Regularisers: the masks, and h * r for the recurrent products (recurrent dropout).
+  const Tensor zoneout = regularizers.zoneout.has_value() ? regularizers.zoneout->contiguous() : Tensor();
+  const Tensor cell_zoneout = regularizers.cell_zoneout.has_value() ? regularizers.cell_zoneout->contiguous() : Tensor();
+  const Tensor recurrent_mask =
+      regularizers.recurrent_mask.has_value() ? regularizers.recurrent_mask->contiguous() : Tensor();
+  const Tensor h_masked = recurrent_mask.defined() ? at::mul(h_state, recurrent_mask) : Tensor();
+  const Tensor& h_product = recurrent_mask.defined() ? h_masked : h_state;
   // The cell's h before projection: kept per step when training, else one scratch buffer.
   Tensor h_cell;
   if (projected) h_cell = train ? workspace.narrow(0, layout.projected, S * H).view({S, H}) : at::empty({N, H}, options);
@@ -106,7 +117,7 @@ ForwardResult rnn_forward(const LayerArgs& a, bool reverse, bool train) {
       const int64_t t = sc.forward_step(p, reverse);
       const int64_t rows = sc.active[t], off = sc.offset[t];
       Tensor gh_rows = gates_h.narrow(0, 0, rows);
-      at::mm_out(gh_rows, h_state.narrow(0, 0, rows), w_hh_t);
+      at::mm_out(gh_rows, h_product.narrow(0, 0, rows), w_hh_t);
 
       ForwardStepArgs<K> step;
       step.rows = rows;
@@ -131,6 +142,16 @@ ForwardResult rnn_forward(const LayerArgs& a, bool reverse, bool train) {
       if (train) {
         step.saved = ws + off * Cell::kSaved * H;
         step.saved_c = Cell::kCellState ? ws + layout.cell + off * H : nullptr;
+        if (cell_zoneout.defined()) step.carried_c = ws + layout.size + off * H;
+      }
+      if (zoneout.defined()) {
+        step.zoneout = data<K>(zoneout) + off * H;
+        step.h_prev = data<K>(h_state);
+      }
+      if (cell_zoneout.defined()) step.cell_zoneout = data<K>(cell_zoneout) + off * H;
+      if (recurrent_mask.defined()) {
+        step.recurrent_mask = data<K>(recurrent_mask);
+        step.h_masked_dst = data<K>(h_masked);
       }
       C10_CUDA_CHECK((forward_step<Cell, K>(step, stream)));
 
@@ -150,10 +171,14 @@ struct BackwardResult {
 };
 
 template <typename Cell>
-BackwardResult rnn_backward(const LayerArgs& a, const rnn::BackwardArgs& g, bool reverse) {
+BackwardResult rnn_backward(const LayerArgs& a, const rnn::BackwardArgs& g, bool reverse,
+                            const rnn::RegularizerArgs& regularizers = rnn::kNoRegularizers) {
   constexpr int64_t G = Cell::kGates;
   const Schedule sc = rnn::make_schedule(a.input, a.batch_sizes);
   const Dims d = rnn::check_backward<Cell>(rnn::kCuda, a, g, sc);
+  rnn::check_regularizers<Cell>(regularizers, a, sc, d);
+  TORCH_CHECK(g.extra_workspace_values == regularizers.extra_workspace_values(),
+              "workspace: its layout does not match the regularisers given");
   const bool projected = Cell::kProjection && a.w_hr.has_value();
   const int64_t S = sc.rows, H = d.H, H_out = d.Hout, N = sc.batch, I = d.I;
   const c10::cuda::CUDAGuard guard(a.input.device());
@@ -181,12 +206,19 @@ BackwardResult rnn_backward(const LayerArgs& a, const rnn::BackwardArgs& g, bool
   // With a projection: dL/dh_out per row (for grad_w_hr) and dL/d(cell's h) per step.
   const Tensor dh_total = projected ? at::empty({S, H_out}, options) : Tensor();
   const Tensor d_h_cell = projected ? at::empty({N, H}, options) : Tensor();
+  const Tensor zoneout = regularizers.zoneout.has_value() ? regularizers.zoneout->contiguous() : Tensor();
+  const Tensor cell_zoneout = regularizers.cell_zoneout.has_value() ? regularizers.cell_zoneout->contiguous() : Tensor();
+  const Tensor recurrent_mask =
+      regularizers.recurrent_mask.has_value() ? regularizers.recurrent_mask->contiguous() : Tensor();
+  // Recurrent dropout: the recurrent product dL/d(h_{t-1} * r), before it is multiplied by r.
+  const Tensor recurrent_grad = recurrent_mask.defined() ? at::empty({N, H_out}, options) : Tensor();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.input.scalar_type(), "genfast::rnn_backward_cuda", [&] {
     using K = typename KernelType<scalar_t>::type;
     const K* saved = data<K>(ws);
     // The state history the cell read: c_t saved by the forward, or its output h_t.
     const K* states = Cell::kCellState ? saved + layout.cell : data<K>(out2d);
+    if (Cell::kCellState && cell_zoneout.defined()) states = saved + layout.size;  // the carried c_t, not c~_t
     const K* state_init = Cell::kCellState ? data<K>(cx_c) : data<K>(hx_c);
     for (int64_t s = 0; s < sc.steps; ++s) {
       const auto pass = sc.backward_pass(s, reverse);
@@ -222,14 +254,27 @@ BackwardResult rnn_backward(const LayerArgs& a, const rnn::BackwardArgs& g, bool
       step.h_prev_dst = data<K>(h_prev) + off * H_out;
       step.d_gates_x = data<K>(d_gates) + off * G * H;
       step.d_gates_h = Cell::kSidesAdd ? nullptr : data<K>(d_gates_h) + off * G * H;
+      if (zoneout.defined()) step.zoneout = data<K>(zoneout) + off * H;
+      if (cell_zoneout.defined()) step.cell_zoneout = data<K>(cell_zoneout) + off * H;
+      if (recurrent_mask.defined()) step.recurrent_mask = data<K>(recurrent_mask);
       C10_CUDA_CHECK((backward_step<Cell, K>(step, stream)));
 
-      // dL/dh_{t-1} = d_gates_h @ W_hh (+ the cell's direct term, written by the kernel).
+      // dL/dh_{t-1} = d_gates_h @ W_hh (+ the direct term the kernel wrote: the cell's, zoneout's),
+      // times r under recurrent dropout.
       Tensor dh_rows = dh_state.narrow(0, 0, rows);
-      if (Cell::kDirectHidden)
+      const bool direct = Cell::kDirectHidden || zoneout.defined();
+      if (recurrent_mask.defined()) {
+        Tensor rec = recurrent_grad.narrow(0, 0, rows);
+        at::mm_out(rec, d_gates_h.narrow(0, off, rows), w_hh_c);
+        if (direct)
+          dh_rows.addcmul_(rec, recurrent_mask.narrow(0, 0, rows));
+        else
+          at::mul_out(dh_rows, rec, recurrent_mask.narrow(0, 0, rows));
+      } else if (direct) {
         dh_rows.addmm_(d_gates_h.narrow(0, off, rows), w_hh_c);
-      else
+      } else {
         at::mm_out(dh_rows, d_gates_h.narrow(0, off, rows), w_hh_c);
+      }
     }
   });
 
@@ -252,18 +297,23 @@ const std::optional<Tensor> kNone;
 std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_cuda(
     const Tensor& input, const Tensor& hx, const Tensor& cx, const Tensor& w_ih, const Tensor& w_hh,
     const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh, const std::optional<Tensor>& w_hr,
-    const std::optional<Tensor>& batch_sizes, bool reverse, bool train) {
-  const ForwardResult r =
-      rnn_forward<rnn::LstmCell>({input, hx, &cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes}, reverse, train);
+    const std::optional<Tensor>& batch_sizes, bool reverse, bool train, const std::optional<Tensor>& zoneout,
+    const std::optional<Tensor>& cell_zoneout, const std::optional<Tensor>& recurrent_mask) {
+  const ForwardResult r = rnn_forward<rnn::LstmCell>({input, hx, &cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes},
+                                                     reverse, train, {zoneout, cell_zoneout, recurrent_mask});
   return {r.output, r.hy, r.cy, r.workspace};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_cuda(
     const Tensor& grad_output, const Tensor& grad_hy, const Tensor& grad_cy, const Tensor& input, const Tensor& hx,
     const Tensor& cx, const Tensor& w_ih, const Tensor& w_hh, const std::optional<Tensor>& w_hr, const Tensor& output,
-    const Tensor& workspace, const std::optional<Tensor>& batch_sizes, bool reverse) {
-  const BackwardResult r = rnn_backward<rnn::LstmCell>({input, hx, &cx, w_ih, w_hh, kNone, kNone, w_hr, batch_sizes},
-                                                       {grad_output, grad_hy, &grad_cy, output, workspace}, reverse);
+    const Tensor& workspace, const std::optional<Tensor>& batch_sizes, bool reverse,
+    const std::optional<Tensor>& zoneout, const std::optional<Tensor>& cell_zoneout,
+    const std::optional<Tensor>& recurrent_mask) {
+  const rnn::RegularizerArgs reg{zoneout, cell_zoneout, recurrent_mask};
+  const BackwardResult r = rnn_backward<rnn::LstmCell>(
+      {input, hx, &cx, w_ih, w_hh, kNone, kNone, w_hr, batch_sizes},
+      {grad_output, grad_hy, &grad_cy, output, workspace, reg.extra_workspace_values()}, reverse, reg);
   return {r.grad_input, r.grad_hx, r.grad_cx, r.grad_w_ih, r.grad_w_hh, r.grad_b_ih, r.grad_w_hr};
 }
 
@@ -271,18 +321,20 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cuda(const Tensor& input, const T
                                                     const Tensor& w_hh, const std::optional<Tensor>& b_ih,
                                                     const std::optional<Tensor>& b_hh,
                                                     const std::optional<Tensor>& batch_sizes, bool reverse,
-                                                    bool train) {
-  const ForwardResult r =
-      rnn_forward<rnn::GruCell>({input, hx, nullptr, w_ih, w_hh, b_ih, b_hh, kNone, batch_sizes}, reverse, train);
+                                                    bool train, const std::optional<Tensor>& zoneout,
+                                                    const std::optional<Tensor>& recurrent_mask) {
+  const ForwardResult r = rnn_forward<rnn::GruCell>({input, hx, nullptr, w_ih, w_hh, b_ih, b_hh, kNone, batch_sizes},
+                                                    reverse, train, {zoneout, kNone, recurrent_mask});
   return {r.output, r.hy, r.workspace};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cuda(
     const Tensor& grad_output, const Tensor& grad_hy, const Tensor& input, const Tensor& hx, const Tensor& w_ih,
     const Tensor& w_hh, const Tensor& output, const Tensor& workspace, const std::optional<Tensor>& batch_sizes,
-    bool reverse) {
+    bool reverse, const std::optional<Tensor>& zoneout, const std::optional<Tensor>& recurrent_mask) {
   const BackwardResult r = rnn_backward<rnn::GruCell>({input, hx, nullptr, w_ih, w_hh, kNone, kNone, kNone, batch_sizes},
-                                                      {grad_output, grad_hy, nullptr, output, workspace}, reverse);
+                                                      {grad_output, grad_hy, nullptr, output, workspace}, reverse,
+                                                      {zoneout, kNone, recurrent_mask});
   return {r.grad_input, r.grad_hx, r.grad_w_ih, r.grad_w_hh, r.grad_b_ih, r.grad_b_hh};
 }
 

@@ -59,6 +59,13 @@ struct ForwardStepArgs {
   int64_t ld_h_dst2 = 0;
   T* saved = nullptr;    // rows x kSaved*H, or null (inference)
   T* saved_c = nullptr;  // cells with a cell state: rows x H, c_t, or null
+  // Regularisers (csrc/rnn/regularizers.h), each null when off. With zoneout h_prev is set for
+  // every cell; under cell zoneout saved_c keeps the cell's own c~_t and carried_c the zoned c_t.
+  const T* zoneout = nullptr;         // rows x H: the weight of h_{t-1} in h_t
+  const T* cell_zoneout = nullptr;    // rows x H: the same for c
+  T* carried_c = nullptr;             // rows x H, or null (inference)
+  const T* recurrent_mask = nullptr;  // batch x H: r
+  T* h_masked_dst = nullptr;          // batch x H: receives h_t * r, the next step's product input
 };
 
 template <typename T>
@@ -86,6 +93,12 @@ struct BackwardStepArgs {
   T* h_prev_dst = nullptr;
   T* d_gates_x = nullptr;  // rows x G*H: dL/d(input-side pre-activations)
   T* d_gates_h = nullptr;  // rows x G*H: dL/d(recurrent side), cells whose sides do not add; else null
+  // Regularisers, each null when off. zoneout: d_h_extra receives the direct part (k * dL/dh_t,
+  // plus the cell's own direct term), so the caller adds the recurrent product to it. cell_zoneout
+  // splits dL/dc the same way. recurrent_mask (batch x H_out): h_prev_dst receives h_{t-1} * r.
+  const T* zoneout = nullptr;         // rows x H
+  const T* cell_zoneout = nullptr;    // rows x H
+  const T* recurrent_mask = nullptr;  // batch x H_out
 };
 
 template <typename Cell, typename T>

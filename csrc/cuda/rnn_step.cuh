@@ -5,6 +5,7 @@
 #pragma once
 
 #include "rnn/cells.h"
+#include "rnn/regularizers.h"
 #include "rnn_device.cuh"
 #include "rnn_kernels.h"
 
@@ -45,7 +46,12 @@ __global__ void forward_step_kernel(const ForwardStepArgs<T> step) {
   const A h_prev = Cell::kCellState ? A(0) : to_acc(step.h_prev[n * H + j]);
   A h_out;
   A saved[Cell::kSaved];
+  // Zoneout reads the carried h_{t-1} and c_{t-1} before the cell overwrites them.
+  const A h_before = step.zoneout != nullptr ? to_acc(step.h_prev[n * H + j]) : A(0);
+  const A c_before = (Cell::kCellState && step.cell_zoneout != nullptr) ? *c : A(0);
   Cell::forward_thread(x, h, b_ih, b_hh, *c, h_prev, h_out, saved);
+  if (step.zoneout != nullptr) h_out = rnn::zoneout<A>(to_acc(step.zoneout[n * H + j]), h_before, h_out);
+  if (step.h_masked_dst != nullptr) step.h_masked_dst[n * H + j] = from_acc<T>(h_out * to_acc(step.recurrent_mask[n * H + j]));
   const T h_new = from_acc<T>(h_out);
   step.h_dst[n * step.ld_h_dst + j] = h_new;
   if (step.h_dst2 != nullptr) step.h_dst2[n * step.ld_h_dst2 + j] = h_new;
@@ -54,6 +60,10 @@ __global__ void forward_step_kernel(const ForwardStepArgs<T> step) {
 #pragma unroll
     for (int slot = 0; slot < Cell::kSaved; ++slot) out[slot * H] = from_acc<T>(saved[slot]);
     if (Cell::kCellState) step.saved_c[n * H + j] = from_acc<T>(*c);
+  }
+  if (Cell::kCellState && step.cell_zoneout != nullptr) {  // the saved c~_t above; the carried c_t zoned
+    *c = rnn::zoneout<A>(to_acc(step.cell_zoneout[n * H + j]), c_before, *c);
+    if (step.carried_c != nullptr) step.carried_c[n * H + j] = from_acc<T>(*c);
   }
 }
 
@@ -77,8 +87,22 @@ __global__ void backward_step_kernel(const BackwardStepArgs<T> step) {
   A no_cell_state = A(0);
   A* d_c = Cell::kCellState ? step.d_c_state + n * H + j : &no_cell_state;
   A d_x[G], d_hside[G], d_h_direct = A(0);
+  A to_prev = A(0);  // zoneout: the direct part of dL/dh_{t-1}
+  if (step.zoneout != nullptr) {
+    const A keep = to_acc(step.zoneout[n * H + j]);
+    to_prev = rnn::zoneout_grad_prev<A>(keep, d_h);
+    d_h = rnn::zoneout_grad_fresh<A>(keep, d_h);
+  }
+  A d_c_next = A(0), cell_keep = A(0);
+  if (Cell::kCellState && step.cell_zoneout != nullptr) {
+    cell_keep = to_acc(step.cell_zoneout[n * H + j]);
+    d_c_next = *d_c;
+    *d_c = rnn::zoneout_grad_fresh<A>(cell_keep, d_c_next);
+  }
   Cell::backward_thread(d_h, *d_c, saved, state_prev, c_cur, d_x, d_hside, d_h_direct);
-  if (Cell::kDirectHidden) step.d_h_extra[n * step.ld_d_h_extra + j] = from_acc<T>(d_h_direct);
+  if (Cell::kCellState && step.cell_zoneout != nullptr) *d_c += rnn::zoneout_grad_prev<A>(cell_keep, d_c_next);
+  if (Cell::kDirectHidden || step.zoneout != nullptr)
+    step.d_h_extra[n * step.ld_d_h_extra + j] = from_acc<T>(d_h_direct + to_prev);
   T* d_gates_x = step.d_gates_x + n * G * H + j;
 #pragma unroll
   for (int gate = 0; gate < G; ++gate) d_gates_x[gate * H] = from_acc<T>(d_x[gate]);
@@ -91,7 +115,10 @@ __global__ void backward_step_kernel(const BackwardStepArgs<T> step) {
   // H_out <= H, so the first H_out threads of a row also gather h_{t-1}.
   const int64_t H_out = step.hidden_out;
   if (j < H_out) {
-    step.h_prev_dst[n * H_out + j] = continues ? step.output_prev[n * H_out + j] : step.hx[n * H_out + j];
+    const T h_prev = continues ? step.output_prev[n * H_out + j] : step.hx[n * H_out + j];
+    step.h_prev_dst[n * H_out + j] =
+        step.recurrent_mask != nullptr ? from_acc<T>(to_acc(h_prev) * to_acc(step.recurrent_mask[n * H_out + j]))
+                                       : h_prev;
   }
 }
 

@@ -194,6 +194,7 @@ struct BackwardArgs {
   const at::Tensor* grad_cy;
   const at::Tensor& output;
   const at::Tensor& workspace;
+  int64_t extra_workspace_values = 0;  // H-wide values per row beyond the cell's layout (regularisers)
 };
 
 template <typename Cell>
@@ -211,7 +212,8 @@ Dims check_backward(const Backend& backend, const LayerArgs& a, const BackwardAr
     check_shape(*b.grad_cy, "grad_cy", {sc.batch, d.H});
   }
   check_same(b.workspace, "workspace", a.input);
-  const int64_t expected = workspace_layout<Cell>(sc.rows, d.H, Cell::kProjection && a.w_hr.has_value()).size;
+  const int64_t expected = workspace_layout<Cell>(sc.rows, d.H, Cell::kProjection && a.w_hr.has_value()).size +
+                           b.extra_workspace_values * sc.rows * d.H;
   TORCH_CHECK(b.workspace.dim() == 1 && b.workspace.numel() == expected, "workspace: has ", b.workspace.numel(),
               " elements, not ", expected, "; it must come from ", Cell::kName,
               "_forward(..., train=True) on the same inputs");

@@ -162,6 +162,26 @@ def _vae(cell="gru", name=None, **overrides) -> Case:
               **overrides}
     return Case(name or f"vae.{cell}.b{params['batch']}.h{params['hidden']}.v{params['vocab']}.training", "vae",
                 "vae", "training", params, ("genfast",), ("torch",))
+# Issue 19's regularisers: a training step of genfast's module with one regulariser (subject) against
+# the plain module (baseline), at the fastrnns shape and the IMDB layer's; the target is <= 1.1x the
+# plain time, i.e. a ratio >= 0.91.
+REGULARIZERS = {"lstm": ("zoneout", "cell_zoneout", "recurrent_dropout", "weight_dropout"),
+                "gru": ("zoneout", "recurrent_dropout", "weight_dropout")}
+
+
+def _regularized(cell, regularizer, shape_name, **shape) -> Case:
+    params = {"cell": cell, "seed": 0, "regularizers": ((regularizer, 0.25),), **shape}
+    return Case(f"{cell}.regularizers.{shape_name}.{regularizer}.training", cell, "rnn", "training", params,
+                ("genfast_regularized",), ("genfast",))
+
+
+def _regularizer_cases() -> list[Case]:
+    cases = []
+    for cell, names in REGULARIZERS.items():
+        for name in names:
+            cases.append(_regularized(cell, name, "fastrnns", T=100, N=64, input_size=512, hidden_size=512))
+            cases.append(_regularized(cell, name, "imdb", T=100, N=32, input_size=256, hidden_size=64))
+    return cases
 
 
 def _quick() -> list[Case]:
@@ -229,6 +249,7 @@ def _full() -> list[Case]:
     cases.append(_gpt2(new_tokens=32, rows=10, name="gpt2.124m.greedy.batch10"))
     # The VAE step: its GRU's share grows as the output layer shrinks (vocabulary 2000).
     cases += [_vae(), _vae("lstm"), _vae(vocab=2000)]
+    cases += _regularizer_cases()
     return cases
 
 
@@ -255,6 +276,7 @@ def _smoke() -> list[Case]:
     cases.append(_gpt2(new_tokens=4, prompt_len=3, name="gpt2.tiny.greedy.batch3", config=tiny_gpt2, rows=3))
     cases.append(_vae(name="vae.tiny.training", vocab=50, embed=8, hidden=8, latent=4, batch=4, shortest=1,
                       longest=6, steps_checked=3))
+    cases += [_regularized(cell, names[0], "tiny", **tiny) for cell, names in REGULARIZERS.items()]
     return cases
 
 

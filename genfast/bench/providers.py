@@ -117,6 +117,7 @@ class RnnWorkload:
     case_name: str
     input_grad: bool = False     # training: the input requires grad too (a fresh leaf each call)
     stepwise: bool = False       # one module call per time step, state carried (decoding)
+    regularizers: tuple = ()     # (name, rate) pairs for genfast_regularized
 
     @property
     def stateful(self) -> bool:
@@ -146,7 +147,7 @@ def make_rnn_workload(case, device: str) -> RnnWorkload:
     if p.get("stepwise"):  # decoding starts from a zero state, as generation does
         hx = tuple(torch.zeros_like(h) for h in hx)
     return RnnWorkload(p["cell"], module, x, packed, hx, case.mode == "training", device, case.name,
-                       bool(p.get("input_grad")), bool(p.get("stepwise")))
+                       bool(p.get("input_grad")), bool(p.get("stepwise")), tuple(p.get("regularizers", ())))
 
 
 def rnn_lengths(T: int, N: int, seed: int) -> torch.Tensor:
@@ -205,6 +206,19 @@ def routed_rnn(work: RnnWorkload):
     gnn = _import_genfast("genfast.nn")
     cls = gnn.LSTM if work.cell == "lstm" else gnn.GRU
     return _run_module(work, cls.from_torch(work.module).to(work.device))
+
+
+def genfast_regularized_rnn(work: RnnWorkload):
+    """genfast.nn.LSTM/GRU with the case's regularisers (params["regularizers"], issue 19), same weights."""
+    gnn = _import_genfast("genfast.nn")
+    cls = gnn.LSTM if work.cell == "lstm" else gnn.GRU
+    rates = dict(work.regularizers)
+    try:
+        module = cls(work.module.input_size, work.module.hidden_size, **rates)
+    except TypeError as err:  # a checkout from before the regularisers (--ab)
+        raise Unavailable("not built", f"{cls.__name__} takes no {sorted(rates)}: {err}") from err
+    module.load_state_dict(work.module.state_dict())
+    return _run_module(work, module.to(work.device, next(work.module.parameters()).dtype))
 
 
 def _torch_cell(work: RnnWorkload) -> nn.Module:
@@ -740,6 +754,7 @@ PROVIDERS: dict[str, dict[str, Provider]] = {
         Provider("genfast", genfast_rnn, "genfast.nn.LSTM/GRU, its kernels forced (no routing)"),
         Provider("routed", routed_rnn, "genfast.nn.LSTM/GRU as users get it (genfast.routing may pick cuDNN)"),
         Provider("genfast_cell", genfast_cell, "genfast.nn.LSTMCell/GRUCell"),
+        Provider("genfast_regularized", genfast_regularized_rnn, "genfast.nn.LSTM/GRU with the case's regularisers"),
         Provider("torch", torch_rnn, "torch.nn.LSTM/GRU (oneDNN/ATen on CPU, cuDNN on GPU)"),
         Provider("cell_loop", cell_loop, "Python loop over torch.nn.LSTMCell/GRUCell"),
         Provider("reference", reference_rnn, "genfast.reference equations"),

@@ -15,6 +15,8 @@ on those, and captures these whole.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -177,17 +179,111 @@ class _FusedRNNBase(torch.nn.RNNBase):
         return from_keras(cls, layer)
 
 
-class LSTM(_FusedRNNBase):
-    """torch.nn.LSTM, computed by genfast's fused LSTM kernels. See torch.nn.LSTM for the API."""
+class _RegularizedRNN:
+    """The regularisers of the recurrent modules (mixed in before _FusedRNNBase). Rates, 0 = off:
+
+    - ``zoneout=p``: training, h_t = m * h_{t-1} + (1 - m) * h~_t with m ~ Bernoulli(p) per row, unit and
+      step; eval, h_t = p * h_{t-1} + (1 - p) * h~_t. ``cell_zoneout`` the same for the LSTM's c (own mask).
+    - ``recurrent_dropout=p``: training, h_{t-1} times one Bernoulli(1 - p) / (1 - p) mask per row and
+      unit (per forward call, layer and direction) where it enters the recurrent product W_hh h_{t-1};
+      the carried state is not masked.
+    - ``weight_dropout=p``: training, W_hh times one Bernoulli(1 - p) / (1 - p) mask per forward call,
+      layer and direction (DropConnect).
+
+    The masks come from torch's default generator of the device (torch.manual_seed reproduces a run),
+    as 16-bit uniforms: a probability p acts as p rounded to a multiple of 2^-16.
+    Zoneout and recurrent dropout run inside the fused kernels (genfast.ops.rnn: the masks as tensors);
+    weight dropout is a plain torch op on W_hh before the call.
+    """
+
+    _REGULARIZERS = ("zoneout", "cell_zoneout", "recurrent_dropout", "weight_dropout")
+
+    def _set_regularizers(self, **rates: float) -> None:
+        for name, p in rates.items():
+            if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p <= 1.0:
+                raise ValueError(f"{type(self).__name__}: {name} must be a number in [0, 1], got {p!r}")
+            setattr(self, name, float(p))
+        for name in self._REGULARIZERS:
+            if name not in rates:
+                setattr(self, name, 0.0)
+        if getattr(self, "proj_size", 0) > 0 and (self.zoneout or self.cell_zoneout or self.recurrent_dropout):
+            raise ValueError(f"{type(self).__name__}: zoneout, cell_zoneout and recurrent_dropout are not supported "
+                             "with proj_size > 0")
+
+    def _regularizers_active(self) -> bool:
+        if self.training:
+            return bool(self.zoneout or self.cell_zoneout or self.recurrent_dropout or self.weight_dropout)
+        return bool(self.zoneout or self.cell_zoneout)  # eval: zoneout's expectation; the dropouts are off
+
+    def _regularize(self, input: Tensor, batch_sizes: Tensor | None, states: list[Tensor], w_hh: Tensor):
+        """W_hh after weight dropout, and the ops' mask arguments, for one layer and direction."""
+        rows = input.shape[0] if batch_sizes is not None else input.shape[0] * input.shape[1]
+        like = dict(dtype=input.dtype, device=input.device)
+        masks = {}
+        for name, state in (("zoneout", 0), ("cell_zoneout", 1)):
+            p = getattr(self, name)
+            if p > 0 and state < len(states):
+                shape = (rows, states[state].shape[-1])
+                masks[name] = _bernoulli(shape, p, like) if self.training else torch.full(shape, p, **like)
+        if self.training and self.recurrent_dropout > 0:
+            masks["recurrent_mask"] = _dropout_mask(states[0].shape, self.recurrent_dropout, like)
+        if self.training and self.weight_dropout > 0:
+            w_hh = w_hh * _dropout_mask(w_hh.shape, self.weight_dropout, like)
+        return w_hh, masks
+
+    def extra_repr(self) -> str:
+        rates = ", ".join(f"{name}={getattr(self, name)}" for name in self._REGULARIZERS if getattr(self, name, 0))
+        return super().extra_repr() + (", " + rates if rates else "")
+
+
+def _uniform16(shape, device) -> Tensor:
+    """Uniform int16 values of ``shape`` from the device's default generator: four per 64-bit draw, the
+    draws being what a mask costs on the CPU (torch.rand draws one 32-bit value per element, ~3x the
+    time; Tensor.bernoulli_ ~10x)."""
+    n = math.prod(shape)
+    bits = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
+    return bits.view(torch.int16)[:n].view(shape)
+
+
+def _below(u: Tensor, p: float) -> Tensor:
+    """u < t with P(u < t) = p to 2^-16, for u uniform over int16 (a threshold past int16 is all true)."""
+    t = round(p * 65536) - 32768
+    return u < t if t <= 32767 else torch.ones_like(u, dtype=torch.bool)
+
+
+def _bernoulli(shape, p: float, like: dict) -> Tensor:
+    """1 with probability p (to 2^-16), else 0."""
+    return _below(_uniform16(shape, like["device"]), p).to(like["dtype"])
+
+
+def _dropout_mask(shape, p: float, like: dict) -> Tensor:
+    """Bernoulli(1 - p) / (1 - p) of ``shape`` (all zeros at p = 1, as F.dropout)."""
+    if p >= 1.0:
+        return torch.zeros(shape, **like)
+    return (~_below(_uniform16(shape, like["device"]), p)).to(like["dtype"]).div_(1.0 - p)
+
+
+class LSTM(_RegularizedRNN, _FusedRNNBase):
+    """torch.nn.LSTM, computed by genfast's fused LSTM kernels. See torch.nn.LSTM for the API.
+
+    Beyond torch's arguments, the regularisers (keyword arguments, 0 = off; see _RegularizedRNN):
+    ``zoneout``, ``cell_zoneout``, ``recurrent_dropout``, ``weight_dropout``.
+    """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 proj_size: int = 0, device=None, dtype=None) -> None:
+                 proj_size: int = 0, device=None, dtype=None, *, zoneout: float = 0.0, cell_zoneout: float = 0.0,
+                 recurrent_dropout: float = 0.0, weight_dropout: float = 0.0) -> None:
         super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
                          proj_size, device=device, dtype=dtype)
+        self._set_regularizers(zoneout=zoneout, cell_zoneout=cell_zoneout, recurrent_dropout=recurrent_dropout,
+                               weight_dropout=weight_dropout)
 
     def _layer(self, input, states, weights, batch_sizes, reverse):
         w_ih, w_hh, b_ih, b_hh, w_hr = weights
+        if self._regularizers_active():
+            w_hh, masks = self._regularize(input, batch_sizes, states, w_hh)
+            return ops.lstm(input, states[0], states[1], w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, **masks)
         return ops.lstm(input, states[0], states[1], w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
 
     def forward(self, input, hx: tuple[Tensor, Tensor] | None = None):
@@ -201,17 +297,26 @@ class LSTM(_FusedRNNBase):
         return output, (h_n, c_n)
 
 
-class GRU(_FusedRNNBase):
-    """torch.nn.GRU, computed by genfast's fused GRU kernels. See torch.nn.GRU for the API."""
+class GRU(_RegularizedRNN, _FusedRNNBase):
+    """torch.nn.GRU, computed by genfast's fused GRU kernels. See torch.nn.GRU for the API.
+
+    Beyond torch's arguments, the regularisers (keyword arguments, 0 = off; see _RegularizedRNN):
+    ``zoneout``, ``recurrent_dropout``, ``weight_dropout``.
+    """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 device=None, dtype=None) -> None:
+                 device=None, dtype=None, *, zoneout: float = 0.0, recurrent_dropout: float = 0.0,
+                 weight_dropout: float = 0.0) -> None:
         super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
                          device=device, dtype=dtype)
+        self._set_regularizers(zoneout=zoneout, recurrent_dropout=recurrent_dropout, weight_dropout=weight_dropout)
 
     def _layer(self, input, states, weights, batch_sizes, reverse):
         w_ih, w_hh, b_ih, b_hh, _ = weights
+        if self._regularizers_active():
+            w_hh, masks = self._regularize(input, batch_sizes, states, w_hh)
+            return ops.gru(input, states[0], w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, **masks)
         return ops.gru(input, states[0], w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)
 
     def forward(self, input, hx: Tensor | None = None):

@@ -44,33 +44,50 @@ def _float(t: Tensor | None) -> Tensor | None:
 
 def lstm(input: Tensor, hx: Tensor, cx: Tensor, w_ih: Tensor, w_hh: Tensor,
          b_ih: Tensor | None = None, b_hh: Tensor | None = None, w_hr: Tensor | None = None,
-         batch_sizes: Tensor | None = None, reverse: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+         batch_sizes: Tensor | None = None, reverse: bool = False, *, zoneout: Tensor | None = None,
+         cell_zoneout: Tensor | None = None, recurrent_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """One LSTM layer over ``input`` (T, N, I), or packed (S, I) with ``batch_sizes``.
 
     Returns (output, h_n, c_n). The op keeps what backward needs only when autograd
-    will need it.
+    will need it. Regularisers, each optional (docs/design.md, "Regularisers"): ``zoneout``
+    and ``cell_zoneout`` (S, H), one row per row of the flattened or packed sequence, the weight
+    of h_{t-1} (c_{t-1}) in h_t (c_t); ``recurrent_mask`` (N, H) multiplies h_{t-1} in W_hh h_{t-1}.
     """
     tensors = (input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr)
-    reduced = _cpu_upcast_dtype(input, tensors[1:])
+    masks = (zoneout, cell_zoneout, recurrent_mask)
+    reduced = _cpu_upcast_dtype(input, tensors[1:] + masks)
     if reduced is not None:
-        output, hy, cy = lstm(*map(_float, tensors), batch_sizes, reverse)
+        zoneout, cell_zoneout, recurrent_mask = map(_float, masks)
+        output, hy, cy = lstm(*map(_float, tensors), batch_sizes, reverse, zoneout=zoneout,
+                              cell_zoneout=cell_zoneout, recurrent_mask=recurrent_mask)
         return output.to(reduced), hy.to(reduced), cy.to(reduced)
     train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    output, hy, cy, _ = _ops.lstm_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, train)
+    if zoneout is None and cell_zoneout is None and recurrent_mask is None:
+        output, hy, cy, _ = _ops.lstm_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, train)
+    else:
+        output, hy, cy, _ = _ops.lstm_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, train,
+                                              zoneout, cell_zoneout, recurrent_mask)
     return output, hy, cy
 
 
 def gru(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None,
         b_hh: Tensor | None = None, batch_sizes: Tensor | None = None,
-        reverse: bool = False) -> tuple[Tensor, Tensor]:
-    """One GRU layer (PyTorch's gate convention). Returns (output, h_n)."""
+        reverse: bool = False, *, zoneout: Tensor | None = None,
+        recurrent_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """One GRU layer (PyTorch's gate convention). Returns (output, h_n). Regularisers: see lstm()."""
     tensors = (input, hx, w_ih, w_hh, b_ih, b_hh)
-    reduced = _cpu_upcast_dtype(input, tensors[1:])
+    masks = (zoneout, recurrent_mask)
+    reduced = _cpu_upcast_dtype(input, tensors[1:] + masks)
     if reduced is not None:
-        output, hy = gru(*map(_float, tensors), batch_sizes, reverse)
+        zoneout, recurrent_mask = map(_float, masks)
+        output, hy = gru(*map(_float, tensors), batch_sizes, reverse, zoneout=zoneout, recurrent_mask=recurrent_mask)
         return output.to(reduced), hy.to(reduced)
     train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    output, hy, _ = _ops.gru_forward(input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, train)
+    if zoneout is None and recurrent_mask is None:
+        output, hy, _ = _ops.gru_forward(input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, train)
+    else:
+        output, hy, _ = _ops.gru_forward(input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, train, zoneout,
+                                         recurrent_mask)
     return output, hy
 
 
@@ -81,32 +98,36 @@ def _workspace_values_per_row(cell: str, projected: bool) -> int:
     return _extension.load().rnn_workspace_values_per_row(cell, projected)
 
 
-def _workspace(cell: str, input: Tensor, batch_sizes: Tensor | None, hidden, projected: bool, train: bool) -> Tensor:
-    """The (empty) workspace the forward op returns: rows * hidden * values per row, or 0 elements."""
+def _workspace(cell: str, input: Tensor, batch_sizes: Tensor | None, hidden, projected: bool, train: bool,
+               cell_zoneout: bool = False) -> Tensor:
+    """The (empty) workspace the forward op returns: rows * hidden * values per row, or 0 elements.
+    Under cell zoneout it holds one value more per row, the carried c_t (csrc/rnn/regularizers_host.h)."""
     rows = input.shape[0] if batch_sizes is not None else input.shape[0] * input.shape[1]
-    size = rows * hidden * _workspace_values_per_row(cell, projected) if train else 0
+    size = rows * hidden * (_workspace_values_per_row(cell, projected) + int(cell_zoneout)) if train else 0
     return input.new_empty((size,))
 
 
 @torch.library.register_fake("genfast::lstm_forward")
-def _lstm_forward_fake(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, train):
+def _lstm_forward_fake(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, train, zoneout=None,
+                       cell_zoneout=None, recurrent_mask=None):
     hidden = w_ih.shape[0] // 4
     out_features = w_hh.shape[1]
     output = input.new_empty((*input.shape[:-1], out_features))
-    workspace = _workspace("lstm", input, batch_sizes, hidden, w_hr is not None, train)
+    workspace = _workspace("lstm", input, batch_sizes, hidden, w_hr is not None, train, cell_zoneout is not None)
     return output, hx.new_empty(hx.shape), cx.new_empty(cx.shape), workspace
 
 
 @torch.library.register_fake("genfast::lstm_backward")
 def _lstm_backward_fake(grad_output, grad_hy, grad_cy, input, hx, cx, w_ih, w_hh, w_hr, output, workspace,
-                        batch_sizes, reverse):
+                        batch_sizes, reverse, zoneout=None, cell_zoneout=None, recurrent_mask=None):
     grad_w_hr = w_hr.new_empty(w_hr.shape) if w_hr is not None else input.new_empty((0,))
     return (input.new_empty(input.shape), hx.new_empty(hx.shape), cx.new_empty(cx.shape),
             w_ih.new_empty(w_ih.shape), w_hh.new_empty(w_hh.shape), w_ih.new_empty((w_ih.shape[0],)), grad_w_hr)
 
 
 @torch.library.register_fake("genfast::gru_forward")
-def _gru_forward_fake(input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, train):
+def _gru_forward_fake(input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, train, zoneout=None,
+                      recurrent_mask=None):
     hidden = w_ih.shape[0] // 3
     output = input.new_empty((*input.shape[:-1], hidden))
     workspace = _workspace("gru", input, batch_sizes, hidden, False, train)
@@ -114,7 +135,8 @@ def _gru_forward_fake(input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, t
 
 
 @torch.library.register_fake("genfast::gru_backward")
-def _gru_backward_fake(grad_output, grad_hy, input, hx, w_ih, w_hh, output, workspace, batch_sizes, reverse):
+def _gru_backward_fake(grad_output, grad_hy, input, hx, w_ih, w_hh, output, workspace, batch_sizes, reverse,
+                       zoneout=None, recurrent_mask=None):
     bias = w_ih.new_empty((w_ih.shape[0],))
     return (input.new_empty(input.shape), hx.new_empty(hx.shape), w_ih.new_empty(w_ih.shape),
             w_hh.new_empty(w_hh.shape), bias, bias.new_empty(bias.shape))
