@@ -49,6 +49,17 @@ TORCH_LIBRARY(genfast, m) {
   // training, the probability in eval); cell_zoneout (S, H) the same for c; recurrent_mask (N, Hout)
   // multiplies h_{t-1} in the recurrent product. Under cell_zoneout the training workspace holds one
   // more (S, H) block, the carried c_t. The backward takes the forward's masks.
+  // ---- GRU with the reset gate before the recurrent product (Keras' reset_after=False; rnn::GruResetBeforeCell):
+  // n = tanh(W_in x + b_in + W_hn (r*h) + b_hn); gates and parameters otherwise as gru_*. Every gate's
+  // pre-activation is input side + recurrent side, so one gradient serves b_ih and b_hh (grad_bias).
+  // Kernels: csrc/cpu/gru_reset_before.cpp, csrc/cuda/gru_reset_before_glue.cpp.
+  m.def(
+      "gru_reset_before_forward(Tensor input, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+      "Tensor? batch_sizes, bool reverse, bool train) -> (Tensor output, Tensor hy, Tensor workspace)");
+  m.def(
+      "gru_reset_before_backward(Tensor grad_output, Tensor grad_hy, Tensor input, Tensor hx, Tensor w_ih, "
+      "Tensor w_hh, Tensor output, Tensor workspace, Tensor? batch_sizes, bool reverse) "
+      "-> (Tensor grad_input, Tensor grad_hx, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias)");
   // ---- attention (csrc/cpu/attention.cpp) ------------------------------------------
   // ATTENTION_SCHEMAS
   // q (B, Hq, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv) with Hq % Hk == 0 (GQA when unequal);

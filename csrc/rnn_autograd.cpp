@@ -181,11 +181,59 @@ GRUOutputs gru_forward_autograd(const at::Tensor& input, const at::Tensor& hx, c
   return {out[0], out[1], out[2]};
 }
 
+// ---------------------------------------------------------------- GRU, reset gate before the product
+// The gru_* argument lists; its backward returns one bias gradient for b_ih and b_hh, as the LSTM's.
+using GRUResetBeforeBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, bool);
+
+struct GRUResetBeforeFunction : public torch::autograd::Function<GRUResetBeforeFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& hx,
+                               const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& b_ih,
+                               const OptTensor& b_hh, const OptTensor& batch_sizes, bool reverse, bool train) {
+    static auto op = find_op<GRUForward>("genfast::gru_reset_before_forward");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [output, hy, workspace] = op.call(input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, train);
+    save_forward(ctx, workspace, reverse, b_ih.has_value(),
+                 {input, hx, w_ih, w_hh, output, workspace, batch_sizes.value_or(at::Tensor())});
+    return {output, hy, workspace};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto op = find_op<GRUResetBeforeBackward>("genfast::gru_reset_before_backward");
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &input = saved[0], &hx = saved[1], &w_ih = saved[2], &w_hh = saved[3], &output = saved[4],
+                     &workspace = saved[5], &batch_sizes = saved[6];
+    check_workspace(workspace, "gru_reset_before_forward");
+    auto [grad_input, grad_hx, grad_w_ih, grad_w_hh, grad_bias] =
+        op.call(zeros_if_undefined(grads[0], output), zeros_if_undefined(grads[1], hx), input, hx, w_ih, w_hh,
+                output, workspace, optional_of(batch_sizes), ctx->saved_data["reverse"].toBool());
+    return {grad_input,
+            grad_hx,
+            grad_w_ih,
+            grad_w_hh,
+            if_bias(ctx, grad_bias),
+            if_bias(ctx, grad_bias),
+            at::Tensor(),   // batch_sizes
+            at::Tensor(),   // reverse
+            at::Tensor()};  // train
+  }
+};
+
+GRUOutputs gru_reset_before_forward_autograd(const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih,
+                                             const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
+                                             const OptTensor& batch_sizes, bool reverse, bool train) {
+  const variable_list out =
+      GRUResetBeforeFunction::apply(input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, train);
+  return {out[0], out[1], out[2]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(genfast, Autograd, m) {
   m.impl("lstm_forward", &lstm_forward_autograd);
   m.impl("gru_forward", &gru_forward_autograd);
+  m.impl("gru_reset_before_forward", &gru_reset_before_forward_autograd);
 }
 
 }  // namespace genfast

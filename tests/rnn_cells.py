@@ -15,7 +15,7 @@ import dataclasses
 from typing import Callable
 
 import torch
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 import genfast.nn as gnn
 from genfast import ops, reference
@@ -98,7 +98,67 @@ GRU = Cell(
     split_backward=lambda r: dict(input=r[0], hx=r[1], w_ih=r[2], w_hh=r[3], b_ih=r[4], b_hh=r[5]),
 )
 
-CELLS = [LSTM, GRU]
+
+
+# The GRU with the reset gate before the recurrent product (genfast.nn.GRU(reset_after=False)). torch.nn has
+# no such module, so its oracle is genfast.reference's equations (gru_reset_before_layer / _cell) behind
+# genfast.nn's argument handling (PackedSequence, batch_first, layers, directions), which the plain GRU's
+# tests check against torch.nn. Both are initialised as torch.nn.GRU / GRUCell are.
+class GRUResetBefore(gnn.GRU):
+    def __init__(self, *args, reset_after: bool = False, **kwargs):
+        super().__init__(*args, reset_after=reset_after, **kwargs)
+
+
+class GRUCellResetBefore(gnn.GRUCell):
+    def __init__(self, *args, reset_after: bool = False, **kwargs):
+        super().__init__(*args, reset_after=reset_after, **kwargs)
+
+
+class ReferenceGRUResetBefore(GRUResetBefore):
+    """genfast.reference.gru_reset_before_layer per layer and direction (per sequence when packed)."""
+
+    def _layer(self, input, states, weights, batch_sizes, reverse):
+        w_ih, w_hh, b_ih, b_hh, _ = weights
+        if batch_sizes is None:
+            return reference.gru_reset_before_layer(input, states[0], w_ih, w_hh, b_ih, b_hh, reverse=reverse)
+        padded, lengths = pad_packed_sequence(PackedSequence(input, batch_sizes))
+        lengths = lengths.tolist()
+        output, (h,) = reference.layer_over_lengths(reference.gru_reset_before_layer, padded, lengths, [states[0]],
+                                                    w_ih, w_hh, b_ih, b_hh, reverse=reverse)
+        return pack_padded_sequence(output, lengths).data, h
+
+
+class ReferenceGRUCellResetBefore(torch.nn.GRUCell):
+    """genfast.reference.gru_reset_before_cell on torch.nn.GRUCell's parameters and arguments."""
+
+    reset_after = False
+
+    def forward(self, input, hx=None):
+        batched = input.dim() == 2
+        x = input if batched else input.unsqueeze(0)
+        h = x.new_zeros(x.shape[0], self.hidden_size) if hx is None else (hx if batched else hx.unsqueeze(0))
+        h = reference.gru_reset_before_cell(x, h, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        return h if batched else h.squeeze(0)
+
+
+GRU_RESET_BEFORE = Cell(
+    name="gru_reset_before", module=GRUResetBefore, cell_module=GRUCellResetBefore,
+    torch_module=ReferenceGRUResetBefore, torch_cell=ReferenceGRUCellResetBefore,
+    gates=3, states=("hx",), weights=("w_ih", "w_hh", "b_ih", "b_hh"),
+    reference=reference.gru_reset_before_layer,
+    layer=lambda x, s, w, batch_sizes=None, reverse=False: _output_and_states(ops.gru_reset_before(
+        x, *s, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], batch_sizes=batch_sizes, reverse=reverse)),
+    forward_op=_ops.gru_reset_before_forward, backward_op=_ops.gru_reset_before_backward,
+    forward_args=lambda x, s, w, batch_sizes, reverse, train: (
+        x, *s, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], batch_sizes, reverse, train),
+    split_forward=lambda r: (r[0], [r[1]], r[2]),
+    backward_args=lambda g_out, g_states, x, s, w, out, ws, batch_sizes, reverse: (
+        g_out, *g_states, x, *s, w["w_ih"], w["w_hh"], out, ws, batch_sizes, reverse),
+    # One bias gradient serves b_ih and b_hh: every gate's pre-activation is their sum plus the products.
+    split_backward=lambda r: dict(input=r[0], hx=r[1], w_ih=r[2], w_hh=r[3], b_ih=r[4], b_hh=r[4]),
+)
+
+CELLS = [LSTM, GRU, GRU_RESET_BEFORE]
 
 
 # ---------------------------------------------------------------- tolerances

@@ -304,6 +304,142 @@ GENFAST_UNROLL
   }
 };
 
+// ---- GRU with the reset gate before the recurrent product (Cho et al. 2014; Keras' reset_after=False)
+// r = sigmoid(x_r + h_r), z = sigmoid(x_z + h_z), n = tanh(x_n + W_hn (r * h) + b_hn),
+// h' = (1 - z) n + z h, where x_* = W_i* x + b_i* and h_* = W_h* h + b_h*; parameters as torch's GRU.
+// The n gate's recurrent product reads r * h, so a step is two dependent products (kResetBefore):
+// pass 1 multiplies h by W_hr and W_hz (kFirstGates blocks) and gives r, z and r * h; pass 2
+// multiplies r * h by W_hn and gives n and h'. Every gate is input side + recurrent side, so b_ih + b_hh
+// fold into one bias and one gate gradient serves both weights; W_hh's gradient is that gradient times
+// h for the r, z rows and times r * h (saved) for the n rows. The backward mirrors the passes: pass 1
+// forms dL/dh_t with dG_{r,z} W_h{r,z} of the step after and gives dG_z, dG_n; pass 2 forms
+// d(r * h) = dG_n W_hn and gives dG_r and the direct part z dh + r d(r * h) of dL/dh_{t-1}.
+// Its loops: csrc/cpu/gru_reset_before.cpp, csrc/cuda/gru_reset_before_glue.cpp.
+struct GruResetBeforeCell {
+  static constexpr const char* kName = "gru_reset_before";
+  static constexpr int kGates = 3;
+  static constexpr int kSaved = 4;  // activated r, z, n and r * h_{t-1} (slots below)
+  static constexpr bool kCellState = false;
+  static constexpr bool kSidesAdd = true;       // one bias b_ih + b_hh, one gate gradient
+  static constexpr bool kDirectHidden = true;   // z dh + r d(r * h) reach dL/dh_{t-1} directly
+  static constexpr bool kProjection = false;
+  static constexpr bool kResetBefore = true;    // two dependent products per step
+  static constexpr int kFirstGates = 2;         // gate blocks of pass 1's product: r, z
+  static constexpr int kR = 0, kZ = 1, kN = 2, kRh = 3;  // saved slots
+
+  template <typename T>
+  struct Reset {
+    T r, z, rh;
+  };
+  // Pass 1. pre_r, pre_z: the whole pre-activations (both sides and both biases).
+  template <typename T>
+  static GENFAST_HD Reset<T> forward_reset(T pre_r, T pre_z, T h_prev) {
+    Reset<T> out;
+    out.r = sigmoid<T>(pre_r);
+    out.z = sigmoid<T>(pre_z);
+    out.rh = out.r * h_prev;
+    return out;
+  }
+
+  template <typename T>
+  struct Update {
+    T n, h;
+  };
+  // Pass 2. pre_n = x_n + b_in + W_hn (r * h) + b_hn.
+  template <typename T>
+  static GENFAST_HD Update<T> forward_update(T pre_n, T z, T h_prev) {
+    Update<T> out;
+    out.n = tanh_<T>(pre_n);
+    out.h = (T(1) - z) * out.n + z * h_prev;
+    return out;
+  }
+
+  // Backward of pass 2's update from the total dL/dh_t: the gradients of pre_z and pre_n, and the
+  // first direct part of dL/dh_{t-1}, z dh.
+  template <typename T>
+  struct UpdateGrad {
+    T d_z, d_n, d_h_prev;
+  };
+  template <typename T>
+  static GENFAST_HD UpdateGrad<T> backward_update(T d_h, T z, T n, T h_prev) {
+    UpdateGrad<T> grad;
+    grad.d_n = d_h * (T(1) - z) * (T(1) - n * n);
+    grad.d_z = d_h * (h_prev - n) * z * (T(1) - z);
+    grad.d_h_prev = d_h * z;
+    return grad;
+  }
+
+  // Backward of pass 1 from d_rh = dL/d(r * h) = dG_n W_hn: the gradient of pre_r and the second
+  // direct part of dL/dh_{t-1}, r d_rh.
+  template <typename T>
+  struct ResetGrad {
+    T d_r, d_h_prev;
+  };
+  template <typename T>
+  static GENFAST_HD ResetGrad<T> backward_reset(T d_rh, T r, T h_prev) {
+    ResetGrad<T> grad;
+    grad.d_r = d_rh * h_prev * r * (T(1) - r);
+    grad.d_h_prev = r * d_rh;
+    return grad;
+  }
+
+  // CPU, forward pass 1 over one row of `units` units. acc: h_{t-1} W_h{r,z}^T (r at acc[0..],
+  // z at acc[Units..]); gx: the input side with both biases (r at gx[0..], z at gx[H..]).
+  template <int64_t Units, typename T>
+  static GENFAST_CELL_LOOP void forward_reset_units(int64_t units, const T* __restrict__ acc,
+                                                    const T* __restrict__ gx, int64_t H,
+                                                    const T* __restrict__ h_prev, T* __restrict__ r,
+                                                    T* __restrict__ z, T* __restrict__ rh) {
+    for (int64_t u = 0; u < units; ++u) {
+      const auto gates = forward_reset<T>(acc[u] + gx[u], acc[Units + u] + gx[H + u], h_prev[u]);
+      r[u] = gates.r;
+      z[u] = gates.z;
+      rh[u] = gates.rh;
+    }
+  }
+
+  // CPU, forward pass 2. acc: (r * h) W_hn^T; gx_n: the n block of the input side with both biases.
+  template <typename T>
+  static GENFAST_CELL_LOOP void forward_update_units(int64_t units, const T* __restrict__ acc,
+                                                     const T* __restrict__ gx_n, const T* __restrict__ z,
+                                                     const T* __restrict__ h_prev, T* __restrict__ n,
+                                                     T* __restrict__ h, T* __restrict__ h_next) {
+    for (int64_t u = 0; u < units; ++u) {
+      const auto cell = forward_update<T>(acc[u] + gx_n[u], z[u], h_prev[u]);
+      n[u] = cell.n;
+      h[u] = cell.h;
+      h_next[u] = cell.h;
+    }
+  }
+
+  // CPU, backward pass 1. d_h = go + dh + rec (output gradient, what reached h from outside the
+  // recurrence, dG_{r,z} W_h{r,z} of the step processed before); dh leaves holding z d_h.
+  template <typename T>
+  static GENFAST_CELL_LOOP void backward_update_units(int64_t units, const T* __restrict__ go, T* __restrict__ dh,
+                                                      const T* __restrict__ rec, const T* __restrict__ z,
+                                                      const T* __restrict__ n, const T* __restrict__ h_prev,
+                                                      T* __restrict__ dG_z, T* __restrict__ dG_n) {
+    for (int64_t u = 0; u < units; ++u) {
+      const auto grad = backward_update<T>(go[u] + dh[u] + rec[u], z[u], n[u], h_prev[u]);
+      dG_z[u] = grad.d_z;
+      dG_n[u] = grad.d_n;
+      dh[u] = grad.d_h_prev;
+    }
+  }
+
+  // CPU, backward pass 2. d_rh: dG_n W_hn; dh gains r d_rh.
+  template <typename T>
+  static GENFAST_CELL_LOOP void backward_reset_units(int64_t units, const T* __restrict__ d_rh,
+                                                     const T* __restrict__ r, const T* __restrict__ h_prev,
+                                                     T* __restrict__ dh, T* __restrict__ dG_r) {
+    for (int64_t u = 0; u < units; ++u) {
+      const auto grad = backward_reset<T>(d_rh[u], r[u], h_prev[u]);
+      dG_r[u] = grad.d_r;
+      dh[u] += grad.d_h_prev;
+    }
+  }
+};
+
 // Per-row workspace values of a cell (the one definition behind every backend and the fake kernels).
 template <typename Cell>
 WorkspaceLayout workspace_layout(int64_t rows, int64_t hidden, bool project) {

@@ -228,6 +228,10 @@ inline int64_t workspace_values_per_row(const std::string& cell, bool projected)
     TORCH_CHECK(!projected, "gru: has no projection");
     return WorkspaceLayout::per_row(GruCell::kSaved, GruCell::kCellState, false);
   }
+  if (cell == GruResetBeforeCell::kName) {
+    TORCH_CHECK(!projected, "gru_reset_before: has no projection");
+    return WorkspaceLayout::per_row(GruResetBeforeCell::kSaved, GruResetBeforeCell::kCellState, false);
+  }
   TORCH_CHECK(false, "cell: unknown RNN cell '", cell, "' (lstm, gru)");
 }
 

@@ -394,7 +394,30 @@ def _gpu_smoke() -> list[Case]:
     ]
 
 
-_BUILDERS = {"quick": _quick, "full": _full, "smoke": _smoke}
+# ---------------------------------------------------------------- GRU, reset gate before the product
+# genfast.nn.GRU(reset_after=False) against the Python loop over genfast.reference's cell, eager and with
+# the cell compiled, and against genfast's plain GRU at the same shape (genfast_gru: the second dependent
+# product per step is what it costs). In full; tiny copies in smoke.
+GRU_RESET_BEFORE_BASELINES = ("reference", "compiled_cell_loop", "genfast_gru")  # reference first: the output check
+
+
+def _gru_reset_before() -> list[Case]:
+    cases = []
+    for mode in MODES:
+        cases.append(_rnn("gru_reset_before", "fastrnns", mode, GRU_RESET_BEFORE_BASELINES,
+                          T=100, N=64, input_size=512, hidden_size=512))
+        cases.append(_rnn("gru_reset_before", "imdb", mode, GRU_RESET_BEFORE_BASELINES,
+                          T=100, N=32, input_size=256, hidden_size=64))
+    return cases
+
+
+def _gru_reset_before_smoke() -> list[Case]:
+    return [_rnn("gru_reset_before", "tiny", mode, GRU_RESET_BEFORE_BASELINES, T=5, N=3, input_size=8, hidden_size=8)
+            for mode in MODES]
+
+
+_BUILDERS = {"quick": _quick, "full": lambda: _full() + _gru_reset_before(),
+             "smoke": lambda: _smoke() + _gru_reset_before_smoke()}
 _GPU_BUILDERS = {"quick": _gpu, "full": _gpu_full, "smoke": _gpu_smoke}
 
 

@@ -35,7 +35,7 @@ def rnn(cell: str, steps: int, input_size: int, hidden_size: int, training: bool
         proj_size: int = 0) -> float:
     if cell == "lstm":
         fwd = lstm_forward(steps, input_size, hidden_size, proj_size)
-    elif cell == "gru":
+    elif cell in ("gru", "gru_reset_before"):  # the same products; the reset gate only moves one
         fwd = gru_forward(steps, input_size, hidden_size)
     else:
         raise ValueError(f"cell must be 'lstm' or 'gru', got {cell!r}")

@@ -205,7 +205,10 @@ def routed_rnn(work: RnnWorkload):
     # genfast.nn.LSTM/GRU as users get it: on CUDA, genfast.routing may send the call to cuDNN.
     gnn = _import_genfast("genfast.nn")
     cls = gnn.LSTM if work.cell == "lstm" else gnn.GRU
-    return _run_module(work, cls.from_torch(work.module).to(work.device))
+    module = cls.from_torch(work.module).to(work.device)
+    if work.cell == "gru_reset_before":
+        module.reset_after = False
+    return _run_module(work, module)
 
 
 def genfast_regularized_rnn(work: RnnWorkload):
@@ -298,6 +301,8 @@ def _reference_fn(work: RnnWorkload) -> Callable[[torch.Tensor], torch.Tensor]:
     if work.cell == "lstm":
         c0 = work.hx[1][0]
         return lambda x: reference.lstm_layer(x, h0, c0, w[0], w[1], w[2], w[3])[0]
+    if work.cell == "gru_reset_before":
+        return lambda x: reference.gru_reset_before_layer(x, h0, w[0], w[1], w[2], w[3])[0]
     return lambda x: reference.gru_layer(x, h0, w[0], w[1], w[2], w[3])[0]
 
 
@@ -342,6 +347,34 @@ def _probe_compile(case_name: str, device: str) -> None:
         lines = done.stderr.strip().splitlines() or ["(no message)"]
         message = next((line for line in reversed(lines) if "Error" in line), lines[-1])
         raise Unavailable("error", f"does not compile: {message.strip()}")
+
+
+# The GRU with the reset gate before the product (cases gru_reset_before.*): what a user has without
+# genfast is a Python loop over the cell (the `reference` provider: genfast.reference's loop), or that
+# loop with the cell compiled; and genfast's plain GRU on the same weights shows what the second
+# product of each step costs against torch's GRU equations.
+def compiled_cell_loop_rnn(work: RnnWorkload):
+    """The Python loop of genfast.reference.gru_reset_before_layer with its cell under torch.compile."""
+    if work.cell != "gru_reset_before" or work.packed is not None:
+        raise Unavailable("skipped", "compiled_cell_loop: padded gru_reset_before cases only")
+    m = work.module
+    w = [getattr(m, f"{n}_l0") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+    h0 = work.hx[0][0]
+    torch._dynamo.reset()
+    cell = torch.compile(reference.gru_reset_before_cell, dynamic=False)
+
+    def run():
+        with torch.set_grad_enabled(work.training):
+            return _finish(work, reference.gru_reset_before_layer(work.x, h0, *w, cell=cell)[0])
+    return run
+
+
+def genfast_gru_rnn(work: RnnWorkload):
+    """genfast.nn.GRU (reset gate after the product, torch's equations) on the same weights and input."""
+    if work.cell != "gru_reset_before":
+        raise Unavailable("skipped", "genfast_gru: gru_reset_before cases only")
+    gnn = _import_genfast("genfast.nn")
+    return _run_module(work, gnn.GRU.from_torch(work.module).to(work.device))
 
 
 # --------------------------------------------------------------------------- attention
@@ -759,6 +792,8 @@ PROVIDERS: dict[str, dict[str, Provider]] = {
         Provider("cell_loop", cell_loop, "Python loop over torch.nn.LSTMCell/GRUCell"),
         Provider("reference", reference_rnn, "genfast.reference equations"),
         Provider("compiled_reference", compiled_reference_rnn, "torch.compile(genfast.reference)"),
+        Provider("compiled_cell_loop", compiled_cell_loop_rnn, "genfast.reference's loop, its cell compiled"),
+        Provider("genfast_gru", genfast_gru_rnn, "genfast.nn.GRU, reset gate after the product"),
     )},
     "attention": {p.name: p for p in (
         Provider("genfast", genfast_sdpa, "genfast.nn.functional.scaled_dot_product_attention"),

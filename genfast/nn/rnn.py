@@ -300,24 +300,46 @@ class LSTM(_RegularizedRNN, _FusedRNNBase):
 class GRU(_RegularizedRNN, _FusedRNNBase):
     """torch.nn.GRU, computed by genfast's fused GRU kernels. See torch.nn.GRU for the API.
 
+    ``reset_after=False`` applies the reset gate before the recurrent product of the new gate,
+    n = tanh(W_in x + b_in + W_hn (r * h) + b_hn), as Cho et al.'s GRU and Keras' ``reset_after=False``;
+    the other equations, the parameters and the state_dict stay torch.nn.GRU's.
+
     Beyond torch's arguments, the regularisers (keyword arguments, 0 = off; see _RegularizedRNN):
     ``zoneout``, ``recurrent_dropout``, ``weight_dropout``.
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 device=None, dtype=None, *, zoneout: float = 0.0, recurrent_dropout: float = 0.0,
-                 weight_dropout: float = 0.0) -> None:
+                 device=None, dtype=None, *, reset_after: bool = True, zoneout: float = 0.0,
+                 recurrent_dropout: float = 0.0, weight_dropout: float = 0.0) -> None:
         super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
                          device=device, dtype=dtype)
+        self.reset_after = reset_after
         self._set_regularizers(zoneout=zoneout, recurrent_dropout=recurrent_dropout, weight_dropout=weight_dropout)
 
     def _layer(self, input, states, weights, batch_sizes, reverse):
         w_ih, w_hh, b_ih, b_hh, _ = weights
+        if not self.reset_after:
+            if self._regularizers_active():
+                w_hh, masks = self._regularize(input, batch_sizes, states, w_hh)
+                if masks:
+                    raise NotImplementedError(
+                        "genfast.nn.GRU: zoneout and recurrent_dropout are not yet fused for reset_after=False")
+            return ops.rnn.gru_reset_before(input, states[0], w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)
         if self._regularizers_active():
             w_hh, masks = self._regularize(input, batch_sizes, states, w_hh)
             return ops.gru(input, states[0], w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, **masks)
         return ops.gru(input, states[0], w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ("" if self.reset_after else ", reset_after=False")
+
+    @classmethod
+    def from_torch(cls, module: torch.nn.RNNBase):
+        """As _FusedRNNBase.from_torch; a module with a ``reset_after`` attribute keeps it."""
+        new = super().from_torch(module)
+        new.reset_after = getattr(module, "reset_after", new.reset_after)
+        return new
 
     def forward(self, input, hx: Tensor | None = None):
         input, states, batch_sizes, sorted_i, unsorted_i, unbatched = self._prepare(input, hx, (self.hidden_size,))
@@ -380,15 +402,29 @@ class LSTMCell(_FusedCellBase):
 
 
 class GRUCell(_FusedCellBase):
-    """torch.nn.GRUCell on genfast's fused GRU step. See torch.nn.GRUCell for the API."""
+    """torch.nn.GRUCell on genfast's fused GRU step. See torch.nn.GRUCell for the API, and GRU for
+    ``reset_after``."""
 
-    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None) -> None:
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *,
+                 reset_after: bool = True) -> None:
         super().__init__(input_size, hidden_size, bias, num_chunks=3, device=device, dtype=dtype)
+        self.reset_after = reset_after
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         x, (h,), batched = self._prepare(input, hx, 1)
-        _, h = ops.gru(x, h, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        layer = ops.gru if self.reset_after else ops.rnn.gru_reset_before
+        _, h = layer(x, h, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         return h if batched else h.squeeze(0)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ("" if self.reset_after else ", reset_after=False")
+
+    @classmethod
+    def from_torch(cls, module: torch.nn.RNNCellBase):
+        """As _FusedCellBase.from_torch; a module with a ``reset_after`` attribute keeps it."""
+        new = super().from_torch(module)
+        new.reset_after = getattr(module, "reset_after", new.reset_after)
+        return new
 
 
 _REPLACEMENTS = {torch.nn.LSTM: LSTM, torch.nn.GRU: GRU, torch.nn.LSTMCell: LSTMCell, torch.nn.GRUCell: GRUCell}

@@ -11,5 +11,7 @@ _extension.load()
 
 from genfast.ops import attention  # noqa: E402
 from genfast.ops.rnn import gru, lstm  # noqa: E402
+from genfast.ops.rnn import gru_reset_before  # noqa: E402
 
 __all__ = ["lstm", "gru", "attention"]
+__all__ += ["gru_reset_before"]
