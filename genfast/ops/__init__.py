@@ -11,5 +11,6 @@ _extension.load()
 
 from genfast.ops import attention  # noqa: E402
 from genfast.ops.rnn import gru, lstm  # noqa: E402
+from genfast.ops.layernorm_rnn import layernorm_gru, layernorm_lstm  # noqa: E402
 
-__all__ = ["lstm", "gru", "attention"]
+__all__ = ["lstm", "gru", "attention", "layernorm_lstm", "layernorm_gru"]
