@@ -124,6 +124,84 @@ def gru_reset_before_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor,
     return torch.stack(outputs), h
 
 
+# ---------------------------------------------------------------- layer-normalised cells (issue 19)
+def layer_norm(v: Tensor, eps: float = 1e-5) -> Tensor:
+    """(v - mean(v)) / sqrt(var(v) + eps) over the last dimension, biased variance, no gain or bias."""
+    mean = v.mean(-1, keepdim=True)
+    var = ((v - mean) ** 2).mean(-1, keepdim=True)
+    return (v - mean) / torch.sqrt(var + eps)
+
+
+def layernorm_lstm_cell(x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
+                        b_hh: Tensor | None, ln_ih_weight: Tensor, ln_hh_weight: Tensor, ln_cell_weight: Tensor,
+                        ln_cell_bias: Tensor) -> tuple[Tensor, Tensor]:
+    """One step of the layer-normalised LSTM (Ba et al. 2016), gates i, f, g, o as torch:
+
+    a = LN(W_ih x) * ln_ih_weight + LN(W_hh h) * ln_hh_weight + b_ih + b_hh
+    c' = sigmoid(f) * c + sigmoid(i) * tanh(g)
+    h' = sigmoid(o) * tanh(LN(c') * ln_cell_weight + ln_cell_bias)
+    Returns (h', c').
+    """
+    gates = layer_norm(x @ w_ih.t()) * ln_ih_weight + layer_norm(h @ w_hh.t()) * ln_hh_weight
+    if b_ih is not None:
+        gates = gates + b_ih + b_hh
+    i, f, g, o = gates.chunk(4, dim=-1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    h = torch.sigmoid(o) * torch.tanh(layer_norm(c) * ln_cell_weight + ln_cell_bias)
+    return h, c
+
+
+def layernorm_gru_cell(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None,
+                       ln_ih_weight: Tensor, ln_hh_weight: Tensor) -> Tensor:
+    """One step of the layer-normalised GRU, gates r, z, n as torch:
+
+    x^ = LN(W_ih x) * ln_ih_weight + b_ih,  h^ = LN(W_hh h) * ln_hh_weight + b_hh
+    r = sigmoid(x^_r + h^_r), z = sigmoid(x^_z + h^_z), n = tanh(x^_n + r * h^_n)
+    h' = (1 - z) * n + z * h
+    """
+    gx = layer_norm(x @ w_ih.t()) * ln_ih_weight
+    gh = layer_norm(h @ w_hh.t()) * ln_hh_weight
+    if b_ih is not None:
+        gx = gx + b_ih
+        gh = gh + b_hh
+    xr, xz, xn = gx.chunk(3, dim=-1)
+    hr, hz, hn = gh.chunk(3, dim=-1)
+    r = torch.sigmoid(xr + hr)
+    z = torch.sigmoid(xz + hz)
+    n = torch.tanh(xn + r * hn)
+    return (1 - z) * n + z * h
+
+
+def layernorm_lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
+                         b_hh: Tensor | None, ln_ih_weight: Tensor, ln_hh_weight: Tensor, ln_cell_weight: Tensor,
+                         ln_cell_bias: Tensor, reverse: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """layernorm_lstm_cell over x (T, N, I). Returns (output (T, N, H), h_T, c_T)."""
+    outputs = []
+    h, c = h0, c0
+    steps = range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])
+    for t in steps:
+        h, c = layernorm_lstm_cell(x[t], h, c, w_ih, w_hh, b_ih, b_hh, ln_ih_weight, ln_hh_weight, ln_cell_weight,
+                                   ln_cell_bias)
+        outputs.append(h)
+    if reverse:
+        outputs.reverse()
+    return torch.stack(outputs), h, c
+
+
+def layernorm_gru_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None,
+                        ln_ih_weight: Tensor, ln_hh_weight: Tensor, reverse: bool = False) -> tuple[Tensor, Tensor]:
+    """layernorm_gru_cell over x (T, N, I). Returns (output (T, N, H), h_T)."""
+    outputs = []
+    h = h0
+    steps = range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])
+    for t in steps:
+        h = layernorm_gru_cell(x[t], h, w_ih, w_hh, b_ih, b_hh, ln_ih_weight, ln_hh_weight)
+        outputs.append(h)
+    if reverse:
+        outputs.reverse()
+    return torch.stack(outputs), h
+
+
 def layer_over_lengths(layer, x: Tensor, lengths: list[int], states: list[Tensor], *weights: Tensor | None,
                        reverse: bool = False) -> tuple[Tensor, list[Tensor]]:
     """What an RNN op computes on a PackedSequence: ``layer`` (lstm_layer, gru_layer) run on each

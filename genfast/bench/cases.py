@@ -53,6 +53,10 @@ class Case:
             if p.get("packed"):
                 steps = int(rnn_lengths(p["T"], p["N"], p.get("seed", 0)).sum())
             return flops.rnn(p["cell"], steps, p["input_size"], p["hidden_size"], self.training)
+        if self.kind == "layernorm_rnn":  # the products of the plain cell; LN adds O(1/H) of it
+            steps = p["T"] * p["N"]
+            return flops.rnn(p["cell"].removeprefix("layernorm_"), steps, p["input_size"], p["hidden_size"],
+                             self.training)
         if self.kind == "attention":
             return flops.attention(p["B"], p["heads"], p.get("Lq", p["L"]), p["L"], p["D"], p["causal"],
                                    self.training)
@@ -184,6 +188,27 @@ def _regularizer_cases() -> list[Case]:
     return cases
 
 
+# ---- the layer-normalised cells (issue 19) --------------------------------------------------
+# Against the best a user can write today: an eager Python loop over the cell in plain torch ops
+# (genfast.reference.layernorm_*_cell), the same loop with the cell under torch.compile, and
+# genfast's plain LSTM / GRU at the same shape (what LN costs on top of the fused plain cell).
+LAYERNORM_BASELINES = ("cell_loop", "compiled_cell_loop", "genfast_plain")
+
+
+def _layernorm(cell: str, workload: str, mode: str, baselines=LAYERNORM_BASELINES, **shape) -> Case:
+    params = {"cell": cell, "seed": 0, **shape}
+    return Case(f"{cell}.{workload}.{mode}", cell, "layernorm_rnn", mode, params, ("genfast",), tuple(baselines))
+
+
+def _layernorm_cases(baselines=LAYERNORM_BASELINES) -> list[Case]:
+    cases = []
+    for cell in ("layernorm_lstm", "layernorm_gru"):
+        for mode in MODES:
+            cases.append(_layernorm(cell, "fastrnns", mode, baselines, T=100, N=64, input_size=512, hidden_size=512))
+            cases.append(_layernorm(cell, "imdb", mode, baselines, T=100, N=32, input_size=256, hidden_size=64))
+    return cases
+
+
 def _quick() -> list[Case]:
     cases = []
     # The slow baselines (reference, cell_loop) cost several torch calls per call on the big
@@ -244,6 +269,7 @@ def _full() -> list[Case]:
     for spread in (1.0, 5.0):
         cases += [_sampling(top_k=50, top_p=0.9, spread=spread), _sampling(top_p=0.9, spread=spread),
                   _sampling(top_k=50, top_p=1.0, spread=spread)]
+    cases += _layernorm_cases()
     cases.append(_gpt2())
     # Ten sequences at once, as generate(..., num_return_sequences=10) decodes them.
     cases.append(_gpt2(new_tokens=32, rows=10, name="gpt2.124m.greedy.batch10"))
@@ -270,6 +296,9 @@ def _smoke() -> list[Case]:
                           {"vocab": 50, "embed": 8, "hidden": 8, "batch": 4, "T": 6, "steps_checked": 3,
                            "lr": 1e-3, "seed": 0}, ("genfast",), ("torch",)))
         cases.append(_attention(1, 16, 8, True, mode, ATTENTION_BASELINES, heads=2, prefix="tiny."))
+    for cell in ("layernorm_lstm", "layernorm_gru"):
+        for mode in MODES:
+            cases.append(_layernorm(cell, "tiny", mode, **tiny))
     cases.append(_sampling(vocab=100, top_k=5, top_p=0.9, rows=2, name="sampling.tiny"))
     tiny_gpt2 = dict(n_layer=2, n_embd=32, n_head=2, n_positions=32, vocab_size=100)
     cases.append(_gpt2(new_tokens=4, prompt_len=3, name="gpt2.tiny.greedy", config=tiny_gpt2))

@@ -7,6 +7,9 @@ forward + backward for training) and returns the forward output, or raises
 Unavailable saying why it can't run here ("not built: <import error>", "needs CUDA",
 "skipped: ...").
 
+LayerNorm RNN:       genfast (genfast.nn.LayerNormLSTM/GRU), genfast_plain (genfast.nn.LSTM/GRU, same
+                     weights), cell_loop (Python loop over genfast.reference's LN cell),
+                     compiled_cell_loop (the same with the cell under torch.compile).
 RNN providers:       genfast (genfast.nn.LSTM/GRU, kernels forced), routed (the same as users get it: on
                      CUDA genfast.routing may send it to cuDNN), genfast_cell (genfast.nn.LSTMCell/GRUCell,
                      decode cases), torch (nn.LSTM/GRU: oneDNN/ATen on CPU, cuDNN on GPU),
@@ -375,6 +378,97 @@ def genfast_gru_rnn(work: RnnWorkload):
         raise Unavailable("skipped", "genfast_gru: gru_reset_before cases only")
     gnn = _import_genfast("genfast.nn")
     return _run_module(work, gnn.GRU.from_torch(work.module).to(work.device))
+
+
+# ------------------------------------------------------------- layer-normalised RNN (issue 19)
+@dataclass(eq=False)
+class LayerNormRnnWorkload:
+    cell: str                     # "layernorm_lstm" | "layernorm_gru"
+    module: nn.Module             # genfast.nn.LayerNormLSTM / LayerNormGRU: the weights every provider uses
+    x: torch.Tensor               # (T, N, I)
+    hx: tuple[torch.Tensor, ...]  # (h0,) or (h0, c0), each (1, N, H)
+    training: bool
+
+    @property
+    def lstm(self) -> bool:
+        return self.cell == "layernorm_lstm"
+
+
+def make_layernorm_rnn_workload(case, device: str) -> LayerNormRnnWorkload:
+    gnn = _import_genfast("genfast.nn")
+    if not hasattr(gnn, "LayerNormLSTM"):
+        raise Unavailable("not built", "this genfast has no LayerNormLSTM / LayerNormGRU")
+    p = case.params
+    generator = torch.Generator().manual_seed(p.get("seed", 0))
+    torch.manual_seed(p.get("seed", 0))
+    lstm = p["cell"] == "layernorm_lstm"
+    module = (gnn.LayerNormLSTM if lstm else gnn.LayerNormGRU)(p["input_size"], p["hidden_size"]).to(device)
+    with torch.no_grad():  # gains and biases off their initial 1 / 0, as a trained layer's are
+        for name, param in module.named_parameters():
+            if name.startswith("ln_"):
+                param.add_(0.1 * torch.randn(param.shape, generator=generator).to(device))
+    module.requires_grad_(case.mode == "training")
+    T, N, H = p["T"], p["N"], p["hidden_size"]
+    x = torch.randn(T, N, p["input_size"], generator=generator).to(device)
+    hx = tuple(torch.randn(1, N, H, generator=generator).to(device) for _ in range(2 if lstm else 1))
+    return LayerNormRnnWorkload(p["cell"], module, x, hx, case.mode == "training")
+
+
+def genfast_layernorm_rnn(work: LayerNormRnnWorkload):
+    state = work.hx if work.lstm else work.hx[0]
+
+    def run():
+        with torch.set_grad_enabled(work.training):
+            return _finish(work, work.module(work.x, state)[0])
+    return run
+
+
+def genfast_plain_rnn(work: LayerNormRnnWorkload):
+    """genfast.nn.LSTM / GRU with the same W_ih, W_hh and biases (no LN): LN's cost over the plain cell."""
+    gnn = _import_genfast("genfast.nn")
+    m = work.module
+    plain = (gnn.LSTM if work.lstm else gnn.GRU)(m.input_size, m.hidden_size).to(work.x.device)
+    plain.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("ln_")})
+    plain.requires_grad_(work.training)
+    state = work.hx if work.lstm else work.hx[0]
+
+    def run():
+        with torch.set_grad_enabled(work.training):
+            return _finish(work, plain(work.x, state)[0])
+    return run
+
+
+def _layernorm_cell_loop(work: LayerNormRnnWorkload, cell_fn) -> Callable[[], torch.Tensor]:
+    """A Python loop over time steps calling cell_fn (genfast.reference's cell, or a compiled copy)."""
+    weights = work.module._layer_weights(0)
+    h0 = work.hx[0][0]
+    c0 = work.hx[1][0] if work.lstm else None
+
+    def run():
+        with torch.set_grad_enabled(work.training):
+            h, c, outputs = h0, c0, []
+            for x_t in work.x.unbind(0):
+                if work.lstm:
+                    h, c = cell_fn(x_t, h, c, *weights)
+                else:
+                    h = cell_fn(x_t, h, *weights)
+                outputs.append(h)
+            return _finish(work, torch.stack(outputs))
+    return run
+
+
+def _layernorm_cell(work: LayerNormRnnWorkload):
+    return reference.layernorm_lstm_cell if work.lstm else reference.layernorm_gru_cell
+
+
+def layernorm_cell_loop(work: LayerNormRnnWorkload):
+    return _layernorm_cell_loop(work, _layernorm_cell(work))
+
+
+def compiled_layernorm_cell_loop(work: LayerNormRnnWorkload):
+    # One step compiled (not the unrolled loop), so it compiles in seconds; a fresh compile per case.
+    torch._dynamo.reset()
+    return _layernorm_cell_loop(work, torch.compile(_layernorm_cell(work), dynamic=False))
 
 
 # --------------------------------------------------------------------------- attention
@@ -795,6 +889,12 @@ PROVIDERS: dict[str, dict[str, Provider]] = {
         Provider("compiled_cell_loop", compiled_cell_loop_rnn, "genfast.reference's loop, its cell compiled"),
         Provider("genfast_gru", genfast_gru_rnn, "genfast.nn.GRU, reset gate after the product"),
     )},
+    "layernorm_rnn": {p.name: p for p in (
+        Provider("genfast", genfast_layernorm_rnn, "genfast.nn.LayerNormLSTM/LayerNormGRU"),
+        Provider("genfast_plain", genfast_plain_rnn, "genfast.nn.LSTM/GRU, same weights, no LN"),
+        Provider("cell_loop", layernorm_cell_loop, "Python loop over genfast.reference's LN cell (eager)"),
+        Provider("compiled_cell_loop", compiled_layernorm_cell_loop, "the same loop, the cell torch.compile'd"),
+    )},
     "attention": {p.name: p for p in (
         Provider("genfast", genfast_sdpa, "genfast.nn.functional.scaled_dot_product_attention"),
         Provider("genfast_triton", genfast_triton, "genfast.kernels.flash_attention (Triton)"),
@@ -840,7 +940,8 @@ PROVIDERS["vae"] = {p.name: p for p in (
     Provider("torch", vae_provider("torch"), "SentenceVAE on torch.nn.GRU/LSTM, same weights"),
 )}
 
-WORKLOADS = {"rnn": make_rnn_workload, "attention": make_attention_workload, "imdb": make_imdb_workload,
+WORKLOADS = {"rnn": make_rnn_workload, "layernorm_rnn": make_layernorm_rnn_workload,
+             "attention": make_attention_workload, "imdb": make_imdb_workload,
              "generation": make_generation_workload, "sampling": make_sampling_workload,
              "decode_attention": make_decode_attention_workload, "sampling_draw": make_sampling_draw_workload,
              "vae": make_vae_workload}

@@ -12,6 +12,6 @@ _extension.load()
 from genfast.ops import attention  # noqa: E402
 from genfast.ops.rnn import gru, lstm  # noqa: E402
 from genfast.ops.rnn import gru_reset_before  # noqa: E402
+from genfast.ops.layernorm_rnn import layernorm_gru, layernorm_lstm  # noqa: E402
 
-__all__ = ["lstm", "gru", "attention"]
-__all__ += ["gru_reset_before"]
+__all__ = ["lstm", "gru", "attention", "gru_reset_before", "layernorm_lstm", "layernorm_gru"]

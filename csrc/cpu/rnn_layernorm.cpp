@@ -1,0 +1,762 @@
+// CPU implementations of genfast::layernorm_{lstm,gru}_{forward,backward}: the layer-normalised
+// cells of csrc/rnn/layernorm_cells.h on the RNN core's machinery (csrc/cpu/rnn_common.h: the thread
+// team, the partition of a step into panels of 16 units, the recurrent tiles, the weight packing).
+//
+// The input side LN(W_ih x) is one GEMM and one row-wise LN pass before the time loop (its backward
+// one row-wise pass and the GEMMs after the loop). LN of the recurrent product needs its whole row,
+// and a thread owns a panel of units, so a forward step is a chain of passes with a team.sync()
+// between them:
+//   A. the product W_hh h_{t-1} for the panel, kept raw, and its partial moments per (row, panel);
+//   B. the row's moments merged (merge_moments), the product normalised in place, the gates and the
+//      cell update; the LSTM keeps partial moments of c_t;
+//   C. (LSTM) LN(c_t), h_t.
+// The backward mirrors it per step: (1) dL/dh_t = grad_output + dh + dL/d(W_hh h_t) W_hh of the step
+// processed before, the output gate and, for the LSTM, the partial sums of LN(c)'s backward;
+// (2, LSTM) dL/dc, the other gates; then the partial sums of the recurrent LN's backward; (3) dL/d(W_hh h).
+// Workspace (train=true): rnn::LayerNormWorkspace.
+#include <torch/library.h>
+
+#include "cpu/gemm_entry.h"
+#include "cpu/rnn_common.h"
+#include "cpu/simd.h"
+#include "rnn/layernorm_cells.h"
+#include "rnn/rnn_host.h"
+
+namespace genfast::cpu {
+namespace {
+
+using rnn::LayerNormGruCell;
+using rnn::LayerNormLstmCell;
+using rnn::Moments;
+
+// The partial moments of a row's panel p cover `gates` values per unit of the panel.
+template <typename T>
+GENFAST_INLINE Moments<T> row_moments(const T* partial, int64_t panels, int64_t gates, int64_t H) {
+  Moments<T> row{T(0), T(0), T(0)};
+  for (int64_t p = 0; p < panels; ++p) {
+    const int64_t units = std::min(kUnits, H - p * kUnits);
+    row = rnn::merge_moments(row, Moments<T>{T(gates * units), partial[2 * p], partial[2 * p + 1]});
+  }
+  return row;
+}
+
+// The sums of a row's panels (LN backward's two reductions).
+template <typename T>
+GENFAST_INLINE void row_sums(const T* partial, int64_t panels, T& first, T& second) {
+  first = T(0);
+  second = T(0);
+  for (int64_t p = 0; p < panels; ++p) {
+    first += partial[2 * p];
+    second += partial[2 * p + 1];
+  }
+}
+
+// Mean and M2 of `count` values, stored at out[0], out[1].
+template <typename T>
+GENFAST_INLINE void tile_moments(const T* values, int64_t count, T* out) {
+  T sum = 0;
+  for (int64_t k = 0; k < count; ++k) sum += values[k];
+  const T mean = sum / T(count);
+  T m2 = 0;
+  for (int64_t k = 0; k < count; ++k) m2 += (values[k] - mean) * (values[k] - mean);
+  out[0] = mean;
+  out[1] = m2;
+}
+
+// ---------------------------------------------------------------- forward
+template <typename T>
+struct LnForwardStep {
+  const T* h_prev;    // (N, H) state read by this step
+  const T* packed;    // panels of W_hh^T (gates of 16 units side by side), or nullptr: w_hh read in place
+  const T* w_hh;      // (gates*H, H)
+  const T* gx;        // (n, gates*H) input side: LN(W_ih x) ln_ih_weight + biases (LSTM b_ih + b_hh; GRU b_ih)
+  const T* gamma_hh;  // (gates*H) ln_hh_weight
+  const T* b_hh;      // GRU: (gates*H) recurrent bias (zeros when absent)
+  const T* gamma_c;   // LSTM: (H) ln_cell_weight
+  const T* beta_c;    // LSTM: (H) ln_cell_bias
+  T* raw;             // (n, gates*H) W_hh h_{t-1}, normalised in place by pass B (xhat_hh)
+  T* moments;         // (N, panels, 2) partial mean, M2 of raw per row and panel
+  T* moments_c;       // LSTM: (N, panels, 2) of c_t
+  T* rstd_hh;         // (n) or nullptr
+  T* act;             // (n, saved*H) activated gates (the workspace, or a scratch when not training)
+  T* c;               // LSTM: (N, H) cell state, updated in place
+  T* saved_c;         // LSTM: (n, H) c_t, or nullptr
+  T* cell_hat;        // LSTM: (n, H) LN(c_t), or nullptr
+  T* rstd_c;          // LSTM: (n), or nullptr
+  T* out;             // (n, H) output rows
+  T* h_next;          // (N, H) next state
+  int64_t H, panels;
+};
+
+// Pass A: the recurrent product of a panel, raw, with its partial moments.
+template <int64_t Gates>
+struct LnProductTile {
+  static constexpr int64_t kWidth = Gates * kUnits;
+
+  template <typename T>
+  static GENFAST_INLINE void run(const LnForwardStep<T>* s, int64_t panel, int64_t r0, int64_t r1, T* acc) {
+    const int64_t H = s->H, j0 = panel * kUnits, units = std::min(kUnits, H - j0);
+    recurrent_tile<T, Gates>(s->packed, s->w_hh, s->h_prev, H, H, panel, r0, r1, acc);
+    for (int64_t m = r0; m < r1; ++m, acc += kWidth) {
+      T values[kWidth];
+      T* raw = s->raw + m * Gates * H + j0;
+      for (int64_t g = 0; g < Gates; ++g)
+        for (int64_t u = 0; u < units; ++u) {
+          raw[g * H + u] = acc[g * kUnits + u];
+          values[g * units + u] = acc[g * kUnits + u];
+        }
+      tile_moments(values, Gates * units, s->moments + (m * s->panels + panel) * 2);
+    }
+  }
+};
+
+// LSTM pass B: normalise the product, the gates, c_t and its partial moments.
+struct LnLstmGateTile {
+  template <typename T>
+  static GENFAST_INLINE void run(const LnForwardStep<T>* s, int64_t panel, int64_t r0, int64_t r1, T* /*acc*/) {
+    constexpr int64_t G = 4;
+    const int64_t H = s->H, j0 = panel * kUnits, units = std::min(kUnits, H - j0);
+    for (int64_t m = r0; m < r1; ++m) {
+      const Moments<T> row = row_moments(s->moments + m * s->panels * 2, s->panels, G, H);
+      const T mean = row.mean, rstd = rnn::layer_norm_rstd(row);
+      if (panel == 0 && s->rstd_hh) s->rstd_hh[m] = rstd;
+      T* raw = s->raw + m * G * H + j0;
+      const T* gx = s->gx + m * G * H + j0;
+      const T* gamma = s->gamma_hh + j0;
+      T* act = s->act + m * G * H + j0;
+      T* c = s->c + m * H + j0;
+      T a[G][kUnits];
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t u = 0; u < units; ++u) {
+          const T xhat = (raw[g * H + u] - mean) * rstd;
+          raw[g * H + u] = xhat;
+          a[g][u] = gx[g * H + u] + xhat * gamma[g * H + u];
+        }
+      for (int64_t u = 0; u < units; ++u) {
+        const auto out = LayerNormLstmCell::gates<T>(a[0][u], a[1][u], a[2][u], a[3][u], c[u]);
+        act[u] = out.i;
+        act[H + u] = out.f;
+        act[2 * H + u] = out.g;
+        act[3 * H + u] = out.o;
+        c[u] = out.c;
+      }
+      if (s->saved_c)
+        for (int64_t u = 0; u < units; ++u) s->saved_c[m * H + j0 + u] = c[u];
+      tile_moments(c, units, s->moments_c + (m * s->panels + panel) * 2);
+    }
+  }
+};
+
+// LSTM pass C: LN(c_t) and h_t.
+struct LnLstmOutputTile {
+  template <typename T>
+  static GENFAST_INLINE void run(const LnForwardStep<T>* s, int64_t panel, int64_t r0, int64_t r1, T* /*acc*/) {
+    const int64_t H = s->H, j0 = panel * kUnits, units = std::min(kUnits, H - j0);
+    for (int64_t m = r0; m < r1; ++m) {
+      const Moments<T> row = row_moments(s->moments_c + m * s->panels * 2, s->panels, 1, H);
+      const T mean = row.mean, rstd = rnn::layer_norm_rstd(row);
+      if (panel == 0 && s->rstd_c) s->rstd_c[m] = rstd;
+      const T* c = s->c + m * H + j0;
+      const T* o = s->act + m * 4 * H + 3 * H + j0;
+      T* out = s->out + m * H + j0;
+      T* h_next = s->h_next + m * H + j0;
+      T hat[kUnits];
+      for (int64_t u = 0; u < units; ++u) {
+        hat[u] = (c[u] - mean) * rstd;
+        const T h = LayerNormLstmCell::hidden<T>(o[u], hat[u], s->gamma_c[j0 + u], s->beta_c[j0 + u]);
+        out[u] = h;
+        h_next[u] = h;
+      }
+      if (s->cell_hat)
+        for (int64_t u = 0; u < units; ++u) s->cell_hat[m * H + j0 + u] = hat[u];
+    }
+  }
+};
+
+// GRU pass B: normalise the product, h^ = LN(.) ln_hh_weight + b_hh, the gates and h_t.
+struct LnGruGateTile {
+  template <typename T>
+  static GENFAST_INLINE void run(const LnForwardStep<T>* s, int64_t panel, int64_t r0, int64_t r1, T* /*acc*/) {
+    constexpr int64_t G = 3;
+    const int64_t H = s->H, j0 = panel * kUnits, units = std::min(kUnits, H - j0);
+    for (int64_t m = r0; m < r1; ++m) {
+      const Moments<T> row = row_moments(s->moments + m * s->panels * 2, s->panels, G, H);
+      const T mean = row.mean, rstd = rnn::layer_norm_rstd(row);
+      if (panel == 0 && s->rstd_hh) s->rstd_hh[m] = rstd;
+      T* raw = s->raw + m * G * H + j0;
+      const T* gx = s->gx + m * G * H + j0;
+      const T* h_prev = s->h_prev + m * H + j0;
+      T* act = s->act + m * 4 * H + j0;
+      T hh[G][kUnits];
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t u = 0; u < units; ++u) {
+          const T xhat = (raw[g * H + u] - mean) * rstd;
+          raw[g * H + u] = xhat;
+          hh[g][u] = xhat * s->gamma_hh[g * H + j0 + u] + s->b_hh[g * H + j0 + u];
+        }
+      T* out = s->out + m * H + j0;
+      T* h_next = s->h_next + m * H + j0;
+      for (int64_t u = 0; u < units; ++u) {
+        const auto cell =
+            rnn::GruCell::forward<T>(gx[u], gx[H + u], gx[2 * H + u], hh[0][u], hh[1][u], hh[2][u], h_prev[u]);
+        act[u] = cell.r;
+        act[H + u] = cell.z;
+        act[2 * H + u] = cell.n;
+        act[3 * H + u] = hh[2][u];
+        out[u] = cell.h;
+        h_next[u] = cell.h;
+      }
+    }
+  }
+};
+
+// ---------------------------------------------------------------- backward
+template <typename T>
+struct LnBackwardStep {
+  const T* dhr_prev;    // (n_prev, gates*H) dL/d(W_hh h) of the step processed just before, or nullptr
+  const T* packed_whh;  // panels of W_hh's columns, or nullptr:
+  const T* w_hh_t;      // (H, gates*H) W_hh^T read in place (one sequence)
+  const T* grad_out;    // (n, H)
+  const T* act;         // (n, saved*H)
+  const T* xhat_hh;     // (n, gates*H)
+  const T* rstd_hh;     // (n)
+  const T* cell_hat;    // LSTM: (n, H)
+  const T* rstd_c;      // LSTM: (n)
+  const T* gamma_c;     // LSTM: (H)
+  const T* beta_c;      // LSTM: (H)
+  const T* gamma_hh;    // (gates*H)
+  const T* state_prev;  // rows < n_prev_fwd: the state the step read (LSTM c_{t-1}, GRU h_{t-1})
+  const T* state_init;  // (N, H) cx or hx, for the other rows
+  T* dh_state;          // (N, H) gradient reaching h from outside the recurrence
+  T* dc_state;          // LSTM: (N, H) dL/dc carried between steps
+  T* dA;                // (n, gates*H) input side's pre-activation gradient (LSTM: both sides)
+  T* dA_h;              // (n, gates*H) gradient of the recurrent side after its gain (GRU: d h^; LSTM: = dA)
+  T* dY;                // LSTM: (n, H) dL/d(LN(c) gain + bias)
+  T* dhr;               // (n, gates*H) dL/d(W_hh h_{t-1}) of this step
+  T* sums_c;            // LSTM: (N, panels, 2)
+  T* sums_hh;           // (N, panels, 2)
+  int64_t n, n_prev, n_prev_fwd, H, panels;
+};
+
+// dL/dh_t for one row of a panel from the recurrent product `rec` (rows < n_prev): returns false
+// for rows no longer active, which only collect the gradient of their initial state.
+template <typename T>
+GENFAST_INLINE bool total_dh(const LnBackwardStep<T>* s, int64_t m, int64_t j0, int64_t units, const T* rec,
+                             T* d_h) {
+  T* dh = s->dh_state + m * s->H + j0;
+  if (m >= s->n) {
+    if (m < s->n_prev)
+      for (int64_t u = 0; u < units; ++u) dh[u] += rec[u];
+    return false;
+  }
+  const T* go = s->grad_out + m * s->H + j0;
+  const bool has_rec = m < s->n_prev;
+  for (int64_t u = 0; u < units; ++u) {
+    d_h[u] = go[u] + dh[u] + (has_rec ? rec[u] : T(0));
+    dh[u] = T(0);
+  }
+  return true;
+}
+
+template <int64_t Gates, typename T>
+GENFAST_INLINE void backward_product(const LnBackwardStep<T>* s, int64_t panel, int64_t r0, int64_t r1, T* acc) {
+  const int64_t rows = std::min(r1, s->n_prev) - r0;
+  if (rows > 0)
+    backward_recurrent_tile<T>(s->packed_whh, s->w_hh_t, s->dhr_prev + r0 * Gates * s->H, Gates * s->H, s->H, panel,
+                               rows, acc);
+}
+
+// The partial sums of the recurrent LN's backward for a row's panel: dx^ = dA_h ln_hh_weight.
+template <int64_t Gates, typename T>
+GENFAST_INLINE void recurrent_ln_sums(const LnBackwardStep<T>* s, int64_t m, int64_t panel, int64_t j0,
+                                      int64_t units) {
+  const int64_t H = s->H;
+  const T* da = s->dA_h + m * Gates * H + j0;
+  const T* xhat = s->xhat_hh + m * Gates * H + j0;
+  const T* gamma = s->gamma_hh + j0;
+  T first = 0, second = 0;
+  for (int64_t g = 0; g < Gates; ++g)
+    for (int64_t u = 0; u < units; ++u) {
+      const T d = da[g * H + u] * gamma[g * H + u];
+      first += d;
+      second += d * xhat[g * H + u];
+    }
+  s->sums_hh[(m * s->panels + panel) * 2] = first;
+  s->sums_hh[(m * s->panels + panel) * 2 + 1] = second;
+}
+
+// LSTM pass 1: dL/dh_t, the output gate, dL/dy and the partial sums of LN(c)'s backward.
+struct LnLstmBackwardOutputTile {
+  template <typename T>
+  static GENFAST_INLINE void run(const LnBackwardStep<T>* s, int64_t panel, int64_t r0, int64_t r1, T* acc) {
+    const int64_t H = s->H, j0 = panel * kUnits, units = std::min(kUnits, H - j0);
+    backward_product<4>(s, panel, r0, r1, acc);
+    T d_h[kUnits];
+    for (int64_t m = r0; m < r1; ++m) {
+      if (!total_dh(s, m, j0, units, acc + (m - r0) * kUnits, d_h)) continue;
+      const T* o = s->act + m * 4 * H + 3 * H + j0;
+      const T* hat = s->cell_hat + m * H + j0;
+      T* d_o = s->dA + m * 4 * H + 3 * H + j0;
+      T* dy = s->dY + m * H + j0;
+      T first = 0, second = 0;
+      for (int64_t u = 0; u < units; ++u) {
+        const auto grad = LayerNormLstmCell::output_backward<T>(d_h[u], o[u], hat[u], s->gamma_c[j0 + u],
+                                                               s->beta_c[j0 + u]);
+        d_o[u] = grad.d_o;
+        dy[u] = grad.d_y;
+        const T d_hat = grad.d_y * s->gamma_c[j0 + u];
+        first += d_hat;
+        second += d_hat * hat[u];
+      }
+      s->sums_c[(m * s->panels + panel) * 2] = first;
+      s->sums_c[(m * s->panels + panel) * 2 + 1] = second;
+    }
+  }
+};
+
+// LSTM pass 2: dL/dc_t, the gates i, f, g, dL/dc_{t-1}, and the partial sums of the recurrent LN.
+struct LnLstmBackwardCellTile {
+  template <typename T>
+  static GENFAST_INLINE void run(const LnBackwardStep<T>* s, int64_t panel, int64_t r0, int64_t r1, T* /*acc*/) {
+    const int64_t H = s->H, j0 = panel * kUnits, units = std::min(kUnits, H - j0);
+    for (int64_t m = r0; m < r1; ++m) {
+      T first, second;
+      row_sums(s->sums_c + m * s->panels * 2, s->panels, first, second);
+      const T mean_d = first / T(H), mean_dx = second / T(H), rstd = s->rstd_c[m];
+      const T* hat = s->cell_hat + m * H + j0;
+      const T* dy = s->dY + m * H + j0;
+      const T* act = s->act + m * 4 * H + j0;
+      const T* c_prev = (m < s->n_prev_fwd ? s->state_prev : s->state_init) + m * H + j0;
+      T* dc = s->dc_state + m * H + j0;
+      T* da = s->dA + m * 4 * H + j0;
+      for (int64_t u = 0; u < units; ++u) {
+        const T d_c = dc[u] + rnn::layer_norm_backward(dy[u] * s->gamma_c[j0 + u], hat[u], rstd, mean_d, mean_dx);
+        const auto grad = LayerNormLstmCell::cell_backward<T>(d_c, act[u], act[H + u], act[2 * H + u], c_prev[u]);
+        da[u] = grad.d_i;
+        da[H + u] = grad.d_f;
+        da[2 * H + u] = grad.d_g;
+        dc[u] = grad.d_c_prev;
+      }
+      recurrent_ln_sums<4>(s, m, panel, j0, units);
+    }
+  }
+};
+
+// GRU pass 1: dL/dh_t, the gates (both sides), dL/dh_{t-1}'s direct part, the recurrent LN's sums.
+struct LnGruBackwardGateTile {
+  template <typename T>
+  static GENFAST_INLINE void run(const LnBackwardStep<T>* s, int64_t panel, int64_t r0, int64_t r1, T* acc) {
+    const int64_t H = s->H, j0 = panel * kUnits, units = std::min(kUnits, H - j0);
+    backward_product<3>(s, panel, r0, r1, acc);
+    T d_h[kUnits];
+    for (int64_t m = r0; m < r1; ++m) {
+      if (!total_dh(s, m, j0, units, acc + (m - r0) * kUnits, d_h)) continue;
+      const T* act = s->act + m * 4 * H + j0;
+      const T* h_prev = (m < s->n_prev_fwd ? s->state_prev : s->state_init) + m * H + j0;
+      T* dh = s->dh_state + m * H + j0;
+      T* dx = s->dA + m * 3 * H + j0;
+      T* dhh = s->dA_h + m * 3 * H + j0;
+      for (int64_t u = 0; u < units; ++u) {
+        const auto grad = rnn::GruCell::backward<T>(d_h[u], act[u], act[H + u], act[2 * H + u], act[3 * H + u],
+                                                   h_prev[u]);
+        dx[u] = dhh[u] = grad.d_r;
+        dx[H + u] = dhh[H + u] = grad.d_z;
+        dx[2 * H + u] = grad.d_xn;
+        dhh[2 * H + u] = grad.d_hn;
+        dh[u] = grad.d_h_prev;
+      }
+      recurrent_ln_sums<3>(s, m, panel, j0, units);
+    }
+  }
+};
+
+// The last pass of a backward step: dL/d(W_hh h_{t-1}) through the recurrent LN.
+template <int64_t Gates>
+struct LnRecurrentBackwardTile {
+  template <typename T>
+  static GENFAST_INLINE void run(const LnBackwardStep<T>* s, int64_t panel, int64_t r0, int64_t r1, T* /*acc*/) {
+    const int64_t H = s->H, j0 = panel * kUnits, units = std::min(kUnits, H - j0);
+    for (int64_t m = r0; m < r1; ++m) {
+      T first, second;
+      row_sums(s->sums_hh + m * s->panels * 2, s->panels, first, second);
+      const T mean_d = first / T(Gates * H), mean_dx = second / T(Gates * H), rstd = s->rstd_hh[m];
+      const T* da = s->dA_h + m * Gates * H + j0;
+      const T* xhat = s->xhat_hh + m * Gates * H + j0;
+      const T* gamma = s->gamma_hh + j0;
+      T* dhr = s->dhr + m * Gates * H + j0;
+      for (int64_t g = 0; g < Gates; ++g)
+        for (int64_t u = 0; u < units; ++u)
+          dhr[g * H + u] =
+              rnn::layer_norm_backward(da[g * H + u] * gamma[g * H + u], xhat[g * H + u], rstd, mean_d, mean_dx);
+    }
+  }
+};
+
+// ---------------------------------------------------------------- row-wise LN of the input side
+// v (S, W) <- LN(v) gain + bias per row; xhat and rstd saved when given.
+template <typename T>
+void input_layer_norm(int64_t S, int64_t W, T* v, const T* gain, const T* bias, T* xhat, T* rstd) {
+  at::parallel_for(0, S, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      T* row = v + r * W;
+      T sum = 0;
+      for (int64_t k = 0; k < W; ++k) sum += row[k];
+      const T mean = sum / T(W);
+      T m2 = 0;
+      for (int64_t k = 0; k < W; ++k) m2 += (row[k] - mean) * (row[k] - mean);
+      const T rs = rnn::layer_norm_rstd(Moments<T>{T(W), mean, m2});
+      if (rstd) rstd[r] = rs;
+      T* xh = xhat ? xhat + r * W : nullptr;
+      for (int64_t k = 0; k < W; ++k) {
+        const T value = (row[k] - mean) * rs;
+        if (xh) xh[k] = value;
+        row[k] = value * gain[k] + (bias ? bias[k] : T(0));
+      }
+    }
+  });
+}
+
+// d (S, W) <- dL/dv of v's row-wise LN, from dL/d(LN(v) gain) = d gain (d in place).
+template <typename T>
+void input_layer_norm_backward(int64_t S, int64_t W, T* d, const T* gain, const T* xhat, const T* rstd) {
+  at::parallel_for(0, S, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      T* row = d + r * W;
+      const T* xh = xhat + r * W;
+      T first = 0, second = 0;
+      for (int64_t k = 0; k < W; ++k) {
+        const T dx = row[k] * gain[k];
+        first += dx;
+        second += dx * xh[k];
+      }
+      const T mean_d = first / T(W), mean_dx = second / T(W);
+      for (int64_t k = 0; k < W; ++k)
+        row[k] = rnn::layer_norm_backward(row[k] * gain[k], xh[k], rstd[r], mean_d, mean_dx);
+    }
+  });
+}
+
+// ---------------------------------------------------------------- weights
+// W_hh (gates*H x H) as the forward's panels: panel p holds the columns of W_hh^T for every gate of
+// units [16p, 16p + 16).
+template <typename T>
+at::Tensor pack_recurrent_weight(const at::Tensor& w_hh, int64_t gates, int64_t H) {
+  const int64_t panels = ceil_div(H, kUnits), width = gates * kUnits;
+  at::Tensor packed = empty_large({panels * H * width}, w_hh.options());
+  pack_panels_parallel<T>(w_hh.data_ptr<T>(), 1, H, H, panels, width,
+                          [&](int64_t p, int64_t c) {
+                            const int64_t j = p * kUnits + c % kUnits;
+                            return j < H ? (c / kUnits) * H + j : int64_t(-1);
+                          },
+                          packed.data_ptr<T>());
+  return packed;
+}
+
+// ---------------------------------------------------------------- op bodies
+using rnn::Dims;
+using rnn::LayerArgs;
+const std::optional<at::Tensor> kNone;
+
+void check_vector(const at::Tensor& t, const char* name, const at::Tensor& input, int64_t size) {
+  rnn::check_same(t, name, input);
+  rnn::check_shape(t, name, {size});
+}
+
+// The LN parameters of a cell: gains of both sides (gates*H) and, for the LSTM, the cell's gain and bias (H).
+struct LayerNormParams {
+  const at::Tensor& ln_ih_weight;
+  const at::Tensor& ln_hh_weight;
+  const at::Tensor* ln_cell_weight;
+  const at::Tensor* ln_cell_bias;
+};
+
+void check_params(const LayerNormParams& p, const at::Tensor& input, int64_t gates, int64_t H) {
+  check_vector(p.ln_ih_weight, "ln_ih_weight", input, gates * H);
+  check_vector(p.ln_hh_weight, "ln_hh_weight", input, gates * H);
+  if (p.ln_cell_weight) check_vector(*p.ln_cell_weight, "ln_cell_weight", input, H);
+  if (p.ln_cell_bias) check_vector(*p.ln_cell_bias, "ln_cell_bias", input, H);
+}
+
+struct LnForwardResult {
+  at::Tensor output, hy, cy, workspace;
+};
+
+template <typename Cell>
+LnForwardResult ln_forward(const LayerArgs& a, const LayerNormParams& p, bool reverse, bool train) {
+  constexpr int64_t G = Cell::kGates;
+  constexpr bool kLstm = Cell::kCellState;
+  const Schedule sc = rnn::make_schedule(a.input, a.batch_sizes);
+  const Dims d = rnn::check_forward<Cell>(rnn::kCpu, a, sc);
+  const int64_t S = sc.rows, H = d.H, N = sc.batch, panels = ceil_div(H, kUnits);
+  check_params(p, a.input, G, H);
+  const at::Tensor x = a.input.reshape({S, d.I}).contiguous();
+  const at::Tensor w_ih = a.w_ih.contiguous(), w_hh = a.w_hh.contiguous();
+  const auto opts = x.options();
+  const rnn::LayerNormWorkspace layout = Cell::workspace(S, H);
+  at::Tensor ws = empty_cached({train ? layout.size : 0}, opts);
+  // The input side: W_ih x for every row, then LN, gain and bias in place.
+  at::Tensor gx = empty_large({S, G * H}, opts);
+  gemm_out(gx, x, w_ih.t());
+  at::Tensor x_bias, h_bias;
+  if (a.b_ih.has_value()) x_bias = kLstm ? (*a.b_ih + *a.b_hh).contiguous() : a.b_ih->contiguous();
+  if (!kLstm) h_bias = a.b_hh.has_value() ? a.b_hh->contiguous() : at::zeros({G * H}, opts);
+  const at::Tensor gamma_ih = p.ln_ih_weight.contiguous(), gamma_hh = p.ln_hh_weight.contiguous();
+  const at::Tensor gamma_c = kLstm ? p.ln_cell_weight->contiguous() : at::Tensor();
+  const at::Tensor beta_c = kLstm ? p.ln_cell_bias->contiguous() : at::Tensor();
+  at::Tensor out = empty_large({S, H}, opts);
+  at::Tensor hbuf = a.hx.unsqueeze(0).expand({2, N, H}).contiguous();
+  at::Tensor cy = kLstm ? a.cx->contiguous().clone() : at::Tensor();
+  at::Tensor hy = at::empty({N, H}, opts);
+  at::Tensor moments = at::empty({2, N, panels, 2}, opts);
+  // Not training: the raw product and the gates of one step in scratch rows.
+  at::Tensor step_raw = train ? at::Tensor() : at::empty({N, G * H}, opts);
+  at::Tensor step_act = train ? at::Tensor() : at::empty({N, Cell::kSaved * H}, opts);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "genfast::layernorm_rnn_forward", [&] {
+    using T = scalar_t;
+    auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
+    T* w = train ? ws.data_ptr<T>() : nullptr;
+    auto section = [&](int64_t offset) { return w && offset >= 0 ? w + offset : nullptr; };
+    input_layer_norm<T>(S, G * H, gx.data_ptr<T>(), gamma_ih.data_ptr<T>(), ptr(x_bias), section(layout.xhat_ih),
+                        section(layout.rstd_ih));
+    const bool in_place = read_weight_in_place(sc);
+    const at::Tensor packed = in_place ? at::Tensor() : pack_recurrent_weight<T>(w_hh, G, H);
+    constexpr int64_t kWidth = G * kUnits;
+    std::vector<T> scratch(at::get_num_threads() * (N + 16) * kWidth);
+    const double step_flops = 2.0 * N * H * G * H;
+    for_each_step(sc.steps, step_flops, [&](int64_t s, const StepTeam& team) {
+      const int64_t t = sc.forward_step(s, reverse);
+      const int64_t n = sc.active[t], off = sc.offset[t];
+      const LnForwardStep<T> step{hbuf.data_ptr<T>() + (s % 2) * N * H,
+                                  ptr(packed),
+                                  w_hh.data_ptr<T>(),
+                                  gx.data_ptr<T>() + off * G * H,
+                                  gamma_hh.data_ptr<T>(),
+                                  ptr(h_bias),
+                                  ptr(gamma_c),
+                                  ptr(beta_c),
+                                  w ? w + layout.xhat_hh + off * G * H : step_raw.data_ptr<T>(),
+                                  moments.data_ptr<T>(),
+                                  moments.data_ptr<T>() + N * panels * 2,
+                                  w ? w + layout.rstd_hh + off : nullptr,
+                                  w ? w + layout.gates + off * Cell::kSaved * H : step_act.data_ptr<T>(),
+                                  ptr(cy),
+                                  w && kLstm ? w + layout.cell + off * H : nullptr,
+                                  w && kLstm ? w + layout.cell_hat + off * H : nullptr,
+                                  w && kLstm ? w + layout.rstd_cell + off : nullptr,
+                                  out.data_ptr<T>() + off * H,
+                                  hbuf.data_ptr<T>() + ((s + 1) % 2) * N * H,
+                                  H,
+                                  panels};
+      run_tiles<LnProductTile<G>>(team, panels, n, &step, scratch.data(), kWidth);
+      team.sync();  // pass B needs every panel's moments of a row
+      if constexpr (kLstm) {
+        run_tiles<LnLstmGateTile>(team, panels, n, &step, scratch.data(), kWidth);
+        team.sync();  // pass C needs every panel's moments of c_t
+        run_tiles<LnLstmOutputTile>(team, panels, n, &step, scratch.data(), kWidth);
+      } else {
+        run_tiles<LnGruGateTile>(team, panels, n, &step, scratch.data(), kWidth);
+      }
+    });
+    gather_last_hidden<T>(sc, reverse, out.data_ptr<T>(), hy.data_ptr<T>(), H);
+  });
+  return {out.view(rnn::output_shape(a.input, H)), hy, cy, ws};
+}
+
+// The backward's own checks (the layer's are rnn::check_layer's).
+template <typename Cell>
+Dims check_ln_backward(const LayerArgs& a, const LayerNormParams& p, const rnn::BackwardArgs& b, const Schedule& sc) {
+  const Dims d = rnn::check_layer<Cell>(rnn::kCpu, a, sc);
+  check_params(p, a.input, Cell::kGates, d.H);
+  const std::vector<int64_t> out_shape = rnn::output_shape(a.input, d.H);
+  rnn::check_same(b.output, "output", a.input);
+  rnn::check_shape(b.output, "output", out_shape);
+  rnn::check_same(b.grad_output, "grad_output", a.input);
+  rnn::check_shape(b.grad_output, "grad_output", out_shape);
+  rnn::check_same(b.grad_hy, "grad_hy", a.input);
+  rnn::check_shape(b.grad_hy, "grad_hy", {sc.batch, d.H});
+  if (Cell::kCellState) {
+    rnn::check_same(*b.grad_cy, "grad_cy", a.input);
+    rnn::check_shape(*b.grad_cy, "grad_cy", {sc.batch, d.H});
+  }
+  rnn::check_same(b.workspace, "workspace", a.input);
+  const int64_t expected = Cell::workspace(sc.rows, d.H).size;
+  TORCH_CHECK(b.workspace.dim() == 1 && b.workspace.numel() == expected, "workspace: has ", b.workspace.numel(),
+              " elements, not ", expected, "; it must come from ", Cell::kName,
+              "_forward(..., train=True) on the same inputs");
+  return d;
+}
+
+struct LnBackwardResult {
+  at::Tensor grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_ln_ih, grad_ln_hh,
+      grad_ln_cell_weight, grad_ln_cell_bias;
+};
+
+template <typename Cell>
+LnBackwardResult ln_backward(const LayerArgs& a, const LayerNormParams& p, const rnn::BackwardArgs& g, bool reverse) {
+  constexpr int64_t G = Cell::kGates;
+  constexpr bool kLstm = Cell::kCellState;
+  const Schedule sc = rnn::make_schedule(a.input, a.batch_sizes);
+  const Dims d = check_ln_backward<Cell>(a, p, g, sc);
+  const int64_t S = sc.rows, H = d.H, N = sc.batch, panels = ceil_div(H, kUnits);
+  const auto opts = a.input.options();
+  const rnn::LayerNormWorkspace layout = Cell::workspace(S, H);
+  const at::Tensor x = a.input.reshape({S, d.I}).contiguous();
+  const at::Tensor go = g.grad_output.reshape({S, H}).contiguous();
+  const at::Tensor out = g.output.reshape({S, H}).contiguous();
+  const at::Tensor ws = g.workspace.contiguous(), hx = a.hx.contiguous();
+  const at::Tensor cx = kLstm ? a.cx->contiguous() : at::Tensor();
+  const at::Tensor w_ih = a.w_ih.contiguous(), w_hh = a.w_hh.contiguous();
+  const at::Tensor gamma_ih = p.ln_ih_weight.contiguous(), gamma_hh = p.ln_hh_weight.contiguous();
+  const at::Tensor gamma_c = kLstm ? p.ln_cell_weight->contiguous() : at::Tensor();
+  const at::Tensor beta_c = kLstm ? p.ln_cell_bias->contiguous() : at::Tensor();
+  at::Tensor dA = empty_cached({S, G * H}, opts);
+  at::Tensor dA_h = kLstm ? dA : empty_cached({S, G * H}, opts);
+  at::Tensor dhr = empty_cached({S, G * H}, opts);
+  at::Tensor dY = kLstm ? empty_cached({S, H}, opts) : at::Tensor();
+  at::Tensor dh_state = g.grad_hy.contiguous().clone();
+  at::Tensor dc_state = kLstm ? g.grad_cy->contiguous().clone() : at::Tensor();
+  at::Tensor sums = at::empty({2, N, panels, 2}, opts);
+  at::Tensor h_prev = empty_cached({S, H}, opts);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "genfast::layernorm_rnn_backward", [&] {
+    using T = scalar_t;
+    auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
+    const T* w = ws.data_ptr<T>();
+    const BackwardWeight<T> whh(sc, w_hh);
+    constexpr int64_t kWidth = G * kUnits;
+    std::vector<T> scratch(at::get_num_threads() * (N + 16) * kWidth);
+    const double step_flops = 2.0 * N * H * G * H;
+    for_each_step(sc.steps + 1, step_flops, [&](int64_t s, const StepTeam& team) {
+      const auto pass = sc.backward_pass(s, reverse);
+      const int64_t off = pass.offset;
+      const int64_t fwd_prev_off = pass.fwd_prev >= 0 ? sc.offset[pass.fwd_prev] : 0;
+      const T* state_prev = kLstm ? w + layout.cell + fwd_prev_off * H : out.data_ptr<T>() + fwd_prev_off * H;
+      const LnBackwardStep<T> step{pass.prev_t >= 0 ? dhr.data_ptr<T>() + sc.offset[pass.prev_t] * G * H : nullptr,
+                                   whh.packed_data(),
+                                   whh.transposed_data(),
+                                   go.data_ptr<T>() + off * H,
+                                   w + layout.gates + off * Cell::kSaved * H,
+                                   w + layout.xhat_hh + off * G * H,
+                                   w + layout.rstd_hh + off,
+                                   kLstm ? w + layout.cell_hat + off * H : nullptr,
+                                   kLstm ? w + layout.rstd_cell + off : nullptr,
+                                   ptr(gamma_c),
+                                   ptr(beta_c),
+                                   gamma_hh.data_ptr<T>(),
+                                   state_prev,
+                                   kLstm ? cx.data_ptr<T>() : hx.data_ptr<T>(),
+                                   dh_state.data_ptr<T>(),
+                                   ptr(dc_state),
+                                   dA.data_ptr<T>() + off * G * H,
+                                   dA_h.data_ptr<T>() + off * G * H,
+                                   kLstm ? dY.data_ptr<T>() + off * H : nullptr,
+                                   dhr.data_ptr<T>() + off * G * H,
+                                   sums.data_ptr<T>(),
+                                   sums.data_ptr<T>() + N * panels * 2,
+                                   pass.n,
+                                   pass.n_prev,
+                                   sc.active_at(pass.fwd_prev),
+                                   H,
+                                   panels};
+      const int64_t rows = std::max(pass.n, pass.n_prev);
+      if constexpr (kLstm) {
+        run_tiles<LnLstmBackwardOutputTile>(team, panels, rows, &step, scratch.data(), kWidth);
+        if (pass.n == 0) return;
+        team.sync();  // pass 2 needs every panel's sums of LN(c)'s backward
+        run_tiles<LnLstmBackwardCellTile>(team, panels, pass.n, &step, scratch.data(), kWidth);
+      } else {
+        run_tiles<LnGruBackwardGateTile>(team, panels, rows, &step, scratch.data(), kWidth);
+        if (pass.n == 0) return;
+      }
+      team.sync();  // the last pass needs every panel's sums of the recurrent LN's backward
+      run_tiles<LnRecurrentBackwardTile<G>>(team, panels, pass.n, &step, scratch.data(), kWidth);
+    });
+    gather_previous_hidden<T>(sc, reverse, out.data_ptr<T>(), hx.data_ptr<T>(), h_prev.data_ptr<T>(), H);
+  });
+  const at::Tensor xhat_ih = ws.narrow(0, layout.xhat_ih, S * G * H).view({S, G * H});
+  const at::Tensor xhat_hh = ws.narrow(0, layout.xhat_hh, S * G * H).view({S, G * H});
+  LnBackwardResult r;
+  r.grad_ln_ih = (dA * xhat_ih).sum(0);
+  r.grad_ln_hh = (dA_h * xhat_hh).sum(0);
+  r.grad_b_ih = dA.sum(0);
+  r.grad_b_hh = kLstm ? r.grad_b_ih : dA_h.sum(0);
+  if (kLstm) {
+    const at::Tensor cell_hat = ws.narrow(0, layout.cell_hat, S * H).view({S, H});
+    r.grad_ln_cell_weight = (dY * cell_hat).sum(0);
+    r.grad_ln_cell_bias = dY.sum(0);
+  }
+  // dA becomes dL/d(W_ih x) through the input side's LN (in place: its other uses are done).
+  at::Tensor d_xi = dA;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "genfast::layernorm_rnn_backward_input", [&] {
+    input_layer_norm_backward<scalar_t>(S, G * H, d_xi.data_ptr<scalar_t>(), gamma_ih.data_ptr<scalar_t>(),
+                                        xhat_ih.data_ptr<scalar_t>(), ws.data_ptr<scalar_t>() + layout.rstd_ih);
+  });
+  at::Tensor grad_input = empty_cached({S, d.I}, opts);
+  gemm_out(grad_input, d_xi, w_ih);
+  r.grad_input = grad_input.view(a.input.sizes());
+  r.grad_hx = dh_state;
+  r.grad_cx = dc_state;
+  r.grad_w_ih = gemm(d_xi.t(), x);
+  r.grad_w_hh = gemm(dhr.t(), h_prev);
+  return r;
+}
+
+// ---------------------------------------------------------------- the ops
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm_lstm_forward(
+    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+    const at::Tensor& ln_ih_weight, const at::Tensor& ln_hh_weight, const at::Tensor& ln_cell_weight,
+    const at::Tensor& ln_cell_bias, const std::optional<at::Tensor>& batch_sizes, bool reverse, bool train) {
+  const LnForwardResult r = ln_forward<LayerNormLstmCell>(
+      {input, hx, &cx, w_ih, w_hh, b_ih, b_hh, kNone, batch_sizes},
+      {ln_ih_weight, ln_hh_weight, &ln_cell_weight, &ln_cell_bias}, reverse, train);
+  return {r.output, r.hy, r.cy, r.workspace};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor>
+layernorm_lstm_backward(const at::Tensor& grad_output, const at::Tensor& grad_hy, const at::Tensor& grad_cy,
+                        const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
+                        const at::Tensor& w_hh, const at::Tensor& ln_ih_weight, const at::Tensor& ln_hh_weight,
+                        const at::Tensor& ln_cell_weight, const at::Tensor& ln_cell_bias, const at::Tensor& output,
+                        const at::Tensor& workspace, const std::optional<at::Tensor>& batch_sizes, bool reverse) {
+  const LnBackwardResult r = ln_backward<LayerNormLstmCell>(
+      {input, hx, &cx, w_ih, w_hh, kNone, kNone, kNone, batch_sizes},
+      {ln_ih_weight, ln_hh_weight, &ln_cell_weight, &ln_cell_bias},
+      {grad_output, grad_hy, &grad_cy, output, workspace}, reverse);
+  return {r.grad_input, r.grad_hx,    r.grad_cx,    r.grad_w_ih,          r.grad_w_hh,
+          r.grad_b_ih,  r.grad_ln_ih, r.grad_ln_hh, r.grad_ln_cell_weight, r.grad_ln_cell_bias};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_gru_forward(
+    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh, const at::Tensor& ln_ih_weight,
+    const at::Tensor& ln_hh_weight, const std::optional<at::Tensor>& batch_sizes, bool reverse, bool train) {
+  const LnForwardResult r =
+      ln_forward<LayerNormGruCell>({input, hx, nullptr, w_ih, w_hh, b_ih, b_hh, kNone, batch_sizes},
+                                   {ln_ih_weight, ln_hh_weight, nullptr, nullptr}, reverse, train);
+  return {r.output, r.hy, r.workspace};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+layernorm_gru_backward(const at::Tensor& grad_output, const at::Tensor& grad_hy, const at::Tensor& input,
+                       const at::Tensor& hx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                       const at::Tensor& ln_ih_weight, const at::Tensor& ln_hh_weight, const at::Tensor& output,
+                       const at::Tensor& workspace, const std::optional<at::Tensor>& batch_sizes, bool reverse) {
+  const LnBackwardResult r =
+      ln_backward<LayerNormGruCell>({input, hx, nullptr, w_ih, w_hh, kNone, kNone, kNone, batch_sizes},
+                                    {ln_ih_weight, ln_hh_weight, nullptr, nullptr},
+                                    {grad_output, grad_hy, nullptr, output, workspace}, reverse);
+  return {r.grad_input, r.grad_hx,   r.grad_w_ih,  r.grad_w_hh,
+          r.grad_b_ih,  r.grad_b_hh, r.grad_ln_ih, r.grad_ln_hh};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(genfast, CPU, m) {
+  m.impl("layernorm_lstm_forward", &layernorm_lstm_forward);
+  m.impl("layernorm_lstm_backward", &layernorm_lstm_backward);
+  m.impl("layernorm_gru_forward", &layernorm_gru_forward);
+  m.impl("layernorm_gru_backward", &layernorm_gru_backward);
+}
+
+}  // namespace genfast::cpu
