@@ -182,7 +182,11 @@ GRUOutputs gru_forward_autograd(const at::Tensor& input, const at::Tensor& hx, c
 }
 
 // ---------------------------------------------------------------- GRU, reset gate before the product
-// The gru_* argument lists; its backward returns one bias gradient for b_ih and b_hh, as the LSTM's.
+// The gru_* argument lists (without the regularisers' masks); its backward returns one bias gradient
+// for b_ih and b_hh, as the LSTM's.
+using GRUResetBeforeForward = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
+    const OptTensor&, const OptTensor&, bool, bool);
 using GRUResetBeforeBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, bool);
@@ -191,7 +195,7 @@ struct GRUResetBeforeFunction : public torch::autograd::Function<GRUResetBeforeF
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& hx,
                                const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& b_ih,
                                const OptTensor& b_hh, const OptTensor& batch_sizes, bool reverse, bool train) {
-    static auto op = find_op<GRUForward>("genfast::gru_reset_before_forward");
+    static auto op = find_op<GRUResetBeforeForward>("genfast::gru_reset_before_forward");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [output, hy, workspace] = op.call(input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, train);
     save_forward(ctx, workspace, reverse, b_ih.has_value(),
