@@ -261,6 +261,11 @@ def run(args) -> int:
     header["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     header["clock"] = args.sweep_clock
     timer = timing.ProcessTimeTimer() if args.sweep_clock == "cpu" else timing.CpuTimer()
+    load, cores = header.get("load_avg"), header.get("cores") or 0
+    if load is not None and cores and load > 0.75 * cores and args.sweep_clock == "wall":
+        print(f"WARNING: load average {load} on {cores} cores: with the wall clock, a team of threads whose member "
+              "is descheduled stalls at every step, and ratios swing by several times (docs/performance.md 2.4); "
+              "--threads 1 --sweep-clock cpu leaves out the time other processes take", file=sys.stderr)
     if args.sweep_clock == "cpu" and header["threads"] > 1:
         print(f"--sweep-clock cpu with {header['threads']} threads: times add up every thread's CPU time, "
               "spin-waits included (use --threads 1)", file=sys.stderr)
