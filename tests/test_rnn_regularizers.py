@@ -10,6 +10,10 @@ statistics, torch.compile, errors.
 from __future__ import annotations
 
 import math
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,7 +21,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import genfast.nn as gnn
 import genfast.nn.rnn as gnn_rnn
-from genfast import ops, reference
+from genfast import _extension, ops, reference
 
 from .rnn_cells import CELLS, LSTM, TOLERANCES, op_case
 
@@ -512,3 +516,17 @@ def test_cuda_matches_cpu_with_the_same_masks(cell, packed):
         results.append([t.cpu() for t in (out, *finals, x.grad, w["w_hh"].grad)])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, **TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize("level", ["baseline", "avx2"])
+def test_every_simd_level(level):
+    """The fp32 comparisons with the reference, in a process capped at each other SIMD level: the hooks
+    are inlined into every level's copy of the tiles."""
+    if level == _extension.load().simd_level():
+        pytest.skip(f"{level} is this process's SIMD level: the rest of this file runs it")
+    env = dict(os.environ, GENFAST_SIMD=level)
+    root = pathlib.Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider",
+                           "-k", "fp32 and cpu"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert " passed" in done.stdout
