@@ -51,16 +51,32 @@ GENFAST_INLINE void row_sums(const T* partial, int64_t panels, T& first, T& seco
   }
 }
 
-// Mean and M2 of `count` values, stored at out[0], out[1].
+// Floating-point sums do not vectorise as written (the compiler keeps their order), so the reductions
+// below accumulate kUnits lanes side by side and add the lanes pairwise at the end: a fixed order,
+// the same whichever thread runs it.
 template <typename T>
-GENFAST_INLINE void tile_moments(const T* values, int64_t count, T* out) {
-  T sum = 0;
-  for (int64_t k = 0; k < count; ++k) sum += values[k];
-  const T mean = sum / T(count);
-  T m2 = 0;
-  for (int64_t k = 0; k < count; ++k) m2 += (values[k] - mean) * (values[k] - mean);
+GENFAST_INLINE T sum_lanes(T (&lane)[kUnits]) {
+  for (int64_t width = kUnits / 2; width > 0; width /= 2)
+    for (int64_t u = 0; u < width; ++u) lane[u] += lane[u + width];
+  return lane[0];
+}
+
+// Mean and M2 of the first `units` values of each of Rows rows of kUnits (lanes past `units` hold
+// zeros and are left out), stored at out[0], out[1].
+template <int64_t Rows, typename T>
+GENFAST_INLINE void panel_moments(const T (*v)[kUnits], int64_t units, T* out) {
+  T lane[kUnits] = {};
+  for (int64_t g = 0; g < Rows; ++g)
+    for (int64_t u = 0; u < kUnits; ++u) lane[u] += v[g][u];
+  const T mean = sum_lanes(lane) / T(Rows * units);
+  T dev[kUnits] = {};
+  for (int64_t g = 0; g < Rows; ++g)
+    for (int64_t u = 0; u < kUnits; ++u) {
+      const T d = u < units ? v[g][u] - mean : T(0);
+      dev[u] += d * d;
+    }
   out[0] = mean;
-  out[1] = m2;
+  out[1] = sum_lanes(dev);
 }
 
 // ---------------------------------------------------------------- forward
@@ -88,6 +104,48 @@ struct LnForwardStep {
   int64_t H, panels;
 };
 
+// The per-unit loops below work on local arrays of kUnits values (the panel's units, zero-padded
+// past `units`), memory that cannot alias, so they vectorise. Loops that call exp run to `units`: a
+// constant count of 16 is unrolled completely before vectorisation, and the exp's clamps then stay
+// branches in scalar code.
+// (A whole panel is copied with a constant count: a variable-length copy loop becomes a call to memmove.)
+template <typename T>
+GENFAST_INLINE void load_units(T* __restrict__ dst, const T* __restrict__ src, int64_t units) {
+  if (units == kUnits) {
+    for (int64_t u = 0; u < kUnits; ++u) dst[u] = src[u];
+    return;
+  }
+  for (int64_t u = 0; u < kUnits; ++u) dst[u] = T(0);
+  for (int64_t u = 0; u < units; ++u) dst[u] = src[u];
+}
+
+template <typename T>
+GENFAST_INLINE void store_units(T* __restrict__ dst, const T* __restrict__ src, int64_t units) {
+  if (units == kUnits) {
+    for (int64_t u = 0; u < kUnits; ++u) dst[u] = src[u];
+    return;
+  }
+  for (int64_t u = 0; u < units; ++u) dst[u] = src[u];
+}
+
+// Gates blocks of a row's panel (gate g at src[g * H]) into local arrays.
+template <int64_t Gates, typename T>
+GENFAST_INLINE void load_gates(T (*dst)[kUnits], const T* src, int64_t H, int64_t units) {
+  for (int64_t g = 0; g < Gates; ++g) load_units(dst[g], src + g * H, units);
+}
+
+template <int64_t Gates, typename T>
+GENFAST_INLINE void store_gates(T* dst, const T (*src)[kUnits], int64_t H, int64_t units) {
+  for (int64_t g = 0; g < Gates; ++g) store_units(dst + g * H, src[g], units);
+}
+
+// Normalises a row's panel of the recurrent product in place: (v - mean) rstd.
+template <int64_t Gates, typename T>
+GENFAST_INLINE void normalise(T (&v)[Gates][kUnits], T mean, T rstd) {
+  for (int64_t g = 0; g < Gates; ++g)
+    for (int64_t u = 0; u < kUnits; ++u) v[g][u] = (v[g][u] - mean) * rstd;
+}
+
 // Pass A: the recurrent product of a panel, raw, with its partial moments.
 template <int64_t Gates>
 struct LnProductTile {
@@ -98,17 +156,28 @@ struct LnProductTile {
     const int64_t H = s->H, j0 = panel * kUnits, units = std::min(kUnits, H - j0);
     recurrent_tile<T, Gates>(s->packed, s->w_hh, s->h_prev, H, H, panel, r0, r1, acc);
     for (int64_t m = r0; m < r1; ++m, acc += kWidth) {
-      T values[kWidth];
-      T* raw = s->raw + m * Gates * H + j0;
-      for (int64_t g = 0; g < Gates; ++g)
-        for (int64_t u = 0; u < units; ++u) {
-          raw[g * H + u] = acc[g * kUnits + u];
-          values[g * units + u] = acc[g * kUnits + u];
-        }
-      tile_moments(values, Gates * units, s->moments + (m * s->panels + panel) * 2);
+      // acc's columns past `units` are zero (the weight's padding).
+      const T(*values)[kUnits] = reinterpret_cast<const T(*)[kUnits]>(acc);
+      store_gates<Gates>(s->raw + m * Gates * H + j0, values, H, units);
+      panel_moments<Gates>(values, units, s->moments + (m * s->panels + panel) * 2);
     }
   }
 };
+
+// The LSTM's gates over a panel's units (restrict pointers, a loop like the plain cells' forward_units).
+template <typename T>
+GENFAST_CELL_LOOP void lstm_gate_units(int64_t units, const T* __restrict__ a_i, const T* __restrict__ a_f,
+                                       const T* __restrict__ a_g, const T* __restrict__ a_o, T* __restrict__ c,
+                                       T* __restrict__ i, T* __restrict__ f, T* __restrict__ g, T* __restrict__ o) {
+  for (int64_t u = 0; u < units; ++u) {
+    const auto out = LayerNormLstmCell::gates<T>(a_i[u], a_f[u], a_g[u], a_o[u], c[u]);
+    i[u] = out.i;
+    f[u] = out.f;
+    g[u] = out.g;
+    o[u] = out.o;
+    c[u] = out.c;
+  }
+}
 
 // LSTM pass B: normalise the product, the gates, c_t and its partial moments.
 struct LnLstmGateTile {
@@ -116,33 +185,26 @@ struct LnLstmGateTile {
   static GENFAST_INLINE void run(const LnForwardStep<T>* s, int64_t panel, int64_t r0, int64_t r1, T* /*acc*/) {
     constexpr int64_t G = 4;
     const int64_t H = s->H, j0 = panel * kUnits, units = std::min(kUnits, H - j0);
+    T gamma[G][kUnits];
+    load_gates<G>(gamma, s->gamma_hh + j0, H, units);
     for (int64_t m = r0; m < r1; ++m) {
       const Moments<T> row = row_moments(s->moments + m * s->panels * 2, s->panels, G, H);
-      const T mean = row.mean, rstd = rnn::layer_norm_rstd(row);
+      const T rstd = rnn::layer_norm_rstd(row);
       if (panel == 0 && s->rstd_hh) s->rstd_hh[m] = rstd;
-      T* raw = s->raw + m * G * H + j0;
-      const T* gx = s->gx + m * G * H + j0;
-      const T* gamma = s->gamma_hh + j0;
-      T* act = s->act + m * G * H + j0;
-      T* c = s->c + m * H + j0;
-      T a[G][kUnits];
+      T xhat[G][kUnits], a[G][kUnits], act[G][kUnits], c[kUnits];
+      load_gates<G>(xhat, s->raw + m * G * H + j0, H, units);
+      load_gates<G>(a, s->gx + m * G * H + j0, H, units);
+      load_units(c, s->c + m * H + j0, units);
+      normalise<G>(xhat, row.mean, rstd);
       for (int64_t g = 0; g < G; ++g)
-        for (int64_t u = 0; u < units; ++u) {
-          const T xhat = (raw[g * H + u] - mean) * rstd;
-          raw[g * H + u] = xhat;
-          a[g][u] = gx[g * H + u] + xhat * gamma[g * H + u];
-        }
-      for (int64_t u = 0; u < units; ++u) {
-        const auto out = LayerNormLstmCell::gates<T>(a[0][u], a[1][u], a[2][u], a[3][u], c[u]);
-        act[u] = out.i;
-        act[H + u] = out.f;
-        act[2 * H + u] = out.g;
-        act[3 * H + u] = out.o;
-        c[u] = out.c;
-      }
-      if (s->saved_c)
-        for (int64_t u = 0; u < units; ++u) s->saved_c[m * H + j0 + u] = c[u];
-      tile_moments(c, units, s->moments_c + (m * s->panels + panel) * 2);
+        for (int64_t u = 0; u < kUnits; ++u) a[g][u] += xhat[g][u] * gamma[g][u];
+      lstm_gate_units<T>(units, a[0], a[1], a[2], a[3], c, act[0], act[1], act[2], act[3]);
+      store_gates<G>(s->raw + m * G * H + j0, xhat, H, units);
+      store_gates<G>(s->act + m * G * H + j0, act, H, units);
+      store_units(s->c + m * H + j0, c, units);
+      if (s->saved_c) store_units(s->saved_c + m * H + j0, c, units);
+      for (int64_t u = units; u < kUnits; ++u) c[u] = T(0);
+      panel_moments<1>(&c, units, s->moments_c + (m * s->panels + panel) * 2);
     }
   }
 };
@@ -152,23 +214,21 @@ struct LnLstmOutputTile {
   template <typename T>
   static GENFAST_INLINE void run(const LnForwardStep<T>* s, int64_t panel, int64_t r0, int64_t r1, T* /*acc*/) {
     const int64_t H = s->H, j0 = panel * kUnits, units = std::min(kUnits, H - j0);
+    T gamma[kUnits], beta[kUnits];
+    load_units(gamma, s->gamma_c + j0, units);
+    load_units(beta, s->beta_c + j0, units);
     for (int64_t m = r0; m < r1; ++m) {
       const Moments<T> row = row_moments(s->moments_c + m * s->panels * 2, s->panels, 1, H);
       const T mean = row.mean, rstd = rnn::layer_norm_rstd(row);
       if (panel == 0 && s->rstd_c) s->rstd_c[m] = rstd;
-      const T* c = s->c + m * H + j0;
-      const T* o = s->act + m * 4 * H + 3 * H + j0;
-      T* out = s->out + m * H + j0;
-      T* h_next = s->h_next + m * H + j0;
-      T hat[kUnits];
-      for (int64_t u = 0; u < units; ++u) {
-        hat[u] = (c[u] - mean) * rstd;
-        const T h = LayerNormLstmCell::hidden<T>(o[u], hat[u], s->gamma_c[j0 + u], s->beta_c[j0 + u]);
-        out[u] = h;
-        h_next[u] = h;
-      }
-      if (s->cell_hat)
-        for (int64_t u = 0; u < units; ++u) s->cell_hat[m * H + j0 + u] = hat[u];
+      T hat[kUnits], o[kUnits], h[kUnits];
+      load_units(hat, s->c + m * H + j0, units);
+      load_units(o, s->act + m * 4 * H + 3 * H + j0, units);
+      for (int64_t u = 0; u < kUnits; ++u) hat[u] = (hat[u] - mean) * rstd;
+      for (int64_t u = 0; u < units; ++u) h[u] = LayerNormLstmCell::hidden<T>(o[u], hat[u], gamma[u], beta[u]);
+      store_units(s->out + m * H + j0, h, units);
+      store_units(s->h_next + m * H + j0, h, units);
+      if (s->cell_hat) store_units(s->cell_hat + m * H + j0, hat, units);
     }
   }
 };
@@ -179,33 +239,33 @@ struct LnGruGateTile {
   static GENFAST_INLINE void run(const LnForwardStep<T>* s, int64_t panel, int64_t r0, int64_t r1, T* /*acc*/) {
     constexpr int64_t G = 3;
     const int64_t H = s->H, j0 = panel * kUnits, units = std::min(kUnits, H - j0);
+    T gamma[G][kUnits], bias[G][kUnits];
+    load_gates<G>(gamma, s->gamma_hh + j0, H, units);
+    load_gates<G>(bias, s->b_hh + j0, H, units);
     for (int64_t m = r0; m < r1; ++m) {
       const Moments<T> row = row_moments(s->moments + m * s->panels * 2, s->panels, G, H);
-      const T mean = row.mean, rstd = rnn::layer_norm_rstd(row);
+      const T rstd = rnn::layer_norm_rstd(row);
       if (panel == 0 && s->rstd_hh) s->rstd_hh[m] = rstd;
-      T* raw = s->raw + m * G * H + j0;
-      const T* gx = s->gx + m * G * H + j0;
-      const T* h_prev = s->h_prev + m * H + j0;
-      T* act = s->act + m * 4 * H + j0;
-      T hh[G][kUnits];
+      T xhat[G][kUnits], hh[G][kUnits], gx[G][kUnits], act[4][kUnits], h_prev[kUnits], h[kUnits];
+      load_gates<G>(xhat, s->raw + m * G * H + j0, H, units);
+      load_gates<G>(gx, s->gx + m * G * H + j0, H, units);
+      load_units(h_prev, s->h_prev + m * H + j0, units);
+      normalise<G>(xhat, row.mean, rstd);
       for (int64_t g = 0; g < G; ++g)
-        for (int64_t u = 0; u < units; ++u) {
-          const T xhat = (raw[g * H + u] - mean) * rstd;
-          raw[g * H + u] = xhat;
-          hh[g][u] = xhat * s->gamma_hh[g * H + j0 + u] + s->b_hh[g * H + j0 + u];
-        }
-      T* out = s->out + m * H + j0;
-      T* h_next = s->h_next + m * H + j0;
+        for (int64_t u = 0; u < kUnits; ++u) hh[g][u] = xhat[g][u] * gamma[g][u] + bias[g][u];
       for (int64_t u = 0; u < units; ++u) {
         const auto cell =
-            rnn::GruCell::forward<T>(gx[u], gx[H + u], gx[2 * H + u], hh[0][u], hh[1][u], hh[2][u], h_prev[u]);
-        act[u] = cell.r;
-        act[H + u] = cell.z;
-        act[2 * H + u] = cell.n;
-        act[3 * H + u] = hh[2][u];
-        out[u] = cell.h;
-        h_next[u] = cell.h;
+            rnn::GruCell::forward<T>(gx[0][u], gx[1][u], gx[2][u], hh[0][u], hh[1][u], hh[2][u], h_prev[u]);
+        act[0][u] = cell.r;
+        act[1][u] = cell.z;
+        act[2][u] = cell.n;
+        act[3][u] = hh[2][u];
+        h[u] = cell.h;
       }
+      store_gates<G>(s->raw + m * G * H + j0, xhat, H, units);
+      store_gates<4>(s->act + m * 4 * H + j0, act, H, units);
+      store_units(s->out + m * H + j0, h, units);
+      store_units(s->h_next + m * H + j0, h, units);
     }
   }
 };
@@ -242,19 +302,22 @@ struct LnBackwardStep {
 // for rows no longer active, which only collect the gradient of their initial state.
 template <typename T>
 GENFAST_INLINE bool total_dh(const LnBackwardStep<T>* s, int64_t m, int64_t j0, int64_t units, const T* rec,
-                             T* d_h) {
+                             T (&d_h)[kUnits]) {
   T* dh = s->dh_state + m * s->H + j0;
   if (m >= s->n) {
     if (m < s->n_prev)
       for (int64_t u = 0; u < units; ++u) dh[u] += rec[u];
     return false;
   }
-  const T* go = s->grad_out + m * s->H + j0;
-  const bool has_rec = m < s->n_prev;
-  for (int64_t u = 0; u < units; ++u) {
-    d_h[u] = go[u] + dh[u] + (has_rec ? rec[u] : T(0));
-    dh[u] = T(0);
+  T go[kUnits], carried[kUnits];
+  load_units(go, s->grad_out + m * s->H + j0, units);
+  load_units(carried, dh, units);
+  if (m < s->n_prev) {
+    for (int64_t u = 0; u < kUnits; ++u) d_h[u] = go[u] + carried[u] + rec[u];  // rec: zero past `units`
+  } else {
+    for (int64_t u = 0; u < kUnits; ++u) d_h[u] = go[u] + carried[u];
   }
+  for (int64_t u = 0; u < units; ++u) dh[u] = T(0);
   return true;
 }
 
@@ -268,21 +331,20 @@ GENFAST_INLINE void backward_product(const LnBackwardStep<T>* s, int64_t panel, 
 
 // The partial sums of the recurrent LN's backward for a row's panel: dx^ = dA_h ln_hh_weight.
 template <int64_t Gates, typename T>
-GENFAST_INLINE void recurrent_ln_sums(const LnBackwardStep<T>* s, int64_t m, int64_t panel, int64_t j0,
-                                      int64_t units) {
-  const int64_t H = s->H;
-  const T* da = s->dA_h + m * Gates * H + j0;
-  const T* xhat = s->xhat_hh + m * Gates * H + j0;
-  const T* gamma = s->gamma_hh + j0;
-  T first = 0, second = 0;
+GENFAST_INLINE void recurrent_ln_sums(const LnBackwardStep<T>* s, int64_t m, int64_t panel,
+                                      const T (&da)[Gates][kUnits], const T (&gamma)[Gates][kUnits],
+                                      int64_t j0, int64_t units) {
+  T xhat[Gates][kUnits];
+  load_gates<Gates>(xhat, s->xhat_hh + m * Gates * s->H + j0, s->H, units);
+  T first[kUnits] = {}, second[kUnits] = {};  // lanes past `units`: da and gamma are zero there
   for (int64_t g = 0; g < Gates; ++g)
-    for (int64_t u = 0; u < units; ++u) {
-      const T d = da[g * H + u] * gamma[g * H + u];
-      first += d;
-      second += d * xhat[g * H + u];
+    for (int64_t u = 0; u < kUnits; ++u) {
+      const T d = da[g][u] * gamma[g][u];
+      first[u] += d;
+      second[u] += d * xhat[g][u];
     }
-  s->sums_hh[(m * s->panels + panel) * 2] = first;
-  s->sums_hh[(m * s->panels + panel) * 2 + 1] = second;
+  s->sums_hh[(m * s->panels + panel) * 2] = sum_lanes(first);
+  s->sums_hh[(m * s->panels + panel) * 2 + 1] = sum_lanes(second);
 }
 
 // LSTM pass 1: dL/dh_t, the output gate, dL/dy and the partial sums of LN(c)'s backward.
@@ -291,25 +353,27 @@ struct LnLstmBackwardOutputTile {
   static GENFAST_INLINE void run(const LnBackwardStep<T>* s, int64_t panel, int64_t r0, int64_t r1, T* acc) {
     const int64_t H = s->H, j0 = panel * kUnits, units = std::min(kUnits, H - j0);
     backward_product<4>(s, panel, r0, r1, acc);
+    T gamma[kUnits], beta[kUnits];
+    load_units(gamma, s->gamma_c + j0, units);
+    load_units(beta, s->beta_c + j0, units);
     T d_h[kUnits];
     for (int64_t m = r0; m < r1; ++m) {
       if (!total_dh(s, m, j0, units, acc + (m - r0) * kUnits, d_h)) continue;
-      const T* o = s->act + m * 4 * H + 3 * H + j0;
-      const T* hat = s->cell_hat + m * H + j0;
-      T* d_o = s->dA + m * 4 * H + 3 * H + j0;
-      T* dy = s->dY + m * H + j0;
-      T first = 0, second = 0;
+      T o[kUnits], hat[kUnits], d_o[kUnits], dy[kUnits];
+      load_units(o, s->act + m * 4 * H + 3 * H + j0, units);
+      load_units(hat, s->cell_hat + m * H + j0, units);
+      T first[kUnits] = {}, second[kUnits] = {};
       for (int64_t u = 0; u < units; ++u) {
-        const auto grad = LayerNormLstmCell::output_backward<T>(d_h[u], o[u], hat[u], s->gamma_c[j0 + u],
-                                                               s->beta_c[j0 + u]);
+        const auto grad = LayerNormLstmCell::output_backward<T>(d_h[u], o[u], hat[u], gamma[u], beta[u]);
         d_o[u] = grad.d_o;
         dy[u] = grad.d_y;
-        const T d_hat = grad.d_y * s->gamma_c[j0 + u];
-        first += d_hat;
-        second += d_hat * hat[u];
+        first[u] = grad.d_y * gamma[u];
+        second[u] = first[u] * hat[u];
       }
-      s->sums_c[(m * s->panels + panel) * 2] = first;
-      s->sums_c[(m * s->panels + panel) * 2 + 1] = second;
+      store_units(s->dA + m * 4 * H + 3 * H + j0, d_o, units);
+      store_units(s->dY + m * H + j0, dy, units);
+      s->sums_c[(m * s->panels + panel) * 2] = sum_lanes(first);
+      s->sums_c[(m * s->panels + panel) * 2 + 1] = sum_lanes(second);
     }
   }
 };
@@ -318,26 +382,33 @@ struct LnLstmBackwardOutputTile {
 struct LnLstmBackwardCellTile {
   template <typename T>
   static GENFAST_INLINE void run(const LnBackwardStep<T>* s, int64_t panel, int64_t r0, int64_t r1, T* /*acc*/) {
+    constexpr int64_t G = 4;
     const int64_t H = s->H, j0 = panel * kUnits, units = std::min(kUnits, H - j0);
+    T gamma_c[kUnits], gamma[G][kUnits];
+    load_units(gamma_c, s->gamma_c + j0, units);
+    load_gates<G>(gamma, s->gamma_hh + j0, H, units);
     for (int64_t m = r0; m < r1; ++m) {
       T first, second;
       row_sums(s->sums_c + m * s->panels * 2, s->panels, first, second);
       const T mean_d = first / T(H), mean_dx = second / T(H), rstd = s->rstd_c[m];
-      const T* hat = s->cell_hat + m * H + j0;
-      const T* dy = s->dY + m * H + j0;
-      const T* act = s->act + m * 4 * H + j0;
-      const T* c_prev = (m < s->n_prev_fwd ? s->state_prev : s->state_init) + m * H + j0;
-      T* dc = s->dc_state + m * H + j0;
-      T* da = s->dA + m * 4 * H + j0;
-      for (int64_t u = 0; u < units; ++u) {
-        const T d_c = dc[u] + rnn::layer_norm_backward(dy[u] * s->gamma_c[j0 + u], hat[u], rstd, mean_d, mean_dx);
-        const auto grad = LayerNormLstmCell::cell_backward<T>(d_c, act[u], act[H + u], act[2 * H + u], c_prev[u]);
-        da[u] = grad.d_i;
-        da[H + u] = grad.d_f;
-        da[2 * H + u] = grad.d_g;
+      T hat[kUnits], dy[kUnits], act[3][kUnits], c_prev[kUnits], dc[kUnits], da[G][kUnits];
+      load_units(hat, s->cell_hat + m * H + j0, units);
+      load_units(dy, s->dY + m * H + j0, units);
+      load_gates<3>(act, s->act + m * 4 * H + j0, H, units);
+      load_units(c_prev, (m < s->n_prev_fwd ? s->state_prev : s->state_init) + m * H + j0, units);
+      load_units(dc, s->dc_state + m * H + j0, units);
+      load_units(da[3], s->dA + m * 4 * H + 3 * H + j0, units);
+      for (int64_t u = 0; u < kUnits; ++u) {
+        const T d_c = dc[u] + rnn::layer_norm_backward(dy[u] * gamma_c[u], hat[u], rstd, mean_d, mean_dx);
+        const auto grad = LayerNormLstmCell::cell_backward<T>(d_c, act[0][u], act[1][u], act[2][u], c_prev[u]);
+        da[0][u] = grad.d_i;
+        da[1][u] = grad.d_f;
+        da[2][u] = grad.d_g;
         dc[u] = grad.d_c_prev;
       }
-      recurrent_ln_sums<4>(s, m, panel, j0, units);
+      store_gates<3>(s->dA + m * 4 * H + j0, da, H, units);
+      store_units(s->dc_state + m * H + j0, dc, units);
+      recurrent_ln_sums<G>(s, m, panel, da, gamma, j0, units);
     }
   }
 };
@@ -346,26 +417,29 @@ struct LnLstmBackwardCellTile {
 struct LnGruBackwardGateTile {
   template <typename T>
   static GENFAST_INLINE void run(const LnBackwardStep<T>* s, int64_t panel, int64_t r0, int64_t r1, T* acc) {
+    constexpr int64_t G = 3;
     const int64_t H = s->H, j0 = panel * kUnits, units = std::min(kUnits, H - j0);
-    backward_product<3>(s, panel, r0, r1, acc);
+    backward_product<G>(s, panel, r0, r1, acc);
+    T gamma[G][kUnits];
+    load_gates<G>(gamma, s->gamma_hh + j0, H, units);
     T d_h[kUnits];
     for (int64_t m = r0; m < r1; ++m) {
       if (!total_dh(s, m, j0, units, acc + (m - r0) * kUnits, d_h)) continue;
-      const T* act = s->act + m * 4 * H + j0;
-      const T* h_prev = (m < s->n_prev_fwd ? s->state_prev : s->state_init) + m * H + j0;
-      T* dh = s->dh_state + m * H + j0;
-      T* dx = s->dA + m * 3 * H + j0;
-      T* dhh = s->dA_h + m * 3 * H + j0;
-      for (int64_t u = 0; u < units; ++u) {
-        const auto grad = rnn::GruCell::backward<T>(d_h[u], act[u], act[H + u], act[2 * H + u], act[3 * H + u],
-                                                   h_prev[u]);
-        dx[u] = dhh[u] = grad.d_r;
-        dx[H + u] = dhh[H + u] = grad.d_z;
-        dx[2 * H + u] = grad.d_xn;
-        dhh[2 * H + u] = grad.d_hn;
-        dh[u] = grad.d_h_prev;
+      T act[4][kUnits], h_prev[kUnits], dx[G][kUnits], dhh[G][kUnits], direct[kUnits];
+      load_gates<4>(act, s->act + m * 4 * H + j0, H, units);
+      load_units(h_prev, (m < s->n_prev_fwd ? s->state_prev : s->state_init) + m * H + j0, units);
+      for (int64_t u = 0; u < kUnits; ++u) {
+        const auto grad = rnn::GruCell::backward<T>(d_h[u], act[0][u], act[1][u], act[2][u], act[3][u], h_prev[u]);
+        dx[0][u] = dhh[0][u] = grad.d_r;
+        dx[1][u] = dhh[1][u] = grad.d_z;
+        dx[2][u] = grad.d_xn;
+        dhh[2][u] = grad.d_hn;
+        direct[u] = grad.d_h_prev;
       }
-      recurrent_ln_sums<3>(s, m, panel, j0, units);
+      store_gates<G>(s->dA + m * G * H + j0, dx, H, units);
+      store_gates<G>(s->dA_h + m * G * H + j0, dhh, H, units);
+      store_units(s->dh_state + m * H + j0, direct, units);
+      recurrent_ln_sums<G>(s, m, panel, dhh, gamma, j0, units);
     }
   }
 };
@@ -376,42 +450,51 @@ struct LnRecurrentBackwardTile {
   template <typename T>
   static GENFAST_INLINE void run(const LnBackwardStep<T>* s, int64_t panel, int64_t r0, int64_t r1, T* /*acc*/) {
     const int64_t H = s->H, j0 = panel * kUnits, units = std::min(kUnits, H - j0);
+    T gamma[Gates][kUnits];
+    load_gates<Gates>(gamma, s->gamma_hh + j0, H, units);
     for (int64_t m = r0; m < r1; ++m) {
       T first, second;
       row_sums(s->sums_hh + m * s->panels * 2, s->panels, first, second);
       const T mean_d = first / T(Gates * H), mean_dx = second / T(Gates * H), rstd = s->rstd_hh[m];
-      const T* da = s->dA_h + m * Gates * H + j0;
-      const T* xhat = s->xhat_hh + m * Gates * H + j0;
-      const T* gamma = s->gamma_hh + j0;
-      T* dhr = s->dhr + m * Gates * H + j0;
+      T da[Gates][kUnits], xhat[Gates][kUnits];
+      load_gates<Gates>(da, s->dA_h + m * Gates * H + j0, H, units);
+      load_gates<Gates>(xhat, s->xhat_hh + m * Gates * H + j0, H, units);
       for (int64_t g = 0; g < Gates; ++g)
-        for (int64_t u = 0; u < units; ++u)
-          dhr[g * H + u] =
-              rnn::layer_norm_backward(da[g * H + u] * gamma[g * H + u], xhat[g * H + u], rstd, mean_d, mean_dx);
+        for (int64_t u = 0; u < kUnits; ++u)
+          da[g][u] = rnn::layer_norm_backward(da[g][u] * gamma[g][u], xhat[g][u], rstd, mean_d, mean_dx);
+      store_gates<Gates>(s->dhr + m * Gates * H + j0, da, H, units);
     }
   }
 };
 
 // ---------------------------------------------------------------- row-wise LN of the input side
+// The sum of W values by lanes (see sum_lanes).
+template <typename T, typename Value>
+GENFAST_INLINE T sum_row(int64_t W, const Value& value) {
+  T lane[kUnits] = {};
+  int64_t k = 0;
+  for (; k + kUnits <= W; k += kUnits)
+    for (int64_t u = 0; u < kUnits; ++u) lane[u] += value(k + u);
+  T sum = sum_lanes(lane);
+  for (; k < W; ++k) sum += value(k);
+  return sum;
+}
+
 // v (S, W) <- LN(v) gain + bias per row; xhat and rstd saved when given.
 template <typename T>
 void input_layer_norm(int64_t S, int64_t W, T* v, const T* gain, const T* bias, T* xhat, T* rstd) {
   at::parallel_for(0, S, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      T* row = v + r * W;
-      T sum = 0;
-      for (int64_t k = 0; k < W; ++k) sum += row[k];
-      const T mean = sum / T(W);
-      T m2 = 0;
-      for (int64_t k = 0; k < W; ++k) m2 += (row[k] - mean) * (row[k] - mean);
+      T* __restrict__ row = v + r * W;
+      const T mean = sum_row<T>(W, [&](int64_t k) { return row[k]; }) / T(W);
+      const T m2 = sum_row<T>(W, [&](int64_t k) { return (row[k] - mean) * (row[k] - mean); });
       const T rs = rnn::layer_norm_rstd(Moments<T>{T(W), mean, m2});
       if (rstd) rstd[r] = rs;
-      T* xh = xhat ? xhat + r * W : nullptr;
-      for (int64_t k = 0; k < W; ++k) {
-        const T value = (row[k] - mean) * rs;
-        if (xh) xh[k] = value;
-        row[k] = value * gain[k] + (bias ? bias[k] : T(0));
+      if (xhat) {
+        T* __restrict__ xh = xhat + r * W;
+        for (int64_t k = 0; k < W; ++k) xh[k] = (row[k] - mean) * rs;
       }
+      for (int64_t k = 0; k < W; ++k) row[k] = (row[k] - mean) * rs * gain[k] + (bias ? bias[k] : T(0));
     }
   });
 }
@@ -421,15 +504,10 @@ template <typename T>
 void input_layer_norm_backward(int64_t S, int64_t W, T* d, const T* gain, const T* xhat, const T* rstd) {
   at::parallel_for(0, S, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      T* row = d + r * W;
-      const T* xh = xhat + r * W;
-      T first = 0, second = 0;
-      for (int64_t k = 0; k < W; ++k) {
-        const T dx = row[k] * gain[k];
-        first += dx;
-        second += dx * xh[k];
-      }
-      const T mean_d = first / T(W), mean_dx = second / T(W);
+      T* __restrict__ row = d + r * W;
+      const T* __restrict__ xh = xhat + r * W;
+      const T mean_d = sum_row<T>(W, [&](int64_t k) { return row[k] * gain[k]; }) / T(W);
+      const T mean_dx = sum_row<T>(W, [&](int64_t k) { return row[k] * gain[k] * xh[k]; }) / T(W);
       for (int64_t k = 0; k < W; ++k)
         row[k] = rnn::layer_norm_backward(row[k] * gain[k], xh[k], rstd[r], mean_d, mean_dx);
     }

@@ -109,9 +109,10 @@ struct LayerNormLstmCell {
     T i, f, g, o, c;
   };
 
-  // The gates from the pre-activations a (both sides normalised, gained and biased) and c_t.
+  // The gates from the pre-activations a (both sides normalised, gained and biased) and c_{t-1}
+  // (by reference, read where it is used: see LstmCell::forward).
   template <typename T>
-  static GENFAST_HD Gates<T> gates(T a_i, T a_f, T a_g, T a_o, T c_prev) {
+  static GENFAST_HD Gates<T> gates(T a_i, T a_f, T a_g, T a_o, const T& c_prev) {
     Gates<T> out;
     out.i = math::sigmoid<T>(a_i);
     out.f = math::sigmoid<T>(a_f);
