@@ -17,7 +17,6 @@ itself computes in float64 (see test_float64_layer_gives_float64_module).
 """
 from __future__ import annotations
 
-import inspect
 import os
 
 import pytest
@@ -38,13 +37,6 @@ ATOL = 2e-5
 ATOL_FLOAT64 = 1e-12
 SHAPES = [(1, 1), (3, 7), (8, 20)]  # (batch, sequence length)
 I, H = 5, 6
-
-GRU_HAS_RESET_AFTER = "reset_after" in inspect.signature(gnn.GRU.__init__).parameters
-# genfast.nn.GRU(reset_after=False) is added by another change; until it is there, the conversion of a
-# reset_after=False Keras GRU raises NotImplementedError. Once it is, these cases must pass (no mark left).
-needs_reset_after = pytest.mark.xfail(not GRU_HAS_RESET_AFTER, raises=NotImplementedError, strict=True,
-                                      reason="genfast.nn.GRU has no reset_after keyword yet")
-
 
 def test_keras_runs_on_torch():
     assert keras.backend.backend() == "torch", "KERAS_BACKEND must be torch (set before keras is imported)"
@@ -95,7 +87,7 @@ def assert_matches_keras(actual, expected, atol):
         np.testing.assert_allclose(a, e, rtol=0, atol=atol, err_msg=name)
 
 
-KINDS = ["lstm", "gru", pytest.param("gru_reset_before", marks=needs_reset_after)]
+KINDS = ["lstm", "gru", "gru_reset_before"]
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -19,7 +19,6 @@ only when a conversion is asked for; genfast does not depend on it.
 """
 from __future__ import annotations
 
-import inspect
 
 import numpy as np
 import torch
@@ -46,10 +45,6 @@ def from_keras(cls, layer):
 
     kwargs, parameters = convert(layer)
     dtype = parameters["weight_ih_l0"].dtype
-    if "reset_after" in kwargs and "reset_after" not in inspect.signature(cls.__init__).parameters:
-        raise NotImplementedError(
-            f"{cls.__name__}.from_keras: this Keras GRU has reset_after=False, which needs "
-            f"genfast.nn.GRU(..., reset_after=False); this version of genfast has no such argument")
     module = cls(layer.cell.kernel.shape[0], layer.units, bias=layer.use_bias, batch_first=True, dtype=dtype,
                  **kwargs)
     own = dict(module.named_parameters())
