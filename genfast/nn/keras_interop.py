@@ -19,7 +19,6 @@ only when a conversion is asked for; genfast does not depend on it.
 """
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 
