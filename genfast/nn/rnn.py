@@ -186,7 +186,8 @@ class _RegularizedRNN:
       step; eval, h_t = p * h_{t-1} + (1 - p) * h~_t. ``cell_zoneout`` the same for the LSTM's c (own mask).
     - ``recurrent_dropout=p``: training, h_{t-1} times one Bernoulli(1 - p) / (1 - p) mask per row and
       unit (per forward call, layer and direction) where it enters the recurrent product W_hh h_{t-1};
-      the carried state is not masked.
+      the carried state is not masked. GRU(reset_after=False): W_hr and W_hz read m * h_{t-1}, W_hn reads
+      r * (m * h_{t-1}), and z * h_{t-1} keeps the carried h.
     - ``weight_dropout=p``: training, W_hh times one Bernoulli(1 - p) / (1 - p) mask per forward call,
       layer and direction (DropConnect).
 
@@ -322,10 +323,8 @@ class GRU(_RegularizedRNN, _FusedRNNBase):
         if not self.reset_after:
             if self._regularizers_active():
                 w_hh, masks = self._regularize(input, batch_sizes, states, w_hh)
-                if masks:
-                    raise NotImplementedError(
-                        "genfast.nn.GRU: zoneout and recurrent_dropout are not yet fused for reset_after=False")
-            return ops.rnn.gru_reset_before(input, states[0], w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)
+                return ops.gru_reset_before(input, states[0], w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, **masks)
+            return ops.gru_reset_before(input, states[0], w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse)
         if self._regularizers_active():
             w_hh, masks = self._regularize(input, batch_sizes, states, w_hh)
             return ops.gru(input, states[0], w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, **masks)
