@@ -119,6 +119,8 @@ struct UpdateTile {
     const int64_t H = s->H, j0 = panel * kUnits, units = std::min(kUnits, H - j0);
     const int64_t ld_saved = Cell::kSaved * H;
     const T* rh = s->saved + r0 * ld_saved + Cell::kRh * H;
+    if (s->reg)
+      for (int64_t m = r0; m < std::min(r1, r0 + kPrefetchRows); ++m) prefetch_regularizer_row(s->reg, m, j0, H);
     if (s->packed_n) {
       gemm_panel<T>(r1 - r0, H, rh, ld_saved, s->packed_n + panel * H * kUnits, kUnits, acc, kUnits);
     } else {
@@ -127,6 +129,7 @@ struct UpdateTile {
       dot_panel<T>(r1 - r0, H, rh, ld_saved, rows, kUnits, acc, kUnits);
     }
     for (int64_t m = r0; m < r1; ++m, acc += kUnits) {
+      if (s->reg && m + kPrefetchRows < r1) prefetch_regularizer_row(s->reg, m + kPrefetchRows, j0, H);
       T* saved = s->saved + m * ld_saved + j0;
       Cell::forward_update_units<T>(units, acc, s->gx + m * kGates * H + 2 * H + j0, saved + Cell::kZ * H,
                                     s->h_prev + m * H + j0, saved + Cell::kN * H, s->out + m * H + j0,
@@ -207,6 +210,8 @@ struct UpdateBackwardTile {
     const int64_t H = s->H, j0 = panel * kUnits, units = std::min(kUnits, H - j0);
     const int64_t ld = kGates * H;
     const int64_t prev_rows = std::min(r1, s->n_prev) - r0;
+    if (s->reg)
+      for (int64_t m = r0; m < std::min({r1, r0 + kPrefetchRows, s->n}); ++m) prefetch_regularizer_row(s->reg, m, j0, H);
     if (prev_rows > 0)
       column_product<T>(s->packed_rz, s->rz_t, s->dG_prev + r0 * ld, ld, Cell::kFirstGates * H, H, panel, prev_rows,
                         acc);
@@ -214,6 +219,7 @@ struct UpdateBackwardTile {
     static constexpr T zeros[kUnits] = {};
     for (int64_t m = r0; m < r1; ++m, acc += kUnits) {
       T* dh = s->dh_state + m * H + j0;
+      if (s->reg && m + kPrefetchRows < std::min(r1, s->n)) prefetch_regularizer_row(s->reg, m + kPrefetchRows, j0, H);
       if (m >= s->n) {
         if (m < s->n_prev)
           for (int64_t u = 0; u < units; ++u) dh[u] += acc[u];

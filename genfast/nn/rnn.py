@@ -246,22 +246,26 @@ def _uniform16(shape, device) -> Tensor:
     return bits.view(torch.int16)[:n].view(shape)
 
 
-def _below(u: Tensor, p: float) -> Tensor:
-    """u < t with P(u < t) = p to 2^-16, for u uniform over int16 (a threshold past int16 is all true)."""
+def _below(u: Tensor, p: float, dtype: torch.dtype) -> Tensor:
+    """1 where u < t, else 0, in ``dtype``, with P(u < t) = p to 2^-16 for u uniform over int16. Computed as
+    t - u clamped to [0, 1], exact because both are integers (float32 holds them): on the CPU ~5x faster than
+    a comparison and a bool-to-float conversion, which cost more than the random draw itself."""
     t = round(p * 65536) - 32768
-    return u < t if t <= 32767 else torch.ones_like(u, dtype=torch.bool)
+    exact = torch.float64 if dtype == torch.float64 else torch.float32
+    below = u.to(exact).neg_().add_(t).clamp_(0, 1)
+    return below if dtype == exact else below.to(dtype)
 
 
 def _bernoulli(shape, p: float, like: dict) -> Tensor:
     """1 with probability p (to 2^-16), else 0."""
-    return _below(_uniform16(shape, like["device"]), p).to(like["dtype"])
+    return _below(_uniform16(shape, like["device"]), p, like["dtype"])
 
 
 def _dropout_mask(shape, p: float, like: dict) -> Tensor:
     """Bernoulli(1 - p) / (1 - p) of ``shape`` (all zeros at p = 1, as F.dropout)."""
     if p >= 1.0:
         return torch.zeros(shape, **like)
-    return (~_below(_uniform16(shape, like["device"]), p)).to(like["dtype"]).div_(1.0 - p)
+    return _below(_uniform16(shape, like["device"]), p, like["dtype"]).neg_().add_(1).div_(1.0 - p)
 
 
 class LSTM(_RegularizedRNN, _FusedRNNBase):
