@@ -52,13 +52,17 @@ TORCH_LIBRARY(genfast, m) {
   // ---- GRU with the reset gate before the recurrent product (Keras' reset_after=False; rnn::GruResetBeforeCell):
   // n = tanh(W_in x + b_in + W_hn (r*h) + b_hn); gates and parameters otherwise as gru_*. Every gate's
   // pre-activation is input side + recurrent side, so one gradient serves b_ih and b_hh (grad_bias).
+  // Regularisers as gru_*: recurrent_mask multiplies h_{t-1} where it enters both products, so W_hn
+  // reads r * (h_{t-1} * recurrent_mask); z * h_{t-1} keeps the carried h.
   // Kernels: csrc/cpu/gru_reset_before.cpp, csrc/cuda/gru_reset_before_glue.cpp.
   m.def(
       "gru_reset_before_forward(Tensor input, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
-      "Tensor? batch_sizes, bool reverse, bool train) -> (Tensor output, Tensor hy, Tensor workspace)");
+      "Tensor? batch_sizes, bool reverse, bool train, Tensor? zoneout=None, Tensor? recurrent_mask=None) "
+      "-> (Tensor output, Tensor hy, Tensor workspace)");
   m.def(
       "gru_reset_before_backward(Tensor grad_output, Tensor grad_hy, Tensor input, Tensor hx, Tensor w_ih, "
-      "Tensor w_hh, Tensor output, Tensor workspace, Tensor? batch_sizes, bool reverse) "
+      "Tensor w_hh, Tensor output, Tensor workspace, Tensor? batch_sizes, bool reverse, Tensor? zoneout=None, "
+      "Tensor? recurrent_mask=None) "
       "-> (Tensor grad_input, Tensor grad_hx, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias)");
   // ---- attention (csrc/cpu/attention.cpp) ------------------------------------------
   // ATTENTION_SCHEMAS

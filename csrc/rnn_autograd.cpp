@@ -182,24 +182,25 @@ GRUOutputs gru_forward_autograd(const at::Tensor& input, const at::Tensor& hx, c
 }
 
 // ---------------------------------------------------------------- GRU, reset gate before the product
-// The gru_* argument lists (without the regularisers' masks); its backward returns one bias gradient
-// for b_ih and b_hh, as the LSTM's.
-using GRUResetBeforeForward = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
-    const OptTensor&, const OptTensor&, bool, bool);
+// The gru_* argument lists; its backward returns one bias gradient for b_ih and b_hh, as the LSTM's.
+using GRUResetBeforeForward = GRUForward;
 using GRUResetBeforeBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, bool);
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, bool, const OptTensor&,
+    const OptTensor&);
 
 struct GRUResetBeforeFunction : public torch::autograd::Function<GRUResetBeforeFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& hx,
                                const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& b_ih,
-                               const OptTensor& b_hh, const OptTensor& batch_sizes, bool reverse, bool train) {
+                               const OptTensor& b_hh, const OptTensor& batch_sizes, bool reverse, bool train,
+                               const OptTensor& zoneout, const OptTensor& recurrent_mask) {
     static auto op = find_op<GRUResetBeforeForward>("genfast::gru_reset_before_forward");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [output, hy, workspace] = op.call(input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, train);
+    auto [output, hy, workspace] =
+        op.call(input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, train, zoneout, recurrent_mask);
     save_forward(ctx, workspace, reverse, b_ih.has_value(),
-                 {input, hx, w_ih, w_hh, output, workspace, batch_sizes.value_or(at::Tensor())});
+                 {input, hx, w_ih, w_hh, output, workspace, batch_sizes.value_or(at::Tensor()),
+                  zoneout.value_or(at::Tensor()), recurrent_mask.value_or(at::Tensor())});
     return {output, hy, workspace};
   }
 
@@ -207,11 +208,13 @@ struct GRUResetBeforeFunction : public torch::autograd::Function<GRUResetBeforeF
     static auto op = find_op<GRUResetBeforeBackward>("genfast::gru_reset_before_backward");
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &input = saved[0], &hx = saved[1], &w_ih = saved[2], &w_hh = saved[3], &output = saved[4],
-                     &workspace = saved[5], &batch_sizes = saved[6];
+                     &workspace = saved[5], &batch_sizes = saved[6], &zoneout = saved[7],
+                     &recurrent_mask = saved[8];
     check_workspace(workspace, "gru_reset_before_forward");
     auto [grad_input, grad_hx, grad_w_ih, grad_w_hh, grad_bias] =
         op.call(zeros_if_undefined(grads[0], output), zeros_if_undefined(grads[1], hx), input, hx, w_ih, w_hh,
-                output, workspace, optional_of(batch_sizes), ctx->saved_data["reverse"].toBool());
+                output, workspace, optional_of(batch_sizes), ctx->saved_data["reverse"].toBool(), optional_of(zoneout),
+                optional_of(recurrent_mask));
     return {grad_input,
             grad_hx,
             grad_w_ih,
@@ -220,15 +223,18 @@ struct GRUResetBeforeFunction : public torch::autograd::Function<GRUResetBeforeF
             if_bias(ctx, grad_bias),
             at::Tensor(),   // batch_sizes
             at::Tensor(),   // reverse
-            at::Tensor()};  // train
+            at::Tensor(),   // train
+            at::Tensor(),   // zoneout
+            at::Tensor()};  // recurrent_mask
   }
 };
 
 GRUOutputs gru_reset_before_forward_autograd(const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih,
                                              const at::Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
-                                             const OptTensor& batch_sizes, bool reverse, bool train) {
-  const variable_list out =
-      GRUResetBeforeFunction::apply(input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, train);
+                                             const OptTensor& batch_sizes, bool reverse, bool train,
+                                             const OptTensor& zoneout, const OptTensor& recurrent_mask) {
+  const variable_list out = GRUResetBeforeFunction::apply(input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse,
+                                                          train, zoneout, recurrent_mask);
   return {out[0], out[1], out[2]};
 }
 

@@ -87,8 +87,11 @@ def zoned(keep: Tensor | None, t: int, prev: Tensor, fresh: Tensor) -> Tensor:
     if keep is None:
         return fresh
     return keep[t] * prev + (1 - keep[t]) * fresh
+
+
 def gru_reset_before_cell(x_t: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor,
-                          b_ih: Tensor | None = None, b_hh: Tensor | None = None) -> Tensor:
+                          b_ih: Tensor | None = None, b_hh: Tensor | None = None,
+                          h_product: Tensor | None = None) -> Tensor:
     """One step of the GRU with the reset gate before the recurrent product (Cho et al. 2014,
     Keras' reset_after=False), on torch.nn.GRU's parameters (gates r, z, n):
 
@@ -96,28 +99,38 @@ def gru_reset_before_cell(x_t: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor,
     z = sigmoid(W_iz x + b_iz + W_hz h + b_hz)
     n = tanh(W_in x + b_in + W_hn (r * h) + b_hn)
     h' = (1 - z) * n + z * h
+
+    h_product: the h the three recurrent products read when it is not h itself. Under recurrent dropout
+    it is m * h: W_hr (m * h), W_hz (m * h) and W_hn (r * (m * h)), while z * h keeps the unmasked h.
     """
+    hp = h if h_product is None else h_product
     w_ir, w_iz, w_in = w_ih.chunk(3, dim=0)
     w_hr, w_hz, w_hn = w_hh.chunk(3, dim=0)
     b_ir, b_iz, b_in = b_ih.chunk(3) if b_ih is not None else (0, 0, 0)
     b_hr, b_hz, b_hn = b_hh.chunk(3) if b_hh is not None else (0, 0, 0)
-    r = torch.sigmoid(x_t @ w_ir.t() + b_ir + h @ w_hr.t() + b_hr)
-    z = torch.sigmoid(x_t @ w_iz.t() + b_iz + h @ w_hz.t() + b_hz)
-    n = torch.tanh(x_t @ w_in.t() + b_in + (r * h) @ w_hn.t() + b_hn)
+    r = torch.sigmoid(x_t @ w_ir.t() + b_ir + hp @ w_hr.t() + b_hr)
+    z = torch.sigmoid(x_t @ w_iz.t() + b_iz + hp @ w_hz.t() + b_hz)
+    n = torch.tanh(x_t @ w_in.t() + b_in + (r * hp) @ w_hn.t() + b_hn)
     return (1 - z) * n + z * h
 
 
 def gru_reset_before_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor,
                            b_ih: Tensor | None = None, b_hh: Tensor | None = None,
-                           reverse: bool = False, cell=gru_reset_before_cell) -> tuple[Tensor, Tensor]:
+                           reverse: bool = False, cell=gru_reset_before_cell, *, zoneout: Tensor | None = None,
+                           recurrent_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One layer, one direction, of gru_reset_before_cell over x of shape (T, N, I): a Python loop
     over the steps calling ``cell`` (the function above, or a compiled copy of it).
-    Returns (output (T, N, H), h_T)."""
+    Returns (output (T, N, H), h_T). Regularisers as lstm_layer's: zoneout (T, N, H) zones out the cell's
+    h' against h; recurrent_mask (N, H) m gives the cell h_product = m * h."""
     outputs = []
     h = h0
     steps = range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])
     for t in steps:
-        h = cell(x[t], h, w_ih, w_hh, b_ih, b_hh)
+        if recurrent_mask is None:
+            fresh = cell(x[t], h, w_ih, w_hh, b_ih, b_hh)
+        else:
+            fresh = cell(x[t], h, w_ih, w_hh, b_ih, b_hh, h_product=h * recurrent_mask)
+        h = zoned(zoneout, t, h, fresh)
         outputs.append(h)
     if reverse:
         outputs.reverse()

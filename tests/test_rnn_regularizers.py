@@ -1,5 +1,5 @@
-"""The regularisers of genfast.nn.LSTM / GRU (issue 19, item 4): zoneout, cell zoneout, recurrent
-dropout, weight dropout.
+"""The regularisers of genfast.nn.LSTM / GRU, both reset_after (issue 19, item 4): zoneout, cell zoneout,
+recurrent dropout, weight dropout.
 
 Op level: the fused kernels given explicit masks against genfast.reference given the same masks
 (outputs, final states, every gradient; float64, float32, fp64 gradcheck, packed and reverse,
@@ -27,7 +27,8 @@ from .rnn_cells import CELLS, LSTM, TOLERANCES, op_case
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # The masks each cell takes; the LSTM's cell_zoneout exists only for a cell with a cell state.
-KINDS = {"lstm": ("zoneout", "cell_zoneout", "recurrent_mask"), "gru": ("zoneout", "recurrent_mask")}
+KINDS = {"lstm": ("zoneout", "cell_zoneout", "recurrent_mask"), "gru": ("zoneout", "recurrent_mask"),
+         "gru_reset_before": ("zoneout", "recurrent_mask")}
 REGULARIZED_CELLS = [cell for cell in CELLS if cell.name in KINDS]  # the cells whose ops take the masks
 
 
@@ -77,7 +78,8 @@ def run_layer(cell, x, states, w, case, masks):
         out, hy, cy = ops.lstm(x, *states, **weights, batch_sizes=case["batch_sizes"], reverse=case["reverse"],
                                **masks)
         return out, [hy, cy]
-    out, hy = ops.gru(x, *states, **weights, batch_sizes=case["batch_sizes"], reverse=case["reverse"], **masks)
+    layer = ops.gru if cell.name == "gru" else ops.gru_reset_before
+    out, hy = layer(x, *states, **weights, batch_sizes=case["batch_sizes"], reverse=case["reverse"], **masks)
     return out, [hy]
 
 
@@ -236,6 +238,7 @@ class MaskRecorder:
     def __init__(self, monkeypatch):
         self.calls, self.dropout_masks = [], []
         real_lstm, real_gru, real_mask = ops.lstm, ops.gru, gnn_rnn._dropout_mask
+        real_gru_reset_before = ops.gru_reset_before
 
         def record(real):
             def wrapped(*args, **kwargs):
@@ -250,12 +253,13 @@ class MaskRecorder:
 
         monkeypatch.setattr(gnn_rnn.ops, "lstm", record(real_lstm))
         monkeypatch.setattr(gnn_rnn.ops, "gru", record(real_gru))
+        monkeypatch.setattr(gnn_rnn.ops, "gru_reset_before", record(real_gru_reset_before))
         monkeypatch.setattr(gnn_rnn, "_dropout_mask", mask)
 
 
 def module_reference(module, x, hx, recorder):
     """genfast.reference for a padded (T, N, I) multi-layer, bidirectional module, with the masks it drew."""
-    cell = LSTM if isinstance(module, gnn.LSTM) else _cell("gru")
+    cell = LSTM if isinstance(module, gnn.LSTM) else _cell("gru" if module.reset_after else "gru_reset_before")
     directions = 2 if module.bidirectional else 1
     states = [hx] if not isinstance(hx, tuple) else list(hx)
     layer_input, finals = x, [[] for _ in states]
@@ -285,6 +289,7 @@ MODULE_RATES = {"lstm": [dict(zoneout=0.3), dict(cell_zoneout=0.4), dict(recurre
                          dict(zoneout=0.2, cell_zoneout=0.3, recurrent_dropout=0.3, weight_dropout=0.4)],
                 "gru": [dict(zoneout=0.3), dict(recurrent_dropout=0.25), dict(weight_dropout=0.5),
                         dict(zoneout=0.2, recurrent_dropout=0.3, weight_dropout=0.4)]}
+MODULE_RATES["gru_reset_before"] = MODULE_RATES["gru"]
 
 
 def _module_params():

@@ -68,6 +68,8 @@ struct ForwardTile {
     const int64_t units = std::min(kUnits, H - j0);
     // The recurrent product's h_{t-1}: times the recurrent dropout mask when there is one.
     const T* h_in = s->reg && s->reg->h_product ? s->reg->h_product : s->h_prev;
+    if (s->reg)
+      for (int64_t m = r0; m < std::min(r1, r0 + kPrefetchRows); ++m) prefetch_regularizer_row(s->reg, m, j0, H);
     if (Cell::kSidesAdd && s->x) {
       const int64_t K = s->I + s->Hout;
       gemm_panel_stacked<T>(r1 - r0, s->I, s->x + r0 * s->I, s->I, s->Hout, h_in + r0 * s->Hout, s->Hout,
@@ -87,6 +89,7 @@ struct ForwardTile {
     for (int64_t m = r0; m < r1; ++m, acc += kWidth) {
       if ((!Cell::kSidesAdd || s->gx_stride) && m + kPrefetchRows < r1)
         prefetch_gate_row(s->gx + (m + kPrefetchRows) * s->gx_stride + j0, kGates, H);
+      if (s->reg && m + kPrefetchRows < r1) prefetch_regularizer_row(s->reg, m + kPrefetchRows, j0, H);
       const T* gx = s->gx + m * s->gx_stride + j0;
       T* c = Cell::kCellState ? s->c + m * H + j0 : nullptr;
       const T* h_prev = Cell::kCellState ? nullptr : s->h_prev + m * s->Hout + j0;
@@ -307,6 +310,7 @@ GENFAST_INLINE void prefetch_backward_row(const BackwardStep<T>* s, int64_t m, i
   prefetch_gate_row(s->grad_out + m * s->Hout + j0, 1, 0);
   prefetch_gate_row(s->dG + m * G * H + j0, G, H);
   if (!Cell::kSidesAdd) prefetch_gate_row(s->dG_h + m * G * H + j0, G, H);
+  if (s->reg) prefetch_regularizer_row(s->reg, m, j0, H);
 }
 
 // Without projection: h's columns are the hidden units, so one tile does it all.

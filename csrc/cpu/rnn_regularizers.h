@@ -79,13 +79,23 @@ struct RegularizerTensors {
   }
 };
 
+// The zoneout weights of row m (units [j0, j0 + 16)), fetched ahead as the loops fetch their other row
+// inputs (rnn_common.h, prefetch_gate_row): an (S, H) stream of its own, read once per pass.
+template <typename T>
+GENFAST_INLINE void prefetch_regularizer_row(const RegularizerStep<T>* r, int64_t m, int64_t j0, int64_t H) {
+  for (const T* keep : {r->zoneout, r->cell_zoneout})
+    if (keep) {
+      __builtin_prefetch(keep + m * H + j0, 0, 3);
+      __builtin_prefetch(keep + m * H + j0 + 15, 0, 3);
+    }
+}
+
 // ---- forward: around the cell's update of row m (units [j0, j0 + units))
 
 // Before the update: c_{t-1}, which the update overwrites in place and cell zoneout needs.
 template <typename Cell, typename T>
 GENFAST_INLINE void regularize_forward_before(const RegularizerStep<T>* r, const T* c, int64_t units, T* c_prev) {
-  if (Cell::kCellState && r->cell_zoneout)
-    for (int64_t u = 0; u < units; ++u) c_prev[u] = c[u];
+  if (Cell::kCellState && r->cell_zoneout) rnn::copy_units<T>(units, c, c_prev);
 }
 
 // After the update (and after the workspace kept the cell's own c~_t): c and h zoned out, the
@@ -131,10 +141,8 @@ GENFAST_INLINE void regularized_cell_backward(const RegularizerStep<T>* r, int64
   }
   const T* keep = r->cell_zoneout + m * H + j0;
   T dc_next[16];
-  for (int64_t u = 0; u < units; ++u) {
-    dc_next[u] = dc_row[u];
-    dc_row[u] = rnn::zoneout_grad_fresh<T>(keep[u], dc_next[u]);
-  }
+  rnn::copy_units<T>(units, dc_row, dc_next);
+  for (int64_t u = 0; u < units; ++u) dc_row[u] = rnn::zoneout_grad_fresh<T>(keep[u], dc_next[u]);
   cell_backward();
   for (int64_t u = 0; u < units; ++u) dc_row[u] += rnn::zoneout_grad_prev<T>(keep[u], dc_next[u]);
 }

@@ -3,6 +3,7 @@
 // from rnn::GruResetBeforeCell (csrc/rnn/cells.h), the same as the CPU's.
 #include "gru_reset_before_kernels.h"
 #include "rnn/cells.h"
+#include "rnn/regularizers.h"
 #include "rnn_device.cuh"
 
 namespace genfast {
@@ -44,11 +45,14 @@ __global__ void forward_update_kernel(const ResetBeforeForwardArgs<T> a) {
   if (!row_and_unit(a.rows, H, n, j)) return;
   T* saved = a.saved + n * Cell::kSaved * H + j;
   const A pre_n = to_acc(a.gates_x[n * Cell::kGates * H + Cell::kN * H + j]) + to_acc(a.gates_h[n * H + j]);
-  const auto u = Cell::forward_update<A>(pre_n, to_acc(saved[Cell::kZ * H]), to_acc(a.h_prev[n * H + j]));
+  const A h_prev = to_acc(a.h_prev[n * H + j]);
+  const auto u = Cell::forward_update<A>(pre_n, to_acc(saved[Cell::kZ * H]), h_prev);
   saved[Cell::kN * H] = from_acc<T>(u.n);
-  const T h = from_acc<T>(u.h);
+  const A h_new = a.zoneout != nullptr ? rnn::zoneout<A>(to_acc(a.zoneout[n * H + j]), h_prev, u.h) : u.h;
+  const T h = from_acc<T>(h_new);
   a.h_dst[n * H + j] = h;
   a.h_dst2[n * H + j] = h;
+  if (a.h_masked_dst != nullptr) a.h_masked_dst[n * H + j] = from_acc<T>(h_new * to_acc(a.recurrent_mask[n * H + j]));
 }
 
 template <typename T>
@@ -59,14 +63,21 @@ __global__ void backward_update_kernel(const ResetBeforeBackwardArgs<T> a) {
   if (!row_and_unit(a.rows, H, n, j)) return;
   const T h_prev = n < a.prev_rows ? a.h_prev[n * H + j] : a.hx[n * H + j];
   const T* saved = a.saved + n * Cell::kSaved * H + j;
-  const A d_h = to_acc(a.grad_out[n * H + j]) + to_acc(a.d_h[n * H + j]);
+  A d_h = to_acc(a.grad_out[n * H + j]) + to_acc(a.d_h[n * H + j]);
+  A to_prev = A(0);  // zoneout: the direct part of dL/dh_{t-1}
+  if (a.zoneout != nullptr) {
+    const A keep = to_acc(a.zoneout[n * H + j]);
+    to_prev = rnn::zoneout_grad_prev<A>(keep, d_h);
+    d_h = rnn::zoneout_grad_fresh<A>(keep, d_h);
+  }
   const auto g = Cell::backward_update<A>(d_h, to_acc(saved[Cell::kZ * H]), to_acc(saved[Cell::kN * H]),
                                           to_acc(h_prev));
   T* d_gates = a.d_gates + n * Cell::kGates * H + j;
   d_gates[Cell::kZ * H] = from_acc<T>(g.d_z);
   d_gates[Cell::kN * H] = from_acc<T>(g.d_n);
-  a.d_h[n * H + j] = from_acc<T>(g.d_h_prev);
-  a.h_prev_dst[n * H + j] = h_prev;
+  a.d_h[n * H + j] = from_acc<T>(g.d_h_prev + to_prev);
+  a.h_prev_dst[n * H + j] =
+      a.recurrent_mask != nullptr ? from_acc<T>(to_acc(h_prev) * to_acc(a.recurrent_mask[n * H + j])) : h_prev;
 }
 
 template <typename T>
@@ -76,8 +87,10 @@ __global__ void backward_reset_kernel(const ResetBeforeBackwardArgs<T> a) {
   int64_t n, j;
   if (!row_and_unit(a.rows, H, n, j)) return;
   const A h_prev = to_acc(n < a.prev_rows ? a.h_prev[n * H + j] : a.hx[n * H + j]);
-  const auto g = Cell::backward_reset<A>(to_acc(a.d_rh[n * H + j]),
-                                         to_acc(a.saved[n * Cell::kSaved * H + Cell::kR * H + j]), h_prev);
+  // Under recurrent dropout d_rh is dL/d(r * (h * m)): times m, the cell's backward of r * h applies.
+  A d_rh = to_acc(a.d_rh[n * H + j]);
+  if (a.recurrent_mask != nullptr) d_rh *= to_acc(a.recurrent_mask[n * H + j]);
+  const auto g = Cell::backward_reset<A>(d_rh, to_acc(a.saved[n * Cell::kSaved * H + Cell::kR * H + j]), h_prev);
   a.d_gates[n * Cell::kGates * H + Cell::kR * H + j] = from_acc<T>(g.d_r);
   a.d_h[n * H + j] = from_acc<T>(to_acc(a.d_h[n * H + j]) + g.d_h_prev);
 }

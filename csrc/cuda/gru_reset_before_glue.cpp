@@ -9,6 +9,9 @@
 //   backward: backward_update (dG_z, dG_n, dh <- z dL/dh_t);  d_rh = dG_n @ W_hn;
 //             backward_reset (dG_r, dh += r d_rh);  dh[:n_t] += dG_{r,z} @ W_h{r,z}
 //   after the loop: grad_input, grad_w_ih, and grad_w_hh from h_{t-1} (r, z rows) and the saved r*h (n rows).
+// Regularisers (optional masks, checked as the other cells'): under recurrent dropout the r, z product
+// reads h * m (a second state buffer the update kernel writes) and dh gains (dG_{r,z} W_h{r,z}) * m; the
+// kernels do the rest (gru_reset_before_kernels.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -20,6 +23,7 @@
 #include <tuple>
 
 #include "gru_reset_before_kernels.h"
+#include "rnn/regularizers_host.h"
 #include "rnn/rnn_host.h"
 
 namespace genfast {
@@ -47,6 +51,15 @@ K* data(const Tensor& t) {
   return reinterpret_cast<K*>(t.data_ptr());
 }
 
+template <typename K>
+K* data_or_null(const Tensor& t) {
+  return t.defined() ? data<K>(t) : nullptr;
+}
+
+Tensor contiguous_or_undefined(const std::optional<Tensor>& t) {
+  return t.has_value() ? t->contiguous() : Tensor();
+}
+
 const std::optional<Tensor> kNone;
 
 std::tuple<Tensor, Tensor, Tensor> gru_reset_before_forward_cuda(const Tensor& input, const Tensor& hx,
@@ -54,10 +67,13 @@ std::tuple<Tensor, Tensor, Tensor> gru_reset_before_forward_cuda(const Tensor& i
                                                                  const std::optional<Tensor>& b_ih,
                                                                  const std::optional<Tensor>& b_hh,
                                                                  const std::optional<Tensor>& batch_sizes,
-                                                                 bool reverse, bool train) {
+                                                                 bool reverse, bool train,
+                                                                 const std::optional<Tensor>& zoneout_arg,
+                                                                 const std::optional<Tensor>& recurrent_mask_arg) {
   const rnn::LayerArgs a{input, hx, nullptr, w_ih, w_hh, b_ih, b_hh, kNone, batch_sizes};
   const rnn::Schedule sc = rnn::make_schedule(input, batch_sizes);
   const rnn::Dims d = rnn::check_forward<Cell>(rnn::kCuda, a, sc);
+  rnn::check_regularizers<Cell>({zoneout_arg, kNone, recurrent_mask_arg}, a, sc, d);
   const int64_t S = sc.rows, H = d.H, N = sc.batch;
   const c10::cuda::CUDAGuard guard(input.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
@@ -77,6 +93,11 @@ std::tuple<Tensor, Tensor, Tensor> gru_reset_before_forward_cuda(const Tensor& i
   Tensor workspace = at::empty({train ? rnn::workspace_layout<Cell>(S, H, false).size : 0}, options);
   // r, z, n, r*h of every step when training, else of one step.
   const Tensor saved = train ? workspace.view({S, Cell::kSaved * H}) : at::empty({N, Cell::kSaved * H}, options);
+  const Tensor zoneout = contiguous_or_undefined(zoneout_arg);
+  const Tensor recurrent_mask = contiguous_or_undefined(recurrent_mask_arg);
+  // Recurrent dropout: h * m, what the products read (the carried h_state stays unmasked).
+  const Tensor h_masked = recurrent_mask.defined() ? at::mul(h_state, recurrent_mask) : Tensor();
+  const Tensor& h_product = recurrent_mask.defined() ? h_masked : h_state;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "genfast::gru_reset_before_cuda", [&] {
     using K = typename DeviceType<scalar_t>::type;
@@ -85,21 +106,25 @@ std::tuple<Tensor, Tensor, Tensor> gru_reset_before_forward_cuda(const Tensor& i
       const int64_t rows = sc.active[t], off = sc.offset[t];
       const Tensor saved_rows = saved.narrow(0, train ? off : 0, rows);
       Tensor rz_rows = gates_rz.narrow(0, 0, rows);
-      at::mm_out(rz_rows, h_state.narrow(0, 0, rows), w_rz_t);
+      at::mm_out(rz_rows, h_product.narrow(0, 0, rows), w_rz_t);
       ResetBeforeForwardArgs<K> step;
       step.rows = rows;
       step.hidden = H;
       step.gates_x = data<K>(gates_x) + off * Cell::kGates * H;
       step.gates_h = data<K>(gates_rz);
-      step.h_prev = data<K>(h_state);
+      step.h_prev = data<K>(h_product);  // r * h reads what the product read
       step.saved = data<K>(saved_rows);
       C10_CUDA_CHECK(reset_before_forward_reset<K>(step, stream));
 
       Tensor n_rows = gates_n.narrow(0, 0, rows);
       at::mm_out(n_rows, saved_rows.narrow(1, Cell::kRh * H, H), w_n_t);
       step.gates_h = data<K>(gates_n);
+      step.h_prev = data<K>(h_state);
       step.h_dst = data<K>(out2d) + off * H;
       step.h_dst2 = data<K>(h_state);
+      if (zoneout.defined()) step.zoneout = data<K>(zoneout) + off * H;
+      step.recurrent_mask = data_or_null<K>(recurrent_mask);
+      step.h_masked_dst = data_or_null<K>(h_masked);
       C10_CUDA_CHECK(reset_before_forward_update<K>(step, stream));
     }
   });
@@ -109,11 +134,12 @@ std::tuple<Tensor, Tensor, Tensor> gru_reset_before_forward_cuda(const Tensor& i
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_reset_before_backward_cuda(
     const Tensor& grad_output, const Tensor& grad_hy, const Tensor& input, const Tensor& hx, const Tensor& w_ih,
     const Tensor& w_hh, const Tensor& output, const Tensor& workspace, const std::optional<Tensor>& batch_sizes,
-    bool reverse) {
+    bool reverse, const std::optional<Tensor>& zoneout_arg, const std::optional<Tensor>& recurrent_mask_arg) {
   const rnn::LayerArgs a{input, hx, nullptr, w_ih, w_hh, kNone, kNone, kNone, batch_sizes};
   const rnn::Schedule sc = rnn::make_schedule(input, batch_sizes);
   const rnn::Dims d =
       rnn::check_backward<Cell>(rnn::kCuda, a, {grad_output, grad_hy, nullptr, output, workspace}, sc);
+  rnn::check_regularizers<Cell>({zoneout_arg, kNone, recurrent_mask_arg}, a, sc, d);
   const int64_t S = sc.rows, H = d.H, N = sc.batch;
   const c10::cuda::CUDAGuard guard(input.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
@@ -130,6 +156,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_reset_before_backward_cud
   const Tensor d_gates = at::empty({S, Cell::kGates * H}, options);
   const Tensor h_prev = at::empty({S, H}, options);
   const Tensor d_rh = at::empty({N, H}, options);
+  const Tensor zoneout = contiguous_or_undefined(zoneout_arg);
+  const Tensor recurrent_mask = contiguous_or_undefined(recurrent_mask_arg);
+  // Recurrent dropout: dG_{r,z} W_h{r,z} = dL/d(h * m), before it is multiplied by m.
+  const Tensor recurrent_grad = recurrent_mask.defined() ? at::empty({N, H}, options) : Tensor();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "genfast::gru_reset_before_backward_cuda", [&] {
@@ -150,6 +180,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_reset_before_backward_cud
       step.hx = data<K>(hx_c);
       step.d_gates = data<K>(d_gates_rows);
       step.h_prev_dst = data<K>(h_prev) + off * H;
+      if (zoneout.defined()) step.zoneout = data<K>(zoneout) + off * H;
+      step.recurrent_mask = data_or_null<K>(recurrent_mask);
       C10_CUDA_CHECK(reset_before_backward_update<K>(step, stream));
 
       Tensor d_rh_rows = d_rh.narrow(0, 0, rows);
@@ -157,7 +189,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_reset_before_backward_cud
       step.d_rh = data<K>(d_rh);
       C10_CUDA_CHECK(reset_before_backward_reset<K>(step, stream));
 
-      dh_state.narrow(0, 0, rows).addmm_(d_gates_rows.narrow(1, 0, Cell::kFirstGates * H), w_rz);
+      Tensor dh_rows = dh_state.narrow(0, 0, rows);
+      if (recurrent_mask.defined()) {
+        Tensor rec = recurrent_grad.narrow(0, 0, rows);
+        at::mm_out(rec, d_gates_rows.narrow(1, 0, Cell::kFirstGates * H), w_rz);
+        dh_rows.addcmul_(rec, recurrent_mask.narrow(0, 0, rows));
+      } else {
+        dh_rows.addmm_(d_gates_rows.narrow(1, 0, Cell::kFirstGates * H), w_rz);
+      }
     }
   });
 

@@ -9,6 +9,11 @@
 //   backward: backward_update: dG_z, dG_n, d_h <- z dL/dh_t, h_{t-1} gathered
 //             d_rh = dG_n W_hn        -> backward_reset: dG_r, d_h += r d_rh
 //             then the glue adds dG_{r,z} W_h{r,z} to d_h.
+// Regularisers (csrc/rnn/regularizers.h), each null when off. Recurrent dropout: both products read
+// h_{t-1} * m (forward_reset's h_prev is that buffer, forward_update's the carried h), forward_update
+// writes h_t * m for the next step, backward_reset multiplies d_rh by m and backward_update gathers
+// h_{t-1} * m for dW_h{r,z}; the glue multiplies dG_{r,z} W_h{r,z} by m. Zoneout: forward_update zones
+// h_t out against the carried h_{t-1}; backward_update splits dL/dh_t around the cell's backward.
 #pragma once
 
 #include <cstdint>
@@ -28,6 +33,9 @@ struct ResetBeforeForwardArgs {
   T* saved = nullptr;          // rows x 4H: r, z, n, r*h (the workspace's rows, or a step buffer)
   T* h_dst = nullptr;          // forward_update: rows x H output rows
   T* h_dst2 = nullptr;         // forward_update: batch x H next state (may be h_prev: a thread reads first)
+  const T* zoneout = nullptr;         // forward_update: rows x H, the weight of h_{t-1} in h_t
+  const T* recurrent_mask = nullptr;  // forward_update: batch x H, m
+  T* h_masked_dst = nullptr;          // forward_update: batch x H, receives h_t * m
 };
 
 template <typename T>
@@ -44,6 +52,8 @@ struct ResetBeforeBackwardArgs {
   const T* d_rh = nullptr;      // backward_reset: rows x H, dG_n W_hn
   T* d_gates = nullptr;         // rows x 3H: dL/d(pre-activations), both sides
   T* h_prev_dst = nullptr;      // backward_update: rows x H, h_{t-1} gathered for W_hh's gradient
+  const T* zoneout = nullptr;         // backward_update: rows x H
+  const T* recurrent_mask = nullptr;  // batch x H
 };
 
 template <typename T>

@@ -170,7 +170,8 @@ def _vae(cell="gru", name=None, **overrides) -> Case:
 # the plain module (baseline), at the fastrnns shape and the IMDB layer's; the target is <= 1.1x the
 # plain time, i.e. a ratio >= 0.91.
 REGULARIZERS = {"lstm": ("zoneout", "cell_zoneout", "recurrent_dropout", "weight_dropout"),
-                "gru": ("zoneout", "recurrent_dropout", "weight_dropout")}
+                "gru": ("zoneout", "recurrent_dropout", "weight_dropout"),
+                "gru_reset_before": ("zoneout", "recurrent_dropout", "weight_dropout")}
 
 
 def _regularized(cell, regularizer, shape_name, **shape) -> Case:

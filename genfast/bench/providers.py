@@ -224,6 +224,8 @@ def genfast_regularized_rnn(work: RnnWorkload):
     except TypeError as err:  # a checkout from before the regularisers (--ab)
         raise Unavailable("not built", f"{cls.__name__} takes no {sorted(rates)}: {err}") from err
     module.load_state_dict(work.module.state_dict())
+    if work.cell == "gru_reset_before":
+        module.reset_after = False
     return _run_module(work, module.to(work.device, next(work.module.parameters()).dtype))
 
 

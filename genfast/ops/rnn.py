@@ -145,22 +145,32 @@ def _gru_backward_fake(grad_output, grad_hy, input, hx, w_ih, w_hh, output, work
 # ---------------------------------------------------------------- GRU, reset gate before the product
 def gru_reset_before(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None,
                      b_hh: Tensor | None = None, batch_sizes: Tensor | None = None,
-                     reverse: bool = False) -> tuple[Tensor, Tensor]:
+                     reverse: bool = False, *, zoneout: Tensor | None = None,
+                     recurrent_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One layer of the GRU whose reset gate multiplies h before the recurrent product (Keras'
     reset_after=False): n = tanh(W_in x + b_in + W_hn (r * h) + b_hn), the rest and the parameters as
-    torch.nn.GRU's. Returns (output, h_n)."""
+    torch.nn.GRU's. Returns (output, h_n). Regularisers: see lstm(); ``recurrent_mask`` m multiplies h
+    in all three products: W_hr (m * h), W_hz (m * h), W_hn (r * (m * h)); z * h keeps the carried h."""
     tensors = (input, hx, w_ih, w_hh, b_ih, b_hh)
-    reduced = _cpu_upcast_dtype(input, tensors[1:])
+    masks = (zoneout, recurrent_mask)
+    reduced = _cpu_upcast_dtype(input, tensors[1:] + masks)
     if reduced is not None:
-        output, hy = gru_reset_before(*map(_float, tensors), batch_sizes, reverse)
+        zoneout, recurrent_mask = map(_float, masks)
+        output, hy = gru_reset_before(*map(_float, tensors), batch_sizes, reverse, zoneout=zoneout,
+                                      recurrent_mask=recurrent_mask)
         return output.to(reduced), hy.to(reduced)
     train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    output, hy, _ = _ops.gru_reset_before_forward(input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, train)
+    if zoneout is None and recurrent_mask is None:
+        output, hy, _ = _ops.gru_reset_before_forward(input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, train)
+    else:
+        output, hy, _ = _ops.gru_reset_before_forward(input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, train,
+                                                      zoneout, recurrent_mask)
     return output, hy
 
 
 @torch.library.register_fake("genfast::gru_reset_before_forward")
-def _gru_reset_before_forward_fake(input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, train):
+def _gru_reset_before_forward_fake(input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, train, zoneout=None,
+                                   recurrent_mask=None):
     hidden = w_ih.shape[0] // 3
     output = input.new_empty((*input.shape[:-1], hidden))
     workspace = _workspace("gru_reset_before", input, batch_sizes, hidden, False, train)
@@ -169,6 +179,6 @@ def _gru_reset_before_forward_fake(input, hx, w_ih, w_hh, b_ih, b_hh, batch_size
 
 @torch.library.register_fake("genfast::gru_reset_before_backward")
 def _gru_reset_before_backward_fake(grad_output, grad_hy, input, hx, w_ih, w_hh, output, workspace, batch_sizes,
-                                    reverse):
+                                    reverse, zoneout=None, recurrent_mask=None):
     return (input.new_empty(input.shape), hx.new_empty(hx.shape), w_ih.new_empty(w_ih.shape),
             w_hh.new_empty(w_hh.shape), w_ih.new_empty((w_ih.shape[0],)))
