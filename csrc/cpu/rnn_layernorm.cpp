@@ -14,10 +14,18 @@
 // processed before, the output gate and, for the LSTM, the partial sums of LN(c)'s backward;
 // (2, LSTM) dL/dc, the other gates; then the partial sums of the recurrent LN's backward; (3) dL/d(W_hh h).
 // Workspace (train=true): rnn::LayerNormWorkspace.
+//
+// Regularisers (docs/design.md "Regularisers" and its LN cells' section), with the shared math and
+// buffers of csrc/rnn/regularizers.h and csrc/cpu/rnn_regularizers.h: pass A reads h_{t-1} * r
+// (recurrent dropout); the pass that makes h~_t zones it out against the carried h_{t-1} and writes
+// h_t * r for the next step; pass B (LSTM) zones out c~_t, keeps c~_t for pass C (LN(c~_t) feeds h~_t)
+// and carries the zoned c_t, which the workspace's cell slot holds. The backward splits dL/dh_t and
+// dL/dc_t by the zoneout weights and multiplies the recurrent product and the gathered h_{t-1} by r.
 #include <torch/library.h>
 
 #include "cpu/gemm_entry.h"
 #include "cpu/rnn_common.h"
+#include "cpu/rnn_regularizers.h"
 #include "cpu/simd.h"
 #include "rnn/layernorm_cells.h"
 #include "rnn/rnn_host.h"
@@ -102,7 +110,23 @@ struct LnForwardStep {
   T* out;             // (n, H) output rows
   T* h_next;          // (N, H) next state
   int64_t H, panels;
+  T* c_fresh = nullptr;                      // LSTM with cell zoneout: (N, H) c~_t for pass C, else nullptr
+  const RegularizerStep<T>* reg = nullptr;   // zoneout / recurrent dropout (rnn_regularizers.h), or nullptr
 };
+
+// Zoneout of the fresh h~ of row m (local array h) against the carried h_{t-1}.
+template <typename T>
+GENFAST_INLINE void zoneout_hidden(const LnForwardStep<T>* s, int64_t m, int64_t j0, int64_t units, T* h) {
+  if (s->reg && s->reg->zoneout)
+    rnn::zoneout_units<T>(units, s->reg->zoneout + m * s->H + j0, s->h_prev + m * s->H + j0, h, nullptr);
+}
+
+// h_t * r of row m (recurrent dropout), which the next step's product reads.
+template <typename T>
+GENFAST_INLINE void mask_next_hidden(const LnForwardStep<T>* s, int64_t m, int64_t j0, int64_t units, const T* h) {
+  if (s->reg && s->reg->h_product_next)
+    rnn::mask_units<T>(units, h, s->reg->recurrent_mask + m * s->H + j0, s->reg->h_product_next + m * s->H + j0);
+}
 
 // The per-unit loops below work on local arrays of kUnits values (the panel's units, zero-padded
 // past `units`), memory that cannot alias, so they vectorise. Loops that call exp run to `units`: a
@@ -154,7 +178,8 @@ struct LnProductTile {
   template <typename T>
   static GENFAST_INLINE void run(const LnForwardStep<T>* s, int64_t panel, int64_t r0, int64_t r1, T* acc) {
     const int64_t H = s->H, j0 = panel * kUnits, units = std::min(kUnits, H - j0);
-    recurrent_tile<T, Gates>(s->packed, s->w_hh, s->h_prev, H, H, panel, r0, r1, acc);
+    const T* h_in = s->reg && s->reg->h_product ? s->reg->h_product : s->h_prev;  // h_{t-1} * r
+    recurrent_tile<T, Gates>(s->packed, s->w_hh, h_in, H, H, panel, r0, r1, acc);
     for (int64_t m = r0; m < r1; ++m, acc += kWidth) {
       // acc's columns past `units` are zero (the weight's padding).
       const T(*values)[kUnits] = reinterpret_cast<const T(*)[kUnits]>(acc);
@@ -198,13 +223,19 @@ struct LnLstmGateTile {
       normalise<G>(xhat, row.mean, rstd);
       for (int64_t g = 0; g < G; ++g)
         for (int64_t u = 0; u < kUnits; ++u) a[g][u] += xhat[g][u] * gamma[g][u];
+      T c_prev[kUnits];
+      if (s->c_fresh) store_units(c_prev, c, units);
       lstm_gate_units<T>(units, a[0], a[1], a[2], a[3], c, act[0], act[1], act[2], act[3]);
       store_gates<G>(s->raw + m * G * H + j0, xhat, H, units);
       store_gates<G>(s->act + m * G * H + j0, act, H, units);
+      for (int64_t u = units; u < kUnits; ++u) c[u] = T(0);
+      panel_moments<1>(&c, units, s->moments_c + (m * s->panels + panel) * 2);  // of c~_t: LN(c~_t) makes h~_t
+      if (s->c_fresh) {  // cell zoneout: c~_t kept for pass C, the zoned c_t carried
+        store_units(s->c_fresh + m * H + j0, c, units);
+        rnn::zoneout_units<T>(units, s->reg->cell_zoneout + m * H + j0, c_prev, c, nullptr);
+      }
       store_units(s->c + m * H + j0, c, units);
       if (s->saved_c) store_units(s->saved_c + m * H + j0, c, units);
-      for (int64_t u = units; u < kUnits; ++u) c[u] = T(0);
-      panel_moments<1>(&c, units, s->moments_c + (m * s->panels + panel) * 2);
     }
   }
 };
@@ -222,12 +253,14 @@ struct LnLstmOutputTile {
       const T mean = row.mean, rstd = rnn::layer_norm_rstd(row);
       if (panel == 0 && s->rstd_c) s->rstd_c[m] = rstd;
       T hat[kUnits], o[kUnits], h[kUnits];
-      load_units(hat, s->c + m * H + j0, units);
+      load_units(hat, (s->c_fresh ? s->c_fresh : s->c) + m * H + j0, units);
       load_units(o, s->act + m * 4 * H + 3 * H + j0, units);
       for (int64_t u = 0; u < kUnits; ++u) hat[u] = (hat[u] - mean) * rstd;
       for (int64_t u = 0; u < units; ++u) h[u] = LayerNormLstmCell::hidden<T>(o[u], hat[u], gamma[u], beta[u]);
+      zoneout_hidden(s, m, j0, units, h);
       store_units(s->out + m * H + j0, h, units);
       store_units(s->h_next + m * H + j0, h, units);
+      mask_next_hidden(s, m, j0, units, h);
       if (s->cell_hat) store_units(s->cell_hat + m * H + j0, hat, units);
     }
   }
@@ -262,10 +295,12 @@ struct LnGruGateTile {
         act[3][u] = hh[2][u];
         h[u] = cell.h;
       }
+      zoneout_hidden(s, m, j0, units, h);
       store_gates<G>(s->raw + m * G * H + j0, xhat, H, units);
       store_gates<4>(s->act + m * 4 * H + j0, act, H, units);
       store_units(s->out + m * H + j0, h, units);
       store_units(s->h_next + m * H + j0, h, units);
+      mask_next_hidden(s, m, j0, units, h);
     }
   }
 };
@@ -296,6 +331,7 @@ struct LnBackwardStep {
   T* sums_c;            // LSTM: (N, panels, 2)
   T* sums_hh;           // (N, panels, 2)
   int64_t n, n_prev, n_prev_fwd, H, panels;
+  const RegularizerStep<T>* reg = nullptr;  // zoneout / recurrent dropout masks, or nullptr
 };
 
 // dL/dh_t for one row of a panel from the recurrent product `rec` (rows < n_prev): returns false
@@ -317,16 +353,22 @@ GENFAST_INLINE bool total_dh(const LnBackwardStep<T>* s, int64_t m, int64_t j0, 
   } else {
     for (int64_t u = 0; u < kUnits; ++u) d_h[u] = go[u] + carried[u];
   }
-  for (int64_t u = 0; u < units; ++u) dh[u] = T(0);
+  if (s->reg && s->reg->zoneout)  // k d_h straight to h_{t-1} (stored in dh), (1 - k) d_h to the cell
+    rnn::zoneout_grad_units<T>(units, s->reg->zoneout + m * s->H + j0, d_h, dh, /*store=*/true);
+  else
+    for (int64_t u = 0; u < units; ++u) dh[u] = T(0);
   return true;
 }
 
 template <int64_t Gates, typename T>
 GENFAST_INLINE void backward_product(const LnBackwardStep<T>* s, int64_t panel, int64_t r0, int64_t r1, T* acc) {
   const int64_t rows = std::min(r1, s->n_prev) - r0;
-  if (rows > 0)
-    backward_recurrent_tile<T>(s->packed_whh, s->w_hh_t, s->dhr_prev + r0 * Gates * s->H, Gates * s->H, s->H, panel,
-                               rows, acc);
+  if (rows <= 0) return;
+  backward_recurrent_tile<T>(s->packed_whh, s->w_hh_t, s->dhr_prev + r0 * Gates * s->H, Gates * s->H, s->H, panel,
+                             rows, acc);
+  // The product is dL/d(h_{t-1} * r): times r it is dL/dh_{t-1}.
+  if (s->reg) mask_recurrent_rows<kUnits>(s->reg, r0, rows, panel * kUnits, std::min(kUnits, s->H - panel * kUnits),
+                                          s->H, acc);
 }
 
 // The partial sums of the recurrent LN's backward for a row's panel: dx^ = dA_h ln_hh_weight.
@@ -398,13 +440,21 @@ struct LnLstmBackwardCellTile {
       load_units(c_prev, (m < s->n_prev_fwd ? s->state_prev : s->state_init) + m * H + j0, units);
       load_units(dc, s->dc_state + m * H + j0, units);
       load_units(da[3], s->dA + m * 4 * H + 3 * H + j0, units);
+      T direct[kUnits] = {};  // cell zoneout: dL/dc_t = dc splits into (1 - k) dc to c~_t and k dc to c_{t-1}
+      if (s->reg && s->reg->cell_zoneout) {
+        const T* keep = s->reg->cell_zoneout + m * H + j0;
+        for (int64_t u = 0; u < units; ++u) {
+          direct[u] = rnn::zoneout_grad_prev<T>(keep[u], dc[u]);
+          dc[u] = rnn::zoneout_grad_fresh<T>(keep[u], dc[u]);
+        }
+      }
       for (int64_t u = 0; u < kUnits; ++u) {
         const T d_c = dc[u] + rnn::layer_norm_backward(dy[u] * gamma_c[u], hat[u], rstd, mean_d, mean_dx);
         const auto grad = LayerNormLstmCell::cell_backward<T>(d_c, act[0][u], act[1][u], act[2][u], c_prev[u]);
         da[0][u] = grad.d_i;
         da[1][u] = grad.d_f;
         da[2][u] = grad.d_g;
-        dc[u] = grad.d_c_prev;
+        dc[u] = grad.d_c_prev + direct[u];
       }
       store_gates<3>(s->dA + m * 4 * H + j0, da, H, units);
       store_units(s->dc_state + m * H + j0, dc, units);
@@ -435,6 +485,10 @@ struct LnGruBackwardGateTile {
         dx[2][u] = grad.d_xn;
         dhh[2][u] = grad.d_hn;
         direct[u] = grad.d_h_prev;
+      }
+      if (s->reg && s->reg->zoneout) {  // total_dh left zoneout's direct part in dh_state
+        const T* zoned = s->dh_state + m * H + j0;
+        for (int64_t u = 0; u < units; ++u) direct[u] += zoned[u];
       }
       store_gates<G>(s->dA + m * G * H + j0, dx, H, units);
       store_gates<G>(s->dA_h + m * G * H + j0, dhh, H, units);
@@ -560,13 +614,18 @@ struct LnForwardResult {
 };
 
 template <typename Cell>
-LnForwardResult ln_forward(const LayerArgs& a, const LayerNormParams& p, bool reverse, bool train) {
+LnForwardResult ln_forward(const LayerArgs& a, const LayerNormParams& p, bool reverse, bool train,
+                           const rnn::RegularizerArgs& regularizers) {
   constexpr int64_t G = Cell::kGates;
   constexpr bool kLstm = Cell::kCellState;
   const Schedule sc = rnn::make_schedule(a.input, a.batch_sizes);
   const Dims d = rnn::check_forward<Cell>(rnn::kCpu, a, sc);
   const int64_t S = sc.rows, H = d.H, N = sc.batch, panels = ceil_div(H, kUnits);
   check_params(p, a.input, G, H);
+  rnn::check_regularizers<Cell>(regularizers, a, sc, d);
+  const RegularizerTensors reg_tensors(regularizers, a.hx);
+  // Cell zoneout: c~_t of a step, which pass C normalises, apart from the carried c_t.
+  at::Tensor c_fresh = kLstm && regularizers.cell_zoneout.has_value() ? at::empty({N, H}, a.input.options()) : at::Tensor();
   const at::Tensor x = a.input.reshape({S, d.I}).contiguous();
   const at::Tensor w_ih = a.w_ih.contiguous(), w_hh = a.w_hh.contiguous();
   const auto opts = x.options();
@@ -601,10 +660,12 @@ LnForwardResult ln_forward(const LayerArgs& a, const LayerNormParams& p, bool re
     constexpr int64_t kWidth = G * kUnits;
     std::vector<T> scratch(at::get_num_threads() * (N + 16) * kWidth);
     const double step_flops = 2.0 * N * H * G * H;
+    const RegularizerBuffers<T> reg = reg_tensors.buffers<T>(nullptr);
     for_each_step(sc.steps, step_flops, [&](int64_t s, const StepTeam& team) {
       const int64_t t = sc.forward_step(s, reverse);
       const int64_t n = sc.active[t], off = sc.offset[t];
-      const LnForwardStep<T> step{hbuf.data_ptr<T>() + (s % 2) * N * H,
+      const RegularizerStep<T> reg_step = reg.step(s, off, N, H, H);
+      LnForwardStep<T> step{hbuf.data_ptr<T>() + (s % 2) * N * H,
                                   ptr(packed),
                                   w_hh.data_ptr<T>(),
                                   gx.data_ptr<T>() + off * G * H,
@@ -625,6 +686,10 @@ LnForwardResult ln_forward(const LayerArgs& a, const LayerNormParams& p, bool re
                                   hbuf.data_ptr<T>() + ((s + 1) % 2) * N * H,
                                   H,
                                   panels};
+      if (regularizers.any()) {
+        step.c_fresh = ptr(c_fresh);
+        step.reg = &reg_step;
+      }
       run_tiles<LnProductTile<G>>(team, panels, n, &step, scratch.data(), kWidth);
       team.sync();  // pass B needs every panel's moments of a row
       if constexpr (kLstm) {
@@ -670,11 +735,14 @@ struct LnBackwardResult {
 };
 
 template <typename Cell>
-LnBackwardResult ln_backward(const LayerArgs& a, const LayerNormParams& p, const rnn::BackwardArgs& g, bool reverse) {
+LnBackwardResult ln_backward(const LayerArgs& a, const LayerNormParams& p, const rnn::BackwardArgs& g, bool reverse,
+                             const rnn::RegularizerArgs& regularizers) {
   constexpr int64_t G = Cell::kGates;
   constexpr bool kLstm = Cell::kCellState;
   const Schedule sc = rnn::make_schedule(a.input, a.batch_sizes);
   const Dims d = check_ln_backward<Cell>(a, p, g, sc);
+  rnn::check_regularizers<Cell>(regularizers, a, sc, d);
+  const RegularizerTensors reg_tensors(regularizers, at::Tensor());
   const int64_t S = sc.rows, H = d.H, N = sc.batch, panels = ceil_div(H, kUnits);
   const auto opts = a.input.options();
   const rnn::LayerNormWorkspace layout = Cell::workspace(S, H);
@@ -703,12 +771,14 @@ LnBackwardResult ln_backward(const LayerArgs& a, const LayerNormParams& p, const
     constexpr int64_t kWidth = G * kUnits;
     std::vector<T> scratch(at::get_num_threads() * (N + 16) * kWidth);
     const double step_flops = 2.0 * N * H * G * H;
+    const RegularizerBuffers<T> reg = reg_tensors.buffers<T>(nullptr);
     for_each_step(sc.steps + 1, step_flops, [&](int64_t s, const StepTeam& team) {
       const auto pass = sc.backward_pass(s, reverse);
       const int64_t off = pass.offset;
+      const RegularizerStep<T> reg_step = reg.step(s, off, N, H, H);
       const int64_t fwd_prev_off = pass.fwd_prev >= 0 ? sc.offset[pass.fwd_prev] : 0;
       const T* state_prev = kLstm ? w + layout.cell + fwd_prev_off * H : out.data_ptr<T>() + fwd_prev_off * H;
-      const LnBackwardStep<T> step{pass.prev_t >= 0 ? dhr.data_ptr<T>() + sc.offset[pass.prev_t] * G * H : nullptr,
+      LnBackwardStep<T> step{pass.prev_t >= 0 ? dhr.data_ptr<T>() + sc.offset[pass.prev_t] * G * H : nullptr,
                                    whh.packed_data(),
                                    whh.transposed_data(),
                                    go.data_ptr<T>() + off * H,
@@ -735,6 +805,7 @@ LnBackwardResult ln_backward(const LayerArgs& a, const LayerNormParams& p, const
                                    sc.active_at(pass.fwd_prev),
                                    H,
                                    panels};
+      if (regularizers.any()) step.reg = &reg_step;
       const int64_t rows = std::max(pass.n, pass.n_prev);
       if constexpr (kLstm) {
         run_tiles<LnLstmBackwardOutputTile>(team, panels, rows, &step, scratch.data(), kWidth);
@@ -749,6 +820,7 @@ LnBackwardResult ln_backward(const LayerArgs& a, const LayerNormParams& p, const
       run_tiles<LnRecurrentBackwardTile<G>>(team, panels, pass.n, &step, scratch.data(), kWidth);
     });
     gather_previous_hidden<T>(sc, reverse, out.data_ptr<T>(), hx.data_ptr<T>(), h_prev.data_ptr<T>(), H);
+    if (reg.recurrent_mask) mask_previous_hidden<T>(sc, reg.recurrent_mask, h_prev.data_ptr<T>(), H);
   });
   const at::Tensor xhat_ih = ws.narrow(0, layout.xhat_ih, S * G * H).view({S, G * H});
   const at::Tensor xhat_hh = ws.narrow(0, layout.xhat_hh, S * G * H).view({S, G * H});
@@ -783,10 +855,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm_lstm_forwar
     const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
     const at::Tensor& ln_ih_weight, const at::Tensor& ln_hh_weight, const at::Tensor& ln_cell_weight,
-    const at::Tensor& ln_cell_bias, const std::optional<at::Tensor>& batch_sizes, bool reverse, bool train) {
+    const at::Tensor& ln_cell_bias, const std::optional<at::Tensor>& batch_sizes, bool reverse, bool train,
+    const std::optional<at::Tensor>& zoneout, const std::optional<at::Tensor>& cell_zoneout,
+    const std::optional<at::Tensor>& recurrent_mask) {
   const LnForwardResult r = ln_forward<LayerNormLstmCell>(
       {input, hx, &cx, w_ih, w_hh, b_ih, b_hh, kNone, batch_sizes},
-      {ln_ih_weight, ln_hh_weight, &ln_cell_weight, &ln_cell_bias}, reverse, train);
+      {ln_ih_weight, ln_hh_weight, &ln_cell_weight, &ln_cell_bias}, reverse, train,
+      {zoneout, cell_zoneout, recurrent_mask});
   return {r.output, r.hy, r.cy, r.workspace};
 }
 
@@ -796,11 +871,13 @@ layernorm_lstm_backward(const at::Tensor& grad_output, const at::Tensor& grad_hy
                         const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
                         const at::Tensor& w_hh, const at::Tensor& ln_ih_weight, const at::Tensor& ln_hh_weight,
                         const at::Tensor& ln_cell_weight, const at::Tensor& ln_cell_bias, const at::Tensor& output,
-                        const at::Tensor& workspace, const std::optional<at::Tensor>& batch_sizes, bool reverse) {
+                        const at::Tensor& workspace, const std::optional<at::Tensor>& batch_sizes, bool reverse,
+                        const std::optional<at::Tensor>& zoneout, const std::optional<at::Tensor>& cell_zoneout,
+                        const std::optional<at::Tensor>& recurrent_mask) {
   const LnBackwardResult r = ln_backward<LayerNormLstmCell>(
       {input, hx, &cx, w_ih, w_hh, kNone, kNone, kNone, batch_sizes},
       {ln_ih_weight, ln_hh_weight, &ln_cell_weight, &ln_cell_bias},
-      {grad_output, grad_hy, &grad_cy, output, workspace}, reverse);
+      {grad_output, grad_hy, &grad_cy, output, workspace}, reverse, {zoneout, cell_zoneout, recurrent_mask});
   return {r.grad_input, r.grad_hx,    r.grad_cx,    r.grad_w_ih,          r.grad_w_hh,
           r.grad_b_ih,  r.grad_ln_ih, r.grad_ln_hh, r.grad_ln_cell_weight, r.grad_ln_cell_bias};
 }
@@ -808,10 +885,12 @@ layernorm_lstm_backward(const at::Tensor& grad_output, const at::Tensor& grad_hy
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_gru_forward(
     const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh, const at::Tensor& ln_ih_weight,
-    const at::Tensor& ln_hh_weight, const std::optional<at::Tensor>& batch_sizes, bool reverse, bool train) {
+    const at::Tensor& ln_hh_weight, const std::optional<at::Tensor>& batch_sizes, bool reverse, bool train,
+    const std::optional<at::Tensor>& zoneout, const std::optional<at::Tensor>& recurrent_mask) {
   const LnForwardResult r =
       ln_forward<LayerNormGruCell>({input, hx, nullptr, w_ih, w_hh, b_ih, b_hh, kNone, batch_sizes},
-                                   {ln_ih_weight, ln_hh_weight, nullptr, nullptr}, reverse, train);
+                                   {ln_ih_weight, ln_hh_weight, nullptr, nullptr}, reverse, train,
+                                   {zoneout, kNone, recurrent_mask});
   return {r.output, r.hy, r.workspace};
 }
 
@@ -819,11 +898,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 layernorm_gru_backward(const at::Tensor& grad_output, const at::Tensor& grad_hy, const at::Tensor& input,
                        const at::Tensor& hx, const at::Tensor& w_ih, const at::Tensor& w_hh,
                        const at::Tensor& ln_ih_weight, const at::Tensor& ln_hh_weight, const at::Tensor& output,
-                       const at::Tensor& workspace, const std::optional<at::Tensor>& batch_sizes, bool reverse) {
+                       const at::Tensor& workspace, const std::optional<at::Tensor>& batch_sizes, bool reverse,
+                       const std::optional<at::Tensor>& zoneout, const std::optional<at::Tensor>& recurrent_mask) {
   const LnBackwardResult r =
       ln_backward<LayerNormGruCell>({input, hx, nullptr, w_ih, w_hh, kNone, kNone, kNone, batch_sizes},
                                     {ln_ih_weight, ln_hh_weight, nullptr, nullptr},
-                                    {grad_output, grad_hy, nullptr, output, workspace}, reverse);
+                                    {grad_output, grad_hy, nullptr, output, workspace}, reverse,
+                                    {zoneout, kNone, recurrent_mask});
   return {r.grad_input, r.grad_hx,   r.grad_w_ih,  r.grad_w_hh,
           r.grad_b_ih,  r.grad_b_hh, r.grad_ln_ih, r.grad_ln_hh};
 }
