@@ -7,7 +7,7 @@
 // and a thread owns a panel of units, so a forward step is a chain of passes with a team.sync()
 // between them:
 //   A. the product W_hh h_{t-1} for the panel, kept raw, and its partial moments per (row, panel);
-//   B. the row's moments merged (merge_moments), the product normalised in place, the gates and the
+//   B. the row's moments combined (combine_moments), the product normalised in place, the gates and the
 //      cell update; the LSTM keeps partial moments of c_t;
 //   C. (LSTM) LN(c_t), h_t.
 // The backward mirrors it per step: (1) dL/dh_t = grad_output + dh + dL/d(W_hh h_t) W_hh of the step
@@ -22,6 +22,8 @@
 // and carries the zoned c_t, which the workspace's cell slot holds. The backward splits dL/dh_t and
 // dL/dc_t by the zoneout weights and multiplies the recurrent product and the gathered h_{t-1} by r.
 #include <torch/library.h>
+
+#include <vector>
 
 #include "cpu/gemm_entry.h"
 #include "cpu/rnn_common.h"
@@ -40,12 +42,7 @@ using rnn::Moments;
 // The partial moments of a row's panel p cover `gates` values per unit of the panel.
 template <typename T>
 GENFAST_INLINE Moments<T> row_moments(const T* partial, int64_t panels, int64_t gates, int64_t H) {
-  Moments<T> row{T(0), T(0), T(0)};
-  for (int64_t p = 0; p < panels; ++p) {
-    const int64_t units = std::min(kUnits, H - p * kUnits);
-    row = rnn::merge_moments(row, Moments<T>{T(gates * units), partial[2 * p], partial[2 * p + 1]});
-  }
-  return row;
+  return rnn::combine_moments(partial, panels, T(gates * kUnits), T(gates * (H - (panels - 1) * kUnits)));
 }
 
 // The sums of a row's panels (LN backward's two reductions).
@@ -553,19 +550,74 @@ void input_layer_norm(int64_t S, int64_t W, T* v, const T* gain, const T* bias, 
   });
 }
 
-// d (S, W) <- dL/dv of v's row-wise LN, from dL/d(LN(v) gain) = d gain (d in place).
+// ---------------------------------------------------------------- after the backward loop
+// The LN gains' and biases' gradients are column sums over all rows: sum d * x (and d * x2) and sum d.
+// They are taken in one pass over d, per block of kSumRows rows into the block's own partial sums,
+// which are then added in block order: a fixed order, whatever the thread count.
+constexpr int64_t kSumRows = 64;
+
+struct ColumnSums {
+  at::Tensor partial;  // (blocks, 3, W): sum d * x, sum d * x2, sum d of each block of rows
+  int64_t blocks, W;
+
+  ColumnSums(int64_t S, int64_t W, const at::TensorOptions& opts)
+      : partial(at::empty({ceil_div(S, kSumRows), 3, W}, opts)), blocks(ceil_div(S, kSumRows)), W(W) {}
+
+  // One row of d into block b's sums (zeroed first for the block's first row).
+  template <typename T>
+  GENFAST_INLINE void add(int64_t b, bool first, const T* __restrict__ d, const T* __restrict__ x,
+                          const T* __restrict__ x2) const {
+    T* __restrict__ dx = partial.data_ptr<T>() + b * 3 * W;
+    T* __restrict__ dx2 = dx + W;
+    T* __restrict__ sum = dx + 2 * W;
+    if (first)
+      for (int64_t k = 0; k < 3 * W; ++k) dx[k] = T(0);
+    for (int64_t k = 0; k < W; ++k) {
+      dx[k] += d[k] * x[k];
+      sum[k] += d[k];
+    }
+    if (x2)
+      for (int64_t k = 0; k < W; ++k) dx2[k] += d[k] * x2[k];
+  }
+
+  // The blocks' sums added in order: sum d * x, sum d * x2, sum d, each (W) and its own tensor (an op's
+  // outputs must not alias).
+  std::vector<at::Tensor> total() const {
+    const at::Tensor sum = partial.sum(0);
+    return {sum[0].clone(), sum[1].clone(), sum[2].clone()};
+  }
+};
+
+// Column sums of d * x (and d * x2) and of d over S rows of W (see ColumnSums).
 template <typename T>
-void input_layer_norm_backward(int64_t S, int64_t W, T* d, const T* gain, const T* xhat, const T* rstd) {
-  at::parallel_for(0, S, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
+std::vector<at::Tensor> column_sums(int64_t S, int64_t W, const T* d, const T* x, const T* x2, const at::TensorOptions& opts) {
+  const ColumnSums sums(S, W, opts);
+  at::parallel_for(0, sums.blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t r = b * kSumRows; r < std::min(S, (b + 1) * kSumRows); ++r)
+        sums.add<T>(b, r == b * kSumRows, d + r * W, x + r * W, x2 ? x2 + r * W : nullptr);
+  });
+  return sums.total();
+}
+
+// d (S, W) <- dL/dv of v's row-wise LN, from dL/d(LN(v) gain) = d gain (d in place); before that, in the
+// same pass, the column sums of d * xhat, d * x2 (if given) and d (returned, see ColumnSums).
+template <typename T>
+std::vector<at::Tensor> input_layer_norm_backward(int64_t S, int64_t W, T* d, const T* gain, const T* xhat, const T* rstd,
+                                     const T* x2, const at::TensorOptions& opts) {
+  const ColumnSums sums(S, W, opts);
+  at::parallel_for(0, sums.blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t r = b0 * kSumRows; r < std::min(S, b1 * kSumRows); ++r) {
       T* __restrict__ row = d + r * W;
       const T* __restrict__ xh = xhat + r * W;
+      sums.add<T>(r / kSumRows, r % kSumRows == 0, row, xh, x2 ? x2 + r * W : nullptr);
       const T mean_d = sum_row<T>(W, [&](int64_t k) { return row[k] * gain[k]; }) / T(W);
       const T mean_dx = sum_row<T>(W, [&](int64_t k) { return row[k] * gain[k] * xh[k]; }) / T(W);
       for (int64_t k = 0; k < W; ++k)
         row[k] = rnn::layer_norm_backward(row[k] * gain[k], xh[k], rstd[r], mean_d, mean_dx);
     }
   });
+  return sums.total();
 }
 
 // ---------------------------------------------------------------- weights
@@ -822,23 +874,29 @@ LnBackwardResult ln_backward(const LayerArgs& a, const LayerNormParams& p, const
     gather_previous_hidden<T>(sc, reverse, out.data_ptr<T>(), hx.data_ptr<T>(), h_prev.data_ptr<T>(), H);
     if (reg.recurrent_mask) mask_previous_hidden<T>(sc, reg.recurrent_mask, h_prev.data_ptr<T>(), H);
   });
-  const at::Tensor xhat_ih = ws.narrow(0, layout.xhat_ih, S * G * H).view({S, G * H});
-  const at::Tensor xhat_hh = ws.narrow(0, layout.xhat_hh, S * G * H).view({S, G * H});
   LnBackwardResult r;
-  r.grad_ln_ih = (dA * xhat_ih).sum(0);
-  r.grad_ln_hh = (dA_h * xhat_hh).sum(0);
-  r.grad_b_ih = dA.sum(0);
-  r.grad_b_hh = kLstm ? r.grad_b_ih : dA_h.sum(0);
-  if (kLstm) {
-    const at::Tensor cell_hat = ws.narrow(0, layout.cell_hat, S * H).view({S, H});
-    r.grad_ln_cell_weight = (dY * cell_hat).sum(0);
-    r.grad_ln_cell_bias = dY.sum(0);
-  }
-  // dA becomes dL/d(W_ih x) through the input side's LN (in place: its other uses are done).
+  // The LN gains' and biases' gradients (column sums), and dA becomes dL/d(W_ih x) through the input
+  // side's LN, in place, in the same pass over dA (for the LSTM, dA is also the recurrent side's).
   at::Tensor d_xi = dA;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "genfast::layernorm_rnn_backward_input", [&] {
-    input_layer_norm_backward<scalar_t>(S, G * H, d_xi.data_ptr<scalar_t>(), gamma_ih.data_ptr<scalar_t>(),
-                                        xhat_ih.data_ptr<scalar_t>(), ws.data_ptr<scalar_t>() + layout.rstd_ih);
+    using T = scalar_t;
+    const T* w = ws.data_ptr<T>();
+    const std::vector<at::Tensor> input_side =
+        input_layer_norm_backward<T>(S, G * H, d_xi.data_ptr<T>(), gamma_ih.data_ptr<T>(), w + layout.xhat_ih,
+                                     w + layout.rstd_ih, kLstm ? w + layout.xhat_hh : nullptr, opts);
+    r.grad_ln_ih = input_side[0];
+    r.grad_b_ih = input_side[2];
+    if (kLstm) {
+      r.grad_ln_hh = input_side[1];
+      r.grad_b_hh = r.grad_b_ih;
+      const std::vector<at::Tensor> cell = column_sums<T>(S, H, dY.data_ptr<T>(), w + layout.cell_hat, nullptr, opts);
+      r.grad_ln_cell_weight = cell[0];
+      r.grad_ln_cell_bias = cell[2];
+    } else {
+      const std::vector<at::Tensor> recurrent_side = column_sums<T>(S, G * H, dA_h.data_ptr<T>(), w + layout.xhat_hh, nullptr, opts);
+      r.grad_ln_hh = recurrent_side[0];
+      r.grad_b_hh = recurrent_side[2];
+    }
   });
   at::Tensor grad_input = empty_cached({S, d.I}, opts);
   gemm_out(grad_input, d_xi, w_ih);
