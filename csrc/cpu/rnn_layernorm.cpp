@@ -269,29 +269,20 @@ struct LnGruGateTile {
   static GENFAST_INLINE void run(const LnForwardStep<T>* s, int64_t panel, int64_t r0, int64_t r1, T* /*acc*/) {
     constexpr int64_t G = 3;
     const int64_t H = s->H, j0 = panel * kUnits, units = std::min(kUnits, H - j0);
-    T gamma[G][kUnits], bias[G][kUnits];
+    T gamma[G][kUnits];
     load_gates<G>(gamma, s->gamma_hh + j0, H, units);
-    load_gates<G>(bias, s->b_hh + j0, H, units);
     for (int64_t m = r0; m < r1; ++m) {
       const Moments<T> row = row_moments(s->moments + m * s->panels * 2, s->panels, G, H);
       const T rstd = rnn::layer_norm_rstd(row);
       if (panel == 0 && s->rstd_hh) s->rstd_hh[m] = rstd;
-      T xhat[G][kUnits], hh[G][kUnits], gx[G][kUnits], act[4][kUnits], h_prev[kUnits], h[kUnits];
+      T xhat[G][kUnits], hh[G][kUnits], act[4][kUnits], h[kUnits], h_copy[kUnits];
       load_gates<G>(xhat, s->raw + m * G * H + j0, H, units);
-      load_gates<G>(gx, s->gx + m * G * H + j0, H, units);
-      load_units(h_prev, s->h_prev + m * H + j0, units);
       normalise<G>(xhat, row.mean, rstd);
       for (int64_t g = 0; g < G; ++g)
-        for (int64_t u = 0; u < kUnits; ++u) hh[g][u] = xhat[g][u] * gamma[g][u] + bias[g][u];
-      for (int64_t u = 0; u < units; ++u) {
-        const auto cell =
-            rnn::GruCell::forward<T>(gx[0][u], gx[1][u], gx[2][u], hh[0][u], hh[1][u], hh[2][u], h_prev[u]);
-        act[0][u] = cell.r;
-        act[1][u] = cell.z;
-        act[2][u] = cell.n;
-        act[3][u] = hh[2][u];
-        h[u] = cell.h;
-      }
+        for (int64_t u = 0; u < kUnits; ++u) hh[g][u] = xhat[g][u] * gamma[g][u];
+      // The plain GRU's unit loop on the normalised recurrent side (it adds b_hh): r, z, n, h^_n and h~_t.
+      rnn::GruCell::forward_units<kUnits, T>(units, &hh[0][0], s->gx + m * G * H + j0, s->b_hh + j0, H, nullptr,
+                                             s->h_prev + m * H + j0, h, h_copy, act);
       zoneout_hidden(s, m, j0, units, h);
       store_gates<G>(s->raw + m * G * H + j0, xhat, H, units);
       store_gates<4>(s->act + m * 4 * H + j0, act, H, units);
