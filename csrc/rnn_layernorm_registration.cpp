@@ -33,22 +33,30 @@ TORCH_LIBRARY_FRAGMENT(genfast, m) {
   m.def(
       "layernorm_lstm_forward(Tensor input, Tensor hx, Tensor cx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
       "Tensor? b_hh, Tensor ln_ih_weight, Tensor ln_hh_weight, Tensor ln_cell_weight, Tensor ln_cell_bias, "
-      "Tensor? batch_sizes, bool reverse, bool train) -> (Tensor output, Tensor hy, Tensor cy, Tensor workspace)");
+      "Tensor? batch_sizes, bool reverse, bool train, Tensor? zoneout=None, Tensor? cell_zoneout=None, "
+      "Tensor? recurrent_mask=None) -> (Tensor output, Tensor hy, Tensor cy, Tensor workspace)");
   m.def(
       "layernorm_lstm_backward(Tensor grad_output, Tensor grad_hy, Tensor grad_cy, Tensor input, Tensor hx, "
       "Tensor cx, Tensor w_ih, Tensor w_hh, Tensor ln_ih_weight, Tensor ln_hh_weight, Tensor ln_cell_weight, "
-      "Tensor ln_cell_bias, Tensor output, Tensor workspace, Tensor? batch_sizes, bool reverse) "
+      "Tensor ln_cell_bias, Tensor output, Tensor workspace, Tensor? batch_sizes, bool reverse, "
+      "Tensor? zoneout=None, Tensor? cell_zoneout=None, Tensor? recurrent_mask=None) "
       "-> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias, "
       "Tensor grad_ln_ih_weight, Tensor grad_ln_hh_weight, Tensor grad_ln_cell_weight, Tensor grad_ln_cell_bias)");
+  // Regularisers, each optional, as the plain ops take them (csrc/registration.cpp, docs/design.md
+  // "Regularisers"): zoneout, cell_zoneout (S, H) the weight of h_{t-1} (c_{t-1}) per row of the
+  // sequence; recurrent_mask (N, H) multiplies h_{t-1} where it enters W_hh h_{t-1}. The workspace
+  // keeps its size (under cell zoneout its cell slot holds the carried c_t). The backward takes the
+  // forward's masks.
   // ---- LayerNormGRU (gates r, z, n as torch's GRU, on the normalised sides) ----------------
   m.def(
       "layernorm_gru_forward(Tensor input, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
-      "Tensor ln_ih_weight, Tensor ln_hh_weight, Tensor? batch_sizes, bool reverse, bool train) "
-      "-> (Tensor output, Tensor hy, Tensor workspace)");
+      "Tensor ln_ih_weight, Tensor ln_hh_weight, Tensor? batch_sizes, bool reverse, bool train, "
+      "Tensor? zoneout=None, Tensor? recurrent_mask=None) -> (Tensor output, Tensor hy, Tensor workspace)");
   m.def(
       "layernorm_gru_backward(Tensor grad_output, Tensor grad_hy, Tensor input, Tensor hx, Tensor w_ih, "
       "Tensor w_hh, Tensor ln_ih_weight, Tensor ln_hh_weight, Tensor output, Tensor workspace, "
-      "Tensor? batch_sizes, bool reverse) -> (Tensor grad_input, Tensor grad_hx, Tensor grad_w_ih, "
+      "Tensor? batch_sizes, bool reverse, Tensor? zoneout=None, Tensor? recurrent_mask=None) "
+      "-> (Tensor grad_input, Tensor grad_hx, Tensor grad_w_ih, "
       "Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_ln_ih_weight, Tensor grad_ln_hh_weight)");
   // [H-wide values, scalars] per row of the training workspace of "layernorm_lstm" or
   // "layernorm_gru" (csrc/rnn/layernorm_cells.h), for the fake kernels.

@@ -147,15 +147,16 @@ def layer_norm(v: Tensor, eps: float = 1e-5) -> Tensor:
 
 def layernorm_lstm_cell(x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
                         b_hh: Tensor | None, ln_ih_weight: Tensor, ln_hh_weight: Tensor, ln_cell_weight: Tensor,
-                        ln_cell_bias: Tensor) -> tuple[Tensor, Tensor]:
+                        ln_cell_bias: Tensor, recurrent_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One step of the layer-normalised LSTM (Ba et al. 2016), gates i, f, g, o as torch:
 
     a = LN(W_ih x) * ln_ih_weight + LN(W_hh h) * ln_hh_weight + b_ih + b_hh
     c' = sigmoid(f) * c + sigmoid(i) * tanh(g)
     h' = sigmoid(o) * tanh(LN(c') * ln_cell_weight + ln_cell_bias)
-    Returns (h', c').
+    Returns (h', c'). recurrent_mask (N, H): h * recurrent_mask in place of h in W_hh h (recurrent dropout).
     """
-    gates = layer_norm(x @ w_ih.t()) * ln_ih_weight + layer_norm(h @ w_hh.t()) * ln_hh_weight
+    h_in = h if recurrent_mask is None else h * recurrent_mask
+    gates = layer_norm(x @ w_ih.t()) * ln_ih_weight + layer_norm(h_in @ w_hh.t()) * ln_hh_weight
     if b_ih is not None:
         gates = gates + b_ih + b_hh
     i, f, g, o = gates.chunk(4, dim=-1)
@@ -165,15 +166,16 @@ def layernorm_lstm_cell(x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Ten
 
 
 def layernorm_gru_cell(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None,
-                       ln_ih_weight: Tensor, ln_hh_weight: Tensor) -> Tensor:
+                       ln_ih_weight: Tensor, ln_hh_weight: Tensor, recurrent_mask: Tensor | None = None) -> Tensor:
     """One step of the layer-normalised GRU, gates r, z, n as torch:
 
     x^ = LN(W_ih x) * ln_ih_weight + b_ih,  h^ = LN(W_hh h) * ln_hh_weight + b_hh
     r = sigmoid(x^_r + h^_r), z = sigmoid(x^_z + h^_z), n = tanh(x^_n + r * h^_n)
     h' = (1 - z) * n + z * h
+    recurrent_mask (N, H): h * recurrent_mask in place of h in W_hh h only (z * h keeps h).
     """
     gx = layer_norm(x @ w_ih.t()) * ln_ih_weight
-    gh = layer_norm(h @ w_hh.t()) * ln_hh_weight
+    gh = layer_norm((h if recurrent_mask is None else h * recurrent_mask) @ w_hh.t()) * ln_hh_weight
     if b_ih is not None:
         gx = gx + b_ih
         gh = gh + b_hh
@@ -187,14 +189,20 @@ def layernorm_gru_cell(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: T
 
 def layernorm_lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
                          b_hh: Tensor | None, ln_ih_weight: Tensor, ln_hh_weight: Tensor, ln_cell_weight: Tensor,
-                         ln_cell_bias: Tensor, reverse: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """layernorm_lstm_cell over x (T, N, I). Returns (output (T, N, H), h_T, c_T)."""
+                         ln_cell_bias: Tensor, reverse: bool = False, *, zoneout: Tensor | None = None,
+                         cell_zoneout: Tensor | None = None,
+                         recurrent_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """layernorm_lstm_cell over x (T, N, I). Returns (output (T, N, H), h_T, c_T).
+    Regularisers with their masks given, as lstm_layer: zoneout, cell_zoneout (T, N, H) zone out the
+    cell's h', c' against the carried h, c (zoned); recurrent_mask (N, H) multiplies h in W_hh h."""
     outputs = []
     h, c = h0, c0
     steps = range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])
     for t in steps:
-        h, c = layernorm_lstm_cell(x[t], h, c, w_ih, w_hh, b_ih, b_hh, ln_ih_weight, ln_hh_weight, ln_cell_weight,
-                                   ln_cell_bias)
+        h_new, c_new = layernorm_lstm_cell(x[t], h, c, w_ih, w_hh, b_ih, b_hh, ln_ih_weight, ln_hh_weight,
+                                           ln_cell_weight, ln_cell_bias, recurrent_mask)
+        c = zoned(cell_zoneout, t, c, c_new)
+        h = zoned(zoneout, t, h, h_new)
         outputs.append(h)
     if reverse:
         outputs.reverse()
@@ -202,13 +210,16 @@ def layernorm_lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: 
 
 
 def layernorm_gru_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None,
-                        ln_ih_weight: Tensor, ln_hh_weight: Tensor, reverse: bool = False) -> tuple[Tensor, Tensor]:
-    """layernorm_gru_cell over x (T, N, I). Returns (output (T, N, H), h_T)."""
+                        ln_ih_weight: Tensor, ln_hh_weight: Tensor, reverse: bool = False, *,
+                        zoneout: Tensor | None = None, recurrent_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """layernorm_gru_cell over x (T, N, I). Returns (output (T, N, H), h_T). Regularisers: see
+    layernorm_lstm_layer."""
     outputs = []
     h = h0
     steps = range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])
     for t in steps:
-        h = layernorm_gru_cell(x[t], h, w_ih, w_hh, b_ih, b_hh, ln_ih_weight, ln_hh_weight)
+        h = zoned(zoneout, t, h, layernorm_gru_cell(x[t], h, w_ih, w_hh, b_ih, b_hh, ln_ih_weight, ln_hh_weight,
+                                                    recurrent_mask))
         outputs.append(h)
     if reverse:
         outputs.reverse()

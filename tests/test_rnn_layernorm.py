@@ -394,18 +394,6 @@ def test_parameter_names_and_initialisation():
     assert torch.equal(copy.weight_hh_l0, gru.weight_hh_l0)
 
 
-@pytest.mark.parametrize("kwargs", [dict(zoneout=0.1), dict(cell_zoneout=0.2), dict(recurrent_dropout=0.3),
-                                    dict(weight_dropout=0.5)])
-def test_regularisers_not_yet_fused_raise(kwargs):
-    with pytest.raises(NotImplementedError, match="not yet fused for LayerNorm cells"):
-        gnn.LayerNormLSTM(3, 4, **kwargs)
-    if "cell_zoneout" not in kwargs:
-        with pytest.raises(NotImplementedError, match="not yet fused for LayerNorm cells"):
-            gnn.LayerNormGRU(3, 4, **kwargs)
-    # zero rates are accepted
-    gnn.LayerNormLSTM(3, 4, zoneout=0.0, cell_zoneout=0.0, recurrent_dropout=0.0, weight_dropout=0.0)
-
-
 def test_forget_bias_needs_a_bias():
     with pytest.raises(ValueError, match="forget_bias"):
         gnn.LayerNormLSTM(3, 4, bias=False, forget_bias=1.0)

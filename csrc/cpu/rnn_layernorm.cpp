@@ -7,17 +7,27 @@
 // and a thread owns a panel of units, so a forward step is a chain of passes with a team.sync()
 // between them:
 //   A. the product W_hh h_{t-1} for the panel, kept raw, and its partial moments per (row, panel);
-//   B. the row's moments merged (merge_moments), the product normalised in place, the gates and the
+//   B. the row's moments combined (combine_moments), the product normalised in place, the gates and the
 //      cell update; the LSTM keeps partial moments of c_t;
 //   C. (LSTM) LN(c_t), h_t.
 // The backward mirrors it per step: (1) dL/dh_t = grad_output + dh + dL/d(W_hh h_t) W_hh of the step
 // processed before, the output gate and, for the LSTM, the partial sums of LN(c)'s backward;
 // (2, LSTM) dL/dc, the other gates; then the partial sums of the recurrent LN's backward; (3) dL/d(W_hh h).
 // Workspace (train=true): rnn::LayerNormWorkspace.
+//
+// Regularisers (docs/design.md "Regularisers" and its LN cells' section), with the shared math and
+// buffers of csrc/rnn/regularizers.h and csrc/cpu/rnn_regularizers.h: pass A reads h_{t-1} * r
+// (recurrent dropout); the pass that makes h~_t zones it out against the carried h_{t-1} and writes
+// h_t * r for the next step; pass B (LSTM) zones out c~_t, keeps c~_t for pass C (LN(c~_t) feeds h~_t)
+// and carries the zoned c_t, which the workspace's cell slot holds. The backward splits dL/dh_t and
+// dL/dc_t by the zoneout weights and multiplies the recurrent product and the gathered h_{t-1} by r.
 #include <torch/library.h>
+
+#include <vector>
 
 #include "cpu/gemm_entry.h"
 #include "cpu/rnn_common.h"
+#include "cpu/rnn_regularizers.h"
 #include "cpu/simd.h"
 #include "rnn/layernorm_cells.h"
 #include "rnn/rnn_host.h"
@@ -32,12 +42,7 @@ using rnn::Moments;
 // The partial moments of a row's panel p cover `gates` values per unit of the panel.
 template <typename T>
 GENFAST_INLINE Moments<T> row_moments(const T* partial, int64_t panels, int64_t gates, int64_t H) {
-  Moments<T> row{T(0), T(0), T(0)};
-  for (int64_t p = 0; p < panels; ++p) {
-    const int64_t units = std::min(kUnits, H - p * kUnits);
-    row = rnn::merge_moments(row, Moments<T>{T(gates * units), partial[2 * p], partial[2 * p + 1]});
-  }
-  return row;
+  return rnn::combine_moments(partial, panels, T(gates * kUnits), T(gates * (H - (panels - 1) * kUnits)));
 }
 
 // The sums of a row's panels (LN backward's two reductions).
@@ -102,7 +107,23 @@ struct LnForwardStep {
   T* out;             // (n, H) output rows
   T* h_next;          // (N, H) next state
   int64_t H, panels;
+  T* c_fresh = nullptr;                      // LSTM with cell zoneout: (N, H) c~_t for pass C, else nullptr
+  const RegularizerStep<T>* reg = nullptr;   // zoneout / recurrent dropout (rnn_regularizers.h), or nullptr
 };
+
+// Zoneout of the fresh h~ of row m (local array h) against the carried h_{t-1}.
+template <typename T>
+GENFAST_INLINE void zoneout_hidden(const LnForwardStep<T>* s, int64_t m, int64_t j0, int64_t units, T* h) {
+  if (s->reg && s->reg->zoneout)
+    rnn::zoneout_units<T>(units, s->reg->zoneout + m * s->H + j0, s->h_prev + m * s->H + j0, h, nullptr);
+}
+
+// h_t * r of row m (recurrent dropout), which the next step's product reads.
+template <typename T>
+GENFAST_INLINE void mask_next_hidden(const LnForwardStep<T>* s, int64_t m, int64_t j0, int64_t units, const T* h) {
+  if (s->reg && s->reg->h_product_next)
+    rnn::mask_units<T>(units, h, s->reg->recurrent_mask + m * s->H + j0, s->reg->h_product_next + m * s->H + j0);
+}
 
 // The per-unit loops below work on local arrays of kUnits values (the panel's units, zero-padded
 // past `units`), memory that cannot alias, so they vectorise. Loops that call exp run to `units`: a
@@ -154,7 +175,8 @@ struct LnProductTile {
   template <typename T>
   static GENFAST_INLINE void run(const LnForwardStep<T>* s, int64_t panel, int64_t r0, int64_t r1, T* acc) {
     const int64_t H = s->H, j0 = panel * kUnits, units = std::min(kUnits, H - j0);
-    recurrent_tile<T, Gates>(s->packed, s->w_hh, s->h_prev, H, H, panel, r0, r1, acc);
+    const T* h_in = s->reg && s->reg->h_product ? s->reg->h_product : s->h_prev;  // h_{t-1} * r
+    recurrent_tile<T, Gates>(s->packed, s->w_hh, h_in, H, H, panel, r0, r1, acc);
     for (int64_t m = r0; m < r1; ++m, acc += kWidth) {
       // acc's columns past `units` are zero (the weight's padding).
       const T(*values)[kUnits] = reinterpret_cast<const T(*)[kUnits]>(acc);
@@ -198,13 +220,19 @@ struct LnLstmGateTile {
       normalise<G>(xhat, row.mean, rstd);
       for (int64_t g = 0; g < G; ++g)
         for (int64_t u = 0; u < kUnits; ++u) a[g][u] += xhat[g][u] * gamma[g][u];
+      T c_prev[kUnits];
+      if (s->c_fresh) store_units(c_prev, c, units);
       lstm_gate_units<T>(units, a[0], a[1], a[2], a[3], c, act[0], act[1], act[2], act[3]);
       store_gates<G>(s->raw + m * G * H + j0, xhat, H, units);
       store_gates<G>(s->act + m * G * H + j0, act, H, units);
+      for (int64_t u = units; u < kUnits; ++u) c[u] = T(0);
+      panel_moments<1>(&c, units, s->moments_c + (m * s->panels + panel) * 2);  // of c~_t: LN(c~_t) makes h~_t
+      if (s->c_fresh) {  // cell zoneout: c~_t kept for pass C, the zoned c_t carried
+        store_units(s->c_fresh + m * H + j0, c, units);
+        rnn::zoneout_units<T>(units, s->reg->cell_zoneout + m * H + j0, c_prev, c, nullptr);
+      }
       store_units(s->c + m * H + j0, c, units);
       if (s->saved_c) store_units(s->saved_c + m * H + j0, c, units);
-      for (int64_t u = units; u < kUnits; ++u) c[u] = T(0);
-      panel_moments<1>(&c, units, s->moments_c + (m * s->panels + panel) * 2);
     }
   }
 };
@@ -222,12 +250,14 @@ struct LnLstmOutputTile {
       const T mean = row.mean, rstd = rnn::layer_norm_rstd(row);
       if (panel == 0 && s->rstd_c) s->rstd_c[m] = rstd;
       T hat[kUnits], o[kUnits], h[kUnits];
-      load_units(hat, s->c + m * H + j0, units);
+      load_units(hat, (s->c_fresh ? s->c_fresh : s->c) + m * H + j0, units);
       load_units(o, s->act + m * 4 * H + 3 * H + j0, units);
       for (int64_t u = 0; u < kUnits; ++u) hat[u] = (hat[u] - mean) * rstd;
       for (int64_t u = 0; u < units; ++u) h[u] = LayerNormLstmCell::hidden<T>(o[u], hat[u], gamma[u], beta[u]);
+      zoneout_hidden(s, m, j0, units, h);
       store_units(s->out + m * H + j0, h, units);
       store_units(s->h_next + m * H + j0, h, units);
+      mask_next_hidden(s, m, j0, units, h);
       if (s->cell_hat) store_units(s->cell_hat + m * H + j0, hat, units);
     }
   }
@@ -239,33 +269,26 @@ struct LnGruGateTile {
   static GENFAST_INLINE void run(const LnForwardStep<T>* s, int64_t panel, int64_t r0, int64_t r1, T* /*acc*/) {
     constexpr int64_t G = 3;
     const int64_t H = s->H, j0 = panel * kUnits, units = std::min(kUnits, H - j0);
-    T gamma[G][kUnits], bias[G][kUnits];
+    T gamma[G][kUnits];
     load_gates<G>(gamma, s->gamma_hh + j0, H, units);
-    load_gates<G>(bias, s->b_hh + j0, H, units);
     for (int64_t m = r0; m < r1; ++m) {
       const Moments<T> row = row_moments(s->moments + m * s->panels * 2, s->panels, G, H);
       const T rstd = rnn::layer_norm_rstd(row);
       if (panel == 0 && s->rstd_hh) s->rstd_hh[m] = rstd;
-      T xhat[G][kUnits], hh[G][kUnits], gx[G][kUnits], act[4][kUnits], h_prev[kUnits], h[kUnits];
+      T xhat[G][kUnits], hh[G][kUnits], act[4][kUnits], h[kUnits], h_copy[kUnits];
       load_gates<G>(xhat, s->raw + m * G * H + j0, H, units);
-      load_gates<G>(gx, s->gx + m * G * H + j0, H, units);
-      load_units(h_prev, s->h_prev + m * H + j0, units);
       normalise<G>(xhat, row.mean, rstd);
       for (int64_t g = 0; g < G; ++g)
-        for (int64_t u = 0; u < kUnits; ++u) hh[g][u] = xhat[g][u] * gamma[g][u] + bias[g][u];
-      for (int64_t u = 0; u < units; ++u) {
-        const auto cell =
-            rnn::GruCell::forward<T>(gx[0][u], gx[1][u], gx[2][u], hh[0][u], hh[1][u], hh[2][u], h_prev[u]);
-        act[0][u] = cell.r;
-        act[1][u] = cell.z;
-        act[2][u] = cell.n;
-        act[3][u] = hh[2][u];
-        h[u] = cell.h;
-      }
+        for (int64_t u = 0; u < kUnits; ++u) hh[g][u] = xhat[g][u] * gamma[g][u];
+      // The plain GRU's unit loop on the normalised recurrent side (it adds b_hh): r, z, n, h^_n and h~_t.
+      rnn::GruCell::forward_units<kUnits, T>(units, &hh[0][0], s->gx + m * G * H + j0, s->b_hh + j0, H, nullptr,
+                                             s->h_prev + m * H + j0, h, h_copy, act);
+      zoneout_hidden(s, m, j0, units, h);
       store_gates<G>(s->raw + m * G * H + j0, xhat, H, units);
       store_gates<4>(s->act + m * 4 * H + j0, act, H, units);
       store_units(s->out + m * H + j0, h, units);
       store_units(s->h_next + m * H + j0, h, units);
+      mask_next_hidden(s, m, j0, units, h);
     }
   }
 };
@@ -296,6 +319,7 @@ struct LnBackwardStep {
   T* sums_c;            // LSTM: (N, panels, 2)
   T* sums_hh;           // (N, panels, 2)
   int64_t n, n_prev, n_prev_fwd, H, panels;
+  const RegularizerStep<T>* reg = nullptr;  // zoneout / recurrent dropout masks, or nullptr
 };
 
 // dL/dh_t for one row of a panel from the recurrent product `rec` (rows < n_prev): returns false
@@ -317,16 +341,22 @@ GENFAST_INLINE bool total_dh(const LnBackwardStep<T>* s, int64_t m, int64_t j0, 
   } else {
     for (int64_t u = 0; u < kUnits; ++u) d_h[u] = go[u] + carried[u];
   }
-  for (int64_t u = 0; u < units; ++u) dh[u] = T(0);
+  if (s->reg && s->reg->zoneout)  // k d_h straight to h_{t-1} (stored in dh), (1 - k) d_h to the cell
+    rnn::zoneout_grad_units<T>(units, s->reg->zoneout + m * s->H + j0, d_h, dh, /*store=*/true);
+  else
+    for (int64_t u = 0; u < units; ++u) dh[u] = T(0);
   return true;
 }
 
 template <int64_t Gates, typename T>
 GENFAST_INLINE void backward_product(const LnBackwardStep<T>* s, int64_t panel, int64_t r0, int64_t r1, T* acc) {
   const int64_t rows = std::min(r1, s->n_prev) - r0;
-  if (rows > 0)
-    backward_recurrent_tile<T>(s->packed_whh, s->w_hh_t, s->dhr_prev + r0 * Gates * s->H, Gates * s->H, s->H, panel,
-                               rows, acc);
+  if (rows <= 0) return;
+  backward_recurrent_tile<T>(s->packed_whh, s->w_hh_t, s->dhr_prev + r0 * Gates * s->H, Gates * s->H, s->H, panel,
+                             rows, acc);
+  // The product is dL/d(h_{t-1} * r): times r it is dL/dh_{t-1}.
+  if (s->reg) mask_recurrent_rows<kUnits>(s->reg, r0, rows, panel * kUnits, std::min(kUnits, s->H - panel * kUnits),
+                                          s->H, acc);
 }
 
 // The partial sums of the recurrent LN's backward for a row's panel: dx^ = dA_h ln_hh_weight.
@@ -398,13 +428,21 @@ struct LnLstmBackwardCellTile {
       load_units(c_prev, (m < s->n_prev_fwd ? s->state_prev : s->state_init) + m * H + j0, units);
       load_units(dc, s->dc_state + m * H + j0, units);
       load_units(da[3], s->dA + m * 4 * H + 3 * H + j0, units);
+      T direct[kUnits] = {};  // cell zoneout: dL/dc_t = dc splits into (1 - k) dc to c~_t and k dc to c_{t-1}
+      if (s->reg && s->reg->cell_zoneout) {
+        const T* keep = s->reg->cell_zoneout + m * H + j0;
+        for (int64_t u = 0; u < units; ++u) {
+          direct[u] = rnn::zoneout_grad_prev<T>(keep[u], dc[u]);
+          dc[u] = rnn::zoneout_grad_fresh<T>(keep[u], dc[u]);
+        }
+      }
       for (int64_t u = 0; u < kUnits; ++u) {
         const T d_c = dc[u] + rnn::layer_norm_backward(dy[u] * gamma_c[u], hat[u], rstd, mean_d, mean_dx);
         const auto grad = LayerNormLstmCell::cell_backward<T>(d_c, act[0][u], act[1][u], act[2][u], c_prev[u]);
         da[0][u] = grad.d_i;
         da[1][u] = grad.d_f;
         da[2][u] = grad.d_g;
-        dc[u] = grad.d_c_prev;
+        dc[u] = grad.d_c_prev + direct[u];
       }
       store_gates<3>(s->dA + m * 4 * H + j0, da, H, units);
       store_units(s->dc_state + m * H + j0, dc, units);
@@ -435,6 +473,10 @@ struct LnGruBackwardGateTile {
         dx[2][u] = grad.d_xn;
         dhh[2][u] = grad.d_hn;
         direct[u] = grad.d_h_prev;
+      }
+      if (s->reg && s->reg->zoneout) {  // total_dh left zoneout's direct part in dh_state
+        const T* zoned = s->dh_state + m * H + j0;
+        for (int64_t u = 0; u < units; ++u) direct[u] += zoned[u];
       }
       store_gates<G>(s->dA + m * G * H + j0, dx, H, units);
       store_gates<G>(s->dA_h + m * G * H + j0, dhh, H, units);
@@ -499,19 +541,74 @@ void input_layer_norm(int64_t S, int64_t W, T* v, const T* gain, const T* bias, 
   });
 }
 
-// d (S, W) <- dL/dv of v's row-wise LN, from dL/d(LN(v) gain) = d gain (d in place).
+// ---------------------------------------------------------------- after the backward loop
+// The LN gains' and biases' gradients are column sums over all rows: sum d * x (and d * x2) and sum d.
+// They are taken in one pass over d, per block of kSumRows rows into the block's own partial sums,
+// which are then added in block order: a fixed order, whatever the thread count.
+constexpr int64_t kSumRows = 64;
+
+struct ColumnSums {
+  at::Tensor partial;  // (blocks, 3, W): sum d * x, sum d * x2, sum d of each block of rows
+  int64_t blocks, W;
+
+  ColumnSums(int64_t S, int64_t W, const at::TensorOptions& opts)
+      : partial(at::empty({ceil_div(S, kSumRows), 3, W}, opts)), blocks(ceil_div(S, kSumRows)), W(W) {}
+
+  // One row of d into block b's sums (zeroed first for the block's first row).
+  template <typename T>
+  GENFAST_INLINE void add(int64_t b, bool first, const T* __restrict__ d, const T* __restrict__ x,
+                          const T* __restrict__ x2) const {
+    T* __restrict__ dx = partial.data_ptr<T>() + b * 3 * W;
+    T* __restrict__ dx2 = dx + W;
+    T* __restrict__ sum = dx + 2 * W;
+    if (first)
+      for (int64_t k = 0; k < 3 * W; ++k) dx[k] = T(0);
+    for (int64_t k = 0; k < W; ++k) {
+      dx[k] += d[k] * x[k];
+      sum[k] += d[k];
+    }
+    if (x2)
+      for (int64_t k = 0; k < W; ++k) dx2[k] += d[k] * x2[k];
+  }
+
+  // The blocks' sums added in order: sum d * x, sum d * x2, sum d, each (W) and its own tensor (an op's
+  // outputs must not alias).
+  std::vector<at::Tensor> total() const {
+    const at::Tensor sum = partial.sum(0);
+    return {sum[0].clone(), sum[1].clone(), sum[2].clone()};
+  }
+};
+
+// Column sums of d * x (and d * x2) and of d over S rows of W (see ColumnSums).
 template <typename T>
-void input_layer_norm_backward(int64_t S, int64_t W, T* d, const T* gain, const T* xhat, const T* rstd) {
-  at::parallel_for(0, S, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
+std::vector<at::Tensor> column_sums(int64_t S, int64_t W, const T* d, const T* x, const T* x2, const at::TensorOptions& opts) {
+  const ColumnSums sums(S, W, opts);
+  at::parallel_for(0, sums.blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t r = b * kSumRows; r < std::min(S, (b + 1) * kSumRows); ++r)
+        sums.add<T>(b, r == b * kSumRows, d + r * W, x + r * W, x2 ? x2 + r * W : nullptr);
+  });
+  return sums.total();
+}
+
+// d (S, W) <- dL/dv of v's row-wise LN, from dL/d(LN(v) gain) = d gain (d in place); before that, in the
+// same pass, the column sums of d * xhat, d * x2 (if given) and d (returned, see ColumnSums).
+template <typename T>
+std::vector<at::Tensor> input_layer_norm_backward(int64_t S, int64_t W, T* d, const T* gain, const T* xhat, const T* rstd,
+                                     const T* x2, const at::TensorOptions& opts) {
+  const ColumnSums sums(S, W, opts);
+  at::parallel_for(0, sums.blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t r = b0 * kSumRows; r < std::min(S, b1 * kSumRows); ++r) {
       T* __restrict__ row = d + r * W;
       const T* __restrict__ xh = xhat + r * W;
+      sums.add<T>(r / kSumRows, r % kSumRows == 0, row, xh, x2 ? x2 + r * W : nullptr);
       const T mean_d = sum_row<T>(W, [&](int64_t k) { return row[k] * gain[k]; }) / T(W);
       const T mean_dx = sum_row<T>(W, [&](int64_t k) { return row[k] * gain[k] * xh[k]; }) / T(W);
       for (int64_t k = 0; k < W; ++k)
         row[k] = rnn::layer_norm_backward(row[k] * gain[k], xh[k], rstd[r], mean_d, mean_dx);
     }
   });
+  return sums.total();
 }
 
 // ---------------------------------------------------------------- weights
@@ -560,13 +657,18 @@ struct LnForwardResult {
 };
 
 template <typename Cell>
-LnForwardResult ln_forward(const LayerArgs& a, const LayerNormParams& p, bool reverse, bool train) {
+LnForwardResult ln_forward(const LayerArgs& a, const LayerNormParams& p, bool reverse, bool train,
+                           const rnn::RegularizerArgs& regularizers) {
   constexpr int64_t G = Cell::kGates;
   constexpr bool kLstm = Cell::kCellState;
   const Schedule sc = rnn::make_schedule(a.input, a.batch_sizes);
   const Dims d = rnn::check_forward<Cell>(rnn::kCpu, a, sc);
   const int64_t S = sc.rows, H = d.H, N = sc.batch, panels = ceil_div(H, kUnits);
   check_params(p, a.input, G, H);
+  rnn::check_regularizers<Cell>(regularizers, a, sc, d);
+  const RegularizerTensors reg_tensors(regularizers, a.hx);
+  // Cell zoneout: c~_t of a step, which pass C normalises, apart from the carried c_t.
+  at::Tensor c_fresh = kLstm && regularizers.cell_zoneout.has_value() ? at::empty({N, H}, a.input.options()) : at::Tensor();
   const at::Tensor x = a.input.reshape({S, d.I}).contiguous();
   const at::Tensor w_ih = a.w_ih.contiguous(), w_hh = a.w_hh.contiguous();
   const auto opts = x.options();
@@ -601,10 +703,12 @@ LnForwardResult ln_forward(const LayerArgs& a, const LayerNormParams& p, bool re
     constexpr int64_t kWidth = G * kUnits;
     std::vector<T> scratch(at::get_num_threads() * (N + 16) * kWidth);
     const double step_flops = 2.0 * N * H * G * H;
+    const RegularizerBuffers<T> reg = reg_tensors.buffers<T>(nullptr);
     for_each_step(sc.steps, step_flops, [&](int64_t s, const StepTeam& team) {
       const int64_t t = sc.forward_step(s, reverse);
       const int64_t n = sc.active[t], off = sc.offset[t];
-      const LnForwardStep<T> step{hbuf.data_ptr<T>() + (s % 2) * N * H,
+      const RegularizerStep<T> reg_step = reg.step(s, off, N, H, H);
+      LnForwardStep<T> step{hbuf.data_ptr<T>() + (s % 2) * N * H,
                                   ptr(packed),
                                   w_hh.data_ptr<T>(),
                                   gx.data_ptr<T>() + off * G * H,
@@ -625,6 +729,10 @@ LnForwardResult ln_forward(const LayerArgs& a, const LayerNormParams& p, bool re
                                   hbuf.data_ptr<T>() + ((s + 1) % 2) * N * H,
                                   H,
                                   panels};
+      if (regularizers.any()) {
+        step.c_fresh = ptr(c_fresh);
+        step.reg = &reg_step;
+      }
       run_tiles<LnProductTile<G>>(team, panels, n, &step, scratch.data(), kWidth);
       team.sync();  // pass B needs every panel's moments of a row
       if constexpr (kLstm) {
@@ -670,11 +778,14 @@ struct LnBackwardResult {
 };
 
 template <typename Cell>
-LnBackwardResult ln_backward(const LayerArgs& a, const LayerNormParams& p, const rnn::BackwardArgs& g, bool reverse) {
+LnBackwardResult ln_backward(const LayerArgs& a, const LayerNormParams& p, const rnn::BackwardArgs& g, bool reverse,
+                             const rnn::RegularizerArgs& regularizers) {
   constexpr int64_t G = Cell::kGates;
   constexpr bool kLstm = Cell::kCellState;
   const Schedule sc = rnn::make_schedule(a.input, a.batch_sizes);
   const Dims d = check_ln_backward<Cell>(a, p, g, sc);
+  rnn::check_regularizers<Cell>(regularizers, a, sc, d);
+  const RegularizerTensors reg_tensors(regularizers, at::Tensor());
   const int64_t S = sc.rows, H = d.H, N = sc.batch, panels = ceil_div(H, kUnits);
   const auto opts = a.input.options();
   const rnn::LayerNormWorkspace layout = Cell::workspace(S, H);
@@ -703,12 +814,14 @@ LnBackwardResult ln_backward(const LayerArgs& a, const LayerNormParams& p, const
     constexpr int64_t kWidth = G * kUnits;
     std::vector<T> scratch(at::get_num_threads() * (N + 16) * kWidth);
     const double step_flops = 2.0 * N * H * G * H;
+    const RegularizerBuffers<T> reg = reg_tensors.buffers<T>(nullptr);
     for_each_step(sc.steps + 1, step_flops, [&](int64_t s, const StepTeam& team) {
       const auto pass = sc.backward_pass(s, reverse);
       const int64_t off = pass.offset;
+      const RegularizerStep<T> reg_step = reg.step(s, off, N, H, H);
       const int64_t fwd_prev_off = pass.fwd_prev >= 0 ? sc.offset[pass.fwd_prev] : 0;
       const T* state_prev = kLstm ? w + layout.cell + fwd_prev_off * H : out.data_ptr<T>() + fwd_prev_off * H;
-      const LnBackwardStep<T> step{pass.prev_t >= 0 ? dhr.data_ptr<T>() + sc.offset[pass.prev_t] * G * H : nullptr,
+      LnBackwardStep<T> step{pass.prev_t >= 0 ? dhr.data_ptr<T>() + sc.offset[pass.prev_t] * G * H : nullptr,
                                    whh.packed_data(),
                                    whh.transposed_data(),
                                    go.data_ptr<T>() + off * H,
@@ -735,6 +848,7 @@ LnBackwardResult ln_backward(const LayerArgs& a, const LayerNormParams& p, const
                                    sc.active_at(pass.fwd_prev),
                                    H,
                                    panels};
+      if (regularizers.any()) step.reg = &reg_step;
       const int64_t rows = std::max(pass.n, pass.n_prev);
       if constexpr (kLstm) {
         run_tiles<LnLstmBackwardOutputTile>(team, panels, rows, &step, scratch.data(), kWidth);
@@ -749,24 +863,31 @@ LnBackwardResult ln_backward(const LayerArgs& a, const LayerNormParams& p, const
       run_tiles<LnRecurrentBackwardTile<G>>(team, panels, pass.n, &step, scratch.data(), kWidth);
     });
     gather_previous_hidden<T>(sc, reverse, out.data_ptr<T>(), hx.data_ptr<T>(), h_prev.data_ptr<T>(), H);
+    if (reg.recurrent_mask) mask_previous_hidden<T>(sc, reg.recurrent_mask, h_prev.data_ptr<T>(), H);
   });
-  const at::Tensor xhat_ih = ws.narrow(0, layout.xhat_ih, S * G * H).view({S, G * H});
-  const at::Tensor xhat_hh = ws.narrow(0, layout.xhat_hh, S * G * H).view({S, G * H});
   LnBackwardResult r;
-  r.grad_ln_ih = (dA * xhat_ih).sum(0);
-  r.grad_ln_hh = (dA_h * xhat_hh).sum(0);
-  r.grad_b_ih = dA.sum(0);
-  r.grad_b_hh = kLstm ? r.grad_b_ih : dA_h.sum(0);
-  if (kLstm) {
-    const at::Tensor cell_hat = ws.narrow(0, layout.cell_hat, S * H).view({S, H});
-    r.grad_ln_cell_weight = (dY * cell_hat).sum(0);
-    r.grad_ln_cell_bias = dY.sum(0);
-  }
-  // dA becomes dL/d(W_ih x) through the input side's LN (in place: its other uses are done).
+  // The LN gains' and biases' gradients (column sums), and dA becomes dL/d(W_ih x) through the input
+  // side's LN, in place, in the same pass over dA (for the LSTM, dA is also the recurrent side's).
   at::Tensor d_xi = dA;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "genfast::layernorm_rnn_backward_input", [&] {
-    input_layer_norm_backward<scalar_t>(S, G * H, d_xi.data_ptr<scalar_t>(), gamma_ih.data_ptr<scalar_t>(),
-                                        xhat_ih.data_ptr<scalar_t>(), ws.data_ptr<scalar_t>() + layout.rstd_ih);
+    using T = scalar_t;
+    const T* w = ws.data_ptr<T>();
+    const std::vector<at::Tensor> input_side =
+        input_layer_norm_backward<T>(S, G * H, d_xi.data_ptr<T>(), gamma_ih.data_ptr<T>(), w + layout.xhat_ih,
+                                     w + layout.rstd_ih, kLstm ? w + layout.xhat_hh : nullptr, opts);
+    r.grad_ln_ih = input_side[0];
+    r.grad_b_ih = input_side[2];
+    if (kLstm) {
+      r.grad_ln_hh = input_side[1];
+      r.grad_b_hh = r.grad_b_ih;
+      const std::vector<at::Tensor> cell = column_sums<T>(S, H, dY.data_ptr<T>(), w + layout.cell_hat, nullptr, opts);
+      r.grad_ln_cell_weight = cell[0];
+      r.grad_ln_cell_bias = cell[2];
+    } else {
+      const std::vector<at::Tensor> recurrent_side = column_sums<T>(S, G * H, dA_h.data_ptr<T>(), w + layout.xhat_hh, nullptr, opts);
+      r.grad_ln_hh = recurrent_side[0];
+      r.grad_b_hh = recurrent_side[2];
+    }
   });
   at::Tensor grad_input = empty_cached({S, d.I}, opts);
   gemm_out(grad_input, d_xi, w_ih);
@@ -783,10 +904,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm_lstm_forwar
     const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
     const at::Tensor& ln_ih_weight, const at::Tensor& ln_hh_weight, const at::Tensor& ln_cell_weight,
-    const at::Tensor& ln_cell_bias, const std::optional<at::Tensor>& batch_sizes, bool reverse, bool train) {
+    const at::Tensor& ln_cell_bias, const std::optional<at::Tensor>& batch_sizes, bool reverse, bool train,
+    const std::optional<at::Tensor>& zoneout, const std::optional<at::Tensor>& cell_zoneout,
+    const std::optional<at::Tensor>& recurrent_mask) {
   const LnForwardResult r = ln_forward<LayerNormLstmCell>(
       {input, hx, &cx, w_ih, w_hh, b_ih, b_hh, kNone, batch_sizes},
-      {ln_ih_weight, ln_hh_weight, &ln_cell_weight, &ln_cell_bias}, reverse, train);
+      {ln_ih_weight, ln_hh_weight, &ln_cell_weight, &ln_cell_bias}, reverse, train,
+      {zoneout, cell_zoneout, recurrent_mask});
   return {r.output, r.hy, r.cy, r.workspace};
 }
 
@@ -796,11 +920,13 @@ layernorm_lstm_backward(const at::Tensor& grad_output, const at::Tensor& grad_hy
                         const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
                         const at::Tensor& w_hh, const at::Tensor& ln_ih_weight, const at::Tensor& ln_hh_weight,
                         const at::Tensor& ln_cell_weight, const at::Tensor& ln_cell_bias, const at::Tensor& output,
-                        const at::Tensor& workspace, const std::optional<at::Tensor>& batch_sizes, bool reverse) {
+                        const at::Tensor& workspace, const std::optional<at::Tensor>& batch_sizes, bool reverse,
+                        const std::optional<at::Tensor>& zoneout, const std::optional<at::Tensor>& cell_zoneout,
+                        const std::optional<at::Tensor>& recurrent_mask) {
   const LnBackwardResult r = ln_backward<LayerNormLstmCell>(
       {input, hx, &cx, w_ih, w_hh, kNone, kNone, kNone, batch_sizes},
       {ln_ih_weight, ln_hh_weight, &ln_cell_weight, &ln_cell_bias},
-      {grad_output, grad_hy, &grad_cy, output, workspace}, reverse);
+      {grad_output, grad_hy, &grad_cy, output, workspace}, reverse, {zoneout, cell_zoneout, recurrent_mask});
   return {r.grad_input, r.grad_hx,    r.grad_cx,    r.grad_w_ih,          r.grad_w_hh,
           r.grad_b_ih,  r.grad_ln_ih, r.grad_ln_hh, r.grad_ln_cell_weight, r.grad_ln_cell_bias};
 }
@@ -808,10 +934,12 @@ layernorm_lstm_backward(const at::Tensor& grad_output, const at::Tensor& grad_hy
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_gru_forward(
     const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh, const at::Tensor& ln_ih_weight,
-    const at::Tensor& ln_hh_weight, const std::optional<at::Tensor>& batch_sizes, bool reverse, bool train) {
+    const at::Tensor& ln_hh_weight, const std::optional<at::Tensor>& batch_sizes, bool reverse, bool train,
+    const std::optional<at::Tensor>& zoneout, const std::optional<at::Tensor>& recurrent_mask) {
   const LnForwardResult r =
       ln_forward<LayerNormGruCell>({input, hx, nullptr, w_ih, w_hh, b_ih, b_hh, kNone, batch_sizes},
-                                   {ln_ih_weight, ln_hh_weight, nullptr, nullptr}, reverse, train);
+                                   {ln_ih_weight, ln_hh_weight, nullptr, nullptr}, reverse, train,
+                                   {zoneout, kNone, recurrent_mask});
   return {r.output, r.hy, r.workspace};
 }
 
@@ -819,11 +947,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 layernorm_gru_backward(const at::Tensor& grad_output, const at::Tensor& grad_hy, const at::Tensor& input,
                        const at::Tensor& hx, const at::Tensor& w_ih, const at::Tensor& w_hh,
                        const at::Tensor& ln_ih_weight, const at::Tensor& ln_hh_weight, const at::Tensor& output,
-                       const at::Tensor& workspace, const std::optional<at::Tensor>& batch_sizes, bool reverse) {
+                       const at::Tensor& workspace, const std::optional<at::Tensor>& batch_sizes, bool reverse,
+                       const std::optional<at::Tensor>& zoneout, const std::optional<at::Tensor>& recurrent_mask) {
   const LnBackwardResult r =
       ln_backward<LayerNormGruCell>({input, hx, nullptr, w_ih, w_hh, kNone, kNone, kNone, batch_sizes},
                                     {ln_ih_weight, ln_hh_weight, nullptr, nullptr},
-                                    {grad_output, grad_hy, nullptr, output, workspace}, reverse);
+                                    {grad_output, grad_hy, nullptr, output, workspace}, reverse,
+                                    {zoneout, kNone, recurrent_mask});
   return {r.grad_input, r.grad_hx,   r.grad_w_ih,  r.grad_w_hh,
           r.grad_b_ih,  r.grad_b_hh, r.grad_ln_ih, r.grad_ln_hh};
 }

@@ -15,8 +15,9 @@
 // LN of a row needs the whole row, while a CPU thread (or a CUDA block) owns a panel of units. So a
 // step is several passes: the recurrent product with partial moments of each (row, panel); then,
 // once every panel's moments are in, normalisation and the gates (and for the LSTM, partial moments
-// of c_t; then LN(c_t) and h_t). Partial moments combine by Chan et al.'s pairwise update
-// (merge_moments), which keeps the variance accurate where sum-of-squares would cancel.
+// of c_t; then LN(c_t) and h_t). Partial moments (mean, M2 per part) combine as the within- plus
+// between-part squared deviations (combine_moments), which keeps the variance accurate where
+// sum-of-squares would cancel.
 #pragma once
 
 #include <cmath>
@@ -36,12 +37,28 @@ struct Moments {
   T count, mean, m2;
 };
 
+// The moments of a row from those of its `parts` parts, partial[2p] = mean and partial[2p + 1] = M2 of
+// part p, every part holding `full` values but the last, which holds `last`: mean = sum count_p mean_p /
+// count, M2 = sum M2_p + sum count_p (mean_p - mean)^2 (Chan et al.'s result for many parts at once).
+// One division per row, not one per part as pairwise merges take, and four independent accumulators
+// in a fixed order: the same result whichever thread computes it.
 template <typename T>
-GENFAST_HD Moments<T> merge_moments(const Moments<T>& a, const Moments<T>& b) {
-  const T count = a.count + b.count;
-  if (count == T(0)) return a;
-  const T delta = b.mean - a.mean;
-  return {count, a.mean + delta * (b.count / count), a.m2 + b.m2 + delta * delta * (a.count * (b.count / count))};
+GENFAST_HD Moments<T> combine_moments(const T* partial, int64_t parts, T full, T last) {
+  const int64_t body = parts - 1;
+  T sum[4] = {T(0), T(0), T(0), T(0)};
+  for (int64_t p = 0; p < body; ++p) sum[p % 4] += partial[2 * p];
+  const T count = full * T(body) + last;
+  const T mean = (((sum[0] + sum[1]) + (sum[2] + sum[3])) * full + partial[2 * body] * last) / count;
+  T within[4] = {T(0), T(0), T(0), T(0)}, between[4] = {T(0), T(0), T(0), T(0)};
+  for (int64_t p = 0; p < body; ++p) {
+    const T d = partial[2 * p] - mean;
+    within[p % 4] += partial[2 * p + 1];
+    between[p % 4] += d * d;
+  }
+  const T d_last = partial[2 * body] - mean;
+  const T m2 = ((within[0] + within[1]) + (within[2] + within[3])) + partial[2 * body + 1] +
+               ((between[0] + between[1]) + (between[2] + between[3])) * full + d_last * d_last * last;
+  return {count, mean, m2};
 }
 
 // 1 / sqrt(biased variance + eps) of a row's moments.

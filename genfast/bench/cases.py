@@ -210,6 +210,26 @@ def _layernorm_cases(baselines=LAYERNORM_BASELINES) -> list[Case]:
     return cases
 
 
+# A training step of the LN module with one regulariser (subject) against the same module without it
+# (issue 19: each regulariser <= 1.1x the plain time).
+LAYERNORM_REGULARIZERS = ("zoneout", "recurrent_dropout")
+
+
+def _layernorm_regularized(cell: str, regularizer: str, workload: str, **shape) -> Case:
+    params = {"cell": cell, "seed": 0, "regularizers": ((regularizer, 0.25),), **shape}
+    return Case(f"{cell}.regularizers.{workload}.{regularizer}.training", cell, "layernorm_rnn", "training", params,
+                ("genfast_regularized",), ("genfast",))
+
+
+def _layernorm_regularizer_cases() -> list[Case]:
+    cases = []
+    for cell in ("layernorm_lstm", "layernorm_gru"):
+        for name in LAYERNORM_REGULARIZERS:
+            cases.append(_layernorm_regularized(cell, name, "fastrnns", T=100, N=64, input_size=512, hidden_size=512))
+            cases.append(_layernorm_regularized(cell, name, "imdb", T=100, N=32, input_size=256, hidden_size=64))
+    return cases
+
+
 def _quick() -> list[Case]:
     cases = []
     # The slow baselines (reference, cell_loop) cost several torch calls per call on the big
@@ -271,6 +291,7 @@ def _full() -> list[Case]:
         cases += [_sampling(top_k=50, top_p=0.9, spread=spread), _sampling(top_p=0.9, spread=spread),
                   _sampling(top_k=50, top_p=1.0, spread=spread)]
     cases += _layernorm_cases()
+    cases += _layernorm_regularizer_cases()
     cases.append(_gpt2())
     # Ten sequences at once, as generate(..., num_return_sequences=10) decodes them.
     cases.append(_gpt2(new_tokens=32, rows=10, name="gpt2.124m.greedy.batch10"))
@@ -300,6 +321,7 @@ def _smoke() -> list[Case]:
     for cell in ("layernorm_lstm", "layernorm_gru"):  # "small", so that --filter lstm.tiny keeps its one case
         for mode in MODES:
             cases.append(_layernorm(cell, "small", mode, **tiny))
+        cases.append(_layernorm_regularized(cell, "zoneout", "small", **tiny))
     cases.append(_sampling(vocab=100, top_k=5, top_p=0.9, rows=2, name="sampling.tiny"))
     tiny_gpt2 = dict(n_layer=2, n_embd=32, n_head=2, n_positions=32, vocab_size=100)
     cases.append(_gpt2(new_tokens=4, prompt_len=3, name="gpt2.tiny.greedy", config=tiny_gpt2))

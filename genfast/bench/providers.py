@@ -390,6 +390,7 @@ class LayerNormRnnWorkload:
     x: torch.Tensor               # (T, N, I)
     hx: tuple[torch.Tensor, ...]  # (h0,) or (h0, c0), each (1, N, H)
     training: bool
+    regularizers: tuple = ()      # (name, rate) pairs for genfast_regularized
 
     @property
     def lstm(self) -> bool:
@@ -413,7 +414,7 @@ def make_layernorm_rnn_workload(case, device: str) -> LayerNormRnnWorkload:
     T, N, H = p["T"], p["N"], p["hidden_size"]
     x = torch.randn(T, N, p["input_size"], generator=generator).to(device)
     hx = tuple(torch.randn(1, N, H, generator=generator).to(device) for _ in range(2 if lstm else 1))
-    return LayerNormRnnWorkload(p["cell"], module, x, hx, case.mode == "training")
+    return LayerNormRnnWorkload(p["cell"], module, x, hx, case.mode == "training", tuple(p.get("regularizers", ())))
 
 
 def genfast_layernorm_rnn(work: LayerNormRnnWorkload):
@@ -422,6 +423,23 @@ def genfast_layernorm_rnn(work: LayerNormRnnWorkload):
     def run():
         with torch.set_grad_enabled(work.training):
             return _finish(work, work.module(work.x, state)[0])
+    return run
+
+
+def genfast_regularized_layernorm_rnn(work: LayerNormRnnWorkload):
+    """The LN module with the case's regularisers (params["regularizers"], issue 19), same weights."""
+    m = work.module
+    try:
+        module = type(m)(m.input_size, m.hidden_size, **dict(work.regularizers)).to(work.x.device)
+    except (TypeError, NotImplementedError) as err:  # a checkout from before the LN regularisers (--ab)
+        raise Unavailable("not built", f"{type(m).__name__} takes no {dict(work.regularizers)}: {err}") from err
+    module.load_state_dict(m.state_dict())
+    module.requires_grad_(work.training)
+    state = work.hx if work.lstm else work.hx[0]
+
+    def run():
+        with torch.set_grad_enabled(work.training):
+            return _finish(work, module(work.x, state)[0])
     return run
 
 
@@ -894,6 +912,7 @@ PROVIDERS: dict[str, dict[str, Provider]] = {
     "layernorm_rnn": {p.name: p for p in (
         Provider("genfast", genfast_layernorm_rnn, "genfast.nn.LayerNormLSTM/LayerNormGRU"),
         Provider("genfast_plain", genfast_plain_rnn, "genfast.nn.LSTM/GRU, same weights, no LN"),
+        Provider("genfast_regularized", genfast_regularized_layernorm_rnn, "the LN module with the case's regularisers"),
         Provider("cell_loop", layernorm_cell_loop, "Python loop over genfast.reference's LN cell (eager)"),
         Provider("compiled_cell_loop", compiled_layernorm_cell_loop, "the same loop, the cell torch.compile'd"),
     )},

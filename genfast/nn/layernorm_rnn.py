@@ -7,30 +7,22 @@ Their equations: csrc/rnn/layernorm_cells.h and genfast.reference.layernorm_lstm
 layernorm_gru_cell. Constructor, parameters (torch's names plus the LN gains and biases, with torch's
 ``_l{k}`` and ``_reverse`` suffixes), forward signature and outputs follow torch.nn.LSTM / GRU
 (without proj_size). CPU only for now.
+
+The regularisers (zoneout, cell_zoneout, recurrent_dropout, weight_dropout) are genfast.nn.LSTM's
+(genfast.nn.rnn._RegularizedRNN: the same semantics, the same mask draws), fused in the LN kernels.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from genfast.nn.rnn import _FusedRNNBase
+from genfast.nn.rnn import _FusedRNNBase, _RegularizedRNN
 from genfast.ops import layernorm_rnn as _ln_ops
 
 __all__ = ["LayerNormLSTM", "LayerNormGRU"]
 
 
-def _reject_regularisers(module: str, **rates: float) -> None:
-    """The regularisers are accepted for the signature but not yet fused into these cells: a non-zero
-    rate raises rather than being ignored."""
-    for name, rate in rates.items():
-        if not 0.0 <= rate <= 1.0:
-            raise ValueError(f"{module}: {name} must be in [0, 1], got {rate}")
-        if rate != 0.0:
-            raise NotImplementedError(f"{module}: {name}={rate} is not yet fused for LayerNorm cells "
-                                      f"(only 0 is supported so far)")
-
-
-class _LayerNormRNNBase(_FusedRNNBase):
+class _LayerNormRNNBase(_RegularizedRNN, _FusedRNNBase):
     """Adds the LN parameters of each layer and direction to torch's RNN parameters."""
 
     # (name prefix, width in units of hidden_size: None for one per gate) of each LN parameter; gains
@@ -73,6 +65,14 @@ class _LayerNormRNNBase(_FusedRNNBase):
         w_ih, w_hh, b_ih, b_hh, _ = super()._layer_weights(index)
         return (w_ih, w_hh, b_ih, b_hh, *(getattr(self, name) for name in self._layer_norm_names[index]))
 
+    def _regularized(self, input, states, weights, batch_sizes):
+        """The layer's weights (W_hh after weight dropout) and the ops' mask arguments (_RegularizedRNN)."""
+        if not self._regularizers_active():
+            return weights, {}
+        w_ih, w_hh, *rest = weights
+        w_hh, masks = self._regularize(input, batch_sizes, states, w_hh)
+        return (w_ih, w_hh, *rest), masks
+
     def extra_repr(self) -> str:
         text = super().extra_repr()
         return text + (f", forget_bias={self.forget_bias}" if getattr(self, "forget_bias", 0.0) else "")
@@ -88,8 +88,13 @@ class LayerNormLSTM(_LayerNormRNNBase):
     LN normalises over the last dimension (biased variance, eps 1e-5). Parameters: torch.nn.LSTM's,
     plus ln_ih_weight_l{k} and ln_hh_weight_l{k} (4H, init 1), ln_cell_weight_l{k} (H, init 1) and
     ln_cell_bias_l{k} (H, init 0), ``_reverse`` for the backward direction. ``forget_bias`` is added to
-    the f slice of bias_ih at initialisation. zoneout, cell_zoneout, recurrent_dropout and
-    weight_dropout must be 0 for now (NotImplementedError otherwise).
+    the f slice of bias_ih at initialisation.
+
+    Regularisers (0 = off), as genfast.nn.LSTM's (see genfast.nn.rnn._RegularizedRNN): ``zoneout`` and
+    ``cell_zoneout`` (h_t = m h_{t-1} + (1 - m) h~_t, m ~ Bernoulli(p) per row, unit and step in training,
+    m = p in eval; h~_t, c~_t as above, with LN(c~_t)), ``recurrent_dropout`` (one mask per row and unit
+    per call on h_{t-1} inside LN(W_hh h_{t-1}); the carried state is not masked), ``weight_dropout``
+    (DropConnect on W_hh). The dropouts act only in training.
     """
 
     _layer_norm_params = (("ln_ih_weight", None), ("ln_hh_weight", None), ("ln_cell_weight", 1), ("ln_cell_bias", 1))
@@ -98,19 +103,18 @@ class LayerNormLSTM(_LayerNormRNNBase):
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, zoneout: float = 0.0,
                  cell_zoneout: float = 0.0, recurrent_dropout: float = 0.0, weight_dropout: float = 0.0,
                  forget_bias: float = 0.0, device=None, dtype=None) -> None:
-        _reject_regularisers(type(self).__name__, zoneout=zoneout, cell_zoneout=cell_zoneout,
-                             recurrent_dropout=recurrent_dropout, weight_dropout=weight_dropout)
         if forget_bias and not bias:
             raise ValueError(f"{type(self).__name__}: forget_bias={forget_bias} needs bias=True")
         super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
                          device=device, dtype=dtype)
-        self.zoneout, self.cell_zoneout = zoneout, cell_zoneout
-        self.recurrent_dropout, self.weight_dropout = recurrent_dropout, weight_dropout
+        self._set_regularizers(zoneout=zoneout, cell_zoneout=cell_zoneout, recurrent_dropout=recurrent_dropout,
+                               weight_dropout=weight_dropout)
         self.forget_bias = float(forget_bias)
         self._register_layer_norm(device, dtype)
 
     def _layer(self, input, states, weights, batch_sizes, reverse):
-        return _ln_ops.layernorm_lstm(input, states[0], states[1], *weights, batch_sizes, reverse)
+        weights, masks = self._regularized(input, states, weights, batch_sizes)
+        return _ln_ops.layernorm_lstm(input, states[0], states[1], *weights, batch_sizes, reverse, **masks)
 
     def forward(self, input, hx: tuple[Tensor, Tensor] | None = None):
         if hx is not None and not (isinstance(hx, (tuple, list)) and len(hx) == 2):
@@ -129,8 +133,9 @@ class LayerNormGRU(_LayerNormRNNBase):
     r = sigmoid(x^_r + h^_r), z = sigmoid(x^_z + h^_z), n = tanh(x^_n + r * h^_n)
     h_t = (1 - z) * n + z * h_{t-1}
 
-    Parameters: torch.nn.GRU's plus ln_ih_weight_l{k} and ln_hh_weight_l{k} (3H, init 1). zoneout,
-    recurrent_dropout and weight_dropout must be 0 for now (NotImplementedError otherwise).
+    Parameters: torch.nn.GRU's plus ln_ih_weight_l{k} and ln_hh_weight_l{k} (3H, init 1).
+    Regularisers: ``zoneout``, ``recurrent_dropout``, ``weight_dropout``, as LayerNormLSTM's (the GRU's
+    z h_{t-1} term reads the carried, unmasked h_{t-1}).
     """
 
     _layer_norm_params = (("ln_ih_weight", None), ("ln_hh_weight", None))
@@ -139,18 +144,17 @@ class LayerNormGRU(_LayerNormRNNBase):
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, zoneout: float = 0.0,
                  recurrent_dropout: float = 0.0, weight_dropout: float = 0.0, forget_bias: float = 0.0,
                  device=None, dtype=None) -> None:
-        _reject_regularisers(type(self).__name__, zoneout=zoneout, recurrent_dropout=recurrent_dropout,
-                             weight_dropout=weight_dropout)
         if forget_bias:
             raise ValueError(f"{type(self).__name__}: forget_bias applies to an LSTM's forget gate; a GRU has none")
         super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
                          device=device, dtype=dtype)
-        self.zoneout, self.recurrent_dropout, self.weight_dropout = zoneout, recurrent_dropout, weight_dropout
+        self._set_regularizers(zoneout=zoneout, recurrent_dropout=recurrent_dropout, weight_dropout=weight_dropout)
         self.forget_bias = 0.0
         self._register_layer_norm(device, dtype)
 
     def _layer(self, input, states, weights, batch_sizes, reverse):
-        return _ln_ops.layernorm_gru(input, states[0], *weights, batch_sizes, reverse)
+        weights, masks = self._regularized(input, states, weights, batch_sizes)
+        return _ln_ops.layernorm_gru(input, states[0], *weights, batch_sizes, reverse, **masks)
 
     def forward(self, input, hx: Tensor | None = None):
         input, states, batch_sizes, sorted_i, unsorted_i, unbatched = self._prepare(input, hx, (self.hidden_size,))

@@ -32,38 +32,55 @@ def _check_device(name: str, input: Tensor) -> None:
 
 def layernorm_lstm(input: Tensor, hx: Tensor, cx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
                    b_hh: Tensor | None, ln_ih_weight: Tensor, ln_hh_weight: Tensor, ln_cell_weight: Tensor,
-                   ln_cell_bias: Tensor, batch_sizes: Tensor | None = None,
-                   reverse: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+                   ln_cell_bias: Tensor, batch_sizes: Tensor | None = None, reverse: bool = False, *,
+                   zoneout: Tensor | None = None, cell_zoneout: Tensor | None = None,
+                   recurrent_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """One layer-normalised LSTM layer over ``input`` (T, N, I), or packed (S, I) with ``batch_sizes``.
 
     Returns (output, h_n, c_n). bfloat16 / float16 run in float32 on the CPU, as genfast.ops.lstm.
+    Regularisers, each optional, as genfast.ops.lstm takes them: ``zoneout`` and ``cell_zoneout``
+    (S, H), the weight of h_{t-1} (c_{t-1}) in h_t (c_t) per row of the sequence; ``recurrent_mask``
+    (N, H) multiplies h_{t-1} where it enters LN(W_hh h_{t-1}).
     """
     _check_device("layernorm_lstm", input)
     tensors = (input, hx, cx, w_ih, w_hh, b_ih, b_hh, ln_ih_weight, ln_hh_weight, ln_cell_weight, ln_cell_bias)
-    reduced = _cpu_upcast_dtype(input, tensors[1:])
+    masks = (zoneout, cell_zoneout, recurrent_mask)
+    reduced = _cpu_upcast_dtype(input, tensors[1:] + masks)
     if reduced is not None:
-        output, hy, cy = layernorm_lstm(*map(_float, tensors), batch_sizes, reverse)
+        zoneout, cell_zoneout, recurrent_mask = map(_float, masks)
+        output, hy, cy = layernorm_lstm(*map(_float, tensors), batch_sizes, reverse, zoneout=zoneout,
+                                        cell_zoneout=cell_zoneout, recurrent_mask=recurrent_mask)
         return output.to(reduced), hy.to(reduced), cy.to(reduced)
     train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    output, hy, cy, _ = _ops.layernorm_lstm_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, ln_ih_weight,
-                                                     ln_hh_weight, ln_cell_weight, ln_cell_bias, batch_sizes,
-                                                     reverse, train)
+    args = (input, hx, cx, w_ih, w_hh, b_ih, b_hh, ln_ih_weight, ln_hh_weight, ln_cell_weight, ln_cell_bias,
+            batch_sizes, reverse, train)
+    if zoneout is None and cell_zoneout is None and recurrent_mask is None:
+        output, hy, cy, _ = _ops.layernorm_lstm_forward(*args)
+    else:
+        output, hy, cy, _ = _ops.layernorm_lstm_forward(*args, zoneout, cell_zoneout, recurrent_mask)
     return output, hy, cy
 
 
 def layernorm_gru(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None,
                   ln_ih_weight: Tensor, ln_hh_weight: Tensor, batch_sizes: Tensor | None = None,
-                  reverse: bool = False) -> tuple[Tensor, Tensor]:
-    """One layer-normalised GRU layer. Returns (output, h_n)."""
+                  reverse: bool = False, *, zoneout: Tensor | None = None,
+                  recurrent_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """One layer-normalised GRU layer. Returns (output, h_n). Regularisers: see layernorm_lstm()."""
     _check_device("layernorm_gru", input)
     tensors = (input, hx, w_ih, w_hh, b_ih, b_hh, ln_ih_weight, ln_hh_weight)
-    reduced = _cpu_upcast_dtype(input, tensors[1:])
+    masks = (zoneout, recurrent_mask)
+    reduced = _cpu_upcast_dtype(input, tensors[1:] + masks)
     if reduced is not None:
-        output, hy = layernorm_gru(*map(_float, tensors), batch_sizes, reverse)
+        zoneout, recurrent_mask = map(_float, masks)
+        output, hy = layernorm_gru(*map(_float, tensors), batch_sizes, reverse, zoneout=zoneout,
+                                   recurrent_mask=recurrent_mask)
         return output.to(reduced), hy.to(reduced)
     train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    output, hy, _ = _ops.layernorm_gru_forward(input, hx, w_ih, w_hh, b_ih, b_hh, ln_ih_weight, ln_hh_weight,
-                                               batch_sizes, reverse, train)
+    args = (input, hx, w_ih, w_hh, b_ih, b_hh, ln_ih_weight, ln_hh_weight, batch_sizes, reverse, train)
+    if zoneout is None and recurrent_mask is None:
+        output, hy, _ = _ops.layernorm_gru_forward(*args)
+    else:
+        output, hy, _ = _ops.layernorm_gru_forward(*args, zoneout, recurrent_mask)
     return output, hy
 
 
@@ -83,7 +100,8 @@ def _workspace(cell: str, input: Tensor, batch_sizes: Tensor | None, hidden, tra
 
 @torch.library.register_fake("genfast::layernorm_lstm_forward")
 def _layernorm_lstm_forward_fake(input, hx, cx, w_ih, w_hh, b_ih, b_hh, ln_ih_weight, ln_hh_weight, ln_cell_weight,
-                                 ln_cell_bias, batch_sizes, reverse, train):
+                                 ln_cell_bias, batch_sizes, reverse, train, zoneout=None, cell_zoneout=None,
+                                 recurrent_mask=None):
     hidden = w_ih.shape[0] // 4
     output = input.new_empty((*input.shape[:-1], hidden))
     workspace = _workspace("layernorm_lstm", input, batch_sizes, hidden, train)
@@ -92,7 +110,8 @@ def _layernorm_lstm_forward_fake(input, hx, cx, w_ih, w_hh, b_ih, b_hh, ln_ih_we
 
 @torch.library.register_fake("genfast::layernorm_lstm_backward")
 def _layernorm_lstm_backward_fake(grad_output, grad_hy, grad_cy, input, hx, cx, w_ih, w_hh, ln_ih_weight,
-                                  ln_hh_weight, ln_cell_weight, ln_cell_bias, output, workspace, batch_sizes, reverse):
+                                  ln_hh_weight, ln_cell_weight, ln_cell_bias, output, workspace, batch_sizes, reverse,
+                                  zoneout=None, cell_zoneout=None, recurrent_mask=None):
     return (input.new_empty(input.shape), hx.new_empty(hx.shape), cx.new_empty(cx.shape), w_ih.new_empty(w_ih.shape),
             w_hh.new_empty(w_hh.shape), w_ih.new_empty((w_ih.shape[0],)), ln_ih_weight.new_empty(ln_ih_weight.shape),
             ln_hh_weight.new_empty(ln_hh_weight.shape), ln_cell_weight.new_empty(ln_cell_weight.shape),
@@ -101,7 +120,7 @@ def _layernorm_lstm_backward_fake(grad_output, grad_hy, grad_cy, input, hx, cx, 
 
 @torch.library.register_fake("genfast::layernorm_gru_forward")
 def _layernorm_gru_forward_fake(input, hx, w_ih, w_hh, b_ih, b_hh, ln_ih_weight, ln_hh_weight, batch_sizes, reverse,
-                                train):
+                                train, zoneout=None, recurrent_mask=None):
     hidden = w_ih.shape[0] // 3
     output = input.new_empty((*input.shape[:-1], hidden))
     workspace = _workspace("layernorm_gru", input, batch_sizes, hidden, train)
@@ -110,7 +129,7 @@ def _layernorm_gru_forward_fake(input, hx, w_ih, w_hh, b_ih, b_hh, ln_ih_weight,
 
 @torch.library.register_fake("genfast::layernorm_gru_backward")
 def _layernorm_gru_backward_fake(grad_output, grad_hy, input, hx, w_ih, w_hh, ln_ih_weight, ln_hh_weight, output,
-                                 workspace, batch_sizes, reverse):
+                                 workspace, batch_sizes, reverse, zoneout=None, recurrent_mask=None):
     bias = w_ih.new_empty((w_ih.shape[0],))
     return (input.new_empty(input.shape), hx.new_empty(hx.shape), w_ih.new_empty(w_ih.shape),
             w_hh.new_empty(w_hh.shape), bias, bias.new_empty(bias.shape), ln_ih_weight.new_empty(ln_ih_weight.shape),
