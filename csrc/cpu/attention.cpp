@@ -440,6 +440,36 @@ SoftmaxKernels<T> softmax_kernels() {
   }
 }
 
+// Runs body(begin, end) over contiguous ranges of tasks [0, tasks), one range per thread, cut so that
+// the ranges' summed cost(task) is about equal. at::parallel_for cuts by count, but the tasks differ
+// in size: sequences of different lengths in a variable-length batch, causal or windowed query blocks.
+template <typename Cost, typename Body>
+void parallel_for_balanced(int64_t tasks, const Cost& cost, const Body& body) {
+  const int64_t parts = std::min<int64_t>(at::get_num_threads(), tasks);
+  if (parts <= 1 || at::in_parallel_region()) {
+    if (tasks > 0) body(0, tasks);
+    return;
+  }
+  std::vector<double> prefix(tasks + 1, 0.0);
+  for (int64_t t = 0; t < tasks; ++t) prefix[t + 1] = prefix[t] + cost(t);
+  std::vector<int64_t> bounds(parts + 1, tasks);
+  bounds[0] = 0;
+  for (int64_t i = 1; i < parts; ++i)
+    bounds[i] = std::lower_bound(prefix.begin(), prefix.end(), prefix[tasks] * i / parts) - prefix.begin();
+  at::parallel_for(0, parts, 1, [&](int64_t first, int64_t last) {
+    for (int64_t i = first; i < last; ++i)
+      if (bounds[i] < bounds[i + 1]) body(bounds[i], bounds[i + 1]);
+  });
+}
+
+// Work of query rows [i0, i0 + rows) of sequence b against the keys they may see, plus a per-row
+// share for the softmax bookkeeping and the output: the cost that parallel_for_balanced evens out.
+template <typename T>
+double block_cost(const Problem<T>& p, int64_t b, int64_t i0, int64_t rows, int64_t align) {
+  const auto [key_begin, key_end] = p.key_range(b, i0, i0 + rows, align);
+  return static_cast<double>(rows) * static_cast<double>(std::max<int64_t>(key_end - key_begin, 0) + 32);
+}
+
 // ---- forward ---------------------------------------------------------------------------
 //
 // Both forward GEMMs run on genfast's register-blocked micro-kernel (cpu/gemm.h), which
@@ -513,7 +543,11 @@ void forward_kernel(const Problem<T>& p, T* out, T* lse) {
   // so a thread packs the key side of each kv head it meets once, into its own buffers,
   // and reuses it for all query blocks (and GQA query heads) of that head that it owns.
   // In a variable-length batch the blocks past a sequence's end are empty tasks.
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+  const auto task_cost = [&](int64_t task) {
+    const int64_t b = task / (q_blocks * p.heads_q), i0 = task % q_blocks * kFwdBlockQ;
+    return i0 < p.q_len(b) ? block_cost(p, b, i0, std::min(kFwdBlockQ, p.q_len(b) - i0), W) : 0.0;
+  };
+  parallel_for_balanced(tasks, task_cost, [&](int64_t begin, int64_t end) {
     std::vector<T> kt(k_in_place ? 0 : key_panels * W * p.dim_qk), v_packed(v_in_place ? 0 : p.len_k * wv);
     std::vector<T> q_scaled(k_in_place ? block_q * p.dim_qk : 0);
     std::vector<T> scores(block_q * kFwdBlockK), pv(block_q * wv), acc(block_q * wv);
@@ -612,7 +646,13 @@ void backward_kernel(const Problem<T>& p, const T* grad_out, const T* out, const
   const int64_t o_sr = p.out.sr, dq_sr = p.grad_q.sr, dk_sr = p.grad_k.sr, dv_sr = p.grad_v.sr;
   // K's rows already form a panel (for dQ += dS K) when contiguous and whole vectors wide.
   const bool k_in_place = p.dim_qk == wqk && (p.k_sr == p.dim_qk || p.len_k == 1);
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+  const auto task_cost = [&](int64_t task) {
+    const int64_t b = task / p.heads_kv, len_q = p.q_len(b);
+    double cost = 0;
+    for (int64_t i0 = 0; i0 < len_q; i0 += kBlockQ) cost += block_cost(p, b, i0, std::min(kBlockQ, len_q - i0), W);
+    return cost * static_cast<double>(group);
+  };
+  parallel_for_balanced(tasks, task_cost, [&](int64_t begin, int64_t end) {
     std::vector<T> probs(kBlockQ * kBlockK), dprobs(kBlockQ * kBlockK), delta(kBlockQ);
     std::vector<T> kt(key_panels * W * p.dim_qk), vt(key_panels * W * p.dim_v), dq_tile(kBlockQ * wqk);
     std::vector<T> k_packed(k_in_place ? 0 : p.len_k * wqk);
