@@ -107,6 +107,22 @@ def test_gqa_and_value_dim(heads):
     check_against_reference([7, 20], [13, 31], heads=heads, dim=8, dim_v=8)
 
 
+def test_scale_and_strided_inputs():
+    """An explicit scale; q, k, v as strided views of one packed (total, 3, H, D) projection."""
+    torch.manual_seed(13)
+    check_against_reference([9, 4], [9, 4], heads=(3, 3), scale=0.3, causal=True)
+    lens = [9, 1, 14]
+    qkv = torch.randn(sum(lens), 3, 4, 16, dtype=torch.float64, requires_grad=True)
+    q, k, v = qkv.unbind(1)
+    cu = torch.tensor([0, 9, 10, 24], dtype=torch.int32)
+    out = gf.flash_attn_varlen(q, k, v, cu, cu, 14, 14, scale=0.3)
+    ref = reference.attention_varlen(q, k, v, cu, cu, scale=0.3)
+    torch.testing.assert_close(out, ref, **TOL[torch.float64])
+    grad_out = torch.randn_like(ref)
+    torch.testing.assert_close(torch.autograd.grad(out, qkv, grad_out)[0], torch.autograd.grad(ref, qkv, grad_out)[0],
+                               **TOL[torch.float64])
+
+
 def test_zero_keys_give_zero_output_and_gradients():
     torch.manual_seed(2)
     q, k, v, cu_q, cu_k = packed([3, 4, 2], [5, 0, 3])
@@ -236,6 +252,20 @@ def test_torch_compile_fullgraph():
     grads_compiled = torch.autograd.grad(compiled(q, k, v), (q, k, v))
     grads_eager = torch.autograd.grad(expect_varlen(lambda: fn(q, k, v)), (q, k, v))
     for a, b in zip(grads_compiled, grads_eager):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+    # dropout: the seed is drawn inside the graph from torch's generator, as in eager mode
+    def dropped(q, k, v):
+        return gf.flash_attn_varlen(q, k, v, cu_q, cu_k, 12, 12, dropout_p=0.3).square().sum()
+
+    compiled = torch.compile(dropped, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(14)
+    loss_compiled = compiled(q, k, v)
+    grads_compiled = torch.autograd.grad(loss_compiled, (q, k, v))
+    torch.manual_seed(14)
+    loss_eager = dropped(q, k, v)
+    torch.testing.assert_close(loss_compiled, loss_eager, **TOL[torch.float32])
+    for a, b in zip(grads_compiled, torch.autograd.grad(loss_eager, (q, k, v))):
         torch.testing.assert_close(a, b, **TOL[torch.float32])
 
 

@@ -11,6 +11,9 @@ One route for genfast's kernels on every device: torch.ops.genfast.attention_for
 autograd in csrc/attention_autograd.cpp.
   anything else           -> torch's SDPA
 Calls that genfast does not handle go to torch's SDPA with the reason recorded.
+
+``flash_attn_varlen`` (FlashAttention-2's packed variable-length layout) records its route too:
+``genfast-cpu-varlen`` (torch.ops.genfast.attention_varlen_forward, C++) or ``genfast-triton-varlen``.
 """
 from __future__ import annotations
 
