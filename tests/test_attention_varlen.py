@@ -370,3 +370,21 @@ def test_mha_training_dropout_runs_in_the_varlen_kernel():
     torch.testing.assert_close(ours(x, x, x, key_padding_mask=padding, need_weights=False)[0], out, atol=0, rtol=0)
     ours.eval()
     assert not torch.allclose(ours(x, x, x, key_padding_mask=padding, need_weights=False)[0], out)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+def test_mha_end_padding_runs_the_triton_varlen_kernel_on_cuda():
+    """On CUDA the same route runs genfast.kernels.flash_attention.flash_attention_varlen (Triton)."""
+    from tests.sdpa_dispatch import TRITON_VARLEN
+
+    torch.manual_seed(15)
+    theirs = nn.MultiheadAttention(64, 4, batch_first=True, device="cuda").eval()
+    ours = MultiheadAttention(64, 4, batch_first=True, device="cuda").eval()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(3, 40, 64, device="cuda")
+    padding = torch.arange(40, device="cuda")[None, :] >= torch.tensor([40, 17, 3], device="cuda")[:, None]
+    out, _ = sdpa_dispatch.expect_dispatch(lambda: ours(x, x, x, key_padding_mask=padding, need_weights=False),
+                                           TRITON_VARLEN)
+    ref, _ = theirs(x, x, x, key_padding_mask=padding, need_weights=False)
+    # fp32 with IEEE products in the Triton kernel: rounding of sums over <= 40 keys
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
