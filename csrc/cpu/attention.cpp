@@ -77,22 +77,23 @@ struct Mask {
   int64_t stride_b = 0, stride_h = 0, stride_q = 0, stride_k = 0;
 };
 
-// Dropout on the probabilities, drawn in the kernel: element (b, h, i, j) (i, j counted within
-// the sequence) is kept iff the top 32 bits of splitmix64(seed + counter * golden gamma) are
-// >= threshold, counter = ((b * heads_q + h) * len_q + i) * len_k + j. A pure function of the
-// seed and the position, so the backward regenerates the same mask, which is never stored.
+// Dropout on the probabilities, drawn in the kernel. Row r = (b * heads_q + h) * len_q + i (i counted
+// within the sequence) gets a 32-bit key, the top bits of splitmix64(seed + r * golden gamma); element j
+// of the row is kept iff fmix32(key ^ j * golden32) (MurmurHash3's finalizer, a bijection of 32-bit
+// words) is >= threshold. A pure function of the seed and the position, so the backward regenerates
+// the same mask, which is never stored; 32-bit arithmetic, so the per-element hash vectorises.
 struct Dropout {
   bool enabled = false;
   uint64_t seed = 0;
-  uint64_t threshold = 0;  // p * 2^32
+  uint32_t threshold = 0;  // p * 2^32 (capped at 2^32 - 1: p = 1 keeps nothing through keep_scale = 0)
   double keep_scale = 1;   // 1 / (1 - p); 0 when p = 1
 };
 
-inline uint64_t dropout_bits(uint64_t seed, uint64_t counter) {
-  uint64_t z = seed + counter * 0x9E3779B97F4A7C15ull;
+inline uint32_t dropout_row_key(uint64_t seed, uint64_t row) {
+  uint64_t z = seed + row * 0x9E3779B97F4A7C15ull;
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return (z ^ (z >> 31)) >> 32;
+  return static_cast<uint32_t>((z ^ (z >> 31)) >> 32);
 }
 
 Dropout make_dropout(double p, const c10::optional<at::Tensor>& seed) {
@@ -103,7 +104,7 @@ Dropout make_dropout(double p, const c10::optional<at::Tensor>& seed) {
               "attention: dropout_p > 0 needs dropout_seed, a one-element int64 tensor");
   d.enabled = true;
   d.seed = static_cast<uint64_t>(seed->item<int64_t>());
-  d.threshold = std::min<uint64_t>(uint64_t(1) << 32, static_cast<uint64_t>(std::llround(p * 4294967296.0)));
+  d.threshold = static_cast<uint32_t>(std::min<double>(std::round(p * 4294967296.0), 4294967295.0));
   d.keep_scale = p < 1.0 ? 1.0 / (1.0 - p) : 0.0;
   return d;
 }
@@ -199,27 +200,56 @@ void apply_mask(const Problem<T>& p, int64_t b, int64_t h, int64_t i0, int64_t r
   }
 }
 
+// Row of a probability tile times its dropout multipliers (0 or keep), keys j0.. of the row with this key.
+#define GENFAST_ALWAYS_INLINE inline __attribute__((always_inline))
+template <typename T>
+GENFAST_ALWAYS_INLINE void dropout_row_impl(T* row, int64_t cols, uint32_t key, uint32_t j0, uint32_t threshold,
+                                            T keep) {
+#pragma omp simd
+  for (int64_t c = 0; c < cols; ++c) {
+    uint32_t x = key ^ ((j0 + static_cast<uint32_t>(c)) * 0x9E3779B9u);
+    x ^= x >> 16;
+    x *= 0x85EBCA6Bu;
+    x ^= x >> 13;
+    x *= 0xC2B2AE35u;
+    x ^= x >> 16;
+    row[c] *= x >= threshold ? keep : T(0);
+  }
+}
+
+#define GENFAST_DROPOUT_COPY(SUFFIX, TARGET)                                                                 \
+  template <typename T>                                                                                     \
+  TARGET void dropout_row_##SUFFIX(T* row, int64_t cols, uint32_t key, uint32_t j0, uint32_t threshold, T keep) { \
+    dropout_row_impl<T>(row, cols, key, j0, threshold, keep);                                               \
+  }
+
+GENFAST_DROPOUT_COPY(baseline, )
+GENFAST_DROPOUT_COPY(avx2, GENFAST_TARGET_AVX2)
+GENFAST_DROPOUT_COPY(avx512, GENFAST_TARGET_AVX512)
+
 // Dropout on a probability tile (rows i0.., keys j0.. of sequence b, query head h): each entry
 // multiplied by 0 or 1 / (1 - p), the same draw wherever it is made (forward, backward, test hook).
 template <typename T>
 void apply_dropout(const Problem<T>& p, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols,
                    T* s, int64_t lds) {
-  const uint64_t seed = p.dropout.seed, threshold = p.dropout.threshold;
+  static const auto dropout_row = [] {
+    switch (simd_level()) {
+      case SimdLevel::kAVX512: return dropout_row_avx512<T>;
+      case SimdLevel::kAVX2: return dropout_row_avx2<T>;
+      default: return dropout_row_baseline<T>;
+    }
+  }();
   const T keep = static_cast<T>(p.dropout.keep_scale);
-  for (int64_t r = 0; r < rows; ++r) {
-    const uint64_t base = static_cast<uint64_t>(((b * p.heads_q + h) * p.len_q + i0 + r) * p.len_k + j0);
-    T* row = s + r * lds;
-#pragma omp simd
-    for (int64_t c = 0; c < cols; ++c) row[c] *= dropout_bits(seed, base + c) >= threshold ? keep : T(0);
-  }
+  const uint64_t row0 = static_cast<uint64_t>((b * p.heads_q + h) * p.len_q + i0);
+  for (int64_t r = 0; r < rows; ++r)
+    dropout_row(s + r * lds, cols, dropout_row_key(p.dropout.seed, row0 + r), static_cast<uint32_t>(j0),
+                p.dropout.threshold, keep);
 }
 
 // ---- softmax pieces, compiled per ISA ------------------------------------------------
 // The *_impl templates are always inlined into the target-attributed wrappers below, so
 // the `omp simd` loops vectorise to the width of each ISA (exp_ is fast_math.h's
 // branch-free polynomial exp, the one the RNN gate math uses).
-
-#define GENFAST_ALWAYS_INLINE inline __attribute__((always_inline))
 
 // One online-softmax step over a score tile: P = exp(S - m_new) in place (0 where the
 // score is -inf), row sums folded into l, and alpha = exp(m_old - m_new) returned
