@@ -361,7 +361,7 @@ def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         raise ValueError(f"flash_attn_varlen: cu_seqlens_q ({cu_seqlens_q.numel()} offsets) and cu_seqlens_k "
                          f"({cu_seqlens_k.numel()}) must describe the same batch")
     for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)) or value < 0:
             raise ValueError(f"flash_attn_varlen: {name} must be an int >= 0, got {value!r}")
     if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
             or any(isinstance(w, bool) or not isinstance(w, int) or w < -1 for w in window_size)):
