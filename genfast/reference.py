@@ -286,6 +286,45 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
     return torch.softmax(scores, dim=-1) @ v
 
 
+def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                     causal: bool = False, scale: float | None = None, window_size: tuple[int, int] = (-1, -1),
+                     dropout: Tensor | None = None) -> Tensor:
+    """FlashAttention-2's variable-length attention, one sequence at a time, materialising each (Lq, Lk) matrix.
+
+    q (total_q, Hq, D), k (total_k, Hk, D), v (total_k, Hk, Dv); sequence b owns rows
+    [cu_seqlens[b], cu_seqlens[b + 1]). Query i of a sequence sees keys j with
+    i + Lk - Lq - left <= j <= i + Lk - Lq + right (bottom-right aligned; -1 unbounded; causal: right = 0).
+    Rows that see no key (no keys at all, or none in the window) give 0. ``dropout`` (B, Hq, >= Lq, >= Lk),
+    if given, multiplies the probabilities (0 or 1 / (1 - p)).
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    left, right = window_size
+    if causal:
+        right = 0
+    heads_q = q.shape[1]
+    out = q.new_zeros(q.shape[0], heads_q, v.shape[-1])
+    for b in range(cu_seqlens_q.numel() - 1):
+        q0, q1 = int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1])
+        k0, k1 = int(cu_seqlens_k[b]), int(cu_seqlens_k[b + 1])
+        qs, ks, vs = q[q0:q1].transpose(0, 1), k[k0:k1].transpose(0, 1), v[k0:k1].transpose(0, 1)
+        ks, vs = repeat_kv_heads(ks, heads_q), repeat_kv_heads(vs, heads_q)
+        len_q, len_k = q1 - q0, k1 - k0
+        i = torch.arange(len_q, device=q.device)[:, None] + (len_k - len_q)
+        j = torch.arange(len_k, device=q.device)[None, :]
+        keep = torch.ones(len_q, len_k, dtype=torch.bool, device=q.device)
+        if left >= 0:
+            keep &= j >= i - left
+        if right >= 0:
+            keep &= j <= i + right
+        scores = (qs @ ks.transpose(-2, -1) * scale).masked_fill(~keep, float("-inf"))
+        none_seen = ~keep.any(dim=-1, keepdim=True)
+        probs = torch.softmax(scores.masked_fill(none_seen, 0.0), dim=-1).masked_fill(none_seen, 0.0)
+        if dropout is not None:
+            probs = probs * dropout[b, :, :len_q, :len_k].to(probs.dtype)
+        out[q0:q1] = (probs @ vs).transpose(0, 1)
+    return out
+
+
 # ---------------------------------------------------------------- generation: logits processing
 # Hugging Face's semantics (transformers' RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
 # TopKLogitsWarper, TopPLogitsWarper, applied in that order), written out in plain PyTorch.

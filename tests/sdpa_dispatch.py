@@ -9,6 +9,8 @@ CPU_KERNEL = "genfast-cpu"            # the fused C++ kernel
 CPU_UNFUSED = "genfast-cpu-unfused"   # dropout on the CPU: the softmax materialised, torch's dropout applied
 TRITON_KERNEL = "genfast-triton"      # the Triton flash-attention kernel (CUDA)
 HANDED_OFF = "torch"                  # torch's own SDPA, with the reason recorded
+CPU_VARLEN = "genfast-cpu-varlen"     # flash_attn_varlen's C++ kernel (also MultiheadAttention's end padding)
+TRITON_VARLEN = "genfast-triton-varlen"  # flash_attn_varlen's Triton kernel (CUDA)
 
 
 def expect_dispatch(call, backend, reason=None):

@@ -32,6 +32,7 @@ BUILD = ROOT / "build" / "avx512-emulated"
 KERNEL_TEST_FILES = [
     "test_rnn.py",
     "test_attention.py",
+    "test_attention_varlen.py",
     "test_decode_attention.py",
     "test_decode_linear.py",
     "test_sampling.py",

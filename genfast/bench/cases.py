@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from genfast.bench import flops
-from genfast.bench.providers import rnn_lengths
+from genfast.bench.providers import rnn_lengths, varlen_lengths
 from genfast.bench.vae import step_flops as vae_step_flops
 
 SETS = ("quick", "full", "smoke")
@@ -60,6 +60,9 @@ class Case:
         if self.kind == "attention":
             return flops.attention(p["B"], p["heads"], p.get("Lq", p["L"]), p["L"], p["D"], p["causal"],
                                    self.training)
+        if self.kind == "varlen_attention":
+            lengths = varlen_lengths(p["B"], p["min_len"], p["max_len"], p.get("seed", 0)).tolist()
+            return sum(flops.attention(1, p["heads"], n, n, p["D"], p["causal"], self.training) for n in lengths)
         if self.kind == "imdb":
             steps = p["batch"] * p["T"]
             return (flops.rnn("lstm", steps, p["embed"], p["hidden"], self.training)
@@ -468,8 +471,35 @@ def _gru_reset_before_smoke() -> list[Case]:
             for mode in MODES]
 
 
-_BUILDERS = {"quick": _quick, "full": lambda: _full() + _gru_reset_before(),
-             "smoke": lambda: _smoke() + _gru_reset_before_smoke()}
+# ---------------------------------------------------------------- variable-length attention (issue 23)
+# genfast.nn.functional.flash_attn_varlen on a packed batch against the same batch padded to its longest
+# sequence with a key-padding mask (torch's SDPA, and genfast's dense kernel). Lengths uniform in
+# [64, 1024], fixed seed. In full; a tiny copy in smoke.
+VARLEN_BASELINES = ("torch_sdpa_padded", "genfast_padded")
+
+
+def _varlen_attention(B, mode, heads=12, D=64, lengths=(64, 1024), prefix="") -> Case:
+    params = {"B": B, "heads": heads, "D": D, "min_len": lengths[0], "max_len": lengths[1], "causal": False,
+              "seed": 0}
+    name = f"varlen_attention.{prefix}b{B}.h{heads}.n{lengths[0]}-{lengths[1]}.d{D}.noncausal.{mode}"
+    return Case(name, "attention", "varlen_attention", mode, params, ("genfast",), VARLEN_BASELINES,
+                measure_memory=True)
+
+
+def _varlen_attention_cases() -> list[Case]:
+    return [_varlen_attention(8, mode) for mode in MODES]
+
+
+def _varlen_attention_quick() -> list[Case]:
+    return [_varlen_attention(4, "inference", lengths=(64, 512))]
+
+
+def _varlen_attention_smoke() -> list[Case]:
+    return [_varlen_attention(3, mode, heads=2, D=8, lengths=(1, 20), prefix="tiny.") for mode in MODES]
+
+
+_BUILDERS = {"quick": lambda: _quick() + _varlen_attention_quick(), "full": lambda: _full() + _gru_reset_before() + _varlen_attention_cases(),
+             "smoke": lambda: _smoke() + _gru_reset_before_smoke() + _varlen_attention_smoke()}
 _GPU_BUILDERS = {"quick": _gpu, "full": _gpu_full, "smoke": _gpu_smoke}
 
 

@@ -573,6 +573,91 @@ def math_attention(work: AttentionWorkload):
     return _run_attention(work, lambda q, k, v, causal: reference.attention(q, k, v, is_causal=causal))
 
 
+# ------------------------------------------------------------------ variable-length attention
+# genfast.nn.functional.flash_attn_varlen on a packed batch, against the same batch padded to its
+# longest sequence with a key-padding mask (torch's SDPA; genfast's dense kernel). Every provider
+# returns the packed (total, H, D) output, so the padded ones pay a gather of their valid rows
+# (O(total * H * D), next to the O(B * L^2 * H * D) attention) for the agreement check.
+
+def varlen_lengths(B: int, min_len: int, max_len: int, seed: int) -> torch.Tensor:
+    """B sequence lengths uniform in [min_len, max_len], fixed seed."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    return torch.randint(min_len, max_len + 1, (B,), generator=generator)
+
+
+@dataclass(eq=False)
+class VarlenAttentionWorkload:
+    q: torch.Tensor            # packed (total, H, D)
+    k: torch.Tensor
+    v: torch.Tensor
+    cu_seqlens: torch.Tensor   # int32 (B + 1)
+    max_len: int
+    valid: torch.Tensor        # bool (B, max_len): the real rows of the padded layout
+    causal: bool
+    training: bool
+    device: str
+
+
+def make_varlen_attention_workload(case, device: str) -> VarlenAttentionWorkload:
+    p = case.params
+    lengths = varlen_lengths(p["B"], p["min_len"], p["max_len"], p.get("seed", 0))
+    generator = torch.Generator().manual_seed(p.get("seed", 0))
+    total = int(lengths.sum())
+    q, k, v = (torch.randn(total, p["heads"], p["D"], generator=generator).to(device)
+               .requires_grad_(case.mode == "training") for _ in range(3))
+    cu = torch.zeros(p["B"] + 1, dtype=torch.int32)
+    cu[1:] = lengths.cumsum(0)
+    max_len = int(lengths.max())
+    valid = torch.arange(max_len)[None, :] < lengths[:, None]
+    return VarlenAttentionWorkload(q, k, v, cu.to(device), max_len, valid.to(device), p["causal"],
+                                   case.mode == "training", device)
+
+
+def genfast_varlen(work: VarlenAttentionWorkload):
+    functional = _import_genfast("genfast.nn.functional")
+    if not hasattr(functional, "flash_attn_varlen"):
+        raise Unavailable("not built", "genfast.nn.functional has no flash_attn_varlen in this checkout")
+
+    def run():
+        with torch.set_grad_enabled(work.training):
+            return _finish(work, functional.flash_attn_varlen(work.q, work.k, work.v, work.cu_seqlens,
+                                                              work.cu_seqlens, work.max_len, work.max_len,
+                                                              causal=work.causal))
+    return run
+
+
+def _padded(work: VarlenAttentionWorkload, sdpa) -> Callable[[], torch.Tensor]:
+    """Pad q, k, v to (B, H, max_len, D), mask the padded keys, attend, gather the real rows."""
+    B, L = work.valid.shape
+    key_mask = work.valid[:, None, None, :]  # (B, 1, 1, L): True = keep
+
+    def pad(x):
+        out = x.new_zeros(B, L, *x.shape[1:])
+        out[work.valid] = x
+        return out.transpose(1, 2)
+
+    def run():
+        with torch.set_grad_enabled(work.training):
+            out = sdpa(pad(work.q), pad(work.k), pad(work.v), key_mask, work.causal)
+            return _finish(work, out.transpose(1, 2)[work.valid])
+    return run
+
+
+def torch_sdpa_padded(work: VarlenAttentionWorkload):
+    if work.causal:
+        raise Unavailable("skipped", "causal with a key-padding mask needs a combined mask; not benchmarked")
+    return _padded(work, lambda q, k, v, mask, causal: torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask))
+
+
+def genfast_padded(work: VarlenAttentionWorkload):
+    functional = _import_genfast("genfast.nn.functional")
+    if work.causal:
+        raise Unavailable("skipped", "causal with a key-padding mask needs a combined mask; not benchmarked")
+    return _padded(work, lambda q, k, v, mask, causal: functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask))
+
+
 # -------------------------------------------------------------------------------- IMDB
 class ImdbModel(nn.Module):
     """Embedding(vocab, 256) -> LSTM(64, sequences) -> LSTM(64, last state) -> Linear -> sigmoid."""
@@ -923,6 +1008,11 @@ PROVIDERS: dict[str, dict[str, Provider]] = {
         Provider("torch_sdpa_flash", torch_sdpa_flash, "torch F.scaled_dot_product_attention, flash backend"),
         Provider("math", math_attention, "genfast.reference.attention (materialised softmax)"),
     )},
+    "varlen_attention": {p.name: p for p in (
+        Provider("genfast", genfast_varlen, "genfast.nn.functional.flash_attn_varlen (packed batch)"),
+        Provider("torch_sdpa_padded", torch_sdpa_padded, "padded batch + key-padding mask, torch F.scaled_dot_product_attention"),
+        Provider("genfast_padded", genfast_padded, "padded batch + key-padding mask, genfast's dense kernel"),
+    )},
     "imdb": {p.name: p for p in (
         Provider("genfast", _imdb_provider("genfast"), "IMDB model with genfast.nn.LSTM"),
         Provider("torch", _imdb_provider("torch"), "IMDB model with torch.nn.LSTM"),
@@ -962,7 +1052,8 @@ PROVIDERS["vae"] = {p.name: p for p in (
 )}
 
 WORKLOADS = {"rnn": make_rnn_workload, "layernorm_rnn": make_layernorm_rnn_workload,
-             "attention": make_attention_workload, "imdb": make_imdb_workload,
+             "attention": make_attention_workload, "varlen_attention": make_varlen_attention_workload,
+             "imdb": make_imdb_workload,
              "generation": make_generation_workload, "sampling": make_sampling_workload,
              "decode_attention": make_decode_attention_workload, "sampling_draw": make_sampling_draw_workload,
              "vae": make_vae_workload}

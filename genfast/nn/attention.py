@@ -5,6 +5,9 @@ parameters (names, shapes, initialisation), state_dict and isinstance checks are
 torch's own. Only forward differs: with ``need_weights=False`` the attention runs
 through genfast.nn.functional.scaled_dot_product_attention (fused kernels); with
 ``need_weights=True`` the weights are materialised (unfused, as torch does too).
+A ``key_padding_mask`` that pads only at the end of each row (the usual padded batch)
+becomes per-row key lengths for genfast.nn.functional.flash_attn_varlen, so padded keys
+cost nothing; any other padding mask is applied as a mask.
 The steps mirror torch.nn.functional.multi_head_attention_forward, using its mask
 and projection helpers so masks, biases and errors behave identically.
 """
@@ -125,6 +128,13 @@ class MultiheadAttention(nn.MultiheadAttention):
             if key_padding_mask.shape != (bsz, src_len):
                 raise AssertionError(f"expecting key_padding_mask shape of {(bsz, src_len)}, but got "
                                      f"{key_padding_mask.shape}")
+            lengths = None
+            if not need_weights and attn_mask is None:
+                lengths = _end_padded_lengths(key_padding_mask, q)
+            if lengths is not None:  # keys padded at the end of each row: per-row key lengths, no mask
+                out = _varlen_attention(q, k, v, lengths, num_heads, self.dropout if self.training else 0.0)
+                out = F.linear(out, self.out_proj.weight, self.out_proj.bias).view(tgt_len, bsz, -1)
+                return (out if is_batched else out.squeeze(1)), None
             key_padding_mask = (key_padding_mask.view(bsz, 1, 1, src_len).expand(-1, num_heads, -1, -1)
                                 .reshape(bsz * num_heads, 1, src_len))
             attn_mask = key_padding_mask if attn_mask is None else attn_mask + key_padding_mask
@@ -165,6 +175,40 @@ class MultiheadAttention(nn.MultiheadAttention):
         if not is_batched:
             out = out.squeeze(1)
         return out, None
+
+
+def _end_padded_lengths(key_padding_mask: Tensor, q: Tensor) -> Tensor | None:
+    """Each row's count of kept keys when ``key_padding_mask`` (bsz, S; additive: 0 keep, -inf pad) pads
+    only at the end of every row, else None (a mask to apply as it is). Checked on the (bsz, S) mask only."""
+    if (torch.compiler.is_compiling() or key_padding_mask.requires_grad or q.dtype not in gf._FLOATS
+            or gf.varlen_unavailable(q.device) is not None):
+        return None
+    keep = key_padding_mask == 0
+    if not bool((keep | key_padding_mask.isneginf()).all()):
+        return None  # other additive values: a real mask
+    lengths = keep.sum(dim=1)
+    prefix = torch.arange(keep.shape[1], device=keep.device) < lengths[:, None]
+    return lengths if torch.equal(prefix, keep) else None
+
+
+def _varlen_attention(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, num_heads: int, dropout_p: float) -> Tensor:
+    """Attention of q (bsz * H, L, hd) over the first lengths[b] keys of k, v (bsz * H, S, hd) of each batch row,
+    through genfast.nn.functional.flash_attn_varlen. Returns (L * bsz, H * hd), rows ordered as torch's."""
+    bh, tgt_len, head_dim = q.shape
+    bsz = bh // num_heads
+    src_len = k.shape[1]
+    q_packed = q.view(bsz, num_heads, tgt_len, head_dim).transpose(1, 2).reshape(bsz * tgt_len, num_heads, head_dim)
+    keep = torch.arange(src_len, device=q.device) < lengths[:, None]
+    k_packed = k.view(bsz, num_heads, src_len, head_dim).transpose(1, 2)[keep]
+    v_packed = v.view(bsz, num_heads, src_len, head_dim).transpose(1, 2)[keep]
+    cu_q = torch.arange(bsz + 1, dtype=torch.int32, device=q.device) * tgt_len
+    cu_k = torch.zeros(bsz + 1, dtype=torch.int32, device=q.device)
+    cu_k[1:] = lengths.cumsum(0)
+    max_k = int(lengths.max()) if bsz else 0
+    out = gf.flash_attn_varlen(q_packed, k_packed, v_packed, cu_q, cu_k, tgt_len, max_k, dropout_p=dropout_p)
+    gf._record(gf.last_dispatch()["backend"],
+               "MultiheadAttention: key_padding_mask pads at the end of each row -> per-row key lengths (varlen)")
+    return out.view(bsz, tgt_len, num_heads * head_dim).transpose(0, 1).reshape(tgt_len * bsz, num_heads * head_dim)
 
 
 def replace_attention(model: nn.Module) -> nn.Module:

@@ -11,9 +11,13 @@ One route for genfast's kernels on every device: torch.ops.genfast.attention_for
 autograd in csrc/attention_autograd.cpp.
   anything else           -> torch's SDPA
 Calls that genfast does not handle go to torch's SDPA with the reason recorded.
+
+``flash_attn_varlen`` (FlashAttention-2's packed variable-length layout) records its route too:
+``genfast-cpu-varlen`` (torch.ops.genfast.attention_varlen_forward, C++) or ``genfast-triton-varlen``.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import warnings
@@ -254,4 +258,135 @@ def _triton_unsupported(query, key, value, attn_mask, dropout_p, is_causal) -> s
     return None
 
 
-__all__ = ["scaled_dot_product_attention", "last_dispatch"]
+# ---- variable-length batches (FlashAttention-2's flash_attn_varlen_func) ------------------------------
+
+def flash_attn_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                      max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False, scale: float | None = None,
+                      window_size: tuple[int, int] = (-1, -1), dropout_p: float = 0.0) -> Tensor:
+    """Attention over a packed batch of sequences of different lengths, FlashAttention-2's layout.
+
+    q (total_q, Hq, D), k (total_k, Hk, D), v (total_k, Hk, Dv) with Hq a multiple of Hk (GQA);
+    cu_seqlens_q / cu_seqlens_k int32 (B + 1): sequence b owns rows [cu_seqlens[b], cu_seqlens[b + 1]),
+    at most max_seqlen_q / max_seqlen_k of them. Returns (total_q, Hq, Dv).
+
+    Causal is aligned **bottom-right**, as in FlashAttention-2 >= 2.1: query i of a sequence with Lq
+    queries and Lk keys sees keys j <= i + Lk - Lq. (torch's ``is_causal`` is aligned top-left: j <= i;
+    the two agree when Lq == Lk.) ``window_size=(left, right)`` limits query i to keys
+    i + Lk - Lq - left <= j <= i + Lk - Lq + right (-1: unbounded); causal sets right to 0. A query that
+    sees no key (a sequence without keys, or an empty window) gives 0 and passes no gradient.
+    ``dropout_p`` drops probabilities inside the kernel, with a mask drawn from a seed taken from
+    torch's default generator (torch.manual_seed makes it repeatable) and drawn again in the backward.
+
+    CPU: genfast's C++ kernel. CUDA: genfast.kernels.flash_attention.flash_attention_varlen (Triton).
+    """
+    _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_size, dropout_p, scale)
+    scale_value = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    window_left, window_right = (int(w) for w in window_size)
+    device = q.device.type
+    if device == "cpu":
+        from genfast.ops.attention_varlen import attention_varlen_forward
+
+        seed = None
+        if dropout_p > 0.0:
+            seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+        _record("genfast-cpu-varlen",
+                "fused C++ varlen kernel" + (" with in-kernel dropout" if dropout_p > 0.0 else ""))
+        out, _ = attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+                                          bool(causal), scale_value, window_left, window_right, float(dropout_p),
+                                          seed)
+        return out
+    if device == "cuda":
+        flash_attention_varlen = _cuda_varlen_kernel()
+        if isinstance(flash_attention_varlen, str):
+            raise NotImplementedError(f"flash_attn_varlen: {flash_attention_varlen}")
+        _record("genfast-triton-varlen", "Triton varlen kernel")
+        return flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+                                      causal=bool(causal), scale=scale_value,
+                                      window_size=(window_left, window_right), dropout_p=float(dropout_p))
+    raise NotImplementedError(f"flash_attn_varlen: no genfast kernel for device {device!r} (CPU and CUDA only)")
+
+
+@functools.cache
+def _cuda_varlen_kernel():
+    """genfast.kernels.flash_attention.flash_attention_varlen, or a string saying why it cannot be imported
+    (asked once)."""
+    try:
+        from genfast.kernels.flash_attention import flash_attention_varlen
+    except ImportError as err:  # triton missing, or a checkout without the varlen kernel
+        return ("CUDA tensors need genfast.kernels.flash_attention.flash_attention_varlen (the Triton varlen "
+                f"kernel), which is not available here ({err})")
+    return flash_attention_varlen
+
+
+def varlen_unavailable(device: torch.device) -> str | None:
+    """Why flash_attn_varlen cannot run on ``device``, or None if it can."""
+    if device.type == "cpu":
+        return None
+    if device.type == "cuda":
+        kernel = _cuda_varlen_kernel()
+        return kernel if isinstance(kernel, str) else None
+    return f"no genfast varlen kernel for device {device.type!r}"
+
+
+def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_size, dropout_p,
+                  scale) -> None:
+    """flash_attn_varlen's arguments, each error naming the argument at fault."""
+    for name, t in (("q", q), ("k", k), ("v", v), ("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"flash_attn_varlen: {name} must be a Tensor, got {type(t).__name__}")
+    for name, t, want in (("q", q, "(total_q, heads, head_dim)"), ("k", k, "(total_k, heads_kv, head_dim)"),
+                          ("v", v, "(total_k, heads_kv, head_dim_v)")):
+        if t.dim() != 3:
+            raise ValueError(f"flash_attn_varlen: {name} must be 3-D {want}, got shape {tuple(t.shape)}")
+    if q.dtype not in _FLOATS:
+        raise TypeError(f"flash_attn_varlen: q must be float32, float64, bfloat16 or float16, got {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"flash_attn_varlen: q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device == cu_seqlens_q.device == cu_seqlens_k.device):
+        raise ValueError(f"flash_attn_varlen: q, k, v, cu_seqlens_q and cu_seqlens_k must be on one device, got "
+                         f"{q.device}, {k.device}, {v.device}, {cu_seqlens_q.device}, {cu_seqlens_k.device}")
+    if v.shape[:2] != k.shape[:2]:
+        raise ValueError(f"flash_attn_varlen: v's (total_k, heads_kv) {tuple(v.shape[:2])} must equal k's "
+                         f"{tuple(k.shape[:2])}")
+    if k.shape[2] != q.shape[2]:
+        raise ValueError(f"flash_attn_varlen: k's head_dim {k.shape[2]} must equal q's {q.shape[2]}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"flash_attn_varlen: q's heads ({q.shape[1]}) must be a multiple of k's and v's "
+                         f"({k.shape[1]})")
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
+            raise ValueError(f"flash_attn_varlen: {name} must be a 1-D int32 tensor of batch + 1 offsets, got "
+                             f"dtype {cu.dtype} and shape {tuple(cu.shape)}")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"flash_attn_varlen: cu_seqlens_q ({cu_seqlens_q.numel()} offsets) and cu_seqlens_k "
+                         f"({cu_seqlens_k.numel()}) must describe the same batch")
+    for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)) or value < 0:
+            raise ValueError(f"flash_attn_varlen: {name} must be an int >= 0, got {value!r}")
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or any(isinstance(w, bool) or not isinstance(w, int) or w < -1 for w in window_size)):
+        raise ValueError(f"flash_attn_varlen: window_size must be two ints >= -1 (left, right), got {window_size!r}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"flash_attn_varlen: dropout_p must be in [0, 1], got {dropout_p}")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"flash_attn_varlen: scale must be a float or None, got {type(scale).__name__}")
+    if torch.compiler.is_compiling():
+        return  # the offsets' values are data; the CPU kernel checks them again
+    for name, cu, total, longest, max_name in (
+            ("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q"),
+            ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k")):
+        offsets = cu.tolist()
+        if offsets[0] != 0:
+            raise ValueError(f"flash_attn_varlen: {name} must start at 0, got {offsets[0]}")
+        lengths = [b - a for a, b in zip(offsets, offsets[1:])]
+        if any(n < 0 for n in lengths):
+            raise ValueError(f"flash_attn_varlen: {name} must not decrease, got {offsets}")
+        if offsets[-1] != total:
+            raise ValueError(f"flash_attn_varlen: {name}[-1] = {offsets[-1]} must equal the rows of "
+                             f"{'q' if name.endswith('q') else 'k and v'} ({total})")
+        if lengths and max(lengths) > longest:
+            raise ValueError(f"flash_attn_varlen: {max_name} = {longest} is less than the longest sequence in "
+                             f"{name} ({max(lengths)})")
+
+
+__all__ = ["scaled_dot_product_attention", "last_dispatch", "flash_attn_varlen"]

@@ -10,8 +10,9 @@ from genfast import _extension
 _extension.load()
 
 from genfast.ops import attention  # noqa: E402
+from genfast.ops import attention_varlen  # noqa: E402
 from genfast.ops.rnn import gru, lstm  # noqa: E402
 from genfast.ops.rnn import gru_reset_before  # noqa: E402
 from genfast.ops.layernorm_rnn import layernorm_gru, layernorm_lstm  # noqa: E402
 
-__all__ = ["lstm", "gru", "attention", "gru_reset_before", "layernorm_lstm", "layernorm_gru"]
+__all__ = ["lstm", "gru", "attention", "attention_varlen", "gru_reset_before", "layernorm_lstm", "layernorm_gru"]
