@@ -154,7 +154,8 @@ def test_cpu_tensors_are_refused_with_a_clear_error():
         flash_attention(q, q, q)
 
 
-def _ahead_of_time_compile(kernel, capability, constants, num_warps, num_stages, scale_type="fp32"):
+def _ahead_of_time_compile(kernel, capability, constants, num_warps, num_stages, scale_type="fp32",
+                           mask_type="*u8"):
     from tests.triton_aot import compile_for
 
     fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
@@ -162,6 +163,16 @@ def _ahead_of_time_compile(kernel, capability, constants, num_warps, num_stages,
     for name in fn.arg_names:
         if name in ("lse_ptr", "delta_ptr"):
             types[name] = "*fp32"
+        elif name == "seed_ptr":
+            types[name] = "*i64"
+        elif name == "keep_ptr":
+            types[name] = "*i8"
+        elif name.startswith("cu_seqlens"):
+            types[name] = "*i32"
+        elif name == "mask_ptr":
+            types[name] = mask_type
+        elif name in ("dropout_p", "dropout_scale"):
+            types[name] = "fp32"
         elif name.endswith("_ptr"):
             types[name] = "*bf16"
         elif name in ("scale", "qk_scale_log2"):
@@ -175,8 +186,8 @@ def _ahead_of_time_compile(kernel, capability, constants, num_warps, num_stages,
 @pytest.mark.parametrize("capability", [80, 90])
 def test_kernels_compile_for_ampere_and_hopper(capability):
     # bf16, head dim 80 (padded to 128), causal GQA, with a tile configuration from the autotune list.
-    constants = dict(GROUP_SIZE=2, IS_CAUSAL=True, BLOCK_D=128, ACC_DTYPE=tl.float32, DOT_PRECISION="tf32",
-                     UPCAST_BF16=False, BLOCK_M=128, BLOCK_N=64)
+    constants = dict(GROUP_SIZE=2, BLOCK_D=128, ACC_DTYPE=tl.float32, DOT_PRECISION="tf32",
+                     UPCAST_BF16=False, BLOCK_M=128, BLOCK_N=64, **_PLAIN_CAUSAL)
     assert any(c.kwargs == {"BLOCK_M": 128, "BLOCK_N": 64} and c.num_warps == 8 and c.num_stages == 3
                for c in flash_module._CONFIGS)
     for kernel in (flash_module._flash_attention_forward_kernel, flash_module._flash_attention_backward_dkdv_kernel,
@@ -186,8 +197,36 @@ def test_kernels_compile_for_ampere_and_hopper(capability):
         # Hopper's opt-in limit is 227 KB, Ampere's 163 KB: this configuration must fit both.
         assert compiled.metadata.shared <= 163 * 1024, (kernel, compiled.metadata.shared)
     preprocess = _ahead_of_time_compile(flash_module._flash_attention_backward_preprocess_kernel, capability,
-                                        dict(BLOCK_D=128, ACC_DTYPE=tl.float32, BLOCK_M=64), 4, 1)
+                                        dict(BLOCK_D=128, ACC_DTYPE=tl.float32, BLOCK_M=64, VARLEN=False), 4, 1)
     assert preprocess.asm["cubin"]
+
+
+# The masking flags of a plain causal call: a window with right bound 0, nothing else.
+_PLAIN_CAUSAL = dict(HAS_LEFT=False, HAS_RIGHT=True, VARLEN=False, MASK_KIND=0, HAS_DROPOUT=False)
+
+
+@pytest.mark.parametrize("features", [
+    dict(HAS_LEFT=True, HAS_RIGHT=True, VARLEN=False, MASK_KIND=1, HAS_DROPOUT=True),   # bool mask, window, dropout
+    dict(HAS_LEFT=False, HAS_RIGHT=False, VARLEN=False, MASK_KIND=2, HAS_DROPOUT=False),  # additive mask
+    dict(HAS_LEFT=True, HAS_RIGHT=True, VARLEN=True, MASK_KIND=0, HAS_DROPOUT=True),    # packed, window, dropout
+])
+def test_masked_dropout_window_and_varlen_kernels_compile_for_hopper(features):
+    # Every flag combination a call can set compiles for sm90 with a large autotune tile and fits in
+    # Ampere's shared memory too (what the interpreter cannot check).
+    constants = dict(GROUP_SIZE=2, BLOCK_D=64, ACC_DTYPE=tl.float32, DOT_PRECISION="tf32",
+                     UPCAST_BF16=False, BLOCK_M=128, BLOCK_N=64, **features)
+    mask_type = "*bf16" if features["MASK_KIND"] == 2 else "*u8"
+    for kernel in (flash_module._flash_attention_forward_kernel, flash_module._flash_attention_backward_dkdv_kernel,
+                   flash_module._flash_attention_backward_dq_kernel):
+        compiled = _ahead_of_time_compile(kernel, 90, constants, num_warps=8, num_stages=3, mask_type=mask_type)
+        assert compiled.asm["cubin"], kernel
+        assert compiled.metadata.shared <= 163 * 1024, (kernel, compiled.metadata.shared)
+    preprocess = _ahead_of_time_compile(flash_module._flash_attention_backward_preprocess_kernel, 90,
+                                        dict(BLOCK_D=64, ACC_DTYPE=tl.float32, BLOCK_M=64,
+                                             VARLEN=features["VARLEN"]), 4, 1)
+    assert preprocess.asm["cubin"]
+    rng = _ahead_of_time_compile(flash_module._dropout_mask_kernel, 90, dict(BLOCK_M=64, BLOCK_N=64), 4, 1)
+    assert rng.asm["cubin"]
 
 
 @pytest.mark.parametrize("scale_as", ["fp64", "constant"])
@@ -197,8 +236,8 @@ def test_kernels_compile_with_the_scale_as_torch_passes_it(scale_as):
     # aot_dispatch test) passes it as a constant Python float. The kernels must bring the scale to the
     # accumulator type in a way that takes all three: an fp64 scale must not promote the softmax and the
     # accumulator to fp64 (tl.dot refuses an fp64 accumulator), and a constant one has no `.to(...)`.
-    constants = dict(GROUP_SIZE=1, IS_CAUSAL=True, BLOCK_D=64, ACC_DTYPE=tl.float32, DOT_PRECISION="tf32",
-                     UPCAST_BF16=False, BLOCK_M=64, BLOCK_N=64)
+    constants = dict(GROUP_SIZE=1, BLOCK_D=64, ACC_DTYPE=tl.float32, DOT_PRECISION="tf32",
+                     UPCAST_BF16=False, BLOCK_M=64, BLOCK_N=64, **_PLAIN_CAUSAL)
     if scale_as == "constant":
         constants.update(scale=0.125, qk_scale_log2=0.125 * 1.4426950408889634)
     for kernel in (flash_module._flash_attention_forward_kernel, flash_module._flash_attention_backward_dkdv_kernel,
