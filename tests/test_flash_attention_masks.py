@@ -165,6 +165,24 @@ def test_window_skips_the_tiles_outside_it():
         assert (got[:, :, 32:] == 0).all()
 
 
+def test_window_skips_the_tiles_before_it():
+    # Bottom-right aligned (packed) 16 queries over 80 keys with window (2, 2) see keys 62..79: the key
+    # tiles 0..47 lie before every row's window and hold NaN; the loop starts past them (forward and dQ),
+    # and the dK/dV programs of those tiles visit no query block, so their gradients are 0.
+    q, k, v, grad_out, cu_q, cu_k = _varlen_inputs([16], [80], q_heads=1, kv_heads=1, head_dim=16, seed=22)
+    k[:48], v[:48] = float("nan"), float("nan")
+    ours = _output_and_grads(lambda a, b, c: fa.flash_attention_varlen(a, b, c, cu_q, cu_k, 16, 80,
+                                                                       window_size=(2, 2)), q, k, v, grad_out)
+    want = _output_and_grads(lambda a, b, c: oracle(a.transpose(0, 1), b.transpose(0, 1), c.transpose(0, 1),
+                                                    window=(2, 2), bottom_right=True).transpose(0, 1),
+                             q, k[48:], v[48:], grad_out)
+    for got, expected in zip(ours[:2], want[:2]):
+        torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
+    for got, expected in zip(ours[2:], want[2:]):
+        torch.testing.assert_close(got[48:], expected, atol=1e-10, rtol=1e-10)
+        assert (got[:48] == 0).all()
+
+
 # ---- dropout ----------------------------------------------------------------------------------------
 
 def _same_seed_as_the_kernel(torch_seed):
@@ -179,7 +197,7 @@ def _same_seed_as_the_kernel(torch_seed):
 def test_dropout_matches_the_oracle_given_the_kernels_mask(causal, with_mask):
     p = 0.3
     q, k, v, grad_out = _dense_inputs(2, 2, 1, 17, 33, 16, seed=7)
-    mask = _mask((17, 33), "additive", seed=8)[:17, :33] if with_mask else None
+    mask = _mask((17, 33), "additive", seed=8) if with_mask else None
     seed = _same_seed_as_the_kernel(11)
     ours = _output_and_grads(lambda a, b, c: fa.flash_attention(a, b, c, attn_mask=mask, causal=causal, dropout_p=p),
                              q, k, v, grad_out)
