@@ -26,7 +26,7 @@ if not INTERPRETED:
     from genfast.kernels import flash_attention as flash_module
     from tests import flash_kernels
     from tests.flash_kernels import flash_attention
-    from tests.sdpa_dispatch import HANDED_OFF, TRITON_KERNEL, expect_dispatch
+    from tests.sdpa_dispatch import TRITON_KERNEL, expect_dispatch
 
 
 def _inputs(batch, q_heads, kv_heads, len_q, len_k, head_dim, dtype, seed=0):
@@ -273,24 +273,79 @@ def test_functional_sdpa_runs_the_triton_kernel_on_cuda(dtype):
 
 
 @requires_cuda
-def test_functional_sdpa_with_a_mask_goes_to_torch_and_says_why():
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_functional_sdpa_with_a_mask_runs_the_triton_kernel(kind):
     import genfast.nn.functional as gf
 
-    q, k, v, _ = _inputs(1, 2, 2, 50, 60, 64, dtype=torch.float16, seed=4)
-    mask = torch.rand(50, 60, device="cuda", generator=torch.Generator(device="cuda").manual_seed(5)) > 0.3
-    out = expect_dispatch(lambda: gf.scaled_dot_product_attention(q, k, v, attn_mask=mask), HANDED_OFF, "attn_mask")
-    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), atol=0, rtol=0)
+    q, k, v, grad_out = _inputs(1, 2, 2, 50, 60, 64, dtype=torch.float16, seed=4)
+    keep = torch.rand(1, 1, 50, 60, device="cuda", generator=torch.Generator(device="cuda").manual_seed(5)) > 0.3
+    keep[..., 7, :] = False  # a fully masked row: 0, as torch's SDPA gives
+    mask = keep if kind == "bool" else torch.where(keep, 0.25, float("-inf")).half()
+    ours = expect_dispatch(lambda: _output_and_grads(lambda a, b, c: gf.scaled_dot_product_attention(
+        a, b, c, attn_mask=mask), q, k, v, grad_out), TRITON_KERNEL, "mask")
+    torchs = _output_and_grads(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=mask),
+                               q, k, v, grad_out)
+    expected = _fp32_reference_of(lambda a, b, c: _attention_empty_rows_zero(
+        a, b, c, mask.float() if kind == "additive" else mask), q, k, v, grad_out)
+    assert (ours[0][:, :, 7] == 0).all()
+    for name, got, theirs, want in zip(("out", "dq", "dk", "dv"), ours, torchs, expected):
+        our_error = (got - want).abs().max().item()
+        torch_error = (theirs - want).abs().max().item()
+        assert our_error <= 2 * torch_error + 1e-3, f"{name}: {our_error:.3g} > 2 x SDPA's {torch_error:.3g}"
 
 
 @requires_cuda
-def test_functional_sdpa_with_dropout_goes_to_torch_and_says_why():
+def test_functional_sdpa_with_dropout_runs_the_triton_kernel_with_the_kernels_mask():
     import genfast.nn.functional as gf
 
-    q, k, v, _ = _inputs(1, 2, 2, 50, 60, 64, dtype=torch.float16, seed=7)
+    q, k, v, grad_out = _inputs(1, 2, 2, 50, 60, 64, dtype=torch.float32, seed=7)
     torch.manual_seed(8)
-    out = expect_dispatch(lambda: gf.scaled_dot_product_attention(q, k, v, dropout_p=0.3), HANDED_OFF, "dropout")
-    torch.manual_seed(8)  # torch's SDPA with the same generator state draws the same dropout mask
-    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, dropout_p=0.3), atol=0, rtol=0)
+    seed = flash_module.draw_dropout_seed("cuda")
+    torch.manual_seed(8)  # the call draws the same seed from torch's CUDA generator
+    ours = expect_dispatch(lambda: _output_and_grads(lambda a, b, c: gf.scaled_dot_product_attention(
+        a, b, c, dropout_p=0.3), q, k, v, grad_out), TRITON_KERNEL, "dropout")
+    keep = flash_module.dropout_keep_mask(seed, 1, 2, 50, 60, 0.3)
+    assert abs(keep.float().mean().item() - 0.7) < 0.05
+
+    def dropped(a, b, c):
+        probs = torch.softmax((a @ b.transpose(-2, -1)) / 8.0, dim=-1)
+        return (probs * keep / 0.7) @ c
+
+    expected = _fp32_reference_of(dropped, q, k, v, grad_out)
+    for name, got, want in zip(("out", "dq", "dk", "dv"), ours, expected):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def _attention_empty_rows_zero(q, k, v, attn_mask):
+    """The textbook equations with rows that see no key set to 0 (torch's SDPA rule)."""
+    scores = reference.attention_scores(q, k, attn_mask)
+    empty = scores.isneginf().all(dim=-1, keepdim=True)
+    return torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0) @ v
+
+
+def _fp32_reference_of(fn, q, k, v, grad_out):
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        return _output_and_grads(fn, q.float(), k.float(), v.float(), grad_out.float())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+@requires_cuda
+def test_varlen_on_cuda_matches_padding_plus_masked_sdpa():
+    lengths = [1, 100, 37, 0, 64]
+    total = sum(lengths)
+    generator = torch.Generator(device="cuda").manual_seed(9)
+    q, k, v = (torch.randn(total, 4, 64, device="cuda", generator=generator, dtype=torch.float16) for _ in range(3))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    out = flash_module.flash_attention_varlen(q, k, v, cu, cu, max(lengths), max(lengths), causal=True)
+    for b, length in enumerate(lengths):
+        if length == 0:
+            continue
+        part = slice(cu[b].item(), cu[b + 1].item())
+        want = F.scaled_dot_product_attention(*(t[part].transpose(0, 1).float() for t in (q, k, v)), is_causal=True)
+        torch.testing.assert_close(out[part].float(), want.transpose(0, 1), atol=2e-3, rtol=2e-3)
 
 
 @requires_cuda
