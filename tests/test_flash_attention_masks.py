@@ -374,3 +374,18 @@ def test_bad_arguments_are_refused_by_name():
         fa.flash_attention_varlen(qp, kp, vp, cu_q, torch.tensor([0, 3, 9], dtype=torch.int32), 3, 6)
     with pytest.raises(ValueError, match="same number of sequences"):
         fa.flash_attention_varlen(qp, kp, vp, cu_q, cu_k[:2], 3, 3)
+
+
+def test_cuda_dispatch_keeps_masked_and_dropout_calls_in_the_kernel():
+    # genfast.nn.functional's rule for CUDA tensors (checked on CPU tensors: the rule reads only shapes,
+    # dtypes and flags): masks and dropout no longer hand off to torch; a mask that requires grad does.
+    from genfast.nn import functional as gf
+
+    q = torch.zeros(1, 2, 4, 16, dtype=torch.float16)
+    mask = torch.ones(4, 4, dtype=torch.bool)
+    assert gf._triton_unsupported(q, q, q, mask, 0.1, False) is None
+    assert gf._triton_unsupported(q, q, q, torch.zeros(4, 4, dtype=torch.float16), 0.0, True) is None
+    learned = torch.zeros(4, 4, dtype=torch.float16, requires_grad=True)
+    assert "mask gradient" in gf._triton_unsupported(q, q, q, learned, 0.0, False)
+    with torch.no_grad():
+        assert gf._triton_unsupported(q, q, q, learned, 0.0, False) is None
