@@ -9,6 +9,11 @@ registered in genfast/ops/attention.py; the op's autograd (csrc/attention_autogr
 one that pairs them. Differentiable use goes through the op (genfast.ops.attention.attention_forward,
 or genfast.nn.functional.scaled_dot_product_attention on CUDA tensors).
 
+Training-code calls (issue 23), differentiable through their own autograd.Function:
+
+    out = fa.flash_attention(q, k, v, causal=False, attn_mask=mask, dropout_p=0.1, window_size=(256, 0))
+    out = fa.flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, causal=True)
+
 Algorithm (Dao, "FlashAttention-2", 2023):
 
 * Forward: each program owns one block of query rows of one (batch, query head). It walks the key
@@ -25,9 +30,15 @@ Semantics (those of ``torch.nn.functional.scaled_dot_product_attention``):
 
 * layout (B, H, L, D); any Lq, Lk (tails are masked, no multiple-of-block restriction); Lq != Lk.
 * ``causal=True`` uses torch's TOP-LEFT alignment: query i sees keys 0..i, whatever Lq and Lk are.
-  (The FlashAttention-2 library aligns bottom-right when Lq != Lk; this op does not.) With top-left
-  alignment every query row sees key 0, so no row is fully masked unless Lk == 0; then the output is
-  zeros and so are the gradients, as torch gives.
+  (The FlashAttention-2 library aligns bottom-right when Lq != Lk; the dense API does not, the
+  packed one, flash_attention_varlen, does.) Rows that see no key (Lk == 0, a fully masked row, a
+  window with no key in range) give zeros and zero gradients, as torch gives for fully masked rows.
+* attn_mask (bool, True = attend, or additive) broadcastable to (B, Hq, Lq, Lk), read tile by tile
+  through stride-0 views; no mask gradient.
+* window_size (left, right): query i sees keys i + d - left .. i + d + right (d = 0 dense, Lk - Lq
+  packed); causal is right = 0. Key tiles outside the window are not visited.
+* dropout: Philox keyed by a seed drawn from torch's generator, counter = (key, query, batch*H + head);
+  the backward regenerates the mask (dropout_keep_mask returns it, for tests).
 * GQA / MQA: k and v may have Hk heads with Hq % Hk == 0; K/V head j serves the Hq/Hk consecutive
   query heads j*G .. j*G+G-1 (torch's ``enable_gqa=True``, i.e. ``repeat_interleave``). dK/dV sum over
   the group inside the dK/dV kernel, in a fixed order.
