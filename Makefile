@@ -10,7 +10,7 @@ DEPS   := $(VENV)/.deps-installed
 
 # Triton kernels tested on the CPU under the Triton interpreter (their own pytest process, see `test`).
 INTERPRETED_TESTS := tests/test_flash_attention.py tests/test_attention_triton_route.py tests/test_sampling_triton.py \
-                     tests/test_decode_attention_triton.py
+                     tests/test_decode_attention_triton.py tests/test_flash_attention_masks.py
 
 # torch first, pinned, so no later install can resolve a bare `torch` (a multi-GB CUDA build).
 $(DEPS): requirements-dev.txt

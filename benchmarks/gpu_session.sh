@@ -22,6 +22,7 @@
 #   bench_generation.txt gpu.decode_attention.*, gpu.sampling_draw.*, gpu.gpt2.*: decode attention,
 #                        sampling, GPT-2 greedy vs transformers
 #   bench_attention.txt  gpu.attention.*: Triton flash attention vs SDPA flash, bf16 (do_bench, autotuned)
+#                        and masked / dropout / packed-varlen calls vs SDPA's default backend (issue 23)
 #   results_json.tar.gz  the benchmark command's JSON (one per group, written after every case) and CSV
 set -uo pipefail
 PY=${PYTHON:-python3}

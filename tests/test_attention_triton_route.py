@@ -47,9 +47,13 @@ def test_cuda_kernels_are_registered_to_the_op():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"genfast::{name}", "CUDA"), name
 
 
-def test_a_mask_is_refused_by_name():
-    q, k, v, grad = _inputs((1, 1, 3, 16), (1, 1, 3, 16), torch.float32, seed=0)
-    with pytest.raises(RuntimeError, match="attention_forward: the CUDA kernel .* takes no attn_mask"):
-        attention.attention_forward_cuda(q, k, v, torch.ones(3, 3, dtype=torch.bool), False, 1.0)
-    with pytest.raises(RuntimeError, match="attention_backward: the CUDA kernel .* takes no attn_mask"):
-        attention.attention_backward_cuda(grad, q, k, v, q, q[..., 0], torch.ones(3, 3, dtype=torch.bool), False, 1.0)
+def test_a_mask_is_taken_by_the_cuda_kernels():
+    # Masked calls run in the kernel now (tests/test_flash_attention_masks.py compares them with the CPU op in
+    # detail); here: a bool mask hiding key 0 changes the output exactly as the CPU op's does.
+    q, k, v, grad = _inputs((1, 1, 3, 16), (1, 1, 3, 16), torch.float64, seed=0)
+    mask = torch.tensor([[False, True, True]]).expand(3, 3)
+    out, lse = attention.attention_forward_cuda(q, k, v, mask, False, 1.0)
+    want_out, want_lse = torch.ops.genfast.attention_forward(q, k, v, mask, False, 1.0)
+    torch.testing.assert_close(out, want_out, atol=1e-12, rtol=1e-12)
+    unmasked, _ = attention.attention_forward_cuda(q, k, v, None, False, 1.0)
+    assert not torch.allclose(out, unmasked)

@@ -286,10 +286,15 @@ def test_sets_by_device_gpu_session_cases_run_on_cuda_only():
     assert {(c.params["cell"], c.params["dtype"]) for c in rnn} == {
         (cell, dtype) for cell in ("lstm", "gru") for dtype in ("float32", "bfloat16")}
     attention = [c for c in cuda_quick if c.kind == "attention"]
+    # masks, dropout and packed batches (issue 23): against SDPA's default backend, which takes them
+    training_calls = [c for c in attention if {"mask", "dropout_p", "lengths"} & set(c.params)]
+    assert {c.name.split(".")[2] for c in training_calls} == {"key_padding", "bias", "dropout", "varlen"}
+    assert all(c.baselines == ("torch_sdpa",) and c.params["dtype"] == "bfloat16" for c in training_calls)
+    attention = [c for c in attention if c not in training_calls]
     assert {(c.params["L"], c.params["D"]) for c in attention} == {(L, D) for L in (4096, 16384) for D in (64, 128)}
     assert all(c.timer == "do_bench" and c.params["dtype"] == "bfloat16" and c.baselines == ("torch_sdpa_flash",)
                for c in attention)
-    full_lengths = {c.params["L"] for c in cases.cases("full", "gpu.attention.", "cuda")}
+    full_lengths = {c.params["L"] for c in cases.cases("full", "gpu.attention.", "cuda") if "lengths" not in c.params}
     assert full_lengths == {1024, 4096, 16384}
     # the smoke copies of the gpu.* cases also run on the CPU
     smoke = cases.cases("smoke", "gpu.")
@@ -340,10 +345,11 @@ def test_gpu_session_smoke_cases_run_on_the_cpu(tmp_path, capsys):
     assert code == 0
     document = json.loads((tmp_path / "gpu.json").read_text())
     by_name = {c["name"]: c for c in document["cases"]}
-    assert len(by_name) == 5 and "partial" not in document
+    assert len(by_name) == 11 and "partial" not in document
     for case in by_name.values():
         for name, p in case["providers"].items():
-            cuda_only = name in ("genfast_triton", "torch_sdpa_flash", "launcher", "whole_row")
+            cuda_only = name in ("genfast_triton", "genfast_triton_varlen", "torch_sdpa_flash", "launcher",
+                                 "whole_row")
             assert p["status"] == ("needs CUDA" if cuda_only else "ok"), (case["name"], name, p["reason"])
     decode = by_name["gpu.rnn.gru.decode5.h32.float32.inference"]
     assert decode["checks"]["max_abs_diff"]["genfast vs torch"] < 1e-5
@@ -351,6 +357,11 @@ def test_gpu_session_smoke_cases_run_on_the_cpu(tmp_path, capsys):
     assert draw["checks"]["max_abs_diff"]["genfast vs reference"] == 0.0  # same uniforms, same token
     attention = by_name["gpu.decode_attention.float32.b1.h4-2.d16.l100"]
     assert attention["checks"]["max_abs_diff"]["genfast vs reference"] < 1e-5
+    # the masked calls' drop-in SDPA agrees with torch's on the CPU (dropout: not compared, own masks)
+    for variant in ("key_padding", "bias"):
+        masked = by_name[f"gpu.attention.{variant}.b2.h2.n40.d16.inference"]
+        assert masked["checks"]["max_abs_diff"]["genfast vs torch_sdpa"] < 1e-5
+    assert "max_abs_diff" not in by_name["gpu.attention.dropout.b2.h2.n40.d16.training"]["checks"]
 
 
 # ------------------------------------------------------------------------------ peak probe

@@ -26,7 +26,7 @@ if not INTERPRETED:
     from genfast.kernels import flash_attention as flash_module
     from tests import flash_kernels
     from tests.flash_kernels import flash_attention
-    from tests.sdpa_dispatch import HANDED_OFF, TRITON_KERNEL, expect_dispatch
+    from tests.sdpa_dispatch import TRITON_KERNEL, expect_dispatch
 
 
 def _inputs(batch, q_heads, kv_heads, len_q, len_k, head_dim, dtype, seed=0):
@@ -154,7 +154,8 @@ def test_cpu_tensors_are_refused_with_a_clear_error():
         flash_attention(q, q, q)
 
 
-def _ahead_of_time_compile(kernel, capability, constants, num_warps, num_stages, scale_type="fp32"):
+def _ahead_of_time_compile(kernel, capability, constants, num_warps, num_stages, scale_type="fp32",
+                           mask_type="*u8"):
     from tests.triton_aot import compile_for
 
     fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
@@ -162,6 +163,16 @@ def _ahead_of_time_compile(kernel, capability, constants, num_warps, num_stages,
     for name in fn.arg_names:
         if name in ("lse_ptr", "delta_ptr"):
             types[name] = "*fp32"
+        elif name == "seed_ptr":
+            types[name] = "*i64"
+        elif name == "keep_ptr":
+            types[name] = "*i8"
+        elif name.startswith("cu_seqlens"):
+            types[name] = "*i32"
+        elif name == "mask_ptr":
+            types[name] = mask_type
+        elif name in ("dropout_p", "dropout_scale"):
+            types[name] = "fp32"
         elif name.endswith("_ptr"):
             types[name] = "*bf16"
         elif name in ("scale", "qk_scale_log2"):
@@ -175,8 +186,8 @@ def _ahead_of_time_compile(kernel, capability, constants, num_warps, num_stages,
 @pytest.mark.parametrize("capability", [80, 90])
 def test_kernels_compile_for_ampere_and_hopper(capability):
     # bf16, head dim 80 (padded to 128), causal GQA, with a tile configuration from the autotune list.
-    constants = dict(GROUP_SIZE=2, IS_CAUSAL=True, BLOCK_D=128, ACC_DTYPE=tl.float32, DOT_PRECISION="tf32",
-                     UPCAST_BF16=False, BLOCK_M=128, BLOCK_N=64)
+    constants = dict(GROUP_SIZE=2, BLOCK_D=128, ACC_DTYPE=tl.float32, DOT_PRECISION="tf32",
+                     UPCAST_BF16=False, BLOCK_M=128, BLOCK_N=64, **_PLAIN_CAUSAL)
     assert any(c.kwargs == {"BLOCK_M": 128, "BLOCK_N": 64} and c.num_warps == 8 and c.num_stages == 3
                for c in flash_module._CONFIGS)
     for kernel in (flash_module._flash_attention_forward_kernel, flash_module._flash_attention_backward_dkdv_kernel,
@@ -186,8 +197,36 @@ def test_kernels_compile_for_ampere_and_hopper(capability):
         # Hopper's opt-in limit is 227 KB, Ampere's 163 KB: this configuration must fit both.
         assert compiled.metadata.shared <= 163 * 1024, (kernel, compiled.metadata.shared)
     preprocess = _ahead_of_time_compile(flash_module._flash_attention_backward_preprocess_kernel, capability,
-                                        dict(BLOCK_D=128, ACC_DTYPE=tl.float32, BLOCK_M=64), 4, 1)
+                                        dict(BLOCK_D=128, ACC_DTYPE=tl.float32, BLOCK_M=64, VARLEN=False), 4, 1)
     assert preprocess.asm["cubin"]
+
+
+# The masking flags of a plain causal call: a window with right bound 0, nothing else.
+_PLAIN_CAUSAL = dict(HAS_LEFT=False, HAS_RIGHT=True, VARLEN=False, MASK_KIND=0, HAS_DROPOUT=False)
+
+
+@pytest.mark.parametrize("features", [
+    dict(HAS_LEFT=True, HAS_RIGHT=True, VARLEN=False, MASK_KIND=1, HAS_DROPOUT=True),   # bool mask, window, dropout
+    dict(HAS_LEFT=False, HAS_RIGHT=False, VARLEN=False, MASK_KIND=2, HAS_DROPOUT=False),  # additive mask
+    dict(HAS_LEFT=True, HAS_RIGHT=True, VARLEN=True, MASK_KIND=0, HAS_DROPOUT=True),    # packed, window, dropout
+])
+def test_masked_dropout_window_and_varlen_kernels_compile_for_hopper(features):
+    # Every flag combination a call can set compiles for sm90 with a large autotune tile and fits in
+    # Ampere's shared memory too (what the interpreter cannot check).
+    constants = dict(GROUP_SIZE=2, BLOCK_D=64, ACC_DTYPE=tl.float32, DOT_PRECISION="tf32",
+                     UPCAST_BF16=False, BLOCK_M=128, BLOCK_N=64, **features)
+    mask_type = "*bf16" if features["MASK_KIND"] == 2 else "*u8"
+    for kernel in (flash_module._flash_attention_forward_kernel, flash_module._flash_attention_backward_dkdv_kernel,
+                   flash_module._flash_attention_backward_dq_kernel):
+        compiled = _ahead_of_time_compile(kernel, 90, constants, num_warps=8, num_stages=3, mask_type=mask_type)
+        assert compiled.asm["cubin"], kernel
+        assert compiled.metadata.shared <= 163 * 1024, (kernel, compiled.metadata.shared)
+    preprocess = _ahead_of_time_compile(flash_module._flash_attention_backward_preprocess_kernel, 90,
+                                        dict(BLOCK_D=64, ACC_DTYPE=tl.float32, BLOCK_M=64,
+                                             VARLEN=features["VARLEN"]), 4, 1)
+    assert preprocess.asm["cubin"]
+    rng = _ahead_of_time_compile(flash_module._dropout_mask_kernel, 90, dict(BLOCK_M=64, BLOCK_N=64), 4, 1)
+    assert rng.asm["cubin"]
 
 
 @pytest.mark.parametrize("scale_as", ["fp64", "constant"])
@@ -197,8 +236,8 @@ def test_kernels_compile_with_the_scale_as_torch_passes_it(scale_as):
     # aot_dispatch test) passes it as a constant Python float. The kernels must bring the scale to the
     # accumulator type in a way that takes all three: an fp64 scale must not promote the softmax and the
     # accumulator to fp64 (tl.dot refuses an fp64 accumulator), and a constant one has no `.to(...)`.
-    constants = dict(GROUP_SIZE=1, IS_CAUSAL=True, BLOCK_D=64, ACC_DTYPE=tl.float32, DOT_PRECISION="tf32",
-                     UPCAST_BF16=False, BLOCK_M=64, BLOCK_N=64)
+    constants = dict(GROUP_SIZE=1, BLOCK_D=64, ACC_DTYPE=tl.float32, DOT_PRECISION="tf32",
+                     UPCAST_BF16=False, BLOCK_M=64, BLOCK_N=64, **_PLAIN_CAUSAL)
     if scale_as == "constant":
         constants.update(scale=0.125, qk_scale_log2=0.125 * 1.4426950408889634)
     for kernel in (flash_module._flash_attention_forward_kernel, flash_module._flash_attention_backward_dkdv_kernel,
@@ -234,24 +273,87 @@ def test_functional_sdpa_runs_the_triton_kernel_on_cuda(dtype):
 
 
 @requires_cuda
-def test_functional_sdpa_with_a_mask_goes_to_torch_and_says_why():
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_functional_sdpa_with_a_mask_runs_the_triton_kernel(kind):
     import genfast.nn.functional as gf
 
-    q, k, v, _ = _inputs(1, 2, 2, 50, 60, 64, dtype=torch.float16, seed=4)
-    mask = torch.rand(50, 60, device="cuda", generator=torch.Generator(device="cuda").manual_seed(5)) > 0.3
-    out = expect_dispatch(lambda: gf.scaled_dot_product_attention(q, k, v, attn_mask=mask), HANDED_OFF, "attn_mask")
-    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), atol=0, rtol=0)
+    q, k, v, grad_out = _inputs(1, 2, 2, 50, 60, 64, dtype=torch.float16, seed=4)
+    keep = torch.rand(1, 1, 50, 60, device="cuda", generator=torch.Generator(device="cuda").manual_seed(5)) > 0.3
+    keep[..., 7, :] = False  # a fully masked row: ours gives 0 (torch's backends differ there)
+    as_mask = lambda m: m if kind == "bool" else torch.where(m, 0.25, float("-inf")).half()
+    mask = as_mask(keep)
+    ours = expect_dispatch(lambda: _output_and_grads(lambda a, b, c: gf.scaled_dot_product_attention(
+        a, b, c, attn_mask=mask), q, k, v, grad_out), TRITON_KERNEL, "mask")
+    expected = _fp32_reference_of(lambda a, b, c: _attention_empty_rows_zero(
+        a, b, c, mask.float() if kind == "additive" else mask), q, k, v, grad_out)
+    assert (ours[0][:, :, 7] == 0).all() and (ours[1][:, :, 7] == 0).all()
+    # torch's error in the same dtype, measured on the same mask with row 7 kept (no fully masked row,
+    # whose handling differs between SDPA backends), against its own fp32 reference.
+    keep_all_rows = keep.clone()
+    keep_all_rows[..., 7, :] = True
+    torch_mask = as_mask(keep_all_rows)
+    torchs = _output_and_grads(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=torch_mask),
+                               q, k, v, grad_out)
+    torch_expected = _fp32_reference_of(lambda a, b, c: _attention_empty_rows_zero(
+        a, b, c, torch_mask.float() if kind == "additive" else torch_mask), q, k, v, grad_out)
+    for name, got, want, theirs, their_want in zip(("out", "dq", "dk", "dv"), ours, expected, torchs, torch_expected):
+        our_error = (got - want).abs().max().item()
+        torch_error = (theirs - their_want).abs().max().item()
+        assert our_error <= 2 * torch_error + 1e-3, f"{name}: {our_error:.3g} > 2 x SDPA's {torch_error:.3g}"
 
 
 @requires_cuda
-def test_functional_sdpa_with_dropout_goes_to_torch_and_says_why():
+def test_functional_sdpa_with_dropout_runs_the_triton_kernel_with_the_kernels_mask():
     import genfast.nn.functional as gf
 
-    q, k, v, _ = _inputs(1, 2, 2, 50, 60, 64, dtype=torch.float16, seed=7)
+    q, k, v, grad_out = _inputs(1, 2, 2, 50, 60, 64, dtype=torch.float32, seed=7)
     torch.manual_seed(8)
-    out = expect_dispatch(lambda: gf.scaled_dot_product_attention(q, k, v, dropout_p=0.3), HANDED_OFF, "dropout")
-    torch.manual_seed(8)  # torch's SDPA with the same generator state draws the same dropout mask
-    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, dropout_p=0.3), atol=0, rtol=0)
+    seed = flash_module.draw_dropout_seed("cuda")
+    torch.manual_seed(8)  # the call draws the same seed from torch's CUDA generator
+    ours = expect_dispatch(lambda: _output_and_grads(lambda a, b, c: gf.scaled_dot_product_attention(
+        a, b, c, dropout_p=0.3), q, k, v, grad_out), TRITON_KERNEL, "dropout")
+    keep = flash_module.dropout_keep_mask(seed, 1, 2, 50, 60, 0.3)
+    assert abs(keep.float().mean().item() - 0.7) < 0.05
+
+    def dropped(a, b, c):
+        probs = torch.softmax((a @ b.transpose(-2, -1)) / 8.0, dim=-1)
+        return (probs * keep / 0.7) @ c
+
+    expected = _fp32_reference_of(dropped, q, k, v, grad_out)
+    for name, got, want in zip(("out", "dq", "dk", "dv"), ours, expected):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def _attention_empty_rows_zero(q, k, v, attn_mask):
+    """The textbook equations with rows that see no key set to 0 (torch's SDPA rule)."""
+    scores = reference.attention_scores(q, k, attn_mask)
+    empty = scores.isneginf().all(dim=-1, keepdim=True)
+    return torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0) @ v
+
+
+def _fp32_reference_of(fn, q, k, v, grad_out):
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        return _output_and_grads(fn, q.float(), k.float(), v.float(), grad_out.float())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+@requires_cuda
+def test_varlen_on_cuda_matches_padding_plus_masked_sdpa():
+    lengths = [1, 100, 37, 0, 64]
+    total = sum(lengths)
+    generator = torch.Generator(device="cuda").manual_seed(9)
+    q, k, v = (torch.randn(total, 4, 64, device="cuda", generator=generator, dtype=torch.float16) for _ in range(3))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    out = flash_module.flash_attention_varlen(q, k, v, cu, cu, max(lengths), max(lengths), causal=True)
+    for b, length in enumerate(lengths):
+        if length == 0:
+            continue
+        part = slice(cu[b].item(), cu[b + 1].item())
+        want = F.scaled_dot_product_attention(*(t[part].transpose(0, 1).float() for t in (q, k, v)), is_causal=True)
+        torch.testing.assert_close(out[part].float(), want.transpose(0, 1), atol=2e-3, rtol=2e-3)
 
 
 @requires_cuda

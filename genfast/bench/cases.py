@@ -57,6 +57,9 @@ class Case:
             steps = p["T"] * p["N"]
             return flops.rnn(p["cell"].removeprefix("layernorm_"), steps, p["input_size"], p["hidden_size"],
                              self.training)
+        if self.kind == "attention" and "lengths" in p:  # a packed batch: each sequence's own square
+            return sum(flops.attention(1, p["heads"], n, n, p["D"], p["causal"], self.training)
+                       for n in varlen_lengths(p["B"], *p["lengths"], p.get("seed", 0)).tolist())
         if self.kind == "attention":
             return flops.attention(p["B"], p["heads"], p.get("Lq", p["L"]), p["L"], p["D"], p["causal"],
                                    self.training)
@@ -369,6 +372,42 @@ def _gpu_attention(D, L, causal, mode, B=4, heads=32, devices=GPU) -> Case:
                 ("genfast_triton",), ("torch_sdpa_flash",), devices=devices, timer="do_bench")
 
 
+def _gpu_attention_masked(variant, mode, D=64, L=4096, B=4, heads=32, devices=GPU) -> Case:
+    # Training-code calls (issue 23), bf16, against torch's SDPA on its default backend (which picks
+    # what takes the mask or dropout: memory-efficient for a mask, flash for dropout):
+    #   key_padding: a bool (B, 1, 1, L) mask, row b keeping its first n_b keys (n_b in [L/2, L]);
+    #   bias: an additive (1, heads, L, L) bias; dropout: p = 0.1, no mask (outputs differ by design).
+    # genfast: the drop-in SDPA (its dispatch included), genfast_triton: the kernel's own autograd.
+    params = {"B": B, "heads": heads, "L": L, "D": D, "causal": False, "seed": 0, "dtype": "bfloat16",
+              "grad_out": True}
+    if variant == "dropout":
+        params["dropout_p"] = 0.1
+    else:
+        params["mask"] = variant
+    return Case(f"gpu.attention.{variant}.b{B}.h{heads}.n{L}.d{D}.{mode}", "attention", "attention", mode, params,
+                ("genfast_triton", "genfast"), ("torch_sdpa",), devices=devices, timer="do_bench")
+
+
+def _gpu_attention_varlen(mode, B=8, heads=12, D=64, lengths=(64, 1024), causal=False, devices=GPU) -> Case:
+    # A packed batch with lengths uniform in [64, 1024] (fixed seed) through the Triton varlen kernel,
+    # against the same batch padded to its longest sequence with a key-padding mask: torch's SDPA and
+    # genfast's kernel with the mask. The padded providers pad and gather inside the timed call.
+    params = {"B": B, "heads": heads, "D": D, "lengths": lengths, "causal": causal, "seed": 0, "dtype": "bfloat16"}
+    masking = "causal" if causal else "noncausal"
+    return Case(f"gpu.attention.varlen.b{B}.h{heads}.n{lengths[0]}-{lengths[1]}.d{D}.{masking}.{mode}", "attention",
+                "attention", mode, params, ("genfast_triton_varlen", "genfast_triton"), ("torch_sdpa",),
+                devices=devices, timer="do_bench")
+
+
+def _gpu_attention_training_calls(devices=GPU, **tiny) -> list[Case]:
+    """Masks, dropout and packed batches (issue 23): what training code calls."""
+    cases = [_gpu_attention_masked("key_padding", mode, devices=devices, **tiny) for mode in MODES]
+    cases += [_gpu_attention_masked("bias", "inference", devices=devices, **tiny),
+              _gpu_attention_masked("dropout", "training", devices=devices, **tiny)]
+    varlen_tiny = {"B": 3, "heads": 2, "D": 16, "lengths": (1, 20)} if tiny else {}
+    return cases + [_gpu_attention_varlen(mode, devices=devices, **varlen_tiny) for mode in MODES]
+
+
 def _gpu_decode_attention(dtype, B, heads_q, heads_kv, D, L, devices=GPU) -> Case:
     # One query row per head against a KV cache of L positions (grouped-query when heads differ).
     params = {"B": B, "heads_q": heads_q, "heads_kv": heads_kv, "D": D, "L": L, "dtype": dtype, "seed": 0}
@@ -426,6 +465,7 @@ def _gpu(seqlens=GPU_ATTENTION_SEQLENS_QUICK) -> list[Case]:
         for L in seqlens:
             for causal in (False, True):
                 cases += [_gpu_attention(D, L, causal, mode) for mode in MODES]
+    cases += _gpu_attention_training_calls()
     return cases
 
 
@@ -442,6 +482,7 @@ def _gpu_smoke() -> list[Case]:
         _gpu_rnn("lstm", "bfloat16", "training", T=5, N=4, size=32, devices=both),
         _gpu_rnn_decode("gru", "float32", tokens=5, size=32, devices=both),
         _gpu_attention(16, 64, True, "training", B=1, heads=2, devices=both),
+        *_gpu_attention_training_calls(devices=both, D=16, L=40, B=2, heads=2),
         _gpu_decode_attention("float32", 1, 4, 2, 16, 100, devices=both),
         _gpu_sampling_draw(1, 1000, 1.0, 50, 0.9, devices=both),
         _gpu_gpt2("float32", new_tokens=8, prompt_len=4, config=tiny_gpt2, name="gpu.gpt2.tiny.greedy.float32",

@@ -498,6 +498,27 @@ MATH_SCORES_LIMIT_BYTES = 2 * 2**30
 
 
 @dataclass(eq=False)
+class PackedBatch:
+    """A batch of sequences of different lengths (issue 23's varlen cases): q, k, v are packed
+    (total, H, D) and the workload's leaves; the dense providers pad them to (B, H, max_len, D) inside
+    the timed call and mask the padded keys, the varlen provider runs them as they are."""
+    cu_seqlens: torch.Tensor   # int32 (B + 1)
+    max_len: int
+    valid: torch.Tensor        # bool (B, max_len): the real rows of the padded layout
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.new_zeros(*self.valid.shape, *x.shape[1:])
+        out[self.valid] = x
+        return out.transpose(1, 2)
+
+    def key_mask(self) -> torch.Tensor:
+        return self.valid[:, None, None, :]  # (B, 1, 1, L): True = attend
+
+    def unpad(self, out: torch.Tensor) -> torch.Tensor:
+        return out.transpose(1, 2)[self.valid]
+
+
+@dataclass(eq=False)
 class AttentionWorkload:
     q: torch.Tensor
     k: torch.Tensor
@@ -506,6 +527,23 @@ class AttentionWorkload:
     training: bool
     device: str
     grad_out: torch.Tensor | None = None  # training: the output's gradient (None: that of out.sum())
+    attn_mask: torch.Tensor | None = None  # passed to every provider (a stride-0 broadcast view)
+    dropout_p: float = 0.0
+    packed: PackedBatch | None = None
+
+
+def _attention_mask(kind: str, B: int, heads: int, Lq: int, L: int, generator, device, dtype) -> torch.Tensor:
+    """key_padding: bool (B, 1, 1, L), row b keeps its first n_b keys, n_b uniform in [L/2, L];
+    bias: an additive (1, heads, Lq, L) float bias in the inputs' dtype (ALiBi-like slopes plus noise)."""
+    if kind == "key_padding":
+        lengths = torch.randint(L // 2, L + 1, (B,), generator=generator)
+        return (torch.arange(L)[None, :] < lengths[:, None])[:, None, None, :].to(device)
+    if kind == "bias":
+        slopes = 2.0 ** (-8.0 * torch.arange(1, heads + 1) / heads)
+        distance = (torch.arange(Lq)[:, None] - torch.arange(L)[None, :]).abs()
+        bias = -slopes[:, None, None] * distance + 0.1 * torch.randn(heads, Lq, L, generator=generator)
+        return bias[None].to(device=device, dtype=dtype)
+    raise ValueError(f"unknown attention mask kind {kind!r}")
 
 
 def make_attention_workload(case, device: str) -> AttentionWorkload:
@@ -513,20 +551,43 @@ def make_attention_workload(case, device: str) -> AttentionWorkload:
     generator = torch.Generator().manual_seed(p.get("seed", 0))
     # fp16 on a GPU unless the case names a dtype; fp32 on the CPU.
     dtype = getattr(torch, p.get("dtype", "float16")) if device == "cuda" else torch.float32
+    training = case.mode == "training"
+    if "lengths" in p:  # a packed batch of B sequences, lengths uniform in p["lengths"]
+        lengths = varlen_lengths(p["B"], *p["lengths"], p.get("seed", 0))
+        q, k, v = (torch.randn(int(lengths.sum()), p["heads"], p["D"], generator=generator)
+                   .to(device=device, dtype=dtype).requires_grad_(training) for _ in range(3))
+        cu = torch.zeros(p["B"] + 1, dtype=torch.int32)
+        cu[1:] = lengths.cumsum(0)
+        max_len = int(lengths.max())
+        valid = torch.arange(max_len)[None, :] < lengths[:, None]
+        packed = PackedBatch(cu.to(device), max_len, valid.to(device))
+        return AttentionWorkload(q, k, v, p["causal"], training, device, None, packed=packed)
     # Lq: query rows when fewer than the keys (a decode-shaped call); else L for both.
     shapes = [(p["B"], p["heads"], p.get("Lq", p["L"]), p["D"])] + [(p["B"], p["heads"], p["L"], p["D"])] * 2
     q, k, v = (torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
-               .requires_grad_(case.mode == "training") for shape in shapes)
+               .requires_grad_(training) for shape in shapes)
     grad_out = None
-    if p.get("grad_out") and case.mode == "training":
+    if p.get("grad_out") and training:
         grad_out = torch.randn(shapes[0], generator=generator).to(device=device, dtype=dtype)
-    return AttentionWorkload(q, k, v, p["causal"], case.mode == "training", device, grad_out)
+    attn_mask = None
+    if p.get("mask"):
+        attn_mask = _attention_mask(p["mask"], p["B"], p["heads"], shapes[0][2], p["L"], generator, device, dtype)
+    return AttentionWorkload(q, k, v, p["causal"], training, device, grad_out, attn_mask, p.get("dropout_p", 0.0))
 
 
 def _run_attention(work: AttentionWorkload, fn) -> Callable[[], torch.Tensor]:
+    """fn(q, k, v, causal, attn_mask, dropout_p) timed with its backward in training; a packed batch is
+    padded (its key padding as the mask) and the real rows gathered back, inside the call."""
+    def attend(q, k, v):
+        if work.packed is None:
+            return fn(q, k, v, work.causal, work.attn_mask, work.dropout_p)
+        packed = work.packed
+        out = fn(packed.pad(q), packed.pad(k), packed.pad(v), work.causal, packed.key_mask(), work.dropout_p)
+        return packed.unpad(out)
+
     def run():
         with torch.set_grad_enabled(work.training):
-            out = fn(work.q, work.k, work.v, work.causal)
+            out = attend(work.q, work.k, work.v)
             if work.grad_out is None:
                 return _finish(work, out)
             work.q.grad = work.k.grad = work.v.grad = None  # no accumulation into the last call's
@@ -537,28 +598,47 @@ def _run_attention(work: AttentionWorkload, fn) -> Callable[[], torch.Tensor]:
 
 def genfast_sdpa(work: AttentionWorkload):
     functional = _import_genfast("genfast.nn.functional")
-    return _run_attention(work, lambda q, k, v, causal: functional.scaled_dot_product_attention(
-        q, k, v, is_causal=causal))
+    return _run_attention(work, lambda q, k, v, causal, mask, p: functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal))
 
 
 def genfast_triton(work: AttentionWorkload):
     _needs_cuda(work.device, "Triton kernel")
     flash = _import_genfast("genfast.kernels.flash_attention")
-    return _run_attention(work, lambda q, k, v, causal: flash.flash_attention(q, k, v, causal=causal))
+    return _run_attention(work, lambda q, k, v, causal, mask, p: flash.flash_attention(
+        q, k, v, causal=causal, attn_mask=mask, dropout_p=p))
+
+
+def genfast_triton_varlen(work: AttentionWorkload):
+    """The packed batch as it is, through the Triton varlen kernel (no padding, no mask)."""
+    _needs_cuda(work.device, "Triton kernel")
+    if work.packed is None:
+        raise Unavailable("skipped", "not a packed batch")
+    flash = _import_genfast("genfast.kernels.flash_attention")
+    packed = work.packed
+
+    def run():
+        with torch.set_grad_enabled(work.training):
+            out = flash.flash_attention_varlen(work.q, work.k, work.v, packed.cu_seqlens, packed.cu_seqlens,
+                                               packed.max_len, packed.max_len, causal=work.causal,
+                                               dropout_p=work.dropout_p)
+            return _finish(work, out)
+    return run
 
 
 def torch_sdpa(work: AttentionWorkload):
-    return _run_attention(work, lambda q, k, v, causal: torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, is_causal=causal))
+    return _run_attention(work, lambda q, k, v, causal, mask, p: torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal))
 
 
 def torch_sdpa_flash(work: AttentionWorkload):
     _needs_cuda(work.device, "SDPA's flash backend")
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    def flash(q, k, v, causal):
+    def flash(q, k, v, causal, mask, p):
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
+                                                                    is_causal=causal)
     return _run_attention(work, flash)
 
 
@@ -570,7 +650,8 @@ def math_attention(work: AttentionWorkload):
         limit = torch.cuda.get_device_properties(0).total_memory // 8
     if scores_bytes > limit:
         raise Unavailable("skipped", f"would materialise {scores_bytes / 2**30:.1f} GiB of scores")
-    return _run_attention(work, lambda q, k, v, causal: reference.attention(q, k, v, is_causal=causal))
+    return _run_attention(work, lambda q, k, v, causal, mask, p: reference.attention(q, k, v, attn_mask=mask,
+                                                                                      is_causal=causal))
 
 
 # ------------------------------------------------------------------ variable-length attention
@@ -580,7 +661,7 @@ def math_attention(work: AttentionWorkload):
 # (O(total * H * D), next to the O(B * L^2 * H * D) attention) for the agreement check.
 
 def varlen_lengths(B: int, min_len: int, max_len: int, seed: int) -> torch.Tensor:
-    """B sequence lengths uniform in [min_len, max_len], fixed seed."""
+    """B sequence lengths uniform in [min_len, max_len], fixed by the seed (the workload's and the FLOP count's)."""
     generator = torch.Generator().manual_seed(seed + 1)
     return torch.randint(min_len, max_len + 1, (B,), generator=generator)
 
@@ -1004,6 +1085,8 @@ PROVIDERS: dict[str, dict[str, Provider]] = {
     "attention": {p.name: p for p in (
         Provider("genfast", genfast_sdpa, "genfast.nn.functional.scaled_dot_product_attention"),
         Provider("genfast_triton", genfast_triton, "genfast.kernels.flash_attention (Triton)"),
+        Provider("genfast_triton_varlen", genfast_triton_varlen,
+                 "genfast.kernels.flash_attention.flash_attention_varlen (Triton, packed batch)"),
         Provider("torch_sdpa", torch_sdpa, "torch F.scaled_dot_product_attention (default backend)"),
         Provider("torch_sdpa_flash", torch_sdpa_flash, "torch F.scaled_dot_product_attention, flash backend"),
         Provider("math", math_attention, "genfast.reference.attention (materialised softmax)"),

@@ -123,8 +123,10 @@ def _run_case(case: Case, device: str, plan: timing.TimingPlan, peak_gflops: flo
     agreement = {}
     reference_name = next((b for b in case.baselines if b in outputs), None)
     for subject in case.subjects:
-        # A regularised module (random masks) is not meant to agree with the plain one it is timed against.
-        if subject in outputs and reference_name is not None and not case.params.get("regularizers"):
+        # A regularised module (random masks) is not meant to agree with the plain one it is timed against,
+        # nor attention with dropout (each provider draws its own mask) with another.
+        if (subject in outputs and reference_name is not None and not case.params.get("regularizers")
+                and not case.params.get("dropout_p")):
             agreement[f"{subject} vs {reference_name}"] = _max_abs_diff(outputs[subject], outputs[reference_name])
     if agreement:
         outcome.checks["max_abs_diff"] = agreement

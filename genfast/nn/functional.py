@@ -5,8 +5,10 @@ Dispatch (the last decision is kept: ``last_dispatch()``, and logged at DEBUG le
   CPU with dropout_p > 0  -> genfast's documented non-fused path: the softmax matrix is
                              materialised and torch.nn.functional.dropout (torch's generator) applied
   CUDA tensors            -> the same op, whose CUDA kernel is Triton (kernels/flash_attention.py),
-                             when it supports the call (no mask, no dropout, fp16/bf16/fp32,
-                             head dim <= 256), else torch's SDPA
+                             when it supports the call (fp16/bf16/fp32, head dim <= 256, no mask
+                             gradient), else torch's SDPA; masks are read in the kernel, dropout
+                             (Philox, seeded from torch's CUDA generator) runs in
+                             kernels/flash_attention.flash_attention
 One route for genfast's kernels on every device: torch.ops.genfast.attention_forward, with its
 autograd in csrc/attention_autograd.cpp.
   anything else           -> torch's SDPA
@@ -154,9 +156,19 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
                 _warn_missing_kernel(reason)
         if reason is not None:
             return torch_sdpa(reason)
-        _record("genfast-triton", "flash_attention kernel")
-        q4, k4, v4, _ = _to_bhld(query, key, value, None, batch, heads_q, heads_kv)
-        out, _ = _attention_forward()(q4, k4, v4, None, is_causal, scale_value)
+        q4, k4, v4, mask4 = _to_bhld(query, key, value, attn_mask, batch, heads_q, heads_kv)
+        if dropout_p > 0.0:
+            # The op's schema has no dropout: the kernel module's own autograd.Function, whose backward
+            # regenerates the Philox mask from the seed it drew from torch's CUDA generator.
+            _record("genfast-triton", "flash_attention kernel, in-kernel dropout"
+                    + (" and mask" if attn_mask is not None else ""))
+            from genfast.ops.attention import _flash
+
+            out = _flash().flash_attention(q4, k4, v4, causal=is_causal, scale=scale_value, attn_mask=mask4,
+                                           dropout_p=dropout_p)
+        else:
+            _record("genfast-triton", "flash_attention kernel" + (", in-kernel mask" if attn_mask is not None else ""))
+            out, _ = _attention_forward()(q4, k4, v4, mask4, is_causal, scale_value)
         return out.reshape(out_shape)
 
     _warn_missing_kernel(f"no genfast kernel for device {device!r}")
@@ -243,11 +255,9 @@ def _attention_with_dropout(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor |
 
 
 def _triton_unsupported(query, key, value, attn_mask, dropout_p, is_causal) -> str | None:
-    """Why the Triton kernel cannot take this call, or None if it can."""
-    if attn_mask is not None:
-        return "attn_mask given; the Triton kernel has no mask"
-    if dropout_p > 0.0:
-        return "dropout_p > 0; the Triton kernel has no dropout"
+    """Why the Triton kernel cannot take this call, or None if it can (masks and dropout run in it)."""
+    if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
+        return "attn_mask requires grad; the Triton kernel gives no mask gradient"
     if query.dtype not in _TRITON_DTYPES:
         return f"dtype {query.dtype} not supported by the Triton kernel"
     if query.shape[-1] > 256:

@@ -8,8 +8,9 @@ CUDA kernels.
 
 Layout (B, H, L, D). ``attention_forward`` returns the output and the per-row logsumexp that the
 backward uses to recompute the probabilities; gradients flow to q, k and v (not to attn_mask,
-and not through logsumexp). The CUDA kernel takes no attn_mask and needs v's head dim equal to
-q's (genfast.nn.functional sends other calls to torch's SDPA, saying why).
+and not through logsumexp). The CUDA kernel reads attn_mask in place (bool or additive) and needs v's
+head dim equal to q's (genfast.nn.functional sends other calls to torch's SDPA, saying why); dropout
+on CUDA runs in kernels/flash_attention.flash_attention, outside this op (its schema has no dropout).
 """
 from __future__ import annotations
 
@@ -67,22 +68,15 @@ def _flash():
     return load("flash_attention", "attention_forward")
 
 
-def _no_mask(attn_mask: Tensor | None, op: str) -> None:
-    if attn_mask is not None:
-        raise RuntimeError(f"{op}: the CUDA kernel (Triton) takes no attn_mask; "
-                           "genfast.nn.functional.scaled_dot_product_attention sends masked calls to torch")
-
-
 def attention_forward_cuda(q, k, v, attn_mask, is_causal, scale):
-    """attention_forward's CUDA kernel (also runs CPU tensors under TRITON_INTERPRET=1, for tests)."""
-    _no_mask(attn_mask, "attention_forward")
-    return _flash().forward(q, k, v, is_causal, scale)
+    """attention_forward's CUDA kernel (also runs CPU tensors under TRITON_INTERPRET=1, for tests).
+    attn_mask (bool or additive, broadcastable to (B, Hq, Lq, Lk)) is read in place by the kernel."""
+    return _flash().forward(q, k, v, is_causal, scale, attn_mask)
 
 
 def attention_backward_cuda(grad_out, q, k, v, out, logsumexp, attn_mask, is_causal, scale):
     """attention_backward's CUDA kernel (also runs CPU tensors under TRITON_INTERPRET=1, for tests)."""
-    _no_mask(attn_mask, "attention_backward")
-    return _flash().backward(grad_out, q, k, v, out, logsumexp, is_causal, scale)
+    return _flash().backward(grad_out, q, k, v, out, logsumexp, is_causal, scale, attn_mask)
 
 
 torch.library.register_kernel("genfast::attention_forward", "cuda", attention_forward_cuda)
