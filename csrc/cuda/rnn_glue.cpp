@@ -25,6 +25,7 @@
 #include "rnn/regularizers_host.h"
 #include "rnn/rnn_host.h"
 #include "rnn_kernels.h"
+#include "rnn_persistent_glue.h"
 
 namespace genfast {
 namespace cuda {
@@ -109,6 +110,36 @@ ForwardResult rnn_forward(const LayerArgs& a, bool reverse, bool train,
   // The cell's h before projection: kept per step when training, else one scratch buffer.
   Tensor h_cell;
   if (projected) h_cell = train ? workspace.narrow(0, layout.projected, S * H).view({S, H}) : at::empty({N, H}, options);
+
+  // Issue 20: the persistent kernel runs the whole loop instead, when GENFAST_RNN_PERSISTENT=1 and the layer
+  // fits on chip (csrc/cuda/rnn_persistent_glue.h records which path ran and why).
+  {
+    PersistentLayer layer;
+    layer.gates_x = gates_x;
+    layer.w_hh = a.w_hh.contiguous();
+    layer.b_ih = b_ih_c;
+    layer.b_hh = b_hh_c;
+    layer.hx = h_state;
+    layer.c_state = c_state;
+    layer.output = out2d;
+    if (train) {
+      layer.saved = workspace.narrow(0, 0, S * Cell::kSaved * H);
+      if (Cell::kCellState) layer.saved_c = workspace.narrow(0, layout.cell, S * H);
+    }
+    layer.steps = sc.steps;
+    layer.batch = N;
+    layer.hidden = H;
+    layer.reverse = reverse;
+    layer.packed = a.batch_sizes.has_value() && a.batch_sizes->defined();
+    layer.projected = projected;
+    layer.regularized = zoneout.defined() || cell_zoneout.defined() || recurrent_mask.defined();
+    if (run_persistent_forward<Cell>(layer)) {
+      const int64_t last = reverse ? 0 : sc.steps - 1;  // h_T is the output of the step processed last
+      h_state.copy_(out2d.narrow(0, last * N, N));
+      Tensor cy = Cell::kCellState ? c_state.to(a.input.scalar_type()) : Tensor();
+      return {output, h_state, cy, workspace};
+    }
+  }
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.input.scalar_type(), "genfast::rnn_forward_cuda", [&] {
     using K = typename KernelType<scalar_t>::type;

@@ -1,0 +1,178 @@
+// The persistent RNN forward's glue (rnn_persistent_glue.h): the eligibility checks, the plan on the live
+// device (csrc/rnn/persistent_plan.h) confirmed by the runtime's occupancy, the cooperative launch, and the
+// record of the path each layer took, exposed as torch.ops.genfast.rnn_cuda_path().
+#include "rnn_persistent_glue.h"
+
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <tuple>
+#include <type_traits>
+
+#include "rnn/cells.h"
+#include "rnn/persistent_plan.h"
+#include "rnn_persistent.h"
+
+namespace genfast {
+namespace cuda {
+namespace {
+
+struct PathRecord {
+  std::string path = "none";
+  std::string reason = "no CUDA LSTM/GRU layer has run yet";
+};
+std::mutex record_mutex;
+PathRecord last_record;
+
+void record(const char* path, std::string reason) {
+  const std::lock_guard<std::mutex> lock(record_mutex);
+  last_record.path = path;
+  last_record.reason = std::move(reason);
+}
+
+bool per_step(std::string reason) {
+  record("per-step", std::move(reason));
+  return false;
+}
+
+bool persistent_enabled() {
+  const char* value = std::getenv("GENFAST_RNN_PERSISTENT");
+  return value != nullptr && std::strcmp(value, "1") == 0;
+}
+
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+template <typename S>
+struct KernelType {
+  using type = S;
+};
+template <>
+struct KernelType<at::Half> {
+  using type = __half;
+};
+template <>
+struct KernelType<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+template <typename K>
+K* ptr(const at::Tensor& t) {
+  return t.defined() ? reinterpret_cast<K*>(t.data_ptr()) : nullptr;
+}
+
+rnn::persistent::DeviceBudget device_budget(int device) {
+  cudaDeviceProp prop;
+  C10_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+  rnn::persistent::DeviceBudget d;
+  d.sm_count = prop.multiProcessorCount;
+  d.smem_per_sm = static_cast<int64_t>(prop.sharedMemPerMultiprocessor);
+  d.smem_per_block = static_cast<int64_t>(prop.sharedMemPerBlockOptin);
+  d.smem_reserved_per_block = static_cast<int64_t>(prop.reservedSharedMemPerBlock);
+  d.regs_per_sm = prop.regsPerMultiprocessor;
+  d.max_threads_per_sm = prop.maxThreadsPerMultiProcessor;
+  d.max_blocks_per_sm = prop.maxBlocksPerMultiProcessor;
+  d.cooperative_launch = prop.cooperativeLaunch != 0;
+  return d;
+}
+
+std::string describe(const char* cell, const PersistentLayer& l, const rnn::persistent::Plan& plan) {
+  return std::string(cell) + " T=" + std::to_string(l.steps) + " N=" + std::to_string(l.batch) +
+         " H=" + std::to_string(l.hidden) + " " + std::string(c10::toString(l.output.scalar_type())) + ": grid " +
+         std::to_string(plan.grid) + " x " + std::to_string(plan.threads) + " threads, " +
+         std::to_string(plan.units_per_block) + " units and " + std::to_string(plan.smem_bytes) +
+         " bytes of shared memory per block";
+}
+
+template <typename Cell, typename K>
+bool launch(const PersistentLayer& l) {
+  const int device = l.output.get_device();
+  const rnn::persistent::DeviceBudget budget = device_budget(device);
+  int regs = 0, resident = 0;
+  C10_CUDA_CHECK((persistent_forward_occupancy<Cell, K>(32 * rnn::persistent::kMinWarps, 0, &regs, &resident)));
+  const rnn::persistent::Plan plan =
+      rnn::persistent::make_plan({Cell::kGates, l.hidden, l.batch, static_cast<int>(sizeof(K)), regs}, budget);
+  if (!plan.fits) return per_step(std::string("plan: ") + plan.reason);
+  C10_CUDA_CHECK((persistent_forward_occupancy<Cell, K>(plan.threads, plan.smem_bytes, &regs, &resident)));
+  if (static_cast<int64_t>(resident) * budget.sm_count < plan.grid)
+    return per_step("runtime occupancy: " + std::to_string(resident) + " resident blocks per SM x " +
+                    std::to_string(budget.sm_count) + " SMs < grid " + std::to_string(plan.grid));
+
+  PersistentForwardArgs<K> args;
+  args.steps = l.steps;
+  args.batch = l.batch;
+  args.hidden = l.hidden;
+  args.reverse = l.reverse;
+  args.w_hh = ptr<K>(l.w_hh);
+  args.gates_x = ptr<K>(l.gates_x);
+  args.b_ih = ptr<K>(l.b_ih);
+  args.b_hh = ptr<K>(l.b_hh);
+  args.hx = ptr<K>(l.hx);
+  args.c_state = Cell::kCellState ? ptr<float>(l.c_state) : nullptr;
+  args.output = ptr<K>(l.output);
+  args.saved = ptr<K>(l.saved);
+  args.saved_c = ptr<K>(l.saved_c);
+  PersistentLaunch shape;
+  shape.grid = plan.grid;
+  shape.threads = plan.threads;
+  shape.units_per_block = plan.units_per_block;
+  shape.smem_bytes = plan.smem_bytes;
+  const cudaError_t status =
+      persistent_forward<Cell, K>(args, shape, c10::cuda::getCurrentCUDAStream(device).stream());
+  if (status == cudaErrorCooperativeLaunchTooLarge) {
+    (void)cudaGetLastError();  // clear it: nothing ran
+    return per_step("cooperative launch of " + std::to_string(plan.grid) + " blocks refused (too large)");
+  }
+  C10_CUDA_CHECK(status);
+  record("persistent", describe(Cell::kName, l, plan));
+  return true;
+}
+
+}  // namespace
+
+template <typename Cell>
+bool run_persistent_forward(const PersistentLayer& l) {
+  if (!persistent_enabled()) return per_step("GENFAST_RNN_PERSISTENT is not 1 (the persistent kernel is opt-in)");
+  if (l.packed) return per_step("packed input (batch_sizes): the persistent kernel runs padded sequences only");
+  if (l.projected) return per_step("proj_size: the persistent kernel has no projection");
+  if (l.regularized) return per_step("zoneout / recurrent dropout: the persistent kernel has no regularisers");
+  const at::ScalarType dtype = l.output.scalar_type();
+  if (dtype != at::kFloat && dtype != at::kHalf && dtype != at::kBFloat16)
+    return per_step(std::string("dtype ") + c10::toString(dtype) + ": the persistent kernel runs fp32, fp16, bf16");
+  if (l.steps == 0 || l.batch == 0) return per_step("empty sequence or batch");
+  // The kernel loads W_hh, hx and h_{t-1} in 16-byte vectors; a weight that is a view at an odd offset is
+  // copied once (hx and the output are the glue's own allocations).
+  PersistentLayer layer = l;
+  if (!aligned16(layer.w_hh)) layer.w_hh = layer.w_hh.clone();
+  if (!aligned16(layer.hx) || !aligned16(layer.output)) return per_step("hx or the output is not 16-byte aligned");
+  // The recurrent product runs on CUDA cores in fp32, never TF32 (whatever torch's allow_tf32 flags say).
+  bool ran = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "genfast::rnn_persistent_forward", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) ran = launch<Cell, typename KernelType<scalar_t>::type>(layer);
+  });
+  return ran;
+}
+
+template bool run_persistent_forward<rnn::LstmCell>(const PersistentLayer&);
+template bool run_persistent_forward<rnn::GruCell>(const PersistentLayer&);
+
+namespace {
+// The path the latest CUDA LSTM/GRU layer took ("persistent", "per-step", or "none" before any) and why.
+std::tuple<std::string, std::string> rnn_cuda_path() {
+  const std::lock_guard<std::mutex> lock(record_mutex);
+  return {last_record.path, last_record.reason};
+}
+}  // namespace
+
+}  // namespace cuda
+}  // namespace genfast
+
+TORCH_LIBRARY_FRAGMENT(genfast, m) {
+  // Debug query, no tensors: which path the latest CUDA LSTM/GRU layer took, and why (genfast.info()).
+  m.def("rnn_cuda_path() -> (str path, str reason)", &genfast::cuda::rnn_cuda_path);
+}
