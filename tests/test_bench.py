@@ -284,7 +284,12 @@ def test_sets_by_device_gpu_session_cases_run_on_cuda_only():
     # the content of the former benchmarks/gpu_*.py scripts
     rnn = [c for c in cuda_quick if c.kind == "rnn"]
     assert {(c.params["cell"], c.params["dtype"]) for c in rnn} == {
-        (cell, dtype) for cell in ("lstm", "gru") for dtype in ("float32", "bfloat16")}
+        (cell, dtype) for cell in ("lstm", "gru") for dtype in ("float32", "bfloat16")} | {("lstm", "float16")}
+    # issue 20: every gpu.rnn case has the persistent kernel's column, and its acceptance shapes are there
+    assert all("persistent" in c.subjects for c in rnn)
+    names = {c.name for c in rnn}
+    assert {"gpu.rnn.lstm.t100.n1.h1024.float32.inference", "gpu.rnn.gru.t100.n8.h512.float32.inference",
+            "gpu.rnn.lstm.t100.n64.h512.l2bi.bfloat16.training", "gpu.rnn.lstm.t1024.n16.h768.float16.training"} <= names
     attention = [c for c in cuda_quick if c.kind == "attention"]
     assert {(c.params["L"], c.params["D"]) for c in attention} == {(L, D) for L in (4096, 16384) for D in (64, 128)}
     assert all(c.timer == "do_bench" and c.params["dtype"] == "bfloat16" and c.baselines == ("torch_sdpa_flash",)
@@ -343,7 +348,7 @@ def test_gpu_session_smoke_cases_run_on_the_cpu(tmp_path, capsys):
     assert len(by_name) == 5 and "partial" not in document
     for case in by_name.values():
         for name, p in case["providers"].items():
-            cuda_only = name in ("genfast_triton", "torch_sdpa_flash", "launcher", "whole_row")
+            cuda_only = name in ("genfast_triton", "torch_sdpa_flash", "launcher", "whole_row", "persistent")
             assert p["status"] == ("needs CUDA" if cuda_only else "ok"), (case["name"], name, p["reason"])
     decode = by_name["gpu.rnn.gru.decode5.h32.float32.inference"]
     assert decode["checks"]["max_abs_diff"]["genfast vs torch"] < 1e-5

@@ -29,11 +29,13 @@ struct PathRecord {
 };
 std::mutex record_mutex;
 PathRecord last_record;
+int64_t persistent_layers = 0;  // layers the persistent kernel ran since the library loaded
 
 void record(const char* path, std::string reason) {
   const std::lock_guard<std::mutex> lock(record_mutex);
   last_record.path = path;
   last_record.reason = std::move(reason);
+  if (last_record.path == "persistent") ++persistent_layers;
 }
 
 bool per_step(std::string reason) {
@@ -162,10 +164,11 @@ template bool run_persistent_forward<rnn::LstmCell>(const PersistentLayer&);
 template bool run_persistent_forward<rnn::GruCell>(const PersistentLayer&);
 
 namespace {
-// The path the latest CUDA LSTM/GRU layer took ("persistent", "per-step", or "none" before any) and why.
-std::tuple<std::string, std::string> rnn_cuda_path() {
+// The path the latest CUDA LSTM/GRU layer took ("persistent", "per-step", or "none" before any), why, and
+// how many layers the persistent kernel has run since the library loaded.
+std::tuple<std::string, std::string, int64_t> rnn_cuda_path() {
   const std::lock_guard<std::mutex> lock(record_mutex);
-  return {last_record.path, last_record.reason};
+  return {last_record.path, last_record.reason, persistent_layers};
 }
 }  // namespace
 
@@ -173,6 +176,7 @@ std::tuple<std::string, std::string> rnn_cuda_path() {
 }  // namespace genfast
 
 TORCH_LIBRARY_FRAGMENT(genfast, m) {
-  // Debug query, no tensors: which path the latest CUDA LSTM/GRU layer took, and why (genfast.info()).
-  m.def("rnn_cuda_path() -> (str path, str reason)", &genfast::cuda::rnn_cuda_path);
+  // Debug query, no tensors: which path the latest CUDA LSTM/GRU layer took, why, and how many layers the
+  // persistent kernel has run (genfast.info(), the benchmark's `persistent` provider, the CUDA tests).
+  m.def("rnn_cuda_path() -> (str path, str reason, int persistent_layers)", &genfast::cuda::rnn_cuda_path);
 }

@@ -11,7 +11,8 @@ LayerNorm RNN:       genfast (genfast.nn.LayerNormLSTM/GRU), genfast_plain (genf
                      weights), cell_loop (Python loop over genfast.reference's LN cell),
                      compiled_cell_loop (the same with the cell under torch.compile).
 RNN providers:       genfast (genfast.nn.LSTM/GRU, kernels forced), routed (the same as users get it: on
-                     CUDA genfast.routing may send it to cuDNN), genfast_cell (genfast.nn.LSTMCell/GRUCell,
+                     CUDA genfast.routing may send it to cuDNN), persistent (kernels forced, the persistent
+                     CUDA kernel of issue 20 on; unavailable where it would not run), genfast_cell (genfast.nn.LSTMCell/GRUCell,
                      decode cases), torch (nn.LSTM/GRU: oneDNN/ATen on CPU, cuDNN on GPU),
                      cell_loop (Python loop over nn.LSTMCell/GRUCell), reference
                      (genfast.reference equations), compiled_reference (torch.compile of it).
@@ -136,7 +137,8 @@ def make_rnn_workload(case, device: str) -> RnnWorkload:
     torch.manual_seed(p.get("seed", 0))
     rnn_cls = nn.LSTM if p["cell"] == "lstm" else nn.GRU
     dtype = getattr(torch, p.get("dtype", "float32"))
-    module = rnn_cls(p["input_size"], p["hidden_size"]).to(device, dtype)
+    layers, dirs = p.get("layers", 1), 2 if p.get("bidirectional") else 1
+    module = rnn_cls(p["input_size"], p["hidden_size"], num_layers=layers, bidirectional=dirs == 2).to(device, dtype)
     T, N = p["T"], p["N"]
     x = torch.randn(T, N, p["input_size"], generator=generator).to(device, dtype)
     packed = None
@@ -144,7 +146,8 @@ def make_rnn_workload(case, device: str) -> RnnWorkload:
         lengths = rnn_lengths(T, N, p.get("seed", 0))
         packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
     states = 2 if p["cell"] == "lstm" else 1
-    hx = tuple(torch.randn(1, N, p["hidden_size"], generator=generator).to(device, dtype) for _ in range(states))
+    hx = tuple(torch.randn(layers * dirs, N, p["hidden_size"], generator=generator).to(device, dtype)
+               for _ in range(states))
     if case.mode == "training":
         module.requires_grad_(True)
     if p.get("stepwise"):  # decoding starts from a zero state, as generation does
@@ -202,6 +205,26 @@ def torch_rnn(work: RnnWorkload):
 
 def genfast_rnn(work: RnnWorkload):
     return _kernels_forced(routed_rnn(work))
+
+
+def persistent_rnn(work: RnnWorkload):
+    """genfast.nn.LSTM/GRU on the persistent kernel of issue 20 (GENFAST_RNN_PERSISTENT=1, kernels forced). One
+    checked call first: where a layer took the per-step path the provider is unavailable, with the reason, so the
+    column never times the per-step path under this name."""
+    _needs_cuda(work.device, "the persistent RNN kernel is CUDA-only")
+    persistent = _import_genfast("genfast.rnn_persistent")
+    run = genfast_rnn(work)
+
+    def run_persistent():
+        with persistent.enabled():
+            return run()
+
+    before = persistent.last_path()
+    run_persistent()
+    after = persistent.last_path()
+    if after["path"] != "persistent" or after["persistent_layers"] <= before["persistent_layers"]:
+        raise Unavailable("per-step", f"the persistent kernel did not run: {after['reason']}")
+    return run_persistent
 
 
 def routed_rnn(work: RnnWorkload):
@@ -880,6 +903,7 @@ PROVIDERS: dict[str, dict[str, Provider]] = {
     "rnn": {p.name: p for p in (
         Provider("genfast", genfast_rnn, "genfast.nn.LSTM/GRU, its kernels forced (no routing)"),
         Provider("routed", routed_rnn, "genfast.nn.LSTM/GRU as users get it (genfast.routing may pick cuDNN)"),
+        Provider("persistent", persistent_rnn, "genfast.nn.LSTM/GRU on the persistent CUDA kernel (issue 20, opt-in)"),
         Provider("genfast_cell", genfast_cell, "genfast.nn.LSTMCell/GRUCell"),
         Provider("genfast_regularized", genfast_regularized_rnn, "genfast.nn.LSTM/GRU with the case's regularisers"),
         Provider("torch", torch_rnn, "torch.nn.LSTM/GRU (oneDNN/ATen on CPU, cuDNN on GPU)"),

@@ -1,0 +1,206 @@
+"""The persistent CUDA LSTM/GRU forward kernel (issue 20) against torch.nn; skipped without a CUDA device.
+
+The kernel is opt-in (GENFAST_RNN_PERSISTENT=1), so every test turns it on (or leaves it off) itself and
+asks torch.ops.genfast.rnn_cuda_path() which path the layers took: a test of the persistent kernel fails
+if the per-step path ran instead. The kernels are forced (genfast.routing's rules off) and TF32 is off, so
+torch's side is true fp32 cuDNN.
+
+Tolerances: fp32 as tests/rnn_cells.py's TOLERANCES (the kernel sums W_hh h in fp32 in its own order, and
+the cell math is the per-step path's); bf16 and fp16 compare errors against a float64 oracle on the same
+rounded weights and inputs: genfast's error at most twice cuDNN's plus two roundings of the largest value
+(the rule of tests/test_rnn.py's reduced-precision test).
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from genfast import _extension, rnn_persistent, routing
+from tests.rnn_cells import GRU, LSTM, TOLERANCES, clone_module, torch_module
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+CELLS = {"lstm": LSTM, "gru": GRU}
+
+
+@pytest.fixture(autouse=True)
+def cuda_setup():
+    assert _extension.load().cuda_built(), "a CUDA device is present but genfast._C was built without CUDA kernels"
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with routing.force_kernels(), rnn_persistent.enabled():
+            yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def modules(cell, I, H, dtype, **kwargs):
+    torch.manual_seed(0)
+    theirs = torch_module(CELLS[cell], I, H, **kwargs).to("cuda", dtype)
+    return theirs, clone_module(copy.deepcopy(theirs), CELLS[cell].module)
+
+
+def states(cell, layers, N, H, dtype, gen):
+    s = [torch.randn(layers, N, H, generator=gen).to("cuda", dtype) * 0.5 for _ in CELLS[cell].states]
+    return CELLS[cell].module_states(s)
+
+
+def run(module, x, hx, train):
+    """Output, final states and (train) the gradients of a fixed weighted loss, all as float64."""
+    x = x.detach().clone().requires_grad_(train)
+    hx = tuple(h.detach().clone().requires_grad_(train) for h in hx) if isinstance(hx, tuple) else \
+        hx.detach().clone().requires_grad_(train)
+    module.zero_grad(set_to_none=True)
+    with torch.set_grad_enabled(train):
+        out, final = module(x, hx)
+    finals = list(final) if isinstance(final, tuple) else [final]
+    results = {"output": out.detach().double()}
+    results.update({f"final{i}": f.detach().double() for i, f in enumerate(finals)})
+    if train:
+        gen = torch.Generator().manual_seed(7)
+        loss = sum((t.double() * torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.device)).sum()
+                   for t in [out, *finals])
+        loss.backward()
+        results["grad_input"] = x.grad.double()
+        for i, h in enumerate(hx if isinstance(hx, tuple) else (hx,)):
+            results[f"grad_hx{i}"] = h.grad.double()
+        results.update({f"grad_{n}": p.grad.double() for n, p in module.named_parameters()})
+    return results
+
+
+def persistent_layers():
+    return rnn_persistent.last_path()["persistent_layers"]
+
+
+def require_plan(cell, H, N, dtype):
+    """Skip where this GPU cannot hold the layer on chip (csrc/rnn/persistent_plan.h with its numbers and the
+    register cap of the kernel's launch bounds, so a layer this says fits also fits at the kernel's real count)."""
+    probe = pytest.importorskip("genfast._probe")
+    d = torch.cuda.get_device_properties(0)
+    per_sm = d.shared_memory_per_multiprocessor
+    # Not every torch exposes these two: then the per-SM size less the 1 KiB a block reserves, and 64K registers.
+    per_block = getattr(d, "shared_memory_per_block_optin", per_sm - 1024)
+    regs = getattr(d, "regs_per_multiprocessor", 65536)
+    plan = probe.persistent_rnn_plan(CELLS[cell].gates, H, N, torch.finfo(dtype).bits // 8, d.multi_processor_count,
+                                     per_sm, per_block, 1024, regs, d.max_threads_per_multi_processor, 32, True, 128)
+    if not plan["fits"]:
+        pytest.skip(f"the layer does not fit on {d.name}: {plan['reason']}")
+
+
+# (T, N, I, H): one block's worth, several units per block, N not a multiple of the 4-row tile, N = 1,
+# the issue's shapes (H = 512, N = 64; H = 1024 at N = 8).
+SHAPES = [(5, 3, 16, 64), (9, 7, 24, 128), (12, 64, 64, 512), (4, 1, 32, 1024), (6, 8, 16, 1024), (3, 2, 8, 8)]
+CONFIGS = [dict(num_layers=1, bidirectional=False, bias=True), dict(num_layers=2, bidirectional=True, bias=False)]
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "t{}-n{}-i{}-h{}".format(*s))
+@pytest.mark.parametrize("config", CONFIGS, ids=["1layer", "2layer-bidir-nobias"])
+@pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
+def test_persistent_fp32_matches_torch(cell, shape, config, train):
+    T, N, I, H = shape
+    require_plan(cell, H, N, torch.float32)
+    theirs, ours = modules(cell, I, H, torch.float32, **config)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(T, N, I, generator=gen).to("cuda")
+    directions = 2 if config["bidirectional"] else 1
+    hx = states(cell, config["num_layers"] * directions, N, H, torch.float32, gen)
+    expected = run(theirs, x, hx, train)
+    before = persistent_layers()
+    got = run(ours, x, hx, train)
+    layers = config["num_layers"] * directions
+    assert persistent_layers() - before == layers, rnn_persistent.last_path()
+    assert got.keys() == expected.keys()
+    # Long dot products (K = H up to 1024) in a different order: scale the fp32 tolerance with sqrt(H / 64).
+    scale = max(1.0, (H / 64) ** 0.5)
+    tol = {k: v * scale for k, v in TOLERANCES[torch.float32].items()}
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], **tol, msg=lambda m, k=key: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape", [(20, 8, 32, 64), (10, 64, 64, 512), (6, 16, 768, 768)],
+                         ids=lambda s: "t{}-n{}-i{}-h{}".format(*s))
+@pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
+def test_persistent_half_within_2x_of_cudnn_error(cell, dtype, shape, train):
+    T, N, I, H = shape
+    require_plan(cell, H, N, dtype)
+    theirs, _ = modules(cell, I, H, dtype)
+    oracle_module = copy.deepcopy(theirs).double()
+    ours = clone_module(copy.deepcopy(theirs), CELLS[cell].module)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(T, N, I, generator=gen).to("cuda", dtype)
+    hx = states(cell, 1, N, H, dtype, gen)
+    hx64 = tuple(h.double() for h in hx) if isinstance(hx, tuple) else hx.double()
+    with rnn_persistent.enabled(False):
+        oracle = run(oracle_module, x.double(), hx64, train)
+    their = run(theirs, x, hx, train)
+    before = persistent_layers()
+    our = run(ours, x, hx, train)
+    assert persistent_layers() - before == 1, rnn_persistent.last_path()
+    eps = torch.finfo(dtype).eps
+    for key, exact in oracle.items():
+        their_err = (their[key] - exact).abs().max().item()
+        our_err = (our[key] - exact).abs().max().item()
+        floor = 2 * eps * max(1.0, exact.abs().max().item())
+        assert our_err <= 2 * their_err + floor, f"{key}: genfast {our_err:.3g} > 2 x cuDNN {their_err:.3g} + {floor:.3g}"
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_persistent_op_results_and_workspace_match_the_per_step_path(reverse):
+    # Same op, both paths: output, final states and the workspace (what backward reads: saved gates, c_t)
+    # agree to fp32 rounding, so the layout is the same.
+    cell = LSTM
+    theirs, ours = modules("lstm", 16, 64, torch.float32)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 5, 16, generator=gen).to("cuda")
+    hx = states("lstm", 1, 5, 64, torch.float32, gen)
+    w = [p.detach() for p in theirs.parameters()]
+    args = (x, hx[0][0], hx[1][0], w[0], w[1], w[2], w[3], None, None, reverse, True)
+    with rnn_persistent.enabled(False):
+        per_step = cell.forward_op(*args)
+    assert rnn_persistent.last_path()["path"] == "per-step"
+    persistent = cell.forward_op(*args)
+    assert rnn_persistent.last_path()["path"] == "persistent", rnn_persistent.last_path()
+    for a, b in zip(persistent, per_step):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_fallbacks_say_why(cell):
+    theirs, ours = modules(cell, 8, 64, torch.float32)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 3, 8, generator=gen).to("cuda")
+    # Off: the per-step path, saying so.
+    with rnn_persistent.enabled(False):
+        ours(x)
+    assert rnn_persistent.last_path()["path"] == "per-step"
+    assert "GENFAST_RNN_PERSISTENT" in rnn_persistent.last_path()["reason"]
+    # Packed input: per-step (the kernel runs padded sequences only), and the numbers are still torch's.
+    packed = pack_padded_sequence(x, torch.tensor([6, 2, 4]), enforce_sorted=False)
+    out, _ = ours(packed)
+    assert rnn_persistent.last_path()["path"] == "per-step"
+    assert rnn_persistent.last_path()["reason"].startswith("packed input")
+    torch.testing.assert_close(out.data, theirs(packed)[0].data, **TOLERANCES[torch.float32])
+    # A hidden size that is not a whole number of 16-byte vectors: the plan refuses, per-step runs.
+    _, odd = modules(cell, 8, 30, torch.float32)
+    odd(x)
+    assert rnn_persistent.last_path()["path"] == "per-step"
+    assert rnn_persistent.last_path()["reason"].startswith("plan: H=30 is not a multiple of 4")
+    # float64: not a dtype of the kernel.
+    _, wide = modules(cell, 8, 64, torch.float64)
+    wide(x.double())
+    assert rnn_persistent.last_path()["reason"].startswith("dtype")
+
+
+def test_lstm_projection_falls_back():
+    theirs, ours = modules("lstm", 8, 64, torch.float32, proj_size=16)
+    x = torch.randn(5, 2, 8, device="cuda")
+    out, _ = ours(x)
+    assert rnn_persistent.last_path()["reason"].startswith("proj_size")
+    torch.testing.assert_close(out, theirs(x)[0], **TOLERANCES[torch.float32])

@@ -1,0 +1,181 @@
+"""The persistent RNN kernel's partition (csrc/rnn/persistent_plan.h, issue 20), checked on the CPU.
+
+genfast._probe.persistent_rnn_plan runs the same make_plan the CUDA glue calls with the live device's
+numbers; here it gets the numbers of an H200 and an A100 (cudaDeviceProp's values) and of made-up
+devices at the edges. Checked: every hidden unit is owned by exactly one block, the shared memory,
+registers and threads fit the budgets, the decision (and the reason's kind) matches an independent
+re-derivation of the rules over many shapes, and hand-computed cases.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch  # noqa: F401  (loads the torch libraries the probe links to)
+
+import genfast._probe as probe  # built by setup.py next to genfast._C
+
+# cudaDeviceProp of the GPUs the kernel is meant for (sharedMemPerBlockOptin = per SM less the 1 KiB a
+# block reserves).
+H200 = dict(sm_count=132, smem_per_sm=228 * 1024, smem_per_block=227 * 1024, smem_reserved_per_block=1024,
+            regs_per_sm=65536, max_threads_per_sm=2048, max_blocks_per_sm=32, cooperative_launch=True)
+A100 = dict(sm_count=108, smem_per_sm=164 * 1024, smem_per_block=163 * 1024, smem_reserved_per_block=1024,
+            regs_per_sm=65536, max_threads_per_sm=2048, max_blocks_per_sm=32, cooperative_launch=True)
+DEVICES = {"h200": H200, "a100": A100}
+GATES = {"lstm": 4, "gru": 3}
+REGS = 64  # what ptxas reports for the kernel (nvcc -Xptxas -v); the launch bounds cap it at 128
+
+
+def plan(cell, H, N, element_bytes, device=H200, regs=REGS, **override):
+    d = {**device, **override}
+    return probe.persistent_rnn_plan(GATES[cell], H, N, element_bytes, d["sm_count"], d["smem_per_sm"],
+                                     d["smem_per_block"], d["smem_reserved_per_block"], d["regs_per_sm"],
+                                     d["max_threads_per_sm"], d["max_blocks_per_sm"], d["cooperative_launch"], regs)
+
+
+def expected(G, H, N, E, d, regs):
+    """The rules of persistent_plan.h written again: (fits, reason kind)."""
+    vec = 16 // E
+    if H % vec:
+        return False, "H="
+    U = math.ceil(H / d["sm_count"])
+    grid = math.ceil(H / U)
+    w = G * U * H * E
+    if w > d["smem_per_block"]:
+        return False, "weight"
+    smem = w + N * H * E
+    if smem > d["smem_per_block"]:
+        return False, "h stage"
+    warps = min(16, max(4, U * math.ceil(N / 4)))
+    block_regs = math.ceil(regs * 32 / 256) * 256 * warps
+    if block_regs > d["regs_per_sm"]:
+        return False, "registers"
+    per_sm = min(d["max_blocks_per_sm"], d["smem_per_sm"] // (smem + d["smem_reserved_per_block"]),
+                 d["regs_per_sm"] // block_regs, d["max_threads_per_sm"] // (32 * warps))
+    if per_sm * d["sm_count"] < grid:
+        return False, "co-residency"
+    return True, ""
+
+
+def check_fitting_plan(p, G, H, N, E, d, regs):
+    # Ownership: contiguous ranges covering [0, H) once each, none empty, at most one block per SM.
+    units = p["block_units"]
+    assert len(units) == p["grid"] <= d["sm_count"]
+    owner = [0] * H
+    for begin, end in units:
+        assert 0 <= begin < end <= H
+        assert end - begin <= p["units_per_block"]
+        for j in range(begin, end):
+            owner[j] += 1
+    assert owner == [1] * H
+    assert [b for b, _ in units] == sorted(b for b, _ in units)
+    # Shared memory: the W slice (all gates of U units) and the h stage, within a block's and an SM's budget.
+    U = p["units_per_block"]
+    assert p["w_smem_bytes"] == G * U * H * E
+    assert p["h_smem_bytes"] == N * H * E
+    assert p["smem_bytes"] == p["w_smem_bytes"] + p["h_smem_bytes"] <= d["smem_per_block"]
+    assert p["blocks_per_sm"] >= 1
+    assert p["blocks_per_sm"] * (p["smem_bytes"] + d["smem_reserved_per_block"]) <= d["smem_per_sm"]
+    # Threads and registers.
+    assert p["threads"] % 32 == 0 and 128 <= p["threads"] <= p["max_threads"] == 512
+    assert p["blocks_per_sm"] * p["threads"] <= d["max_threads_per_sm"]
+    assert p["blocks_per_sm"] * p["threads"] * regs <= d["regs_per_sm"]
+    assert p["blocks_per_sm"] * d["sm_count"] >= p["grid"]
+    # Work and exchange: a tile is one unit x up to tile_rows batch rows; h_t goes out once, is read by every block.
+    assert p["tiles_per_block"] == U * math.ceil(N / p["tile_rows"])
+    assert H % p["vector_elements"] == 0 and p["vector_elements"] * E == 16
+    assert p["exchange_bytes"] == N * H * E
+    assert p["l2_read_bytes"] == p["grid"] * N * H * E
+
+
+SHAPES = [(H, N) for H in (8, 16, 64, 96, 100, 128, 256, 500, 512, 768, 1000, 1024, 1536, 2048, 4096)
+          for N in (1, 2, 7, 8, 16, 33, 64, 128, 256)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cell", GATES)
+@pytest.mark.parametrize("element_bytes", (4, 2), ids=("fp32", "16bit"))
+def test_plan_over_shapes(device, cell, element_bytes):
+    d, G = DEVICES[device], GATES[cell]
+    fitted = refused = 0
+    for H, N in SHAPES:
+        p = plan(cell, H, N, element_bytes, d)
+        fits, kind = expected(G, H, N, element_bytes, d, REGS)
+        assert p["fits"] == fits, (H, N, p["reason"])
+        if fits:
+            assert p["reason"] == ""
+            check_fitting_plan(p, G, H, N, element_bytes, d, REGS)
+            fitted += 1
+        else:
+            assert p["reason"].startswith(kind), (H, N, p["reason"])
+            refused += 1
+    assert fitted and refused  # the grid of shapes reaches both sides of the budget
+
+
+# Hand-computed: (cell, H, N, bytes, device) -> fits, units per block, grid, smem bytes, reason kind.
+HAND = [
+    # LSTM H=1024 fp32: W_hh 16 MiB over 128 blocks of 8 units = 128 KiB each; h_{t-1} of 64 rows (256 KiB) does not fit.
+    ("lstm", 1024, 64, 4, "h200", False, 8, 128, None, "h stage"),
+    # ... with 8 rows (32 KiB) it does: 160 KiB of 227.
+    ("lstm", 1024, 8, 4, "h200", True, 8, 128, 4 * 8 * 1024 * 4 + 8 * 1024 * 4, ""),
+    # On an A100 (108 SMs): 10 units per block, 160 KiB of W slice; one row of h more passes 163 KiB.
+    ("lstm", 1024, 1, 4, "a100", False, 10, 103, None, "h stage"),
+    # LSTM H=2048 fp32: a 512 KiB W slice per block.
+    ("lstm", 2048, 1, 4, "h200", False, 16, 128, None, "weight"),
+    # bf16 H=512, N=64 (the issue's main case): 16 KiB of W slice + 64 KiB of h.
+    ("lstm", 512, 64, 2, "h200", True, 4, 128, 4 * 4 * 512 * 2 + 64 * 512 * 2, ""),
+    ("gru", 512, 64, 2, "h200", True, 4, 128, 3 * 4 * 512 * 2 + 64 * 512 * 2, ""),
+    # fp32 H=512, N=64: 32 + 128 KiB on an H200; on an A100 5 units per block make it 40 + 128 KiB > 163.
+    ("lstm", 512, 64, 4, "h200", True, 4, 128, 4 * 4 * 512 * 4 + 64 * 512 * 4, ""),
+    ("lstm", 512, 64, 4, "a100", False, 5, 103, None, "h stage"),
+    # cuDNN's persistent case: fp16 LSTM H=768, N=16: 6 units per block, 36 + 24 KiB.
+    ("lstm", 768, 16, 2, "h200", True, 6, 128, 4 * 6 * 768 * 2 + 16 * 768 * 2, ""),
+    # H=100 is 25 fp32 vectors, not a whole number of 8-element 16-bit vectors.
+    ("gru", 100, 4, 4, "h200", True, 1, 100, 3 * 100 * 4 + 4 * 100 * 4, ""),
+    ("gru", 100, 4, 2, "h200", False, None, None, None, "H="),
+]
+
+
+@pytest.mark.parametrize("case", HAND, ids=lambda c: f"{c[0]}-h{c[1]}-n{c[2]}-{8 * c[3]}bit-{c[4]}")
+def test_plan_hand_computed(case):
+    cell, H, N, E, device, fits, U, grid, smem, kind = case
+    p = plan(cell, H, N, E, DEVICES[device])
+    assert p["fits"] == fits, p["reason"]
+    assert p["reason"].startswith(kind)
+    if U is not None:
+        assert p["units_per_block"] == U and p["grid"] == grid
+    if fits:
+        assert p["smem_bytes"] == smem
+        check_fitting_plan(p, GATES[cell], H, N, E, DEVICES[device], REGS)
+
+
+def test_plan_bf16_h512_n64_keeps_two_blocks_per_sm_resident():
+    # 80 KiB + 1 KiB reserved twice in 228 KiB, and 512 threads x 64 registers twice in 64K: 2 per SM.
+    p = plan("lstm", 512, 64, 2)
+    assert p["threads"] == 512 and p["blocks_per_sm"] == 2
+
+
+def test_plan_refusals_name_their_cause():
+    assert plan("lstm", 512, 8, 4, cooperative_launch=False)["reason"].startswith("device cannot launch cooperatively")
+    # 255 registers x 32 lanes round to 8192 a warp; 16 warps need 128K of the SM's 64K.
+    p = plan("lstm", 512, 64, 4, regs=255)
+    assert not p["fits"] and p["reason"].startswith("registers")
+    # A block that cannot share an SM with its reserve: no block is resident.
+    p = plan("lstm", 512, 64, 4, smem_per_sm=150 * 1024)
+    assert not p["fits"] and p["reason"].startswith("co-residency") and p["blocks_per_sm"] == 0
+    p = plan("lstm", 512, 64, 4, max_threads_per_sm=256)
+    assert not p["fits"] and p["reason"].startswith("co-residency")
+    assert plan("lstm", 512, 0, 4)["reason"].startswith("empty problem")
+    assert plan("lstm", 512, 8, 8)["reason"].startswith("element type of 8 bytes")
+    assert plan("lstm", 512, 8, 4, sm_count=0)["reason"] == "device reports no SMs"
+    weight = plan("lstm", 4096, 1, 4)["reason"]
+    assert weight.startswith("weight") and "2048.0 KiB" in weight and "262144.0 KiB" in weight  # 128 rows x 4096 x 4; W_hh 256 MiB
+
+
+def test_plan_grid_never_exceeds_the_sms():
+    for sms in (1, 7, 108, 132):
+        for H in (8, 64, 512, 1000, 1024):
+            p = plan("gru", H, 1, 2 if H % 8 == 0 else 4, sm_count=sms)
+            if p["fits"]:
+                assert p["grid"] <= sms and p["grid"] * p["units_per_block"] >= H
+                assert (p["grid"] - 1) * p["units_per_block"] < H  # no empty block
