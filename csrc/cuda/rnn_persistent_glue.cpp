@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <mutex>
 #include <tuple>
 #include <type_traits>
@@ -68,7 +69,7 @@ K* ptr(const at::Tensor& t) {
   return t.defined() ? reinterpret_cast<K*>(t.data_ptr()) : nullptr;
 }
 
-rnn::persistent::DeviceBudget device_budget(int device) {
+rnn::persistent::DeviceBudget query_budget(int device) {
   cudaDeviceProp prop;
   C10_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
   rnn::persistent::DeviceBudget d;
@@ -81,6 +82,16 @@ rnn::persistent::DeviceBudget device_budget(int device) {
   d.max_blocks_per_sm = prop.maxBlocksPerMultiProcessor;
   d.cooperative_launch = prop.cooperativeLaunch != 0;
   return d;
+}
+
+// cudaGetDeviceProperties is slow next to a one-token layer call: each device's budget is read once.
+rnn::persistent::DeviceBudget device_budget(int device) {
+  static std::mutex mutex;
+  static std::map<int, rnn::persistent::DeviceBudget> budgets;
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto found = budgets.find(device);
+  if (found == budgets.end()) found = budgets.emplace(device, query_budget(device)).first;
+  return found->second;
 }
 
 std::string describe(const char* cell, const PersistentLayer& l, const rnn::persistent::Plan& plan) {
