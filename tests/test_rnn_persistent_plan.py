@@ -183,3 +183,55 @@ def test_plan_grid_never_exceeds_the_sms():
             if p["fits"]:
                 assert p["grid"] <= sms and p["grid"] * p["units_per_block"] >= H
                 assert (p["grid"] - 1) * p["units_per_block"] < H  # no empty block
+
+
+# ------------------------------------------------------------------ the kernel's schedule, emulated on the host
+# genfast._probe.persistent_rnn_emulate runs csrc/cuda/rnn_persistent.cu's schedule in fp32 on the CPU with the
+# kernel's own index math (persistent::Layout: which block owns which units, the W slice rows, the tiles, the
+# step order and where h_{t-1} is read from) and cell policy; what it leaves unwritten is NaN. Against torch.nn
+# on the CPU: the same function of the same weights, or a unit, row, gate or step is misplaced.
+EMULATED = [  # (T, N, I, H, SMs): one unit per block; several with an uneven last block; rows beyond one tile
+    (4, 3, 5, 8, 132),
+    (5, 9, 7, 20, 3),    # U = 7: blocks of 7, 7, 6 units
+    (3, 1, 4, 100, 7),   # U = 15: the last block 10 units
+    (6, 5, 6, 64, 5),    # U = 13: the last block 12 units; N = 5 is a tile and a row
+    (2, 17, 3, 12, 12),
+]
+
+
+@pytest.mark.parametrize("cell", GATES)
+@pytest.mark.parametrize("shape", EMULATED, ids=lambda s: "t{}-n{}-i{}-h{}-sm{}".format(*s))
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_emulated_schedule_matches_torch(cell, shape, reverse, bias):
+    T, N, I, H, sms = shape
+    torch.manual_seed(0)
+    module = (torch.nn.LSTM if cell == "lstm" else torch.nn.GRU)(I, H, bias=bias).double()
+    x = torch.randn(T, N, I, dtype=torch.float64)
+    h0 = torch.randn(1, N, H, dtype=torch.float64) * 0.5
+    c0 = torch.randn(1, N, H, dtype=torch.float64) * 0.5
+    states = (h0, c0) if cell == "lstm" else h0
+    # A reverse direction is the forward recurrence over the time-reversed input, its output reversed back.
+    with torch.no_grad():
+        out, final = module(x.flip(0) if reverse else x, states)
+    expected_out = out.flip(0) if reverse else out
+    expected_final = final if cell == "lstm" else (final,)
+
+    gates_x = (x.reshape(T * N, I) @ module.weight_ih_l0.detach().T).float()
+    b_ih = module.bias_ih_l0.detach().float() if bias else None
+    b_hh = module.bias_hh_l0.detach().float() if bias else None
+    output, h_last, c_last = probe.persistent_rnn_emulate(
+        cell, gates_x, module.weight_hh_l0.detach().float(), b_ih, b_hh, h0[0].float(),
+        c0[0].float() if cell == "lstm" else None, T, reverse, sms)
+    # fp32 products of length H <= 100 and the CPU's polynomial sigmoid/tanh (2 ulp), over <= 6 steps.
+    tol = dict(atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(output.view(T, N, H).double(), expected_out, **tol)
+    torch.testing.assert_close(h_last.double(), expected_final[0][0], **tol)
+    if cell == "lstm":
+        torch.testing.assert_close(c_last.double(), expected_final[1][0], **tol)
+
+
+def test_emulation_refuses_what_the_plan_refuses():
+    with pytest.raises(RuntimeError, match="plan: H=6 is not a multiple of 4"):
+        probe.persistent_rnn_emulate("gru", torch.zeros(2, 18), torch.zeros(18, 6), None, None, torch.zeros(2, 6),
+                                     None, 1, False, 4)

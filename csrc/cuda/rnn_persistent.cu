@@ -81,35 +81,35 @@ __global__ void __launch_bounds__(kMaxThreads, 1) persistent_forward_kernel(cons
   constexpr int64_t V = kVectorBytes / sizeof(T);  // elements per vector
   extern __shared__ __align__(16) unsigned char smem[];
   const int64_t H = a.hidden, N = a.batch, GH = G * H;
+  const rnn::persistent::Layout layout{G, H, N, units_per_block};
+  const int64_t block = blockIdx.x;
   const int64_t vectors = H / V;  // per row
-  const int64_t unit0 = static_cast<int64_t>(blockIdx.x) * units_per_block;
-  const int64_t units = min(H, unit0 + units_per_block) - unit0;
-  T* const w_slice = reinterpret_cast<T*>(smem);                 // (u*G + g) x H
-  T* const h_stage = w_slice + G * units_per_block * H;          // N x H
+  const int64_t unit0 = layout.first_unit(block), units = layout.units(block);
+  T* const w_slice = reinterpret_cast<T*>(smem);         // slice_row(u, g) x H
+  T* const h_stage = w_slice + layout.h_stage_offset();  // N x H
   uint4* const h_stage_v = reinterpret_cast<uint4*>(h_stage);
   const uint4* const w_slice_v = reinterpret_cast<const uint4*>(w_slice);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   cg::grid_group grid = cg::this_grid();
 
-  // The block's W_hh rows, once: slice row u*G + g is W_hh row g*H + unit0 + u.
+  // The block's W_hh rows, once.
   for (int64_t i = threadIdx.x; i < units * G * vectors; i += blockDim.x) {
     const int64_t row = i / vectors, v = i - row * vectors;
     const int64_t u = row / G, g = row - u * G;
-    reinterpret_cast<uint4*>(w_slice + row * H)[v] =
-        reinterpret_cast<const uint4*>(a.w_hh + (g * H + unit0 + u) * H)[v];
+    reinterpret_cast<uint4*>(w_slice + layout.slice_row(u, g) * H)[v] =
+        reinterpret_cast<const uint4*>(a.w_hh + layout.weight_row(block, u, g) * H)[v];
   }
 
-  const int64_t row_tiles = (N + kTileRows - 1) / kTileRows;
   for (int64_t p = 0; p < a.steps; ++p) {
-    const int64_t t = a.reverse ? a.steps - 1 - p : p;
-    const T* h_prev = p == 0 ? a.hx : a.output + (a.reverse ? t + 1 : t - 1) * N * H;
+    const int64_t t = layout.time(p, a.steps, a.reverse), t_prev = layout.prev_time(p, a.steps, a.reverse);
+    const T* h_prev = t_prev < 0 ? a.hx : a.output + t_prev * N * H;
     // h_{t-1} was written by other SMs in the previous step: read through L2 (__ldcg), not L1.
     const uint4* h_prev_v = reinterpret_cast<const uint4*>(h_prev);
     for (int64_t i = threadIdx.x; i < N * vectors; i += blockDim.x) h_stage_v[i] = __ldcg(h_prev_v + i);
     __syncthreads();
 
-    for (int64_t tile = warp; tile < units * row_tiles; tile += warps) {
-      const int64_t u = tile / row_tiles, n0 = (tile - u * row_tiles) * kTileRows;
+    for (int64_t tile = warp; tile < layout.tiles(block); tile += warps) {
+      const int64_t u = layout.tile_unit(tile), n0 = layout.tile_row0(tile);
       A acc[G][kTileRows];
 #pragma unroll
       for (int g = 0; g < G; ++g)
@@ -118,7 +118,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) persistent_forward_kernel(cons
       for (int64_t v = lane; v < vectors; v += 32) {
         uint4 w[G];
 #pragma unroll
-        for (int g = 0; g < G; ++g) w[g] = w_slice_v[(u * G + g) * vectors + v];
+        for (int g = 0; g < G; ++g) w[g] = w_slice_v[layout.slice_row(u, g) * vectors + v];
 #pragma unroll
         for (int r = 0; r < kTileRows; ++r) {
           if (n0 + r < N) {  // uniform across the warp

@@ -1,10 +1,17 @@
 // genfast._probe.persistent_rnn_plan: the persistent RNN kernel's partition (csrc/rnn/persistent_plan.h)
 // for a layer on a described device, so tests/test_rnn_persistent_plan.py checks it on the CPU with the
 // numbers of GPUs the kernel will meet. The CUDA glue calls the same make_plan with the live device's.
+// genfast._probe.persistent_rnn_emulate: the kernel's schedule run on the host in fp32 with the same
+// index math (persistent::Layout) and cell policy, block by block and tile by tile, so the partition,
+// the W slice layout, the tiles and the exchange of h through the output are checked against torch.nn.
 #include <torch/extension.h>
 
+#include <cmath>
+#include <limits>
 #include <string>
+#include <vector>
 
+#include "rnn/cells.h"
 #include "rnn/persistent_plan.h"
 
 namespace genfast::probe {
@@ -49,9 +56,97 @@ pybind11::dict persistent_rnn_plan(int gates, int64_t hidden, int64_t batch, int
   return out;
 }
 
+// One layer and direction as csrc/cuda/rnn_persistent.cu computes it, for a grid planned on `sm_count` SMs.
+template <typename Cell>
+std::vector<torch::Tensor> emulate(const torch::Tensor& gates_x, const torch::Tensor& w_hh,
+                                   const std::optional<torch::Tensor>& b_ih, const std::optional<torch::Tensor>& b_hh,
+                                   const torch::Tensor& hx, const std::optional<torch::Tensor>& cx, int64_t steps,
+                                   bool reverse, int sm_count) {
+  namespace ps = rnn::persistent;
+  constexpr int G = Cell::kGates;
+  const int64_t H = w_hh.size(1), N = hx.size(0);
+  TORCH_CHECK(gates_x.dim() == 2 && gates_x.size(0) == steps * N && gates_x.size(1) == G * H,
+              "gates_x: expected (steps * N, G * H)");
+  TORCH_CHECK(w_hh.size(0) == G * H, "w_hh: expected (G * H, H)");
+  TORCH_CHECK(!Cell::kCellState || cx.has_value(), "cx: required for this cell");
+  ps::DeviceBudget d;
+  d.sm_count = sm_count;
+  d.smem_per_sm = d.smem_per_block = std::numeric_limits<int64_t>::max() / 4;  // the layout, not the budget
+  d.regs_per_sm = 1 << 20;
+  d.max_threads_per_sm = 1 << 20;
+  d.max_blocks_per_sm = 1;
+  d.cooperative_launch = true;
+  const ps::Plan plan = ps::make_plan({G, H, N, 4, 32}, d);
+  TORCH_CHECK(plan.fits, "plan: ", plan.reason);
+  const ps::Layout layout{G, H, N, plan.units_per_block};
+
+  const auto f32 = [](const torch::Tensor& t) { return t.to(torch::kFloat).contiguous(); };
+  const torch::Tensor gx_t = f32(gates_x), w_t = f32(w_hh), hx_t = f32(hx);
+  const torch::Tensor bi_t = b_ih ? f32(*b_ih) : torch::Tensor(), bh_t = b_hh ? f32(*b_hh) : torch::Tensor();
+  torch::Tensor c_t = Cell::kCellState ? f32(*cx).clone() : torch::zeros({N, H});
+  // NaN where nothing is written: a unit or row the tiles miss shows in the comparison.
+  torch::Tensor out_t = torch::full({steps * N, H}, std::numeric_limits<float>::quiet_NaN());
+  const float *gx = gx_t.data_ptr<float>(), *w = w_t.data_ptr<float>(), *h0 = hx_t.data_ptr<float>();
+  const float* bi = bi_t.defined() ? bi_t.data_ptr<float>() : nullptr;
+  const float* bh = bh_t.defined() ? bh_t.data_ptr<float>() : nullptr;
+  float *c = c_t.data_ptr<float>(), *out = out_t.data_ptr<float>();
+
+  // Each block's shared memory: [W slice | h stage].
+  std::vector<std::vector<float>> smem(plan.grid, std::vector<float>(layout.h_stage_offset() + N * H));
+  for (int64_t b = 0; b < plan.grid; ++b)
+    for (int64_t u = 0; u < layout.units(b); ++u)
+      for (int g = 0; g < G; ++g)
+        for (int64_t k = 0; k < H; ++k) smem[b][layout.slice_row(u, g) * H + k] = w[layout.weight_row(b, u, g) * H + k];
+  for (int64_t p = 0; p < steps; ++p) {
+    const int64_t t = ps::Layout::time(p, steps, reverse), t_prev = ps::Layout::prev_time(p, steps, reverse);
+    const float* h_prev = t_prev < 0 ? h0 : out + t_prev * N * H;
+    for (int64_t b = 0; b < plan.grid; ++b)  // every block stages before any writes (the barrier)
+      std::copy(h_prev, h_prev + N * H, smem[b].begin() + layout.h_stage_offset());
+    for (int64_t b = 0; b < plan.grid; ++b) {
+      const float* slice = smem[b].data();
+      const float* stage = slice + layout.h_stage_offset();
+      for (int64_t tile = 0; tile < layout.tiles(b); ++tile) {
+        const int64_t u = layout.tile_unit(tile), j = layout.first_unit(b) + u;
+        for (int64_t n = layout.tile_row0(tile); n < std::min(N, layout.tile_row0(tile) + ps::kTileRows); ++n) {
+          float x[G], h[G], b_i[G], b_h[G];
+          for (int g = 0; g < G; ++g) {
+            double sum = 0;
+            for (int64_t k = 0; k < H; ++k) sum += double(slice[layout.slice_row(u, g) * H + k]) * stage[n * H + k];
+            h[g] = static_cast<float>(sum);
+            x[g] = gx[(t * N + n) * G * H + g * H + j];
+            b_i[g] = bi ? bi[g * H + j] : 0.f;
+            b_h[g] = bh ? bh[g * H + j] : 0.f;
+          }
+          float no_cell = 0.f, h_out = 0.f, saved[Cell::kSaved];
+          float& cell_state = Cell::kCellState ? c[n * H + j] : no_cell;
+          Cell::forward_thread(x, h, b_i, b_h, cell_state, stage[n * H + j], h_out, saved);
+          out[(t * N + n) * H + j] = h_out;
+        }
+      }
+    }
+  }
+  const int64_t last = ps::Layout::time(steps - 1, steps, reverse);
+  return {out_t, out_t.narrow(0, last * N, N).clone(), c_t};
+}
+
+std::vector<torch::Tensor> persistent_rnn_emulate(const std::string& cell, const torch::Tensor& gates_x,
+                                                  const torch::Tensor& w_hh, const std::optional<torch::Tensor>& b_ih,
+                                                  const std::optional<torch::Tensor>& b_hh, const torch::Tensor& hx,
+                                                  const std::optional<torch::Tensor>& cx, int64_t steps, bool reverse,
+                                                  int sm_count) {
+  if (cell == "lstm") return emulate<rnn::LstmCell>(gates_x, w_hh, b_ih, b_hh, hx, cx, steps, reverse, sm_count);
+  TORCH_CHECK(cell == "gru", "cell: expected 'lstm' or 'gru', got '", cell, "'");
+  return emulate<rnn::GruCell>(gates_x, w_hh, b_ih, b_hh, hx, cx, steps, reverse, sm_count);
+}
+
 }  // namespace
 
 void register_persistent_plan(pybind11::module_& m) {
+  m.def("persistent_rnn_emulate", &persistent_rnn_emulate,
+        "the persistent RNN kernel's schedule on the host in fp32: (output, h_last, c_last) of one layer",
+        pybind11::arg("cell"), pybind11::arg("gates_x"), pybind11::arg("w_hh"), pybind11::arg("b_ih"),
+        pybind11::arg("b_hh"), pybind11::arg("hx"), pybind11::arg("cx"), pybind11::arg("steps"),
+        pybind11::arg("reverse"), pybind11::arg("sm_count"));
   m.def("persistent_rnn_plan", &persistent_rnn_plan,
         "the persistent RNN kernel's partition of a layer on a described device (csrc/rnn/persistent_plan.h)",
         pybind11::arg("gates"), pybind11::arg("hidden"), pybind11::arg("batch"), pybind11::arg("element_bytes"),

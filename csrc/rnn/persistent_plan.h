@@ -30,6 +30,13 @@
 #include <cstdio>
 #include <string>
 
+// The index math below runs in the kernel and in the host emulation (genfast._probe.persistent_rnn_emulate).
+#if defined(__CUDACC__)
+#define GENFAST_PLAN_HD __host__ __device__ __forceinline__
+#else
+#define GENFAST_PLAN_HD inline
+#endif
+
 namespace genfast {
 namespace rnn {
 namespace persistent {
@@ -39,6 +46,36 @@ constexpr int kTileRows = 4;      // batch rows of a warp's tile
 constexpr int kMinWarps = 4;      // a block never has fewer (the h stage is loaded by all threads)
 constexpr int kMaxWarps = 16;     // 512 threads: the kernel's __launch_bounds__
 constexpr int kMaxThreads = 32 * kMaxWarps;
+
+// Where things are, for a partition of G gates, H units, N rows and U units per block: shared by the kernel
+// (csrc/cuda/rnn_persistent.cu) and the host emulation of its schedule, which tests check against torch.nn.
+struct Layout {
+  int64_t gates = 0, hidden = 0, batch = 0, units_per_block = 0;
+
+  // Units block b owns (the last block may own fewer than U).
+  GENFAST_PLAN_HD int64_t first_unit(int64_t block) const { return block * units_per_block; }
+  GENFAST_PLAN_HD int64_t units(int64_t block) const {
+    const int64_t end = (block + 1) * units_per_block;
+    return (end < hidden ? end : hidden) - first_unit(block);
+  }
+  // Row of the block's W slice that holds gate g of its local unit u, and the W_hh row it copies.
+  GENFAST_PLAN_HD int64_t slice_row(int64_t u, int64_t g) const { return u * gates + g; }
+  GENFAST_PLAN_HD int64_t weight_row(int64_t block, int64_t u, int64_t g) const {
+    return g * hidden + first_unit(block) + u;
+  }
+  // Elements of the W slice (the h stage starts there): G * U * H, the same for every block.
+  GENFAST_PLAN_HD int64_t h_stage_offset() const { return gates * units_per_block * hidden; }
+  // Tiles: one local unit x up to kTileRows batch rows; tile i is unit i / row_tiles, rows from row0(i).
+  GENFAST_PLAN_HD int64_t row_tiles() const { return (batch + kTileRows - 1) / kTileRows; }
+  GENFAST_PLAN_HD int64_t tiles(int64_t block) const { return units(block) * row_tiles(); }
+  GENFAST_PLAN_HD int64_t tile_unit(int64_t tile) const { return tile / row_tiles(); }
+  GENFAST_PLAN_HD int64_t tile_row0(int64_t tile) const { return (tile % row_tiles()) * kTileRows; }
+  // The time step processed p-th, and the step whose output holds its h_{t-1} (-1: hx).
+  GENFAST_PLAN_HD static int64_t time(int64_t p, int64_t steps, bool reverse) { return reverse ? steps - 1 - p : p; }
+  GENFAST_PLAN_HD static int64_t prev_time(int64_t p, int64_t steps, bool reverse) {
+    return p == 0 ? -1 : time(p - 1, steps, reverse);
+  }
+};
 
 // What the device offers (cudaDeviceProp's fields of the same meaning).
 struct DeviceBudget {
