@@ -108,7 +108,8 @@ wanted rnn && (run_tests rnn "${RNN_TESTS[@]}" -k "not argument_errors";
                run_tests rnn_argument_errors "${RNN_TESTS[@]}" -k argument_errors) &
 # The persistent LSTM/GRU kernel (issue 20, opt-in): against torch.nn, each test checking the kernel ran.
 # Then, where the image has compute-sanitizer, one small case of each cell under its race and memory checkers.
-wanted rnn_persistent && (run_tests rnn_persistent tests/test_rnn_persistent_cuda.py tests/test_rnn_persistent_plan.py
+wanted rnn_persistent && (run_tests rnn_persistent tests/test_rnn_persistent_cuda.py tests/test_rnn_persistent_plan.py \
+    tests/test_bench_flashrnn.py
   if command -v compute-sanitizer > /dev/null; then
     for tool in racecheck memcheck; do
       stage "compute-sanitizer $tool (persistent RNN)" 90 "$WORK/tests_rnn_persistent_sanitizer.log" \

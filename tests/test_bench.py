@@ -348,7 +348,8 @@ def test_gpu_session_smoke_cases_run_on_the_cpu(tmp_path, capsys):
     assert len(by_name) == 5 and "partial" not in document
     for case in by_name.values():
         for name, p in case["providers"].items():
-            cuda_only = name in ("genfast_triton", "torch_sdpa_flash", "launcher", "whole_row", "persistent")
+            cuda_only = name in ("genfast_triton", "torch_sdpa_flash", "launcher", "whole_row", "persistent",
+                                 "flashrnn")
             assert p["status"] == ("needs CUDA" if cuda_only else "ok"), (case["name"], name, p["reason"])
     decode = by_name["gpu.rnn.gru.decode5.h32.float32.inference"]
     assert decode["checks"]["max_abs_diff"]["genfast vs torch"] < 1e-5

@@ -328,7 +328,7 @@ def _gpu_rnn(cell, dtype, mode, T=100, N=64, size=512, devices=GPU, layers=1, bi
         params.update(layers=layers, bidirectional=bidirectional)
         stack = f".l{layers}{'bi' if bidirectional else ''}"
     return Case(f"gpu.rnn.{cell}.t{T}.n{N}.h{size}{stack}.{dtype}.{mode}", cell, "rnn", mode, params,
-                ("genfast", "routed", "persistent"), ("torch",), devices=devices)
+                ("genfast", "routed", "persistent"), ("torch", "flashrnn"), devices=devices)
 
 
 def _gpu_rnn_decode(cell, dtype, tokens=100, size=512, devices=GPU) -> Case:
@@ -337,7 +337,7 @@ def _gpu_rnn_decode(cell, dtype, tokens=100, size=512, devices=GPU) -> Case:
     params = {"cell": cell, "seed": 0, "T": tokens, "N": 1, "input_size": size, "hidden_size": size,
               "dtype": dtype, "stepwise": True}
     return Case(f"gpu.rnn.{cell}.decode{tokens}.h{size}.{dtype}.inference", cell, "rnn", "inference", params,
-                ("genfast", "routed", "persistent"), ("torch",), devices=devices)
+                ("genfast", "routed", "persistent"), ("torch", "flashrnn"), devices=devices)
 
 
 def _gpu_rnn_persistent() -> list[Case]:

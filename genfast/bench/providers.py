@@ -12,7 +12,8 @@ LayerNorm RNN:       genfast (genfast.nn.LayerNormLSTM/GRU), genfast_plain (genf
                      compiled_cell_loop (the same with the cell under torch.compile).
 RNN providers:       genfast (genfast.nn.LSTM/GRU, kernels forced), routed (the same as users get it: on
                      CUDA genfast.routing may send it to cuDNN), persistent (kernels forced, the persistent
-                     CUDA kernel of issue 20 on; unavailable where it would not run), genfast_cell (genfast.nn.LSTMCell/GRUCell,
+                     CUDA kernel of issue 20 on; unavailable where it would not run), flashrnn (FlashRNN at
+                     one head with the same weights, CUDA, when the package is installed), genfast_cell (genfast.nn.LSTMCell/GRUCell,
                      decode cases), torch (nn.LSTM/GRU: oneDNN/ATen on CPU, cuDNN on GPU),
                      cell_loop (Python loop over nn.LSTMCell/GRUCell), reference
                      (genfast.reference equations), compiled_reference (torch.compile of it).
@@ -225,6 +226,62 @@ def persistent_rnn(work: RnnWorkload):
     if after["path"] != "persistent" or after["persistent_layers"] <= before["persistent_layers"]:
         raise Unavailable("per-step", f"the persistent kernel did not run: {after['reason']}")
     return run_persistent
+
+
+def flashrnn_layer(cell: str, params: dict, x: torch.Tensor, states: torch.Tensor, backend: str = "cuda_fused"):
+    """One FlashRNN layer at one head on torch.nn's weights (``params``: weight_ih_l0, weight_hh_l0, bias_ih_l0,
+    bias_hh_l0). x (T, N, I); states (S, N, 1, 1, H), S = 2 for the LSTM (h, c), 1 for the GRU. Returns the output
+    (T, N, H) and FlashRNN's final states. It takes the input projection precomputed: x @ W_ih^T runs in torch.
+    Weights: W_hh as (G, 1, H, H); LSTM gates i, f, g, o with one bias b_ih + b_hh; GRU recurrent gates (n, r, z),
+    input gates (r, z, n) and biases (b_hn, b_r, b_z, b_in)."""
+    from flashrnn.flashrnn import flashrnn
+
+    G, H = (4 if cell == "lstm" else 3), params["weight_hh_l0"].shape[1]
+    T, N = x.shape[:2]
+    Wx = (x @ params["weight_ih_l0"].T).view(T, N, G, 1, H).transpose(0, 1)
+    R = params["weight_hh_l0"].view(G, 1, H, H)
+    bi, bh = params["bias_ih_l0"].view(G, H), params["bias_hh_l0"].view(G, H)
+    if cell == "lstm":
+        b = (bi + bh).view(G, 1, H)
+    else:
+        R = torch.stack([R[2], R[0], R[1]])
+        b = torch.stack([bh[2], bi[0] + bh[0], bi[1] + bh[1], bi[2]]).view(4, 1, H)
+    out, last = flashrnn(Wx, R, b, states=states, function=cell, backend=backend,
+                         dtype=str(x.dtype).removeprefix("torch."))
+    return out[0, :, :, 0].transpose(0, 1), last
+
+
+def flashrnn_rnn(work: RnnWorkload):
+    """FlashRNN (Pöppel et al. 2024; the `flashrnn` package, its CUDA compiled on first use), a second baseline for
+    issue 20: flashrnn_layer on the workload's weights, its cuda_fused backend."""
+    _needs_cuda(work.device, "FlashRNN's kernels are CUDA-only")
+    if work.cell not in ("lstm", "gru") or work.packed is not None:
+        raise Unavailable("n/a", "FlashRNN provider: LSTM/GRU on padded sequences")
+    if work.module.num_layers != 1 or work.module.bidirectional or work.module.bias is False:
+        raise Unavailable("n/a", "FlashRNN provider: one layer, one direction, with biases")
+    try:
+        import flashrnn  # noqa: F401
+    except ImportError as err:
+        raise Unavailable("not installed", f"flashrnn: {err} (carry its wheel in .whl/, see docs/design.md)") from err
+    params = {name: p.detach().clone().requires_grad_(work.training) for name, p in work.module.named_parameters()}
+    N, H = work.x.shape[1], work.module.hidden_size
+    first = torch.stack([h[0] for h in work.hx]).view(len(work.hx), N, 1, 1, H)
+
+    if work.stepwise:
+        def run_steps():
+            with torch.set_grad_enabled(work.training):
+                carried, outputs = first, []
+                for t in range(work.x.shape[0]):
+                    out, carried = flashrnn_layer(work.cell, params, work.x[t:t + 1], carried)
+                    outputs.append(out)
+                return _finish(work, torch.cat(outputs))
+        return run_steps
+
+    def run():
+        with torch.set_grad_enabled(work.training):
+            x = work.x.detach().requires_grad_() if work.input_grad else work.x
+            return _finish(work, flashrnn_layer(work.cell, params, x, first)[0])
+    return run
 
 
 def routed_rnn(work: RnnWorkload):
@@ -904,6 +961,7 @@ PROVIDERS: dict[str, dict[str, Provider]] = {
         Provider("genfast", genfast_rnn, "genfast.nn.LSTM/GRU, its kernels forced (no routing)"),
         Provider("routed", routed_rnn, "genfast.nn.LSTM/GRU as users get it (genfast.routing may pick cuDNN)"),
         Provider("persistent", persistent_rnn, "genfast.nn.LSTM/GRU on the persistent CUDA kernel (issue 20, opt-in)"),
+        Provider("flashrnn", flashrnn_rnn, "FlashRNN (flashrnn package, cuda_fused backend), one head, same weights"),
         Provider("genfast_cell", genfast_cell, "genfast.nn.LSTMCell/GRUCell"),
         Provider("genfast_regularized", genfast_regularized_rnn, "genfast.nn.LSTM/GRU with the case's regularisers"),
         Provider("torch", torch_rnn, "torch.nn.LSTM/GRU (oneDNN/ATen on CPU, cuDNN on GPU)"),
