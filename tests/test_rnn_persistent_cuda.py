@@ -181,12 +181,6 @@ def test_fallbacks_say_why(cell):
         ours(x)
     assert rnn_persistent.last_path()["path"] == "per-step"
     assert "GENFAST_RNN_PERSISTENT" in rnn_persistent.last_path()["reason"]
-    # Packed input: per-step (the kernel runs padded sequences only), and the numbers are still torch's.
-    packed = pack_padded_sequence(x, torch.tensor([6, 2, 4]), enforce_sorted=False)
-    out, _ = ours(packed)
-    assert rnn_persistent.last_path()["path"] == "per-step"
-    assert rnn_persistent.last_path()["reason"].startswith("packed input")
-    torch.testing.assert_close(out.data, theirs(packed)[0].data, **TOLERANCES[torch.float32])
     # A hidden size that is not a whole number of 16-byte vectors: the plan refuses, per-step runs.
     _, odd = modules(cell, 8, 30, torch.float32)
     odd(x)
@@ -196,6 +190,40 @@ def test_fallbacks_say_why(cell):
     _, wide = modules(cell, 8, 64, torch.float64)
     wide(x.double())
     assert rnn_persistent.last_path()["reason"].startswith("dtype")
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
+def test_persistent_packed_matches_torch(cell, train):
+    # Packed, unsorted lengths, 2-layer bidirectional: rows leave (forward) and join (reverse) the batch.
+    theirs, ours = modules(cell, 12, 64, torch.float32, num_layers=2, bidirectional=True)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(9, 6, 12, generator=gen).to("cuda")
+    packed = pack_padded_sequence(x, torch.tensor([4, 9, 1, 7, 9, 3]), enforce_sorted=False)
+    hx = states(cell, 4, 6, 64, torch.float32, gen)
+    before = persistent_layers()
+
+    def results(module):
+        module.zero_grad(set_to_none=True)
+        data = packed.data.detach().clone().requires_grad_(train)
+        inp = torch.nn.utils.rnn.PackedSequence(data, packed.batch_sizes, packed.sorted_indices,
+                                                packed.unsorted_indices)
+        with torch.set_grad_enabled(train):
+            out, final = module(inp, hx)
+        finals = list(final) if isinstance(final, tuple) else [final]
+        got = {"output": out.data.detach(), **{f"final{i}": f.detach() for i, f in enumerate(finals)}}
+        if train:
+            (out.data.sum() + sum(f.sum() for f in finals)).backward()
+            got["grad_input"] = data.grad
+            got.update({f"grad_{n}": p.grad for n, p in module.named_parameters()})
+        return got
+
+    expected, got = results(theirs), results(ours)
+    assert persistent_layers() - before == 4, rnn_persistent.last_path()
+    assert "packed" in rnn_persistent.last_path()["reason"]
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], **TOLERANCES[torch.float32],
+                                   msg=lambda m, k=key: f"{k}: {m}")
 
 
 def test_lstm_projection_falls_back():

@@ -23,7 +23,7 @@ A100 = dict(sm_count=108, smem_per_sm=164 * 1024, smem_per_block=163 * 1024, sme
             regs_per_sm=65536, max_threads_per_sm=2048, max_blocks_per_sm=32, cooperative_launch=True)
 DEVICES = {"h200": H200, "a100": A100}
 GATES = {"lstm": 4, "gru": 3}
-REGS = 89  # the most ptxas reports for the kernel's instances (nvcc -Xptxas -v); the launch bounds cap it at 128
+REGS = 96  # the most ptxas reports for the kernel's instances (nvcc -Xptxas -v); the launch bounds cap it at 128
 
 
 def plan(cell, H, N, element_bytes, device=H200, regs=REGS, **override):
@@ -222,7 +222,7 @@ def test_emulated_schedule_matches_torch(cell, shape, reverse, bias):
     b_hh = module.bias_hh_l0.detach().float() if bias else None
     output, h_last, c_last = probe.persistent_rnn_emulate(
         cell, gates_x, module.weight_hh_l0.detach().float(), b_ih, b_hh, h0[0].float(),
-        c0[0].float() if cell == "lstm" else None, T, reverse, sms)
+        c0[0].float() if cell == "lstm" else None, T, None, reverse, sms)
     # fp32 products of length H <= 100 and the CPU's polynomial sigmoid/tanh (2 ulp), over <= 6 steps.
     tol = dict(atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(output.view(T, N, H).double(), expected_out, **tol)
@@ -234,4 +234,37 @@ def test_emulated_schedule_matches_torch(cell, shape, reverse, bias):
 def test_emulation_refuses_what_the_plan_refuses():
     with pytest.raises(RuntimeError, match="plan: H=6 is not a multiple of 4"):
         probe.persistent_rnn_emulate("gru", torch.zeros(2, 18), torch.zeros(18, 6), None, None, torch.zeros(2, 6),
-                                     None, 1, False, 4)
+                                     None, 1, None, False, 4)
+
+
+@pytest.mark.parametrize("cell", GATES)
+@pytest.mark.parametrize("lengths", [(6, 6, 3, 1), (5, 4, 4, 2, 2, 1), (3,)], ids=["4rows", "6rows", "1row"])
+@pytest.mark.parametrize("sms", [3, 132])
+def test_emulated_schedule_packed_matches_torch(cell, lengths, sms):
+    # Packed input, both directions: rows leave the batch as their sequences end (forward), or join it from hx
+    # (reverse); each row's final h is its output at its own last step. torch's bidirectional layer on the same
+    # PackedSequence gives both directions' outputs and final states.
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    I, H, N, T = 5, 12, len(lengths), lengths[0]
+    torch.manual_seed(1)
+    module = (torch.nn.LSTM if cell == "lstm" else torch.nn.GRU)(I, H, bidirectional=True).double()
+    x = torch.randn(T, N, I, dtype=torch.float64)
+    h0 = torch.randn(2, N, H, dtype=torch.float64) * 0.5
+    c0 = torch.randn(2, N, H, dtype=torch.float64) * 0.5
+    packed = pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=True)
+    with torch.no_grad():
+        out, final = module(packed, (h0, c0) if cell == "lstm" else h0)
+    finals = final if cell == "lstm" else (final,)
+    for direction, suffix in enumerate(("", "_reverse")):
+        weight = lambda name: getattr(module, name + suffix).detach()  # noqa: E731
+        gates_x = (packed.data @ weight("weight_ih_l0").T).float()
+        output, h_last, c_last = probe.persistent_rnn_emulate(
+            cell, gates_x, weight("weight_hh_l0").float(), weight("bias_ih_l0").float(), weight("bias_hh_l0").float(),
+            h0[direction].float(), c0[direction].float() if cell == "lstm" else None, T, packed.batch_sizes,
+            direction == 1, sms)
+        tol = dict(atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(output.double(), out.data[:, direction * H:(direction + 1) * H], **tol)
+        torch.testing.assert_close(h_last.double(), finals[0][direction], **tol)
+        if cell == "lstm":
+            torch.testing.assert_close(c_last.double(), finals[1][direction], **tol)

@@ -130,12 +130,25 @@ ForwardResult rnn_forward(const LayerArgs& a, bool reverse, bool train,
     layer.batch = N;
     layer.hidden = H;
     layer.reverse = reverse;
-    layer.packed = a.batch_sizes.has_value() && a.batch_sizes->defined();
+    const bool packed = a.batch_sizes.has_value() && a.batch_sizes->defined();
+    if (packed) {
+      layer.step_rows = sc.active;
+      layer.step_offset = sc.offset;
+    }
     layer.projected = projected;
     layer.regularized = zoneout.defined() || cell_zoneout.defined() || recurrent_mask.defined();
     if (run_persistent_forward<Cell>(layer)) {
-      const int64_t last = reverse ? 0 : sc.steps - 1;  // h_T is the output of the step processed last
-      h_state.copy_(out2d.narrow(0, last * N, N));
+      // Row n's final h is its output at the last step it is active in: the step processed last (t = 0
+      // when reversed, where every row is active; packed forward: the row's own last step).
+      if (packed) {
+        std::vector<int64_t> last_row(N);
+        for (int64_t t = 0; t < sc.steps; ++t)
+          for (int64_t n = 0; n < sc.active[t]; ++n)
+            if (!reverse || t == 0) last_row[n] = sc.offset[t] + n;
+        h_state.copy_(out2d.index_select(0, at::tensor(last_row, at::kLong).to(out2d.device())));
+      } else {
+        h_state.copy_(out2d.narrow(0, reverse ? 0 : (sc.steps - 1) * N, N));
+      }
       Tensor cy = Cell::kCellState ? c_state.to(a.input.scalar_type()) : Tensor();
       return {output, h_state, cy, workspace};
     }

@@ -102,14 +102,20 @@ __global__ void __launch_bounds__(kMaxThreads, 1) persistent_forward_kernel(cons
 
   for (int64_t p = 0; p < a.steps; ++p) {
     const int64_t t = layout.time(p, a.steps, a.reverse), t_prev = layout.prev_time(p, a.steps, a.reverse);
-    const T* h_prev = t_prev < 0 ? a.hx : a.output + t_prev * N * H;
-    // h_{t-1} was written by other SMs in the previous step: read through L2 (__ldcg), not L1.
-    const uint4* h_prev_v = reinterpret_cast<const uint4*>(h_prev);
-    for (int64_t i = threadIdx.x; i < N * vectors; i += blockDim.x) h_stage_v[i] = __ldcg(h_prev_v + i);
+    const int64_t rows = layout.rows(a.step_rows, t), row0 = layout.offset(a.step_offset, t);
+    const int64_t rows_prev = t_prev < 0 ? 0 : layout.rows(a.step_rows, t_prev);
+    const uint4* continued = reinterpret_cast<const uint4*>(
+        a.output + (t_prev < 0 ? 0 : layout.offset(a.step_offset, t_prev)) * H);
+    const uint4* initial = reinterpret_cast<const uint4*>(a.hx);
+    // h_{t-1} of the active rows: the previous step's output (other SMs wrote it: read through L2 with __ldcg,
+    // not L1), or hx for a row that starts here.
+    for (int64_t i = threadIdx.x; i < rows * vectors; i += blockDim.x)
+      h_stage_v[i] = __ldcg((i / vectors < rows_prev ? continued : initial) + i);
     __syncthreads();
 
     for (int64_t tile = warp; tile < layout.tiles(block); tile += warps) {
       const int64_t u = layout.tile_unit(tile), n0 = layout.tile_row0(tile);
+      if (n0 >= rows) continue;  // a tile of rows whose sequences have ended (packed input)
       A acc[G][kTileRows];
 #pragma unroll
       for (int g = 0; g < G; ++g)
@@ -121,7 +127,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) persistent_forward_kernel(cons
         for (int g = 0; g < G; ++g) w[g] = w_slice_v[layout.slice_row(u, g) * vectors + v];
 #pragma unroll
         for (int r = 0; r < kTileRows; ++r) {
-          if (n0 + r < N) {  // uniform across the warp
+          if (n0 + r < rows) {  // uniform across the warp
             const uint4 h = h_stage_v[(n0 + r) * vectors + v];
 #pragma unroll
             for (int g = 0; g < G; ++g) acc[g][r] = dot16(w[g], h, acc[g][r], T());
@@ -140,8 +146,8 @@ __global__ void __launch_bounds__(kMaxThreads, 1) persistent_forward_kernel(cons
         }
       }
       const int64_t n = n0 + lane, j = unit0 + u;
-      if (lane < kTileRows && n < N) {
-        const int64_t row = t * N + n;
+      if (lane < kTileRows && n < rows) {
+        const int64_t row = row0 + n;
         const T* gx = a.gates_x + row * GH;
         A x[G], b_ih[G], b_hh[G];
 #pragma unroll

@@ -6,8 +6,8 @@
 // (rnn_kernels.h) where the plan does not fit.
 //
 // Torch-free: raw device pointers, sizes and a stream. Element types float, __half and
-// __nv_bfloat16, with float accumulation and a float cell state. Padded sequences only (every
-// batch row active at every step), no projection, no regularisers.
+// __nv_bfloat16, with float accumulation and a float cell state. Padded or packed sequences, no
+// projection, no regularisers.
 #pragma once
 
 #include <cstdint>
@@ -34,6 +34,10 @@ struct PersistentForwardArgs {
   T* output = nullptr;          // T*N x H, 16-byte aligned: h_t at rows t*N.., read back as h_{t-1}
   T* saved = nullptr;           // training: T*N x kSaved*H (the cell's saved values), or null
   T* saved_c = nullptr;         // training, cells with a cell state: T*N x H, c_t, or null
+  // Packed input (device arrays of T, or null when padded): rows active at step t and the row where step t
+  // starts in gates_x, output and saved (S rows in all instead of T*N); persistent::Layout::rows / offset.
+  const int64_t* step_rows = nullptr;
+  const int64_t* step_offset = nullptr;
 };
 
 // The launch the plan chose (persistent::Plan's fields of the same names).

@@ -95,7 +95,8 @@ rnn::persistent::DeviceBudget device_budget(int device) {
 }
 
 std::string describe(const char* cell, const PersistentLayer& l, const rnn::persistent::Plan& plan) {
-  return std::string(cell) + " T=" + std::to_string(l.steps) + " N=" + std::to_string(l.batch) +
+  return std::string(cell) + (l.step_rows.empty() ? "" : " packed") + " T=" + std::to_string(l.steps) +
+         " N=" + std::to_string(l.batch) +
          " H=" + std::to_string(l.hidden) + " " + std::string(c10::toString(l.output.scalar_type())) + ": grid " +
          std::to_string(plan.grid) + " x " + std::to_string(plan.threads) + " threads, " +
          std::to_string(plan.units_per_block) + " units and " + std::to_string(plan.smem_bytes) +
@@ -130,6 +131,14 @@ bool launch(const PersistentLayer& l) {
   args.output = ptr<K>(l.output);
   args.saved = ptr<K>(l.saved);
   args.saved_c = ptr<K>(l.saved_c);
+  at::Tensor schedule;  // packed input: [rows per step | offset of each step], on the device
+  if (!l.step_rows.empty()) {
+    std::vector<int64_t> both(l.step_rows);
+    both.insert(both.end(), l.step_offset.begin(), l.step_offset.end());
+    schedule = at::tensor(both, at::kLong).to(l.output.device());
+    args.step_rows = schedule.data_ptr<int64_t>();
+    args.step_offset = args.step_rows + l.steps;
+  }
   PersistentLaunch shape;
   shape.grid = plan.grid;
   shape.threads = plan.threads;
@@ -151,7 +160,6 @@ bool launch(const PersistentLayer& l) {
 template <typename Cell>
 bool run_persistent_forward(const PersistentLayer& l) {
   if (!persistent_enabled()) return per_step("GENFAST_RNN_PERSISTENT is not 1 (the persistent kernel is opt-in)");
-  if (l.packed) return per_step("packed input (batch_sizes): the persistent kernel runs padded sequences only");
   if (l.projected) return per_step("proj_size: the persistent kernel has no projection");
   if (l.regularized) return per_step("zoneout / recurrent dropout: the persistent kernel has no regularisers");
   const at::ScalarType dtype = l.output.scalar_type();

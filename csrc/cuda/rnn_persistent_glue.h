@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 
 #include <string>
+#include <vector>
 
 namespace genfast {
 namespace cuda {
@@ -19,13 +20,15 @@ struct PersistentLayer {
   at::Tensor b_ih, b_hh;
   at::Tensor hx;        // (N, H), contiguous
   at::Tensor c_state;   // (N, H) float, cx in, the last c out; cells with a cell state
-  at::Tensor output;    // (T*N, H): h_t, rows t*N..
-  at::Tensor saved;     // training: (T*N, kSaved*H) view of the workspace, else undefined
-  at::Tensor saved_c;   // training, cells with a cell state: (T*N, H), else undefined
+  at::Tensor output;    // (S, H): h_t, rows offset[t]..
+  at::Tensor saved;     // training: (S, kSaved*H) view of the workspace, else undefined
+  at::Tensor saved_c;   // training, cells with a cell state: (S, H), else undefined
   int64_t steps = 0, batch = 0, hidden = 0;
   bool reverse = false;
+  // Packed input: the rows active at each step and where each step starts (rnn::Schedule's active and
+  // offset); empty when padded.
+  std::vector<int64_t> step_rows, step_offset;
   // What the persistent kernel does not do (the per-step path runs, with the reason recorded).
-  bool packed = false;
   bool projected = false;
   bool regularized = false;
 };

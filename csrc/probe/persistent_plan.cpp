@@ -61,12 +61,27 @@ template <typename Cell>
 std::vector<torch::Tensor> emulate(const torch::Tensor& gates_x, const torch::Tensor& w_hh,
                                    const std::optional<torch::Tensor>& b_ih, const std::optional<torch::Tensor>& b_hh,
                                    const torch::Tensor& hx, const std::optional<torch::Tensor>& cx, int64_t steps,
-                                   bool reverse, int sm_count) {
+                                   const std::optional<torch::Tensor>& batch_sizes, bool reverse, int sm_count) {
   namespace ps = rnn::persistent;
   constexpr int G = Cell::kGates;
   const int64_t H = w_hh.size(1), N = hx.size(0);
-  TORCH_CHECK(gates_x.dim() == 2 && gates_x.size(0) == steps * N && gates_x.size(1) == G * H,
-              "gates_x: expected (steps * N, G * H)");
+  // Packed input: the rows of each step and where each step starts (what the CUDA glue passes the kernel).
+  std::vector<int64_t> step_rows, step_offset;
+  int64_t S = steps * N;
+  if (batch_sizes) {
+    TORCH_CHECK(batch_sizes->numel() == steps, "batch_sizes: expected one per step");
+    const torch::Tensor bs = batch_sizes->to(torch::kLong).contiguous();
+    S = 0;
+    for (int64_t t = 0; t < steps; ++t) {
+      step_rows.push_back(bs.data_ptr<int64_t>()[t]);
+      step_offset.push_back(S);
+      S += step_rows.back();
+    }
+  }
+  const int64_t* rows_of = batch_sizes ? step_rows.data() : nullptr;
+  const int64_t* offset_of = batch_sizes ? step_offset.data() : nullptr;
+  TORCH_CHECK(gates_x.dim() == 2 && gates_x.size(0) == S && gates_x.size(1) == G * H,
+              "gates_x: expected (rows of the sequence, G * H)");
   TORCH_CHECK(w_hh.size(0) == G * H, "w_hh: expected (G * H, H)");
   TORCH_CHECK(!Cell::kCellState || cx.has_value(), "cx: required for this cell");
   ps::DeviceBudget d;
@@ -85,7 +100,7 @@ std::vector<torch::Tensor> emulate(const torch::Tensor& gates_x, const torch::Te
   const torch::Tensor bi_t = b_ih ? f32(*b_ih) : torch::Tensor(), bh_t = b_hh ? f32(*b_hh) : torch::Tensor();
   torch::Tensor c_t = Cell::kCellState ? f32(*cx).clone() : torch::zeros({N, H});
   // NaN where nothing is written: a unit or row the tiles miss shows in the comparison.
-  torch::Tensor out_t = torch::full({steps * N, H}, std::numeric_limits<float>::quiet_NaN());
+  torch::Tensor out_t = torch::full({S, H}, std::numeric_limits<float>::quiet_NaN());
   const float *gx = gx_t.data_ptr<float>(), *w = w_t.data_ptr<float>(), *h0 = hx_t.data_ptr<float>();
   const float* bi = bi_t.defined() ? bi_t.data_ptr<float>() : nullptr;
   const float* bh = bh_t.defined() ? bh_t.data_ptr<float>() : nullptr;
@@ -99,44 +114,56 @@ std::vector<torch::Tensor> emulate(const torch::Tensor& gates_x, const torch::Te
         for (int64_t k = 0; k < H; ++k) smem[b][layout.slice_row(u, g) * H + k] = w[layout.weight_row(b, u, g) * H + k];
   for (int64_t p = 0; p < steps; ++p) {
     const int64_t t = ps::Layout::time(p, steps, reverse), t_prev = ps::Layout::prev_time(p, steps, reverse);
-    const float* h_prev = t_prev < 0 ? h0 : out + t_prev * N * H;
+    const int64_t rows = layout.rows(rows_of, t), row0 = layout.offset(offset_of, t);
+    const int64_t rows_prev = t_prev < 0 ? 0 : layout.rows(rows_of, t_prev);
+    const float* continued = out + (t_prev < 0 ? 0 : layout.offset(offset_of, t_prev)) * H;
     for (int64_t b = 0; b < plan.grid; ++b)  // every block stages before any writes (the barrier)
-      std::copy(h_prev, h_prev + N * H, smem[b].begin() + layout.h_stage_offset());
+      for (int64_t n = 0; n < rows; ++n) {
+        const float* from = (n < rows_prev ? continued : h0) + n * H;
+        std::copy(from, from + H, smem[b].begin() + layout.h_stage_offset() + n * H);
+      }
     for (int64_t b = 0; b < plan.grid; ++b) {
       const float* slice = smem[b].data();
       const float* stage = slice + layout.h_stage_offset();
       for (int64_t tile = 0; tile < layout.tiles(b); ++tile) {
         const int64_t u = layout.tile_unit(tile), j = layout.first_unit(b) + u;
-        for (int64_t n = layout.tile_row0(tile); n < std::min(N, layout.tile_row0(tile) + ps::kTileRows); ++n) {
+        for (int64_t n = layout.tile_row0(tile); n < std::min(rows, layout.tile_row0(tile) + ps::kTileRows); ++n) {
           float x[G], h[G], b_i[G], b_h[G];
           for (int g = 0; g < G; ++g) {
             double sum = 0;
             for (int64_t k = 0; k < H; ++k) sum += double(slice[layout.slice_row(u, g) * H + k]) * stage[n * H + k];
             h[g] = static_cast<float>(sum);
-            x[g] = gx[(t * N + n) * G * H + g * H + j];
+            x[g] = gx[(row0 + n) * G * H + g * H + j];
             b_i[g] = bi ? bi[g * H + j] : 0.f;
             b_h[g] = bh ? bh[g * H + j] : 0.f;
           }
           float no_cell = 0.f, h_out = 0.f, saved[Cell::kSaved];
           float& cell_state = Cell::kCellState ? c[n * H + j] : no_cell;
           Cell::forward_thread(x, h, b_i, b_h, cell_state, stage[n * H + j], h_out, saved);
-          out[(t * N + n) * H + j] = h_out;
+          out[(row0 + n) * H + j] = h_out;
         }
       }
     }
   }
-  const int64_t last = ps::Layout::time(steps - 1, steps, reverse);
-  return {out_t, out_t.narrow(0, last * N, N).clone(), c_t};
+  // Each row's final h: its output at the last step it is active in (as the CUDA glue gathers it).
+  std::vector<int64_t> last_row(N, -1);
+  for (int64_t p = 0; p < steps; ++p) {
+    const int64_t t = ps::Layout::time(p, steps, reverse);
+    for (int64_t n = 0; n < layout.rows(rows_of, t); ++n) last_row[n] = layout.offset(offset_of, t) + n;
+  }
+  return {out_t, out_t.index_select(0, torch::tensor(last_row, torch::kLong)), c_t};
 }
 
 std::vector<torch::Tensor> persistent_rnn_emulate(const std::string& cell, const torch::Tensor& gates_x,
                                                   const torch::Tensor& w_hh, const std::optional<torch::Tensor>& b_ih,
                                                   const std::optional<torch::Tensor>& b_hh, const torch::Tensor& hx,
-                                                  const std::optional<torch::Tensor>& cx, int64_t steps, bool reverse,
+                                                  const std::optional<torch::Tensor>& cx, int64_t steps,
+                                                  const std::optional<torch::Tensor>& batch_sizes, bool reverse,
                                                   int sm_count) {
-  if (cell == "lstm") return emulate<rnn::LstmCell>(gates_x, w_hh, b_ih, b_hh, hx, cx, steps, reverse, sm_count);
+  if (cell == "lstm")
+    return emulate<rnn::LstmCell>(gates_x, w_hh, b_ih, b_hh, hx, cx, steps, batch_sizes, reverse, sm_count);
   TORCH_CHECK(cell == "gru", "cell: expected 'lstm' or 'gru', got '", cell, "'");
-  return emulate<rnn::GruCell>(gates_x, w_hh, b_ih, b_hh, hx, cx, steps, reverse, sm_count);
+  return emulate<rnn::GruCell>(gates_x, w_hh, b_ih, b_hh, hx, cx, steps, batch_sizes, reverse, sm_count);
 }
 
 }  // namespace
@@ -146,7 +173,7 @@ void register_persistent_plan(pybind11::module_& m) {
         "the persistent RNN kernel's schedule on the host in fp32: (output, h_last, c_last) of one layer",
         pybind11::arg("cell"), pybind11::arg("gates_x"), pybind11::arg("w_hh"), pybind11::arg("b_ih"),
         pybind11::arg("b_hh"), pybind11::arg("hx"), pybind11::arg("cx"), pybind11::arg("steps"),
-        pybind11::arg("reverse"), pybind11::arg("sm_count"));
+        pybind11::arg("batch_sizes"), pybind11::arg("reverse"), pybind11::arg("sm_count"));
   m.def("persistent_rnn_plan", &persistent_rnn_plan,
         "the persistent RNN kernel's partition of a layer on a described device (csrc/rnn/persistent_plan.h)",
         pybind11::arg("gates"), pybind11::arg("hidden"), pybind11::arg("batch"), pybind11::arg("element_bytes"),

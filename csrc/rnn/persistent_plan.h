@@ -70,6 +70,13 @@ struct Layout {
   GENFAST_PLAN_HD int64_t tiles(int64_t block) const { return units(block) * row_tiles(); }
   GENFAST_PLAN_HD int64_t tile_unit(int64_t tile) const { return tile / row_tiles(); }
   GENFAST_PLAN_HD int64_t tile_row0(int64_t tile) const { return (tile % row_tiles()) * kTileRows; }
+  // Packed input (batch_sizes; null when padded): rows active at step t, a prefix of the batch, and the row of
+  // the flattened sequence where step t starts. Row n < rows(t - 1) of a step continues from the previous step's
+  // output; a row past it (only in the reverse direction) starts from hx.
+  GENFAST_PLAN_HD int64_t rows(const int64_t* step_rows, int64_t t) const { return step_rows ? step_rows[t] : batch; }
+  GENFAST_PLAN_HD int64_t offset(const int64_t* step_offset, int64_t t) const {
+    return step_offset ? step_offset[t] : t * batch;
+  }
   // The time step processed p-th, and the step whose output holds its h_{t-1} (-1: hx).
   GENFAST_PLAN_HD static int64_t time(int64_t p, int64_t steps, bool reverse) { return reverse ? steps - 1 - p : p; }
   GENFAST_PLAN_HD static int64_t prev_time(int64_t p, int64_t steps, bool reverse) {
