@@ -106,17 +106,10 @@ RNN_TESTS=(tests/test_rnn.py -m cuda)
 wanted rnn && (run_tests rnn "${RNN_TESTS[@]}" -k "not argument_errors";
                run_tests rnn_package tests/test_package.py;
                run_tests rnn_argument_errors "${RNN_TESTS[@]}" -k argument_errors) &
-# The persistent LSTM/GRU kernel (issue 20, opt-in): against torch.nn, each test checking the kernel ran.
-# Then, where the image has compute-sanitizer, one small case of each cell under its race and memory checkers.
-wanted rnn_persistent && (run_tests rnn_persistent tests/test_rnn_persistent_cuda.py tests/test_rnn_persistent_plan.py \
-    tests/test_bench_flashrnn.py
-  if command -v compute-sanitizer > /dev/null; then
-    for tool in racecheck memcheck; do
-      stage "compute-sanitizer $tool (persistent RNN)" 90 "$WORK/tests_rnn_persistent_sanitizer.log" \
-        compute-sanitizer --tool "$tool" --error-exitcode 3 $PY -m pytest tests/test_rnn_persistent_cuda.py -q \
-        -p no:cacheprovider -k "fp32_matches_torch and t5-n3-i16-h64 and 1layer and inference"
-    done
-  fi) &
+# The persistent LSTM/GRU kernel (issue 20, opt-in): against torch.nn, each test checking the kernel ran
+# (and the FlashRNN baseline's weight mapping, where its wheel was carried).
+wanted rnn_persistent && run_tests rnn_persistent tests/test_rnn_persistent_cuda.py tests/test_rnn_persistent_plan.py \
+    tests/test_bench_flashrnn.py &
 (PYTHON=$PY timeout "$(cap 240)" bash benchmarks/gpu_error_probe.sh > "$WORK/probe.log" 2>&1) &
 wanted attention_low_precision && (export GENFAST_FLASH_AUTOTUNE=0;
   run_tests attention_low_precision tests/test_flash_attention_cuda.py -k low_precision) &
@@ -125,8 +118,7 @@ wanted attention_rest && (export GENFAST_FLASH_AUTOTUNE=0;
 wanted generation && run_tests generation tests/test_generation_cuda.py &
 wait
 { echo "===== gpu_error_probe.sh"; cat "$WORK/probe.log"; } >> "$SUMMARY"
-for name in rnn rnn_package rnn_argument_errors rnn_persistent rnn_persistent_sanitizer attention_low_precision \
-            attention_rest generation; do
+for name in rnn rnn_package rnn_argument_errors rnn_persistent attention_low_precision attention_rest generation; do
   [[ -f $WORK/tests_$name.log ]] || continue
   { echo "===== tests $name"; cat "$WORK/tests_$name.log"; } >> "$OUT/tests.log"
   echo "tests $name: $(grep -E 'passed|failed|error|no tests ran' "$WORK/tests_$name.log" | tail -1)" >> "$SUMMARY"
@@ -149,6 +141,16 @@ for group in ${GPU_SESSION_BENCHES:-rnn generation attention}; do
     *) log "unknown group '$group' in GPU_SESSION_BENCHES (rnn, generation, attention, sampling_sweep)" ;;
   esac
 done
+
+# Last, so it never takes time from the measurements: where the image has compute-sanitizer, one small case of
+# the persistent kernel per cell under its race and memory checkers.
+if wanted rnn_persistent && command -v compute-sanitizer > /dev/null; then
+  for tool in racecheck memcheck; do
+    stage "compute-sanitizer $tool (persistent RNN)" 90 "$OUT/tests.log" \
+      compute-sanitizer --tool "$tool" --error-exitcode 3 $PY -m pytest tests/test_rnn_persistent_cuda.py -q \
+      -p no:cacheprovider -k "fp32_matches_torch and t5-n3-i16-h64 and 1layer and inference"
+  done
+fi
 
 tar -czf "$OUT/results_json.tar.gz" -C "$WORK" json
 log "done"

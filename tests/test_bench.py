@@ -289,7 +289,8 @@ def test_sets_by_device_gpu_session_cases_run_on_cuda_only():
     assert all("persistent" in c.subjects for c in rnn)
     names = {c.name for c in rnn}
     assert {"gpu.rnn.lstm.t100.n1.h1024.float32.inference", "gpu.rnn.gru.t100.n8.h512.float32.inference",
-            "gpu.rnn.lstm.t100.n64.h512.l2bi.bfloat16.training", "gpu.rnn.lstm.t1024.n16.h768.float16.training"} <= names
+            "gpu.rnn.lstm.t100.n64.h512.l2bi.bfloat16.training",
+            "gpu.rnn.lstm.t1024.n16.h768.float16.training"} <= names
     attention = [c for c in cuda_quick if c.kind == "attention"]
     assert {(c.params["L"], c.params["D"]) for c in attention} == {(L, D) for L in (4096, 16384) for D in (64, 128)}
     assert all(c.timer == "do_bench" and c.params["dtype"] == "bfloat16" and c.baselines == ("torch_sdpa_flash",)

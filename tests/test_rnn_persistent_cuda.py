@@ -147,7 +147,8 @@ def test_persistent_half_within_2x_of_cudnn_error(cell, dtype, shape, train):
         their_err = (their[key] - exact).abs().max().item()
         our_err = (our[key] - exact).abs().max().item()
         floor = 2 * eps * max(1.0, exact.abs().max().item())
-        assert our_err <= 2 * their_err + floor, f"{key}: genfast {our_err:.3g} > 2 x cuDNN {their_err:.3g} + {floor:.3g}"
+        assert our_err <= 2 * their_err + floor, \
+            f"{key}: genfast {our_err:.3g} > 2 x cuDNN {their_err:.3g} + {floor:.3g}"
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])

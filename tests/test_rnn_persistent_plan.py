@@ -114,7 +114,8 @@ def test_plan_over_shapes(device, cell, element_bytes):
 
 # Hand-computed: (cell, H, N, bytes, device) -> fits, units per block, grid, smem bytes, reason kind.
 HAND = [
-    # LSTM H=1024 fp32: W_hh 16 MiB over 128 blocks of 8 units = 128 KiB each; h_{t-1} of 64 rows (256 KiB) does not fit.
+    # LSTM H=1024 fp32: W_hh 16 MiB over 128 blocks of 8 units = 128 KiB each; h_{t-1} of 64 rows (256 KiB)
+    # does not fit beside it.
     ("lstm", 1024, 64, 4, "h200", False, 8, 128, None, "h stage"),
     # ... with 8 rows (32 KiB) it does: 160 KiB of 227.
     ("lstm", 1024, 8, 4, "h200", True, 8, 128, 4 * 8 * 1024 * 4 + 8 * 1024 * 4, ""),
@@ -173,7 +174,8 @@ def test_plan_refusals_name_their_cause():
     assert plan("lstm", 512, 8, 8)["reason"].startswith("element type of 8 bytes")
     assert plan("lstm", 512, 8, 4, sm_count=0)["reason"] == "device reports no SMs"
     weight = plan("lstm", 4096, 1, 4)["reason"]
-    assert weight.startswith("weight") and "2048.0 KiB" in weight and "262144.0 KiB" in weight  # 128 rows x 4096 x 4; W_hh 256 MiB
+    # 128 rows x 4096 x 4 bytes per block; W_hh 256 MiB.
+    assert weight.startswith("weight") and "2048.0 KiB" in weight and "262144.0 KiB" in weight
 
 
 def test_plan_grid_never_exceeds_the_sms():

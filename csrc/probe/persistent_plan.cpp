@@ -49,7 +49,8 @@ pybind11::dict persistent_rnn_plan(int gates, int64_t hidden, int64_t batch, int
   out["l2_read_bytes"] = plan.l2_read_bytes;
   pybind11::list units;
   if (plan.grid > 0 && plan.units_per_block > 0)
-    for (int b = 0; b < plan.grid; ++b) units.append(pybind11::make_tuple(plan.unit_begin(b), plan.unit_end(b, hidden)));
+    for (int b = 0; b < plan.grid; ++b)
+      units.append(pybind11::make_tuple(plan.unit_begin(b), plan.unit_end(b, hidden)));
   out["block_units"] = units;
   out["tile_rows"] = ps::kTileRows;
   out["max_threads"] = ps::kMaxThreads;

@@ -13,9 +13,9 @@ LayerNorm RNN:       genfast (genfast.nn.LayerNormLSTM/GRU), genfast_plain (genf
 RNN providers:       genfast (genfast.nn.LSTM/GRU, kernels forced), routed (the same as users get it: on
                      CUDA genfast.routing may send it to cuDNN), persistent (kernels forced, the persistent
                      CUDA kernel of issue 20 on; unavailable where it would not run), flashrnn (FlashRNN at
-                     one head with the same weights, CUDA, when the package is installed), genfast_cell (genfast.nn.LSTMCell/GRUCell,
-                     decode cases), torch (nn.LSTM/GRU: oneDNN/ATen on CPU, cuDNN on GPU),
-                     cell_loop (Python loop over nn.LSTMCell/GRUCell), reference
+                     one head with the same weights, CUDA, when the package is installed),
+                     genfast_cell (genfast.nn.LSTMCell/GRUCell, decode cases), torch (nn.LSTM/GRU:
+                     oneDNN/ATen on CPU, cuDNN on GPU), cell_loop (Python loop over nn.LSTMCell/GRUCell), reference
                      (genfast.reference equations), compiled_reference (torch.compile of it).
 Attention providers: genfast (genfast.nn.functional.scaled_dot_product_attention),
                      genfast_triton (genfast.kernels.flash_attention, CUDA only),
