@@ -15,6 +15,7 @@
 #include <mutex>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 
 #include "rnn/cells.h"
 #include "rnn/persistent_plan.h"
@@ -107,12 +108,25 @@ template <typename Cell, typename K>
 bool launch(const PersistentLayer& l) {
   const int device = l.output.get_device();
   const rnn::persistent::DeviceBudget budget = device_budget(device);
-  int regs = 0, resident = 0;
-  C10_CUDA_CHECK((persistent_forward_occupancy<Cell, K>(32 * rnn::persistent::kMinWarps, 0, &regs, &resident)));
+  // The runtime's answers for this kernel (its registers; resident blocks per launch shape and device) are
+  // asked once: a one-token layer call is a few microseconds of GPU work.
+  static std::mutex cache_mutex;
+  static std::map<std::tuple<int, int, int64_t>, std::pair<int, int>> occupancy;  // -> (registers, resident)
+  const auto ask = [&](int threads, int64_t smem) {
+    const std::lock_guard<std::mutex> lock(cache_mutex);
+    auto found = occupancy.find({device, threads, smem});
+    if (found == occupancy.end()) {
+      int regs = 0, resident = 0;
+      C10_CUDA_CHECK((persistent_forward_occupancy<Cell, K>(threads, smem, &regs, &resident)));
+      found = occupancy.emplace(std::make_tuple(device, threads, smem), std::make_pair(regs, resident)).first;
+    }
+    return found->second;
+  };
+  const int regs = ask(32 * rnn::persistent::kMinWarps, 0).first;
   const rnn::persistent::Plan plan =
       rnn::persistent::make_plan({Cell::kGates, l.hidden, l.batch, static_cast<int>(sizeof(K)), regs}, budget);
   if (!plan.fits) return per_step(std::string("plan: ") + plan.reason);
-  C10_CUDA_CHECK((persistent_forward_occupancy<Cell, K>(plan.threads, plan.smem_bytes, &regs, &resident)));
+  const int resident = ask(plan.threads, plan.smem_bytes).second;
   if (static_cast<int64_t>(resident) * budget.sm_count < plan.grid)
     return per_step("runtime occupancy: " + std::to_string(resident) + " resident blocks per SM x " +
                     std::to_string(budget.sm_count) + " SMs < grid " + std::to_string(plan.grid));
