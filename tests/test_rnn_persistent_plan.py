@@ -270,3 +270,34 @@ def test_emulated_schedule_packed_matches_torch(cell, lengths, sms):
         torch.testing.assert_close(h_last.double(), finals[0][direction], **tol)
         if cell == "lstm":
             torch.testing.assert_close(c_last.double(), finals[1][direction], **tol)
+
+
+# ------------------------------------------------------------------ the switch and what genfast.info() says
+def test_switch_and_info_report(monkeypatch):
+    import os
+
+    import genfast
+    from genfast import _extension, rnn_persistent
+
+    monkeypatch.delenv(rnn_persistent.ENV, raising=False)
+    assert not rnn_persistent.is_enabled()
+    with rnn_persistent.enabled():
+        assert os.environ[rnn_persistent.ENV] == "1" and rnn_persistent.is_enabled()
+        with rnn_persistent.enabled(False):
+            assert not rnn_persistent.is_enabled()
+        assert rnn_persistent.is_enabled()
+    assert rnn_persistent.ENV not in os.environ  # restored: unset as before
+    monkeypatch.setenv(rnn_persistent.ENV, "0")
+    with rnn_persistent.enabled():
+        pass
+    assert os.environ[rnn_persistent.ENV] == "0"
+
+    report = genfast.info(print_it=False)
+    assert report["rnn_persistent"].startswith("off (GENFAST_RNN_PERSISTENT=1")
+    with rnn_persistent.enabled():
+        assert genfast.info(print_it=False)["rnn_persistent"].startswith("on")
+    path = report["rnn_cuda_path"]
+    if _extension.available() and _extension.load().cuda_built():
+        assert path["path"] in ("none", "per-step", "persistent") and path["reason"]
+    else:
+        assert path == {"path": None, "reason": "genfast._C has no CUDA kernels", "persistent_layers": 0}
