@@ -346,6 +346,12 @@ def _gpu_rnn_persistent() -> list[Case]:
     cases = [_gpu_rnn(cell, "float32", "inference", N=N, size=size)
              for cell in ("lstm", "gru") for size in (512, 1024) for N in (1, 8)]
     cases.append(_gpu_rnn("lstm", "bfloat16", "training", layers=2, bidirectional=True))
+    # A single decode step (T=1, N=1, H=512) replayed from a CUDA graph: the launch and host costs gone.
+    for cell in ("lstm", "gru"):
+        for dtype in ("float32", "bfloat16"):
+            params = {"cell": cell, "seed": 0, "T": 1, "N": 1, "input_size": 512, "hidden_size": 512, "dtype": dtype}
+            cases.append(Case(f"gpu.rnn.{cell}.step.h512.{dtype}.graph", cell, "rnn", "inference", params,
+                              ("genfast_graph", "persistent_graph"), ("torch_graph",), unit="us", devices=GPU))
     cases += [_gpu_rnn("lstm", "float16", mode, T=1024, N=16, size=768) for mode in MODES]
     return cases
 

@@ -13,7 +13,8 @@ LayerNorm RNN:       genfast (genfast.nn.LayerNormLSTM/GRU), genfast_plain (genf
 RNN providers:       genfast (genfast.nn.LSTM/GRU, kernels forced), routed (the same as users get it: on
                      CUDA genfast.routing may send it to cuDNN), persistent (kernels forced, the persistent
                      CUDA kernel of issue 20 on; unavailable where it would not run), flashrnn (FlashRNN at
-                     one head with the same weights, CUDA, when the package is installed),
+                     one head with the same weights, CUDA, when the package is installed), torch_graph /
+                     genfast_graph / persistent_graph (one inference call replayed from a CUDA graph),
                      genfast_cell (genfast.nn.LSTMCell/GRUCell, decode cases), torch (nn.LSTM/GRU:
                      oneDNN/ATen on CPU, cuDNN on GPU), cell_loop (Python loop over nn.LSTMCell/GRUCell), reference
                      (genfast.reference equations), compiled_reference (torch.compile of it).
@@ -40,6 +41,7 @@ genfast.nn.generation are accepted too, so that `--ab` can time a build from bef
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import subprocess
@@ -226,6 +228,63 @@ def persistent_rnn(work: RnnWorkload):
     if after["path"] != "persistent" or after["persistent_layers"] <= before["persistent_layers"]:
         raise Unavailable("per-step", f"the persistent kernel did not run: {after['reason']}")
     return run_persistent
+
+
+def _graph_step(work: RnnWorkload, module: nn.Module, capture_context=contextlib.nullcontext):
+    """One inference call of ``module`` captured in a CUDA graph; the provider replays it (issue 20's single decode
+    step, T=1). Warm-up on a side stream first, as torch.cuda.graphs asks; the kernels are chosen at capture."""
+    _needs_cuda(work.device, "CUDA graphs")
+    state = work.module_state()
+    with capture_context():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(2):
+                module(work.x, state)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(graph):
+            out, _ = module(work.x, state)
+
+    def replay():
+        graph.replay()
+        return out
+    return replay
+
+
+def _genfast_module(work: RnnWorkload) -> nn.Module:
+    gnn = _import_genfast("genfast.nn")
+    return (gnn.LSTM if work.cell == "lstm" else gnn.GRU).from_torch(work.module).to(work.device)
+
+
+def torch_graph_rnn(work: RnnWorkload):
+    return _graph_step(work, work.module)
+
+
+def genfast_graph_rnn(work: RnnWorkload):
+    routing = _import_genfast("genfast.routing")
+    persistent = _import_genfast("genfast.rnn_persistent")
+
+    @contextlib.contextmanager
+    def per_step_kernels():
+        with routing.force_kernels(), persistent.enabled(False):
+            yield
+    return _graph_step(work, _genfast_module(work), per_step_kernels)
+
+
+def persistent_graph_rnn(work: RnnWorkload):
+    """The persistent kernel in a CUDA graph; unavailable where the capture took the per-step path."""
+    routing = _import_genfast("genfast.routing")
+    persistent = _import_genfast("genfast.rnn_persistent")
+
+    @contextlib.contextmanager
+    def persistent_kernels():
+        with routing.force_kernels(), persistent.enabled():
+            yield
+    replay = _graph_step(work, _genfast_module(work), persistent_kernels)
+    if persistent.last_path()["path"] != "persistent":
+        raise Unavailable("per-step", f"the persistent kernel did not run: {persistent.last_path()['reason']}")
+    return replay
 
 
 def flashrnn_layer(cell: str, params: dict, x: torch.Tensor, states: torch.Tensor, backend: str = "cuda_fused"):
@@ -962,6 +1021,9 @@ PROVIDERS: dict[str, dict[str, Provider]] = {
         Provider("routed", routed_rnn, "genfast.nn.LSTM/GRU as users get it (genfast.routing may pick cuDNN)"),
         Provider("persistent", persistent_rnn, "genfast.nn.LSTM/GRU on the persistent CUDA kernel (issue 20, opt-in)"),
         Provider("flashrnn", flashrnn_rnn, "FlashRNN (flashrnn package, cuda_fused backend), one head, same weights"),
+        Provider("torch_graph", torch_graph_rnn, "torch.nn.LSTM/GRU (cuDNN), one call replayed from a CUDA graph"),
+        Provider("genfast_graph", genfast_graph_rnn, "genfast.nn.LSTM/GRU per-step kernels, from a CUDA graph"),
+        Provider("persistent_graph", persistent_graph_rnn, "genfast.nn.LSTM/GRU persistent kernel, from a CUDA graph"),
         Provider("genfast_cell", genfast_cell, "genfast.nn.LSTMCell/GRUCell"),
         Provider("genfast_regularized", genfast_regularized_rnn, "genfast.nn.LSTM/GRU with the case's regularisers"),
         Provider("torch", torch_rnn, "torch.nn.LSTM/GRU (oneDNN/ATen on CPU, cuDNN on GPU)"),
