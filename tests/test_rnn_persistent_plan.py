@@ -222,7 +222,7 @@ def test_emulated_schedule_matches_torch(cell, shape, reverse, bias):
     gates_x = (x.reshape(T * N, I) @ module.weight_ih_l0.detach().T).float()
     b_ih = module.bias_ih_l0.detach().float() if bias else None
     b_hh = module.bias_hh_l0.detach().float() if bias else None
-    output, h_last, c_last = probe.persistent_rnn_emulate(
+    output, h_last, c_last, workspace = probe.persistent_rnn_emulate(
         cell, gates_x, module.weight_hh_l0.detach().float(), b_ih, b_hh, h0[0].float(),
         c0[0].float() if cell == "lstm" else None, T, None, reverse, sms)
     # fp32 products of length H <= 100 and the CPU's polynomial sigmoid/tanh (2 ulp), over <= 6 steps.
@@ -231,6 +231,21 @@ def test_emulated_schedule_matches_torch(cell, shape, reverse, bias):
     torch.testing.assert_close(h_last.double(), expected_final[0][0], **tol)
     if cell == "lstm":
         torch.testing.assert_close(c_last.double(), expected_final[1][0], **tol)
+    # Training: what the kernel saves for backward sits where the CPU op's per-step path puts it (the one
+    # workspace layout of csrc/rnn/cells.h), with the same values.
+    torch.testing.assert_close(workspace, cpu_op_workspace(cell, module, x, h0, c0, reverse), **tol)
+
+
+def cpu_op_workspace(cell, module, x, h0, c0, reverse):
+    import genfast.ops  # noqa: F401  (loads genfast._C, which registers the ops)
+
+    w = [p.detach().float() for p in module.parameters()]
+    w += [None] * (4 - len(w))  # no biases
+    if cell == "lstm":
+        result = torch.ops.genfast.lstm_forward(x.float(), h0[0].float(), c0[0].float(), *w, None, None, reverse, True)
+    else:
+        result = torch.ops.genfast.gru_forward(x.float(), h0[0].float(), *w, None, reverse, True)
+    return result[-1]
 
 
 def test_emulation_refuses_what_the_plan_refuses():
@@ -261,7 +276,7 @@ def test_emulated_schedule_packed_matches_torch(cell, lengths, sms):
     for direction, suffix in enumerate(("", "_reverse")):
         weight = lambda name: getattr(module, name + suffix).detach()  # noqa: E731
         gates_x = (packed.data @ weight("weight_ih_l0").T).float()
-        output, h_last, c_last = probe.persistent_rnn_emulate(
+        output, h_last, c_last, _ = probe.persistent_rnn_emulate(
             cell, gates_x, weight("weight_hh_l0").float(), weight("bias_ih_l0").float(), weight("bias_hh_l0").float(),
             h0[direction].float(), c0[direction].float() if cell == "lstm" else None, T, packed.batch_sizes,
             direction == 1, sms)

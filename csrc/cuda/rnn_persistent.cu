@@ -164,10 +164,10 @@ __global__ void __launch_bounds__(kMaxThreads, 1) persistent_forward_kernel(cons
         Cell::forward_thread(x, gate_h, b_ih, b_hh, *c, h_before, h_out, saved);
         a.output[row * H + j] = from_acc<T>(h_out);
         if (a.saved != nullptr) {
-          T* out = a.saved + row * Cell::kSaved * H + j;
 #pragma unroll
-          for (int slot = 0; slot < Cell::kSaved; ++slot) out[slot * H] = from_acc<T>(saved[slot]);
-          if (Cell::kCellState) a.saved_c[row * H + j] = from_acc<T>(*c);
+          for (int slot = 0; slot < Cell::kSaved; ++slot)
+            a.saved[layout.saved_index(row, slot, j, Cell::kSaved)] = from_acc<T>(saved[slot]);
+          if (Cell::kCellState) a.saved_c[layout.cell_index(row, j)] = from_acc<T>(*c);
         }
       }
     }

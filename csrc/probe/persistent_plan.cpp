@@ -102,6 +102,11 @@ std::vector<torch::Tensor> emulate(const torch::Tensor& gates_x, const torch::Te
   torch::Tensor c_t = Cell::kCellState ? f32(*cx).clone() : torch::zeros({N, H});
   // NaN where nothing is written: a unit or row the tiles miss shows in the comparison.
   torch::Tensor out_t = torch::full({S, H}, std::numeric_limits<float>::quiet_NaN());
+  // Training's workspace as the kernel writes it: [saved values (S, kSaved*H) | c_t (S, H) for cells with c].
+  const rnn::WorkspaceLayout ws = rnn::workspace_layout<Cell>(S, H, false);
+  torch::Tensor ws_t = torch::full({ws.size}, std::numeric_limits<float>::quiet_NaN());
+  float* saved_out = ws_t.data_ptr<float>();
+  float* cell_out = Cell::kCellState ? saved_out + ws.cell : nullptr;
   const float *gx = gx_t.data_ptr<float>(), *w = w_t.data_ptr<float>(), *h0 = hx_t.data_ptr<float>();
   const float* bi = bi_t.defined() ? bi_t.data_ptr<float>() : nullptr;
   const float* bh = bh_t.defined() ? bh_t.data_ptr<float>() : nullptr;
@@ -142,6 +147,9 @@ std::vector<torch::Tensor> emulate(const torch::Tensor& gates_x, const torch::Te
           float& cell_state = Cell::kCellState ? c[n * H + j] : no_cell;
           Cell::forward_thread(x, h, b_i, b_h, cell_state, stage[n * H + j], h_out, saved);
           out[(row0 + n) * H + j] = h_out;
+          for (int slot = 0; slot < Cell::kSaved; ++slot)
+            saved_out[layout.saved_index(row0 + n, slot, j, Cell::kSaved)] = saved[slot];
+          if (Cell::kCellState) cell_out[layout.cell_index(row0 + n, j)] = cell_state;
         }
       }
     }
@@ -152,7 +160,7 @@ std::vector<torch::Tensor> emulate(const torch::Tensor& gates_x, const torch::Te
     const int64_t t = ps::Layout::time(p, steps, reverse);
     for (int64_t n = 0; n < layout.rows(rows_of, t); ++n) last_row[n] = layout.offset(offset_of, t) + n;
   }
-  return {out_t, out_t.index_select(0, torch::tensor(last_row, torch::kLong)), c_t};
+  return {out_t, out_t.index_select(0, torch::tensor(last_row, torch::kLong)), c_t, ws_t};
 }
 
 std::vector<torch::Tensor> persistent_rnn_emulate(const std::string& cell, const torch::Tensor& gates_x,
@@ -171,7 +179,7 @@ std::vector<torch::Tensor> persistent_rnn_emulate(const std::string& cell, const
 
 void register_persistent_plan(pybind11::module_& m) {
   m.def("persistent_rnn_emulate", &persistent_rnn_emulate,
-        "the persistent RNN kernel's schedule on the host in fp32: (output, h_last, c_last) of one layer",
+        "the persistent RNN kernel's schedule on the host in fp32: (output, h_last, c_last, workspace)",
         pybind11::arg("cell"), pybind11::arg("gates_x"), pybind11::arg("w_hh"), pybind11::arg("b_ih"),
         pybind11::arg("b_hh"), pybind11::arg("hx"), pybind11::arg("cx"), pybind11::arg("steps"),
         pybind11::arg("batch_sizes"), pybind11::arg("reverse"), pybind11::arg("sm_count"));

@@ -77,6 +77,12 @@ struct Layout {
   GENFAST_PLAN_HD int64_t offset(const int64_t* step_offset, int64_t t) const {
     return step_offset ? step_offset[t] : t * batch;
   }
+  // Training: where the values backward reads go in the workspace (rnn::WorkspaceLayout, the per-step path's):
+  // slot s of the cell's saved values of (row, unit j) in the saved block, and c_t of (row, j) in the cell block.
+  GENFAST_PLAN_HD int64_t saved_index(int64_t row, int64_t slot, int64_t j, int64_t saved_values) const {
+    return (row * saved_values + slot) * hidden + j;
+  }
+  GENFAST_PLAN_HD int64_t cell_index(int64_t row, int64_t j) const { return row * hidden + j; }
   // The time step processed p-th, and the step whose output holds its h_{t-1} (-1: hx).
   GENFAST_PLAN_HD static int64_t time(int64_t p, int64_t steps, bool reverse) { return reverse ? steps - 1 - p : p; }
   GENFAST_PLAN_HD static int64_t prev_time(int64_t p, int64_t steps, bool reverse) {
