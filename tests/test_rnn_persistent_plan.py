@@ -316,3 +316,55 @@ def test_switch_and_info_report(monkeypatch):
         assert path["path"] in ("none", "per-step", "persistent") and path["reason"]
     else:
         assert path == {"path": None, "reason": "genfast._C has no CUDA kernels", "persistent_layers": 0}
+
+
+# ------------------------------------------------------------------ the backward (BPTT) kernel's schedule, emulated
+BACKWARD_SHAPES = [  # (T, N, I, H, SMs, shared memory per block): chunks of dG narrower than G*H where it is small
+    (4, 3, 5, 8, 132, 227 * 1024),
+    (5, 6, 7, 20, 3, 227 * 1024),
+    (3, 5, 4, 24, 4, 3072),   # U = 6: W^T slice 6 x 96 x 4 B (LSTM) + acc 120 B; dG in chunks of 32 (GRU 60)
+    (2, 9, 3, 12, 12, 1024),  # U = 1: chunks of 20 of the 48 (GRU 36) columns, the last one partial
+]
+
+
+@pytest.mark.parametrize("cell", GATES)
+@pytest.mark.parametrize("shape", BACKWARD_SHAPES, ids=lambda s: "t{}-n{}-i{}-h{}-sm{}-smem{}".format(*s))
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_emulated_backward_schedule_matches_torch_autograd(cell, shape, reverse):
+    # The forward emulation's output and workspace feed the backward emulation; the weight and input gradients
+    # then come from its gate gradients and gathered h_{t-1} as the CUDA glue forms them (one product each).
+    T, N, I, H, sms, smem = shape
+    torch.manual_seed(2)
+    module = (torch.nn.LSTM if cell == "lstm" else torch.nn.GRU)(I, H).double()
+    x = torch.randn(T, N, I, dtype=torch.float64, requires_grad=True)
+    h0 = (torch.randn(1, N, H, dtype=torch.float64) * 0.5).requires_grad_()
+    c0 = (torch.randn(1, N, H, dtype=torch.float64) * 0.5).requires_grad_()
+    out, final = module(x.flip(0) if reverse else x, (h0, c0) if cell == "lstm" else h0)
+    out = out.flip(0) if reverse else out
+    finals = list(final) if cell == "lstm" else [final]
+    gen = torch.Generator().manual_seed(3)
+    weights = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in [out, *finals]]
+    sum((t * w).sum() for t, w in zip([out, *finals], weights)).backward()
+
+    p = {name: v.detach() for name, v in module.named_parameters()}
+    gates_x = (x.detach().reshape(T * N, I) @ p["weight_ih_l0"].T).float()
+    output, _, _, workspace = probe.persistent_rnn_emulate(
+        cell, gates_x, p["weight_hh_l0"].float(), p["bias_ih_l0"].float(), p["bias_hh_l0"].float(),
+        h0.detach()[0].float(), c0.detach()[0].float() if cell == "lstm" else None, T, None, reverse, sms)
+    d_gates, d_gates_h, h_prev, grad_hx, grad_cx, chunk = probe.persistent_rnn_emulate_backward(
+        cell, weights[0].reshape(T * N, H).float(), weights[1][0].float(),
+        weights[2][0].float() if cell == "lstm" else None, h0.detach()[0].float(),
+        c0.detach()[0].float() if cell == "lstm" else None, p["weight_hh_l0"].float(), output, workspace, T,
+        reverse, sms, smem)
+    if smem < 8192:
+        assert 0 < int(chunk) < GATES[cell] * H  # the dG columns really came in several chunks
+    d_gates, d_gates_h, h_prev = d_gates.double(), d_gates_h.double(), h_prev.double()
+    tol = dict(atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close((d_gates @ p["weight_ih_l0"]).view(T, N, I), x.grad, **tol)
+    torch.testing.assert_close(d_gates.T @ x.detach().reshape(T * N, I), module.weight_ih_l0.grad, **tol)
+    torch.testing.assert_close(d_gates_h.T @ h_prev, module.weight_hh_l0.grad, **tol)
+    torch.testing.assert_close(d_gates.sum(0), module.bias_ih_l0.grad, **tol)
+    torch.testing.assert_close(d_gates_h.sum(0), module.bias_hh_l0.grad, **tol)
+    torch.testing.assert_close(grad_hx.double(), h0.grad[0], **tol)
+    if cell == "lstm":
+        torch.testing.assert_close(grad_cx.double(), c0.grad[0], **tol)

@@ -175,6 +175,103 @@ __global__ void __launch_bounds__(kMaxThreads, 1) persistent_forward_kernel(cons
   }
 }
 
+// The backward: see PersistentBackwardArgs. Shared memory [W^T slice (u x G*H) | dG chunk (N x chunk) | acc
+// (N x U, fp32)]: the block's W_hh columns, loaded once; per step the chunks of the recurrent gate gradients of
+// every row (written by all blocks in phase A, read after the barrier through L2), and the block's sums.
+template <typename Cell, typename T>
+__global__ void __launch_bounds__(kMaxThreads, 1) persistent_backward_kernel(const PersistentBackwardArgs<T> a,
+                                                                          const int64_t units_per_block,
+                                                                          const int64_t chunk) {
+  using A = float;
+  constexpr int G = Cell::kGates;
+  constexpr int64_t V = kVectorBytes / sizeof(T);
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int64_t H = a.hidden, N = a.batch, GH = G * H, U = units_per_block;
+  const rnn::persistent::Layout layout{G, H, N, U};
+  const int64_t block = blockIdx.x;
+  const int64_t unit0 = layout.first_unit(block), units = layout.units(block);
+  T* const w_t = reinterpret_cast<T*>(smem);  // U x GH
+  T* const stage = w_t + U * GH;              // N x chunk
+  A* const acc = reinterpret_cast<A*>(stage + N * chunk);
+  const uint4* const w_t_v = reinterpret_cast<const uint4*>(w_t);
+  uint4* const stage_v = reinterpret_cast<uint4*>(stage);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const T* const d_rec = Cell::kSidesAdd ? a.d_gates : a.d_gates_h;  // what multiplies W_hh
+  cg::grid_group grid = cg::this_grid();
+
+  for (int64_t i = threadIdx.x; i < units * GH; i += blockDim.x) {  // column unit0 + u of W_hh, once
+    const int64_t u = i / GH, r = i - u * GH;
+    w_t[u * GH + r] = a.w_hh[r * H + unit0 + u];
+  }
+
+  for (int64_t s = 0; s < a.steps; ++s) {
+    const int64_t p = a.steps - 1 - s;  // the forward's p-th step, in reverse
+    const int64_t t = layout.time(p, a.steps, a.reverse), t_prev = layout.prev_time(p, a.steps, a.reverse);
+    // Phase A: the cell's backward of each (row, unit) of the block.
+    for (int64_t i = threadIdx.x; i < units * N; i += blockDim.x) {
+      const int64_t n = i / units, j = unit0 + (i - n * units), row = t * N + n;
+      const A d_h = to_acc(a.grad_output[row * H + j]) + a.dh_state[n * H + j];
+      A saved[Cell::kSaved];
+#pragma unroll
+      for (int slot = 0; slot < Cell::kSaved; ++slot)
+        saved[slot] = to_acc(a.saved[layout.saved_index(row, slot, j, Cell::kSaved)]);
+      const T h_before = t_prev < 0 ? a.hx[n * H + j] : a.output[(t_prev * N + n) * H + j];
+      A state_prev = to_acc(h_before), c_cur = A(0), no_cell_state = A(0);
+      if (Cell::kCellState) {
+        state_prev = to_acc(t_prev < 0 ? a.cx[n * H + j] : a.saved_c[layout.cell_index(t_prev * N + n, j)]);
+        c_cur = to_acc(a.saved_c[layout.cell_index(row, j)]);
+      }
+      A* d_c = Cell::kCellState ? a.dc_state + n * H + j : &no_cell_state;
+      A d_x[G], d_hside[G], d_direct = A(0);
+      Cell::backward_thread(d_h, *d_c, saved, state_prev, c_cur, d_x, d_hside, d_direct);
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        a.d_gates[row * GH + g * H + j] = from_acc<T>(d_x[g]);
+        if (!Cell::kSidesAdd) a.d_gates_h[row * GH + g * H + j] = from_acc<T>(d_hside[g]);
+      }
+      a.h_prev[row * H + j] = h_before;
+      a.dh_state[n * H + j] = Cell::kDirectHidden ? d_direct : A(0);
+    }
+    grid.sync();
+
+    // Phase B: dL/dh_{t-1} of the block's units += dG_t W_hh, over chunks of dG's columns.
+    for (int64_t i = threadIdx.x; i < N * U; i += blockDim.x) acc[i] = A(0);
+    for (int64_t r0 = 0; r0 < GH; r0 += chunk) {
+      const int64_t width = min(chunk, GH - r0), wv = width / V, cv = chunk / V;
+      __syncthreads();  // the previous chunk is read (and acc zeroed)
+      const uint4* src = reinterpret_cast<const uint4*>(d_rec + t * N * GH + r0);
+      for (int64_t i = threadIdx.x; i < N * wv; i += blockDim.x) {
+        const int64_t n = i / wv, v = i - n * wv;
+        stage_v[n * cv + v] = __ldcg(src + n * (GH / V) + v);
+      }
+      __syncthreads();
+      for (int64_t tile = warp; tile < layout.tiles(block); tile += warps) {
+        const int64_t u = layout.tile_unit(tile), n0 = layout.tile_row0(tile);
+        A part[kTileRows];
+#pragma unroll
+        for (int r = 0; r < kTileRows; ++r) part[r] = A(0);
+        for (int64_t v = lane; v < wv; v += 32) {
+          const uint4 w = w_t_v[(u * GH + r0) / V + v];
+#pragma unroll
+          for (int r = 0; r < kTileRows; ++r)
+            if (n0 + r < N) part[r] = dot16(w, stage_v[(n0 + r) * cv + v], part[r], T());
+        }
+#pragma unroll
+        for (int r = 0; r < kTileRows; ++r) {
+          const A sum = warp_sum(part[r]);
+          if (lane == r && n0 + r < N) acc[(n0 + r) * U + u] += sum;
+        }
+      }
+    }
+    __syncthreads();
+    for (int64_t i = threadIdx.x; i < units * N; i += blockDim.x) {
+      const int64_t n = i / units, u = i - n * units;
+      a.dh_state[n * H + unit0 + u] += acc[n * U + u];
+    }
+    __syncthreads();  // phase A of the next step reads dh_state written here by other threads of the block
+  }
+}
+
 template <typename Cell, typename T>
 cudaError_t allow_shared_memory(int64_t smem_bytes) {
   return cudaFuncSetAttribute(persistent_forward_kernel<Cell, T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -209,10 +306,42 @@ cudaError_t persistent_forward(const PersistentForwardArgs<T>& args, const Persi
                                      static_cast<size_t>(launch.smem_bytes), stream);
 }
 
+template <typename Cell, typename T>
+cudaError_t persistent_backward_occupancy(int threads, int64_t smem_bytes, int* regs_per_thread, int* blocks_per_sm) {
+  cudaFuncAttributes attributes;
+  cudaError_t status = cudaFuncGetAttributes(&attributes, detail::persistent_backward_kernel<Cell, T>);
+  if (status != cudaSuccess) return status;
+  *regs_per_thread = attributes.numRegs;
+  status = cudaFuncSetAttribute(detail::persistent_backward_kernel<Cell, T>,
+                                cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes));
+  if (status != cudaSuccess) return status;
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, detail::persistent_backward_kernel<Cell, T>,
+                                                       threads, static_cast<size_t>(smem_bytes));
+}
+
+template <typename Cell, typename T>
+cudaError_t persistent_backward(const PersistentBackwardArgs<T>& args, const PersistentLaunch& launch,
+                                cudaStream_t stream) {
+  if (args.steps == 0 || args.batch == 0 || args.hidden == 0) return cudaSuccess;
+  cudaError_t status = cudaFuncSetAttribute(detail::persistent_backward_kernel<Cell, T>,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(launch.smem_bytes));
+  if (status != cudaSuccess) return status;
+  PersistentBackwardArgs<T> kernel_args = args;
+  int64_t units_per_block = launch.units_per_block, chunk = launch.chunk_columns;
+  void* params[] = {&kernel_args, &units_per_block, &chunk};
+  return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(detail::persistent_backward_kernel<Cell, T>),
+                                     dim3(launch.grid), dim3(launch.threads), params,
+                                     static_cast<size_t>(launch.smem_bytes), stream);
+}
+
 #define GENFAST_INSTANTIATE_PERSISTENT(Cell, T)                                                                \
   template cudaError_t persistent_forward_occupancy<Cell, T>(int, int64_t, int*, int*);                        \
   template cudaError_t persistent_forward<Cell, T>(const PersistentForwardArgs<T>&, const PersistentLaunch&,   \
-                                                   cudaStream_t);
+                                                   cudaStream_t);                                              \
+  template cudaError_t persistent_backward_occupancy<Cell, T>(int, int64_t, int*, int*);                       \
+  template cudaError_t persistent_backward<Cell, T>(const PersistentBackwardArgs<T>&, const PersistentLaunch&, \
+                                                    cudaStream_t);
 GENFAST_INSTANTIATE_PERSISTENT(rnn::LstmCell, float)
 GENFAST_INSTANTIATE_PERSISTENT(rnn::LstmCell, __half)
 GENFAST_INSTANTIATE_PERSISTENT(rnn::LstmCell, __nv_bfloat16)

@@ -40,13 +40,43 @@ struct PersistentForwardArgs {
   const int64_t* step_offset = nullptr;
 };
 
-// The launch the plan chose (persistent::Plan's fields of the same names).
+// The backward (BPTT) of one layer and direction over a padded sequence, with what the forward saved: per step
+// the cell's backward for every (row, unit), then, after the grid barrier, dL/dh_{t-1} = dG W_hh (+ the cell's
+// direct term) for each block's units from its W_hh^T slice. The weight and input gradients are products of
+// d_gates, d_gates_h and h_prev after it (the caller's).
+template <typename T>
+struct PersistentBackwardArgs {
+  int64_t steps = 0, batch = 0, hidden = 0;
+  bool reverse = false;
+  const T* w_hh = nullptr;         // G*H x H
+  const T* grad_output = nullptr;  // T*N x H
+  const T* hx = nullptr;           // N x H
+  const T* cx = nullptr;           // cells with a cell state: N x H
+  const T* output = nullptr;       // T*N x H: the forward's h_t
+  const T* saved = nullptr;        // T*N x kSaved*H: the forward's saved values
+  const T* saved_c = nullptr;      // cells with a cell state: T*N x H, c_t
+  float* dh_state = nullptr;       // N x H: dL/dh_T in, dL/dh_{-1} (grad_hx) out
+  float* dc_state = nullptr;       // cells with a cell state: N x H, dL/dc_T in, grad_cx out
+  T* d_gates = nullptr;            // T*N x G*H: gradients of the input-side pre-activations (16-byte aligned)
+  T* d_gates_h = nullptr;          // T*N x G*H: of the recurrent side, cells whose sides do not add; else null
+  T* h_prev = nullptr;             // T*N x H: h_{t-1} gathered for the W_hh gradient
+};
+
+// The launch the plan chose (persistent::Plan's fields of the same names; chunk_columns for the backward).
 struct PersistentLaunch {
   int grid = 0;
   int threads = 0;
   int64_t units_per_block = 0;
   int64_t smem_bytes = 0;
+  int64_t chunk_columns = 0;
 };
+
+template <typename Cell, typename T>
+cudaError_t persistent_backward_occupancy(int threads, int64_t smem_bytes, int* regs_per_thread, int* blocks_per_sm);
+
+template <typename Cell, typename T>
+cudaError_t persistent_backward(const PersistentBackwardArgs<T>& args, const PersistentLaunch& launch,
+                                cudaStream_t stream);
 
 // The kernel's registers per thread and how many blocks of `threads` threads and `smem_bytes` of dynamic
 // shared memory the runtime can keep resident per SM (0 when they do not fit at all).

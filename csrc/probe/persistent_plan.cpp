@@ -163,6 +163,107 @@ std::vector<torch::Tensor> emulate(const torch::Tensor& gates_x, const torch::Te
   return {out_t, out_t.index_select(0, torch::tensor(last_row, torch::kLong)), c_t, ws_t};
 }
 
+// The backward kernel's schedule (padded input) on the host in fp32, block by block, in its two phases per step:
+// A, each (row, unit) of a block: the cell's backward from dL/dh = grad_output + the carried part, writing the
+// gate gradients and gathering h_{t-1}; then (after the grid barrier) B, each block: dL/dh_{t-1} of its units
+// = dG W_hh over the chunks of dG's columns, with its W_hh^T slice. `smem_per_block` sets the chunk width.
+template <typename Cell>
+std::vector<torch::Tensor> emulate_backward(const torch::Tensor& grad_output, const torch::Tensor& grad_hy,
+                                            const std::optional<torch::Tensor>& grad_cy, const torch::Tensor& hx,
+                                            const std::optional<torch::Tensor>& cx, const torch::Tensor& w_hh,
+                                            const torch::Tensor& output, const torch::Tensor& workspace,
+                                            int64_t steps, bool reverse, int sm_count, int64_t smem_per_block) {
+  namespace ps = rnn::persistent;
+  constexpr int G = Cell::kGates;
+  const int64_t H = w_hh.size(1), N = hx.size(0), S = steps * N, GH = G * H;
+  ps::DeviceBudget d;
+  d.sm_count = sm_count;
+  d.smem_per_sm = d.smem_per_block = smem_per_block;
+  d.regs_per_sm = 1 << 20;
+  d.max_threads_per_sm = 1 << 20;
+  d.max_blocks_per_sm = 1;
+  d.cooperative_launch = true;
+  const ps::BackwardPlan plan = ps::make_backward_plan({G, H, N, 4, 32}, d);
+  TORCH_CHECK(plan.fits, "plan: ", plan.reason);
+  const ps::Layout layout{G, H, N, plan.units_per_block};
+  const rnn::WorkspaceLayout wsl = rnn::workspace_layout<Cell>(S, H, false);
+  const auto f32 = [](const torch::Tensor& t) { return t.to(torch::kFloat).contiguous(); };
+  const torch::Tensor go_t = f32(grad_output), w_t = f32(w_hh), out_t = f32(output), ws_t = f32(workspace),
+                      hx_t = f32(hx), cx_t = Cell::kCellState ? f32(*cx) : torch::Tensor();
+  torch::Tensor dh_t = f32(grad_hy).clone(), dc_t = Cell::kCellState ? f32(*grad_cy).clone() : torch::zeros({N, H});
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  torch::Tensor dg_t = torch::full({S, GH}, nan), h_prev_t = torch::full({S, H}, nan);
+  torch::Tensor dgh_t = Cell::kSidesAdd ? dg_t : torch::full({S, GH}, nan);
+  const float *go = go_t.data_ptr<float>(), *w = w_t.data_ptr<float>(), *out = out_t.data_ptr<float>(),
+              *ws = ws_t.data_ptr<float>(), *h0 = hx_t.data_ptr<float>();
+  const float* c0 = Cell::kCellState ? cx_t.data_ptr<float>() : nullptr;
+  float *dh = dh_t.data_ptr<float>(), *dc = dc_t.data_ptr<float>(), *dg = dg_t.data_ptr<float>(),
+        *dgh = dgh_t.data_ptr<float>(), *h_prev = h_prev_t.data_ptr<float>();
+
+  // Each block's W_hh^T slice: row u holds column (first unit + u) of W_hh, G*H long.
+  std::vector<std::vector<float>> wt(plan.grid, std::vector<float>(plan.units_per_block * GH));
+  for (int64_t b = 0; b < plan.grid; ++b)
+    for (int64_t u = 0; u < layout.units(b); ++u)
+      for (int64_t r = 0; r < GH; ++r) wt[b][u * GH + r] = w[r * H + layout.first_unit(b) + u];
+  for (int64_t s = 0; s < steps; ++s) {
+    const int64_t t = ps::Layout::time(steps - 1 - s, steps, reverse);           // backward order
+    const int64_t t_prev = ps::Layout::prev_time(steps - 1 - s, steps, reverse);  // the forward's previous step
+    for (int64_t b = 0; b < plan.grid; ++b)  // phase A
+      for (int64_t u = 0; u < layout.units(b); ++u)
+        for (int64_t n = 0; n < N; ++n) {
+          const int64_t j = layout.first_unit(b) + u, row = t * N + n;
+          const float d_h = go[row * H + j] + dh[n * H + j];
+          float saved[Cell::kSaved];
+          for (int slot = 0; slot < Cell::kSaved; ++slot) saved[slot] = ws[layout.saved_index(row, slot, j, Cell::kSaved)];
+          const float h_before = t_prev < 0 ? h0[n * H + j] : out[(t_prev * N + n) * H + j];
+          float state_prev = h_before, c_cur = 0.f;
+          if (Cell::kCellState) {
+            state_prev = t_prev < 0 ? c0[n * H + j] : ws[wsl.cell + layout.cell_index(t_prev * N + n, j)];
+            c_cur = ws[wsl.cell + layout.cell_index(row, j)];
+          }
+          float d_x[G], d_hside[G], d_direct = 0.f;
+          Cell::backward_thread(d_h, dc[n * H + j], saved, state_prev, c_cur, d_x, d_hside, d_direct);
+          for (int g = 0; g < G; ++g) {
+            dg[row * GH + g * H + j] = d_x[g];
+            if (!Cell::kSidesAdd) dgh[row * GH + g * H + j] = d_hside[g];
+          }
+          h_prev[row * H + j] = h_before;
+          dh[n * H + j] = Cell::kDirectHidden ? d_direct : 0.f;
+        }
+    for (int64_t b = 0; b < plan.grid; ++b) {  // phase B, after the grid barrier
+      std::vector<float> acc(N * plan.units_per_block, 0.f), stage(N * plan.chunk_columns);
+      for (int64_t r0 = 0; r0 < GH; r0 += plan.chunk_columns) {
+        const int64_t width = std::min(plan.chunk_columns, GH - r0);
+        for (int64_t n = 0; n < N; ++n)
+          std::copy(dgh + (t * N + n) * GH + r0, dgh + (t * N + n) * GH + r0 + width,
+                    stage.begin() + n * plan.chunk_columns);
+        for (int64_t tile = 0; tile < layout.tiles(b); ++tile) {
+          const int64_t u = layout.tile_unit(tile);
+          for (int64_t n = layout.tile_row0(tile); n < std::min(N, layout.tile_row0(tile) + ps::kTileRows); ++n)
+            for (int64_t r = 0; r < width; ++r)
+              acc[n * plan.units_per_block + u] += stage[n * plan.chunk_columns + r] * wt[b][u * GH + r0 + r];
+        }
+      }
+      for (int64_t u = 0; u < layout.units(b); ++u)
+        for (int64_t n = 0; n < N; ++n) dh[n * H + layout.first_unit(b) + u] += acc[n * plan.units_per_block + u];
+    }
+  }
+  return {dg_t, dgh_t, h_prev_t, dh_t, dc_t, torch::tensor(plan.chunk_columns)};
+}
+
+std::vector<torch::Tensor> persistent_rnn_emulate_backward(
+    const std::string& cell, const torch::Tensor& grad_output, const torch::Tensor& grad_hy,
+    const std::optional<torch::Tensor>& grad_cy, const torch::Tensor& hx, const std::optional<torch::Tensor>& cx,
+    const torch::Tensor& w_hh, const torch::Tensor& output, const torch::Tensor& workspace, int64_t steps,
+    bool reverse, int sm_count, int64_t smem_per_block) {
+  if (cell == "lstm")
+    return emulate_backward<rnn::LstmCell>(grad_output, grad_hy, grad_cy, hx, cx, w_hh, output, workspace, steps,
+                                           reverse, sm_count, smem_per_block);
+  TORCH_CHECK(cell == "gru", "cell: expected 'lstm' or 'gru', got '", cell, "'");
+  return emulate_backward<rnn::GruCell>(grad_output, grad_hy, grad_cy, hx, cx, w_hh, output, workspace, steps,
+                                        reverse, sm_count, smem_per_block);
+}
+
 std::vector<torch::Tensor> persistent_rnn_emulate(const std::string& cell, const torch::Tensor& gates_x,
                                                   const torch::Tensor& w_hh, const std::optional<torch::Tensor>& b_ih,
                                                   const std::optional<torch::Tensor>& b_hh, const torch::Tensor& hx,
@@ -178,6 +279,13 @@ std::vector<torch::Tensor> persistent_rnn_emulate(const std::string& cell, const
 }  // namespace
 
 void register_persistent_plan(pybind11::module_& m) {
+  m.def("persistent_rnn_emulate_backward", &persistent_rnn_emulate_backward,
+        "the persistent RNN backward kernel's schedule on the host in fp32: (d_gates, d_gates_h, h_prev, grad_hx, "
+        "grad_cx, chunk columns)",
+        pybind11::arg("cell"), pybind11::arg("grad_output"), pybind11::arg("grad_hy"), pybind11::arg("grad_cy"),
+        pybind11::arg("hx"), pybind11::arg("cx"), pybind11::arg("w_hh"), pybind11::arg("output"),
+        pybind11::arg("workspace"), pybind11::arg("steps"), pybind11::arg("reverse"), pybind11::arg("sm_count"),
+        pybind11::arg("smem_per_block"));
   m.def("persistent_rnn_emulate", &persistent_rnn_emulate,
         "the persistent RNN kernel's schedule on the host in fp32: (output, h_last, c_last, workspace)",
         pybind11::arg("cell"), pybind11::arg("gates_x"), pybind11::arg("w_hh"), pybind11::arg("b_ih"),

@@ -204,6 +204,70 @@ inline Plan make_plan(const Problem& p, const DeviceBudget& d) {
   return plan;
 }
 
+// The backward (BPTT) kernel's partition: the same units per block as the forward, each block keeping the
+// W_hh columns of its units (W_hh^T rows: U x G*H, `w_smem_bytes`) for the recurrent gradient
+// dL/dh_{t-1}[n, j] = sum_r dG[n, r] W_hh[r, j]. The gate gradients dG (N x G*H) of every block arrive through
+// global memory in chunks of `chunk_columns` (a multiple of the vector, at most G*H, as wide as fits), staged in
+// `h_smem_bytes` = N x chunk, and the block sums into an N x U fp32 accumulator (`acc_smem_bytes`).
+// Shared memory: [W^T slice | dG chunk | accumulator].
+struct BackwardPlan : Plan {
+  int64_t chunk_columns = 0;
+  int64_t acc_smem_bytes = 0;
+};
+
+inline BackwardPlan make_backward_plan(const Problem& p, const DeviceBudget& d) {
+  using detail::ceil_div;
+  using detail::kib;
+  using detail::num;
+  // The forward's checks (sizes, element type, vector width, cooperative launch) and partition, with a one-row h stage.
+  const Plan forward = make_plan({p.gates, p.hidden, 1, p.element_bytes, p.regs_per_thread}, d);
+  BackwardPlan plan;
+  static_cast<Plan&>(plan) = forward;
+  auto fail = [&](std::string why) {
+    plan.fits = false;
+    plan.reason = std::move(why);
+    return plan;
+  };
+  if (p.batch <= 0) return fail("empty problem (N " + num(p.batch) + ")");
+  if (!forward.fits && forward.reason.rfind("h stage", 0) != 0 && forward.reason.rfind("co-residency", 0) != 0)
+    return plan;  // a cause the batch does not change
+  const int64_t E = p.element_bytes, H = p.hidden, N = p.batch, G = p.gates, GH = G * H;
+  const int64_t U = plan.units_per_block, V = kVectorBytes / E;
+  plan.tiles_per_block = U * ceil_div(N, kTileRows);
+  const int64_t warps = std::min<int64_t>(kMaxWarps, std::max<int64_t>(kMinWarps, plan.tiles_per_block));
+  plan.threads = static_cast<int>(32 * warps);
+  plan.w_smem_bytes = U * GH * E;
+  plan.acc_smem_bytes = N * U * 4;
+  plan.exchange_bytes = N * GH * E;
+  plan.l2_read_bytes = plan.grid * N * GH * E;
+  if (plan.w_smem_bytes + plan.acc_smem_bytes > d.smem_per_block)
+    return fail("weight: the W_hh^T slice of a block (" + kib(plan.w_smem_bytes) + ") exceeds the " +
+                kib(d.smem_per_block) + " of shared memory a block may have");
+  const int64_t room = d.smem_per_block - plan.w_smem_bytes - plan.acc_smem_bytes;
+  plan.chunk_columns = std::min(GH, room / (N * E) / V * V);
+  if (plan.chunk_columns < V)
+    return fail("dG stage: no room for one 16-byte vector of N=" + num(N) + " rows of dG beside the W_hh^T slice (" +
+                kib(plan.w_smem_bytes) + ")");
+  plan.h_smem_bytes = N * plan.chunk_columns * E;
+  plan.smem_bytes = plan.w_smem_bytes + plan.h_smem_bytes + plan.acc_smem_bytes;
+  const int64_t regs_per_warp = ceil_div(static_cast<int64_t>(std::max(p.regs_per_thread, 1)) * 32, 256) * 256;
+  const int64_t block_regs = regs_per_warp * warps;
+  if (block_regs > d.regs_per_sm)
+    return fail("registers: " + num(plan.threads) + " threads x " + num(p.regs_per_thread) + " registers exceed the " +
+                num(d.regs_per_sm) + " of an SM");
+  int64_t per_sm = d.max_blocks_per_sm > 0 ? d.max_blocks_per_sm : 1;
+  per_sm = std::min(per_sm, d.smem_per_sm / (plan.smem_bytes + d.smem_reserved_per_block));
+  per_sm = std::min(per_sm, d.regs_per_sm / block_regs);
+  if (d.max_threads_per_sm > 0) per_sm = std::min<int64_t>(per_sm, d.max_threads_per_sm / plan.threads);
+  plan.blocks_per_sm = static_cast<int>(per_sm);
+  if (per_sm * d.sm_count < plan.grid)
+    return fail("co-residency: a grid of " + num(plan.grid) + " blocks exceeds the " + num(per_sm * d.sm_count) +
+                " blocks that can be resident at once");
+  plan.fits = true;
+  plan.reason.clear();
+  return plan;
+}
+
 }  // namespace persistent
 }  // namespace rnn
 }  // namespace genfast
