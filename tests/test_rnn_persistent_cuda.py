@@ -75,17 +75,25 @@ def persistent_layers():
     return rnn_persistent.last_path()["persistent_layers"]
 
 
-def require_plan(cell, H, N, dtype):
+def persistent_backward_layers():
+    return rnn_persistent.last_path()["persistent_backward_layers"]
+
+
+def require_plan(cell, H, N, dtype, backward=False):
     """Skip where this GPU cannot hold the layer on chip (csrc/rnn/persistent_plan.h with its numbers and the
-    register cap of the kernel's launch bounds, so a layer this says fits also fits at the kernel's real count)."""
+    register cap of the kernel's launch bounds, so a layer this says fits also fits at the kernel's real count).
+    backward=True: whether the backward kernel's plan fits (no skip)."""
     probe = pytest.importorskip("genfast._probe")
     d = torch.cuda.get_device_properties(0)
     per_sm = d.shared_memory_per_multiprocessor
     # Not every torch exposes these two: then the per-SM size less the 1 KiB a block reserves, and 64K registers.
     per_block = getattr(d, "shared_memory_per_block_optin", per_sm - 1024)
     regs = getattr(d, "regs_per_multiprocessor", 65536)
-    plan = probe.persistent_rnn_plan(CELLS[cell].gates, H, N, torch.finfo(dtype).bits // 8, d.multi_processor_count,
-                                     per_sm, per_block, 1024, regs, d.max_threads_per_multi_processor, 32, True, 128)
+    plan_of = probe.persistent_rnn_backward_plan if backward else probe.persistent_rnn_plan
+    plan = plan_of(CELLS[cell].gates, H, N, torch.finfo(dtype).bits // 8, d.multi_processor_count,
+                   per_sm, per_block, 1024, regs, d.max_threads_per_multi_processor, 32, True, 128)
+    if backward:
+        return plan["fits"]
     if not plan["fits"]:
         pytest.skip(f"the layer does not fit on {d.name}: {plan['reason']}")
 
@@ -109,10 +117,13 @@ def test_persistent_fp32_matches_torch(cell, shape, config, train):
     directions = 2 if config["bidirectional"] else 1
     hx = states(cell, config["num_layers"] * directions, N, H, torch.float32, gen)
     expected = run(theirs, x, hx, train)
-    before = persistent_layers()
+    before, before_backward = persistent_layers(), persistent_backward_layers()
     got = run(ours, x, hx, train)
     layers = config["num_layers"] * directions
     assert persistent_layers() - before == layers, rnn_persistent.last_path()
+    # Training: the persistent backward kernel too (padded input), wherever its own plan fits.
+    if train and require_plan(cell, H, N, torch.float32, backward=True):
+        assert persistent_backward_layers() - before_backward == layers, rnn_persistent.last_path()
     assert got.keys() == expected.keys()
     # Long dot products (K = H up to 1024) in a different order: scale the fp32 tolerance with sqrt(H / 64).
     scale = max(1.0, (H / 64) ** 0.5)
@@ -139,9 +150,11 @@ def test_persistent_half_within_2x_of_cudnn_error(cell, dtype, shape, train):
     with rnn_persistent.enabled(False):
         oracle = run(oracle_module, x.double(), hx64, train)
     their = run(theirs, x, hx, train)
-    before = persistent_layers()
+    before, before_backward = persistent_layers(), persistent_backward_layers()
     our = run(ours, x, hx, train)
     assert persistent_layers() - before == 1, rnn_persistent.last_path()
+    if train and require_plan(cell, H, N, dtype, backward=True):
+        assert persistent_backward_layers() - before_backward == 1, rnn_persistent.last_path()
     eps = torch.finfo(dtype).eps
     for key, exact in oracle.items():
         their_err = (their[key] - exact).abs().max().item()
@@ -219,9 +232,14 @@ def test_persistent_packed_matches_torch(cell, train):
             got.update({f"grad_{n}": p.grad for n, p in module.named_parameters()})
         return got
 
+    before_backward = persistent_backward_layers()
     expected, got = results(theirs), results(ours)
     assert persistent_layers() - before == 4, rnn_persistent.last_path()
-    assert "packed" in rnn_persistent.last_path()["reason"]
+    if train:  # the backward of packed input is the per-step loop's, on what the persistent forward saved
+        assert persistent_backward_layers() == before_backward
+        assert rnn_persistent.last_path()["reason"].startswith("backward: packed input")
+    else:
+        assert "packed" in rnn_persistent.last_path()["reason"]
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], **TOLERANCES[torch.float32],
                                    msg=lambda m, k=key: f"{k}: {m}")

@@ -315,7 +315,8 @@ def test_switch_and_info_report(monkeypatch):
     if _extension.available() and _extension.load().cuda_built():
         assert path["path"] in ("none", "per-step", "persistent") and path["reason"]
     else:
-        assert path == {"path": None, "reason": "genfast._C has no CUDA kernels", "persistent_layers": 0}
+        assert path == {"path": None, "reason": "genfast._C has no CUDA kernels", "persistent_layers": 0,
+                        "persistent_backward_layers": 0}
 
 
 # ------------------------------------------------------------------ the backward (BPTT) kernel's schedule, emulated
@@ -368,3 +369,50 @@ def test_emulated_backward_schedule_matches_torch_autograd(cell, shape, reverse)
     torch.testing.assert_close(grad_hx.double(), h0.grad[0], **tol)
     if cell == "lstm":
         torch.testing.assert_close(grad_cx.double(), c0.grad[0], **tol)
+
+
+# ------------------------------------------------------------------ the backward kernel's partition
+def backward_plan(cell, H, N, element_bytes, device=H200, regs=REGS, **override):
+    d = {**device, **override}
+    return probe.persistent_rnn_backward_plan(GATES[cell], H, N, element_bytes, d["sm_count"], d["smem_per_sm"],
+                                              d["smem_per_block"], d["smem_reserved_per_block"], d["regs_per_sm"],
+                                              d["max_threads_per_sm"], d["max_blocks_per_sm"],
+                                              d["cooperative_launch"], regs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cell", GATES)
+@pytest.mark.parametrize("element_bytes", (4, 2), ids=("fp32", "16bit"))
+def test_backward_plan_over_shapes(device, cell, element_bytes):
+    d, G = DEVICES[device], GATES[cell]
+    for H, N in SHAPES:
+        p, forward = backward_plan(cell, H, N, element_bytes, d), plan(cell, H, N, element_bytes, d)
+        if not p["fits"]:
+            assert p["reason"], (H, N)
+            continue
+        # The forward's partition of units; the W^T slice (G*H of each unit's W_hh column), the chunk of dG and the
+        # fp32 accumulator within a block's budget; the chunk a whole number of vectors, at most G*H.
+        assert p["units_per_block"] == forward["units_per_block"] and p["grid"] == forward["grid"]
+        assert p["block_units"] == forward["block_units"]
+        U, V, chunk = p["units_per_block"], 16 // element_bytes, p["chunk_columns"]
+        assert p["w_smem_bytes"] == U * G * H * element_bytes and p["acc_smem_bytes"] == N * U * 4
+        assert 0 < chunk <= G * H and chunk % V == 0
+        assert p["h_smem_bytes"] == N * chunk * element_bytes
+        assert p["smem_bytes"] == p["w_smem_bytes"] + p["h_smem_bytes"] + p["acc_smem_bytes"] <= d["smem_per_block"]
+        # As wide as fits: one more vector would not.
+        assert chunk == G * H or p["smem_bytes"] + N * V * element_bytes > d["smem_per_block"]
+        assert p["blocks_per_sm"] * d["sm_count"] >= p["grid"]
+
+
+def test_backward_plan_hand_computed():
+    # bf16 LSTM H=512, N=64 on an H200: W^T slice 4 x 2048 x 2 = 16 KiB, acc 64 x 4 x 4 = 1 KiB; the rest of 227 KiB
+    # holds 215040 / 128 = 1680 columns of dG's 2048.
+    p = backward_plan("lstm", 512, 64, 2)
+    assert p["fits"] and p["chunk_columns"] == 1680 and p["smem_bytes"] == 16384 + 64 * 1680 * 2 + 1024
+    # fp32 LSTM H=1024, N=64, which the forward cannot stage: 128 KiB of W^T, 2 KiB of acc, dG in chunks of 388.
+    assert not plan("lstm", 1024, 64, 4)["fits"]
+    p = backward_plan("lstm", 1024, 64, 4)
+    assert p["fits"] and p["chunk_columns"] == 388
+    # H=2048 fp32: 512 KiB of W^T slice per block.
+    assert backward_plan("lstm", 2048, 1, 4)["reason"].startswith("weight")
+    assert backward_plan("gru", 100, 4, 2)["reason"].startswith("H=100 is not a multiple of 8")

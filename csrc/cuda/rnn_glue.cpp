@@ -257,6 +257,34 @@ BackwardResult rnn_backward(const LayerArgs& a, const rnn::BackwardArgs& g, bool
   // Recurrent dropout: the recurrent product dL/d(h_{t-1} * r), before it is multiplied by r.
   const Tensor recurrent_grad = recurrent_mask.defined() ? at::empty({N, H_out}, options) : Tensor();
 
+  // Issue 20: the persistent backward kernel runs the whole loop instead, when GENFAST_RNN_PERSISTENT=1 and the
+  // layer fits (csrc/cuda/rnn_persistent_glue.h); it fills d_gates, d_gates_h, h_prev and the state gradients.
+  bool persistent = false;
+  {
+    PersistentBackwardLayer layer;
+    layer.w_hh = w_hh_c;
+    layer.grad_output = go2d;
+    layer.hx = hx_c;
+    layer.cx = cx_c;
+    layer.output = out2d;
+    layer.saved = ws.narrow(0, 0, S * Cell::kSaved * H);
+    if (Cell::kCellState) layer.saved_c = ws.narrow(0, layout.cell, S * H);
+    layer.dh_state = dh_state;
+    layer.dc_state = dc_state;
+    layer.d_gates = d_gates;
+    layer.d_gates_h = d_gates_h;
+    layer.h_prev = h_prev;
+    layer.steps = sc.steps;
+    layer.batch = N;
+    layer.hidden = H;
+    layer.reverse = reverse;
+    layer.packed = a.batch_sizes.has_value() && a.batch_sizes->defined();
+    layer.projected = projected;
+    layer.regularized = zoneout.defined() || cell_zoneout.defined() || recurrent_mask.defined();
+    persistent = run_persistent_backward<Cell>(layer);
+  }
+
+  if (!persistent)
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.input.scalar_type(), "genfast::rnn_backward_cuda", [&] {
     using K = typename KernelType<scalar_t>::type;
     const K* saved = data<K>(ws);

@@ -31,17 +31,18 @@ struct PathRecord {
 };
 std::mutex record_mutex;
 PathRecord last_record;
-int64_t persistent_layers = 0;  // layers the persistent kernel ran since the library loaded
+int64_t persistent_layers = 0;           // forward layers the persistent kernel ran since the library loaded
+int64_t persistent_backward_layers = 0;  // and backward layers
 
-void record(const char* path, std::string reason) {
+void record(const char* path, std::string reason, bool backward = false) {
   const std::lock_guard<std::mutex> lock(record_mutex);
   last_record.path = path;
-  last_record.reason = std::move(reason);
-  if (last_record.path == "persistent") ++persistent_layers;
+  last_record.reason = backward ? "backward: " + reason : std::move(reason);
+  if (last_record.path == "persistent") ++(backward ? persistent_backward_layers : persistent_layers);
 }
 
-bool per_step(std::string reason) {
-  record("per-step", std::move(reason));
+bool per_step(std::string reason, bool backward = false) {
+  record("per-step", std::move(reason), backward);
   return false;
 }
 
@@ -169,7 +170,96 @@ bool launch(const PersistentLayer& l) {
   return true;
 }
 
+template <typename Cell, typename K>
+bool launch_backward(const PersistentBackwardLayer& l) {
+  const int device = l.d_gates.get_device();
+  const rnn::persistent::DeviceBudget budget = device_budget(device);
+  static std::mutex cache_mutex;
+  static std::map<std::tuple<int, int, int64_t>, std::pair<int, int>> occupancy;  // -> (registers, resident)
+  const auto ask = [&](int threads, int64_t smem) {
+    const std::lock_guard<std::mutex> lock(cache_mutex);
+    auto found = occupancy.find({device, threads, smem});
+    if (found == occupancy.end()) {
+      int regs = 0, resident = 0;
+      C10_CUDA_CHECK((persistent_backward_occupancy<Cell, K>(threads, smem, &regs, &resident)));
+      found = occupancy.emplace(std::make_tuple(device, threads, smem), std::make_pair(regs, resident)).first;
+    }
+    return found->second;
+  };
+  const int regs = ask(32 * rnn::persistent::kMinWarps, 0).first;
+  const rnn::persistent::BackwardPlan plan = rnn::persistent::make_backward_plan(
+      {Cell::kGates, l.hidden, l.batch, static_cast<int>(sizeof(K)), regs}, budget);
+  if (!plan.fits) return per_step(std::string("plan: ") + plan.reason, true);
+  const int resident = ask(plan.threads, plan.smem_bytes).second;
+  if (static_cast<int64_t>(resident) * budget.sm_count < plan.grid)
+    return per_step("runtime occupancy: " + std::to_string(resident) + " resident blocks per SM x " +
+                    std::to_string(budget.sm_count) + " SMs < grid " + std::to_string(plan.grid), true);
+  PersistentBackwardArgs<K> args;
+  args.steps = l.steps;
+  args.batch = l.batch;
+  args.hidden = l.hidden;
+  args.reverse = l.reverse;
+  args.w_hh = ptr<K>(l.w_hh);
+  args.grad_output = ptr<K>(l.grad_output);
+  args.hx = ptr<K>(l.hx);
+  args.cx = ptr<K>(l.cx);
+  args.output = ptr<K>(l.output);
+  args.saved = ptr<K>(l.saved);
+  args.saved_c = ptr<K>(l.saved_c);
+  const at::Tensor dh32 = l.dh_state.to(at::kFloat).contiguous();  // the same tensor when it is fp32 already
+  args.dh_state = ptr<float>(dh32);
+  args.dc_state = Cell::kCellState ? ptr<float>(l.dc_state) : nullptr;
+  args.d_gates = ptr<K>(l.d_gates);
+  args.d_gates_h = Cell::kSidesAdd ? nullptr : ptr<K>(l.d_gates_h);
+  args.h_prev = ptr<K>(l.h_prev);
+  PersistentLaunch shape;
+  shape.grid = plan.grid;
+  shape.threads = plan.threads;
+  shape.units_per_block = plan.units_per_block;
+  shape.smem_bytes = plan.smem_bytes;
+  shape.chunk_columns = plan.chunk_columns;
+  const cudaError_t status =
+      persistent_backward<Cell, K>(args, shape, c10::cuda::getCurrentCUDAStream(device).stream());
+  if (status == cudaErrorCooperativeLaunchTooLarge) {
+    (void)cudaGetLastError();
+    return per_step("cooperative launch of " + std::to_string(plan.grid) + " blocks refused (too large)", true);
+  }
+  C10_CUDA_CHECK(status);
+  if (!dh32.is_same(l.dh_state)) l.dh_state.copy_(dh32);
+  record("persistent",
+         std::string(Cell::kName) + " T=" + std::to_string(l.steps) + " N=" + std::to_string(l.batch) + " H=" +
+             std::to_string(l.hidden) + ": grid " + std::to_string(plan.grid) + " x " + std::to_string(plan.threads) +
+             " threads, dG in chunks of " + std::to_string(plan.chunk_columns) + " columns",
+         true);
+  return true;
+}
+
 }  // namespace
+
+template <typename Cell>
+bool run_persistent_backward(const PersistentBackwardLayer& l) {
+  if (!persistent_enabled())
+    return per_step("GENFAST_RNN_PERSISTENT is not 1 (the persistent kernel is opt-in)", true);
+  if (l.packed) return per_step("packed input (batch_sizes): the persistent backward runs padded sequences only", true);
+  if (l.projected) return per_step("proj_size: the persistent kernel has no projection", true);
+  if (l.regularized) return per_step("zoneout / recurrent dropout: the persistent kernel has no regularisers", true);
+  const at::ScalarType dtype = l.d_gates.scalar_type();
+  if (dtype != at::kFloat && dtype != at::kHalf && dtype != at::kBFloat16)
+    return per_step(std::string("dtype ") + c10::toString(dtype) + ": the persistent kernel runs fp32, fp16, bf16",
+                    true);
+  if (l.steps == 0 || l.batch == 0) return per_step("empty sequence or batch", true);
+  // dG is read back in 16-byte vectors: the buffers are the glue's own allocations.
+  if (!aligned16(l.d_gates) || !aligned16(l.d_gates_h)) return per_step("d_gates is not 16-byte aligned", true);
+  bool ran = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "genfast::rnn_persistent_backward", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>)
+      ran = launch_backward<Cell, typename KernelType<scalar_t>::type>(l);
+  });
+  return ran;
+}
+
+template bool run_persistent_backward<rnn::LstmCell>(const PersistentBackwardLayer&);
+template bool run_persistent_backward<rnn::GruCell>(const PersistentBackwardLayer&);
 
 template <typename Cell>
 bool run_persistent_forward(const PersistentLayer& l) {
@@ -197,11 +287,11 @@ template bool run_persistent_forward<rnn::LstmCell>(const PersistentLayer&);
 template bool run_persistent_forward<rnn::GruCell>(const PersistentLayer&);
 
 namespace {
-// The path the latest CUDA LSTM/GRU layer took ("persistent", "per-step", or "none" before any), why, and
-// how many layers the persistent kernel has run since the library loaded.
-std::tuple<std::string, std::string, int64_t> rnn_cuda_path() {
+// The path the latest CUDA LSTM/GRU layer call (forward or backward) took ("persistent", "per-step", or "none"
+// before any), why, and how many forward and backward layers the persistent kernels have run since loading.
+std::tuple<std::string, std::string, int64_t, int64_t> rnn_cuda_path() {
   const std::lock_guard<std::mutex> lock(record_mutex);
-  return {last_record.path, last_record.reason, persistent_layers};
+  return {last_record.path, last_record.reason, persistent_layers, persistent_backward_layers};
 }
 }  // namespace
 
@@ -211,5 +301,6 @@ std::tuple<std::string, std::string, int64_t> rnn_cuda_path() {
 TORCH_LIBRARY_FRAGMENT(genfast, m) {
   // Debug query, no tensors: which path the latest CUDA LSTM/GRU layer took, why, and how many layers the
   // persistent kernel has run (genfast.info(), the benchmark's `persistent` provider, the CUDA tests).
-  m.def("rnn_cuda_path() -> (str path, str reason, int persistent_layers)", &genfast::cuda::rnn_cuda_path);
+  m.def("rnn_cuda_path() -> (str path, str reason, int persistent_layers, int persistent_backward_layers)",
+        &genfast::cuda::rnn_cuda_path);
 }

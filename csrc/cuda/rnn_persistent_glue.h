@@ -38,5 +38,27 @@ struct PersistentLayer {
 template <typename Cell>
 bool run_persistent_forward(const PersistentLayer& layer);
 
+// The backward of one layer and direction as rnn_backward has it set up (padded input only).
+struct PersistentBackwardLayer {
+  at::Tensor w_hh;         // (G*H, H), contiguous
+  at::Tensor grad_output;  // (T*N, H), contiguous
+  at::Tensor hx, cx;       // (N, H), contiguous; cx for cells with a cell state
+  at::Tensor output;       // (T*N, H): the forward's output
+  at::Tensor saved;        // (T*N * kSaved*H) view of the workspace
+  at::Tensor saved_c;      // cells with a cell state: (T*N * H) view of the workspace
+  at::Tensor dh_state;     // (N, H), the input's dtype: grad_hy in, grad_hx out (the kernel carries it in fp32)
+  at::Tensor dc_state;     // (N, H) float: grad_cy in, grad_cx out; cells with a cell state
+  at::Tensor d_gates, d_gates_h;  // (T*N, G*H); d_gates_h the same tensor when the cell's sides add
+  at::Tensor h_prev;       // (T*N, H)
+  int64_t steps = 0, batch = 0, hidden = 0;
+  bool reverse = false;
+  bool packed = false, projected = false, regularized = false;
+};
+
+// Runs the backward on the persistent kernel when enabled and its plan fits (filling d_gates, d_gates_h, h_prev,
+// dh_state, dc_state); returns false (and records why) when the per-step loop must run instead.
+template <typename Cell>
+bool run_persistent_backward(const PersistentBackwardLayer& layer);
+
 }  // namespace cuda
 }  // namespace genfast

@@ -18,6 +18,7 @@ namespace genfast::probe {
 
 namespace {
 
+template <bool kBackward>
 pybind11::dict persistent_rnn_plan(int gates, int64_t hidden, int64_t batch, int element_bytes, int sm_count,
                                    int64_t smem_per_sm, int64_t smem_per_block, int64_t smem_reserved_per_block,
                                    int64_t regs_per_sm, int max_threads_per_sm, int max_blocks_per_sm,
@@ -32,8 +33,15 @@ pybind11::dict persistent_rnn_plan(int gates, int64_t hidden, int64_t batch, int
   d.max_threads_per_sm = max_threads_per_sm;
   d.max_blocks_per_sm = max_blocks_per_sm;
   d.cooperative_launch = cooperative_launch;
-  const ps::Plan plan = ps::make_plan({gates, hidden, batch, element_bytes, regs_per_thread}, d);
+  const ps::Problem problem{gates, hidden, batch, element_bytes, regs_per_thread};
+  ps::BackwardPlan backward;
+  if (kBackward) backward = ps::make_backward_plan(problem, d);
+  const ps::Plan plan = kBackward ? static_cast<const ps::Plan&>(backward) : ps::make_plan(problem, d);
   pybind11::dict out;
+  if (kBackward) {
+    out["chunk_columns"] = backward.chunk_columns;
+    out["acc_smem_bytes"] = backward.acc_smem_bytes;
+  }
   out["fits"] = plan.fits;
   out["reason"] = plan.reason;
   out["grid"] = plan.grid;
@@ -291,7 +299,13 @@ void register_persistent_plan(pybind11::module_& m) {
         pybind11::arg("cell"), pybind11::arg("gates_x"), pybind11::arg("w_hh"), pybind11::arg("b_ih"),
         pybind11::arg("b_hh"), pybind11::arg("hx"), pybind11::arg("cx"), pybind11::arg("steps"),
         pybind11::arg("batch_sizes"), pybind11::arg("reverse"), pybind11::arg("sm_count"));
-  m.def("persistent_rnn_plan", &persistent_rnn_plan,
+  m.def("persistent_rnn_backward_plan", &persistent_rnn_plan<true>,
+        "the persistent RNN backward kernel's partition (make_backward_plan; the arguments of persistent_rnn_plan)",
+        pybind11::arg("gates"), pybind11::arg("hidden"), pybind11::arg("batch"), pybind11::arg("element_bytes"),
+        pybind11::arg("sm_count"), pybind11::arg("smem_per_sm"), pybind11::arg("smem_per_block"),
+        pybind11::arg("smem_reserved_per_block"), pybind11::arg("regs_per_sm"), pybind11::arg("max_threads_per_sm"),
+        pybind11::arg("max_blocks_per_sm"), pybind11::arg("cooperative_launch"), pybind11::arg("regs_per_thread"));
+  m.def("persistent_rnn_plan", &persistent_rnn_plan<false>,
         "the persistent RNN kernel's partition of a layer on a described device (csrc/rnn/persistent_plan.h)",
         pybind11::arg("gates"), pybind11::arg("hidden"), pybind11::arg("batch"), pybind11::arg("element_bytes"),
         pybind11::arg("sm_count"), pybind11::arg("smem_per_sm"), pybind11::arg("smem_per_block"),
