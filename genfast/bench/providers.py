@@ -211,9 +211,9 @@ def genfast_rnn(work: RnnWorkload):
 
 
 def persistent_rnn(work: RnnWorkload):
-    """genfast.nn.LSTM/GRU on the persistent kernel of issue 20 (GENFAST_RNN_PERSISTENT=1, kernels forced). One
-    checked call first: where a layer took the per-step path the provider is unavailable, with the reason, so the
-    column never times the per-step path under this name."""
+    """genfast.nn.LSTM/GRU on the persistent kernels of issue 20 (GENFAST_RNN_PERSISTENT=1, kernels forced). One
+    checked call first: where the forward (or, training, the backward) took the per-step path the provider is
+    unavailable, with the reason, so the column never times the per-step path under this name."""
     _needs_cuda(work.device, "the persistent RNN kernel is CUDA-only")
     persistent = _import_genfast("genfast.rnn_persistent")
     run = genfast_rnn(work)
@@ -225,8 +225,11 @@ def persistent_rnn(work: RnnWorkload):
     before = persistent.last_path()
     run_persistent()
     after = persistent.last_path()
-    if after["path"] != "persistent" or after["persistent_layers"] <= before["persistent_layers"]:
+    if after["persistent_layers"] <= before["persistent_layers"]:
         raise Unavailable("per-step", f"the persistent kernel did not run: {after['reason']}")
+    # Training: the backward kernel too (a training row is never half persistent under this name).
+    if work.training and after["persistent_backward_layers"] <= before.get("persistent_backward_layers", 0):
+        raise Unavailable("per-step", f"the persistent backward did not run: {after['reason']}")
     return run_persistent
 
 
