@@ -1,12 +1,12 @@
-"""The persistent CUDA LSTM/GRU forward kernel (issue 20): its switch and the record of the path taken.
+"""The persistent CUDA LSTM/GRU kernels (issue 20): their switch and the record of the path taken.
 
 Opt-in until a GPU session measures it: ``GENFAST_RNN_PERSISTENT=1`` in the environment (read by the CUDA
 glue at every layer call, so setting ``os.environ`` in a running process takes effect), or the
 ``enabled()`` context manager. When on, each CUDA LSTM/GRU layer and direction whose shape fits on chip
 (csrc/rnn/persistent_plan.h) runs as one cooperative kernel launch; every other layer runs the per-step
 path, and ``last_path()`` says which ran last and why. Training runs the persistent backward (BPTT) kernel too
-where it fits (padded input), else the per-step backward on what the persistent forward saved. genfast.routing's rules still apply to the
-drop-in modules (fp32 and long bf16 sequences go to cuDNN unless the kernels are forced).
+where it fits, else the per-step backward on what the persistent forward saved. genfast.routing's rules still
+apply to the drop-in modules (fp32 and long bf16 sequences go to cuDNN unless the kernels are forced).
 """
 from __future__ import annotations
 

@@ -356,7 +356,7 @@ def test_emulated_backward_schedule_matches_torch_autograd(cell, shape, reverse)
         cell, weights[0].reshape(T * N, H).float(), weights[1][0].float(),
         weights[2][0].float() if cell == "lstm" else None, h0.detach()[0].float(),
         c0.detach()[0].float() if cell == "lstm" else None, p["weight_hh_l0"].float(), output, workspace, T,
-        reverse, sms, smem)
+        None, reverse, sms, smem)
     if smem < 8192:
         assert 0 < int(chunk) < GATES[cell] * H  # the dG columns really came in several chunks
     d_gates, d_gates_h, h_prev = d_gates.double(), d_gates_h.double(), h_prev.double()
@@ -416,3 +416,54 @@ def test_backward_plan_hand_computed():
     # H=2048 fp32: 512 KiB of W^T slice per block.
     assert backward_plan("lstm", 2048, 1, 4)["reason"].startswith("weight")
     assert backward_plan("gru", 100, 4, 2)["reason"].startswith("H=100 is not a multiple of 8")
+
+
+@pytest.mark.parametrize("cell", GATES)
+@pytest.mark.parametrize("lengths", [(6, 6, 3, 1), (5, 4, 4, 2, 2, 1)], ids=["4rows", "6rows"])
+@pytest.mark.parametrize("smem", [227 * 1024, 1024], ids=["wide", "chunked"])
+def test_emulated_backward_schedule_packed_matches_torch_autograd(cell, lengths, smem):
+    # Packed, both directions of a bidirectional layer: rows join (forward's backward, walking back in time) or
+    # leave (reverse) the active prefix; grad_hx of each row is what its first step passes back.
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    I, H, N, T = 5, 12, len(lengths), lengths[0]
+    torch.manual_seed(4)
+    module = (torch.nn.LSTM if cell == "lstm" else torch.nn.GRU)(I, H, bidirectional=True).double()
+    x = torch.randn(T, N, I, dtype=torch.float64)
+    packed = pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=True)
+    data = packed.data.clone().requires_grad_()
+    h0 = (torch.randn(2, N, H, dtype=torch.float64) * 0.5).requires_grad_()
+    c0 = (torch.randn(2, N, H, dtype=torch.float64) * 0.5).requires_grad_()
+    inp = torch.nn.utils.rnn.PackedSequence(data, packed.batch_sizes)
+    out, final = module(inp, (h0, c0) if cell == "lstm" else h0)
+    finals = list(final) if cell == "lstm" else [final]
+    gen = torch.Generator().manual_seed(5)
+    weights = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in [out.data, *finals]]
+    sum((t * w).sum() for t, w in zip([out.data, *finals], weights)).backward()
+
+    tol = dict(atol=2e-5, rtol=1e-4)
+    grad_data = torch.zeros_like(data)
+    for direction, suffix in enumerate(("", "_reverse")):
+        w = {name: getattr(module, name + suffix).detach() for name in
+             ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")}
+        grads = {name: getattr(module, name + suffix).grad for name in w}
+        gates_x = (packed.data @ w["weight_ih_l0"].T).float()
+        h_init = h0.detach()[direction].float()
+        c_init = c0.detach()[direction].float() if cell == "lstm" else None
+        output, _, _, workspace = probe.persistent_rnn_emulate(
+            cell, gates_x, w["weight_hh_l0"].float(), w["bias_ih_l0"].float(), w["bias_hh_l0"].float(), h_init,
+            c_init, T, packed.batch_sizes, direction == 1, 3)
+        d_gates, d_gates_h, h_prev, grad_hx, grad_cx, _ = probe.persistent_rnn_emulate_backward(
+            cell, weights[0][:, direction * H:(direction + 1) * H].float(), weights[1][direction].float(),
+            weights[2][direction].float() if cell == "lstm" else None, h_init, c_init, w["weight_hh_l0"].float(),
+            output, workspace, T, packed.batch_sizes, direction == 1, 3, smem)
+        d_gates, d_gates_h, h_prev = d_gates.double(), d_gates_h.double(), h_prev.double()
+        grad_data += d_gates @ w["weight_ih_l0"]
+        torch.testing.assert_close(d_gates.T @ packed.data, grads["weight_ih_l0"], **tol)
+        torch.testing.assert_close(d_gates_h.T @ h_prev, grads["weight_hh_l0"], **tol)
+        torch.testing.assert_close(d_gates.sum(0), grads["bias_ih_l0"], **tol)
+        torch.testing.assert_close(d_gates_h.sum(0), grads["bias_hh_l0"], **tol)
+        torch.testing.assert_close(grad_hx.double(), h0.grad[direction], **tol)
+        if cell == "lstm":
+            torch.testing.assert_close(grad_cx.double(), c0.grad[direction], **tol)
+    torch.testing.assert_close(grad_data, data.grad, **tol)

@@ -278,7 +278,10 @@ BackwardResult rnn_backward(const LayerArgs& a, const rnn::BackwardArgs& g, bool
     layer.batch = N;
     layer.hidden = H;
     layer.reverse = reverse;
-    layer.packed = a.batch_sizes.has_value() && a.batch_sizes->defined();
+    if (a.batch_sizes.has_value() && a.batch_sizes->defined()) {
+      layer.step_rows = sc.active;
+      layer.step_offset = sc.offset;
+    }
     layer.projected = projected;
     layer.regularized = zoneout.defined() || cell_zoneout.defined() || recurrent_mask.defined();
     persistent = run_persistent_backward<Cell>(layer);

@@ -207,18 +207,23 @@ __global__ void __launch_bounds__(kMaxThreads, 1) persistent_backward_kernel(con
   for (int64_t s = 0; s < a.steps; ++s) {
     const int64_t p = a.steps - 1 - s;  // the forward's p-th step, in reverse
     const int64_t t = layout.time(p, a.steps, a.reverse), t_prev = layout.prev_time(p, a.steps, a.reverse);
-    // Phase A: the cell's backward of each (row, unit) of the block.
-    for (int64_t i = threadIdx.x; i < units * N; i += blockDim.x) {
-      const int64_t n = i / units, j = unit0 + (i - n * units), row = t * N + n;
+    const int64_t rows = layout.rows(a.step_rows, t), row0 = layout.offset(a.step_offset, t);
+    const int64_t rows_prev = t_prev < 0 ? 0 : layout.rows(a.step_rows, t_prev);
+    const int64_t prev0 = t_prev < 0 ? 0 : layout.offset(a.step_offset, t_prev);
+    // Phase A: the cell's backward of each active (row, unit) of the block. A row continues from the forward's
+    // previous step when that step had it, else it started here from hx (cx).
+    for (int64_t i = threadIdx.x; i < units * rows; i += blockDim.x) {
+      const int64_t n = i / units, j = unit0 + (i - n * units), row = row0 + n;
+      const bool continues = n < rows_prev;
       const A d_h = to_acc(a.grad_output[row * H + j]) + a.dh_state[n * H + j];
       A saved[Cell::kSaved];
 #pragma unroll
       for (int slot = 0; slot < Cell::kSaved; ++slot)
         saved[slot] = to_acc(a.saved[layout.saved_index(row, slot, j, Cell::kSaved)]);
-      const T h_before = t_prev < 0 ? a.hx[n * H + j] : a.output[(t_prev * N + n) * H + j];
+      const T h_before = continues ? a.output[(prev0 + n) * H + j] : a.hx[n * H + j];
       A state_prev = to_acc(h_before), c_cur = A(0), no_cell_state = A(0);
       if (Cell::kCellState) {
-        state_prev = to_acc(t_prev < 0 ? a.cx[n * H + j] : a.saved_c[layout.cell_index(t_prev * N + n, j)]);
+        state_prev = to_acc(continues ? a.saved_c[layout.cell_index(prev0 + n, j)] : a.cx[n * H + j]);
         c_cur = to_acc(a.saved_c[layout.cell_index(row, j)]);
       }
       A* d_c = Cell::kCellState ? a.dc_state + n * H + j : &no_cell_state;
@@ -234,19 +239,20 @@ __global__ void __launch_bounds__(kMaxThreads, 1) persistent_backward_kernel(con
     }
     grid.sync();
 
-    // Phase B: dL/dh_{t-1} of the block's units += dG_t W_hh, over chunks of dG's columns.
+    // Phase B: dL/dh_{t-1} of the block's units += dG_t W_hh for the active rows, over chunks of dG's columns.
     for (int64_t i = threadIdx.x; i < N * U; i += blockDim.x) acc[i] = A(0);
     for (int64_t r0 = 0; r0 < GH; r0 += chunk) {
       const int64_t width = min(chunk, GH - r0), wv = width / V, cv = chunk / V;
       __syncthreads();  // the previous chunk is read (and acc zeroed)
-      const uint4* src = reinterpret_cast<const uint4*>(d_rec + t * N * GH + r0);
-      for (int64_t i = threadIdx.x; i < N * wv; i += blockDim.x) {
+      const uint4* src = reinterpret_cast<const uint4*>(d_rec + row0 * GH + r0);
+      for (int64_t i = threadIdx.x; i < rows * wv; i += blockDim.x) {
         const int64_t n = i / wv, v = i - n * wv;
         stage_v[n * cv + v] = __ldcg(src + n * (GH / V) + v);
       }
       __syncthreads();
       for (int64_t tile = warp; tile < layout.tiles(block); tile += warps) {
         const int64_t u = layout.tile_unit(tile), n0 = layout.tile_row0(tile);
+        if (n0 >= rows) continue;  // rows whose sequences are not active at this step (packed input)
         A part[kTileRows];
 #pragma unroll
         for (int r = 0; r < kTileRows; ++r) part[r] = A(0);
@@ -254,17 +260,17 @@ __global__ void __launch_bounds__(kMaxThreads, 1) persistent_backward_kernel(con
           const uint4 w = w_t_v[(u * GH + r0) / V + v];
 #pragma unroll
           for (int r = 0; r < kTileRows; ++r)
-            if (n0 + r < N) part[r] = dot16(w, stage_v[(n0 + r) * cv + v], part[r], T());
+            if (n0 + r < rows) part[r] = dot16(w, stage_v[(n0 + r) * cv + v], part[r], T());
         }
 #pragma unroll
         for (int r = 0; r < kTileRows; ++r) {
           const A sum = warp_sum(part[r]);
-          if (lane == r && n0 + r < N) acc[(n0 + r) * U + u] += sum;
+          if (lane == r && n0 + r < rows) acc[(n0 + r) * U + u] += sum;
         }
       }
     }
     __syncthreads();
-    for (int64_t i = threadIdx.x; i < units * N; i += blockDim.x) {
+    for (int64_t i = threadIdx.x; i < units * rows; i += blockDim.x) {
       const int64_t n = i / units, u = i - n * units;
       a.dh_state[n * H + unit0 + u] += acc[n * U + u];
     }

@@ -40,7 +40,7 @@ struct PersistentForwardArgs {
   const int64_t* step_offset = nullptr;
 };
 
-// The backward (BPTT) of one layer and direction over a padded sequence, with what the forward saved: per step
+// The backward (BPTT) of one layer and direction, padded or packed, with what the forward saved: per step
 // the cell's backward for every (row, unit), then, after the grid barrier, dL/dh_{t-1} = dG W_hh (+ the cell's
 // direct term) for each block's units from its W_hh^T slice. The weight and input gradients are products of
 // d_gates, d_gates_h and h_prev after it (the caller's).
@@ -60,6 +60,9 @@ struct PersistentBackwardArgs {
   T* d_gates = nullptr;            // T*N x G*H: gradients of the input-side pre-activations (16-byte aligned)
   T* d_gates_h = nullptr;          // T*N x G*H: of the recurrent side, cells whose sides do not add; else null
   T* h_prev = nullptr;             // T*N x H: h_{t-1} gathered for the W_hh gradient
+  // Packed input, as in PersistentForwardArgs (S rows in all instead of T*N); null when padded.
+  const int64_t* step_rows = nullptr;
+  const int64_t* step_offset = nullptr;
 };
 
 // The launch the plan chose (persistent::Plan's fields of the same names; chunk_columns for the backward).

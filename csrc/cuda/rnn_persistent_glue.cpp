@@ -212,6 +212,14 @@ bool launch_backward(const PersistentBackwardLayer& l) {
   args.d_gates = ptr<K>(l.d_gates);
   args.d_gates_h = Cell::kSidesAdd ? nullptr : ptr<K>(l.d_gates_h);
   args.h_prev = ptr<K>(l.h_prev);
+  at::Tensor schedule;  // packed input: [rows per step | offset of each step], on the device
+  if (!l.step_rows.empty()) {
+    std::vector<int64_t> both(l.step_rows);
+    both.insert(both.end(), l.step_offset.begin(), l.step_offset.end());
+    schedule = at::tensor(both, at::kLong).to(l.d_gates.device());
+    args.step_rows = schedule.data_ptr<int64_t>();
+    args.step_offset = args.step_rows + l.steps;
+  }
   PersistentLaunch shape;
   shape.grid = plan.grid;
   shape.threads = plan.threads;
@@ -227,7 +235,8 @@ bool launch_backward(const PersistentBackwardLayer& l) {
   C10_CUDA_CHECK(status);
   if (!dh32.is_same(l.dh_state)) l.dh_state.copy_(dh32);
   record("persistent",
-         std::string(Cell::kName) + " T=" + std::to_string(l.steps) + " N=" + std::to_string(l.batch) + " H=" +
+         std::string(Cell::kName) + (l.step_rows.empty() ? "" : " packed") + " T=" + std::to_string(l.steps) +
+             " N=" + std::to_string(l.batch) + " H=" +
              std::to_string(l.hidden) + ": grid " + std::to_string(plan.grid) + " x " + std::to_string(plan.threads) +
              " threads, dG in chunks of " + std::to_string(plan.chunk_columns) + " columns",
          true);
@@ -240,7 +249,6 @@ template <typename Cell>
 bool run_persistent_backward(const PersistentBackwardLayer& l) {
   if (!persistent_enabled())
     return per_step("GENFAST_RNN_PERSISTENT is not 1 (the persistent kernel is opt-in)", true);
-  if (l.packed) return per_step("packed input (batch_sizes): the persistent backward runs padded sequences only", true);
   if (l.projected) return per_step("proj_size: the persistent kernel has no projection", true);
   if (l.regularized) return per_step("zoneout / recurrent dropout: the persistent kernel has no regularisers", true);
   const at::ScalarType dtype = l.d_gates.scalar_type();

@@ -38,7 +38,7 @@ struct PersistentLayer {
 template <typename Cell>
 bool run_persistent_forward(const PersistentLayer& layer);
 
-// The backward of one layer and direction as rnn_backward has it set up (padded input only).
+// The backward of one layer and direction as rnn_backward has it set up.
 struct PersistentBackwardLayer {
   at::Tensor w_hh;         // (G*H, H), contiguous
   at::Tensor grad_output;  // (T*N, H), contiguous
@@ -52,7 +52,8 @@ struct PersistentBackwardLayer {
   at::Tensor h_prev;       // (T*N, H)
   int64_t steps = 0, batch = 0, hidden = 0;
   bool reverse = false;
-  bool packed = false, projected = false, regularized = false;
+  std::vector<int64_t> step_rows, step_offset;  // packed input, as in PersistentLayer; empty when padded
+  bool projected = false, regularized = false;
 };
 
 // Runs the backward on the persistent kernel when enabled and its plan fits (filling d_gates, d_gates_h, h_prev,

@@ -180,10 +180,24 @@ std::vector<torch::Tensor> emulate_backward(const torch::Tensor& grad_output, co
                                             const std::optional<torch::Tensor>& grad_cy, const torch::Tensor& hx,
                                             const std::optional<torch::Tensor>& cx, const torch::Tensor& w_hh,
                                             const torch::Tensor& output, const torch::Tensor& workspace,
-                                            int64_t steps, bool reverse, int sm_count, int64_t smem_per_block) {
+                                            int64_t steps, const std::optional<torch::Tensor>& batch_sizes,
+                                            bool reverse, int sm_count, int64_t smem_per_block) {
   namespace ps = rnn::persistent;
   constexpr int G = Cell::kGates;
-  const int64_t H = w_hh.size(1), N = hx.size(0), S = steps * N, GH = G * H;
+  const int64_t H = w_hh.size(1), N = hx.size(0), GH = G * H;
+  std::vector<int64_t> step_rows, step_offset;
+  int64_t S = steps * N;
+  if (batch_sizes) {
+    const torch::Tensor bs = batch_sizes->to(torch::kLong).contiguous();
+    S = 0;
+    for (int64_t t = 0; t < steps; ++t) {
+      step_rows.push_back(bs.data_ptr<int64_t>()[t]);
+      step_offset.push_back(S);
+      S += step_rows.back();
+    }
+  }
+  const int64_t* rows_of = batch_sizes ? step_rows.data() : nullptr;
+  const int64_t* offset_of = batch_sizes ? step_offset.data() : nullptr;
   ps::DeviceBudget d;
   d.sm_count = sm_count;
   d.smem_per_sm = d.smem_per_block = smem_per_block;
@@ -216,17 +230,21 @@ std::vector<torch::Tensor> emulate_backward(const torch::Tensor& grad_output, co
   for (int64_t s = 0; s < steps; ++s) {
     const int64_t t = ps::Layout::time(steps - 1 - s, steps, reverse);           // backward order
     const int64_t t_prev = ps::Layout::prev_time(steps - 1 - s, steps, reverse);  // the forward's previous step
+    const int64_t rows = layout.rows(rows_of, t), row0 = layout.offset(offset_of, t);
+    const int64_t rows_prev = t_prev < 0 ? 0 : layout.rows(rows_of, t_prev);
+    const int64_t prev0 = t_prev < 0 ? 0 : layout.offset(offset_of, t_prev);
     for (int64_t b = 0; b < plan.grid; ++b)  // phase A
       for (int64_t u = 0; u < layout.units(b); ++u)
-        for (int64_t n = 0; n < N; ++n) {
-          const int64_t j = layout.first_unit(b) + u, row = t * N + n;
+        for (int64_t n = 0; n < rows; ++n) {
+          const int64_t j = layout.first_unit(b) + u, row = row0 + n;
+          const bool continues = n < rows_prev;
           const float d_h = go[row * H + j] + dh[n * H + j];
           float saved[Cell::kSaved];
           for (int slot = 0; slot < Cell::kSaved; ++slot) saved[slot] = ws[layout.saved_index(row, slot, j, Cell::kSaved)];
-          const float h_before = t_prev < 0 ? h0[n * H + j] : out[(t_prev * N + n) * H + j];
+          const float h_before = continues ? out[(prev0 + n) * H + j] : h0[n * H + j];
           float state_prev = h_before, c_cur = 0.f;
           if (Cell::kCellState) {
-            state_prev = t_prev < 0 ? c0[n * H + j] : ws[wsl.cell + layout.cell_index(t_prev * N + n, j)];
+            state_prev = continues ? ws[wsl.cell + layout.cell_index(prev0 + n, j)] : c0[n * H + j];
             c_cur = ws[wsl.cell + layout.cell_index(row, j)];
           }
           float d_x[G], d_hside[G], d_direct = 0.f;
@@ -242,18 +260,18 @@ std::vector<torch::Tensor> emulate_backward(const torch::Tensor& grad_output, co
       std::vector<float> acc(N * plan.units_per_block, 0.f), stage(N * plan.chunk_columns);
       for (int64_t r0 = 0; r0 < GH; r0 += plan.chunk_columns) {
         const int64_t width = std::min(plan.chunk_columns, GH - r0);
-        for (int64_t n = 0; n < N; ++n)
-          std::copy(dgh + (t * N + n) * GH + r0, dgh + (t * N + n) * GH + r0 + width,
+        for (int64_t n = 0; n < rows; ++n)
+          std::copy(dgh + (row0 + n) * GH + r0, dgh + (row0 + n) * GH + r0 + width,
                     stage.begin() + n * plan.chunk_columns);
         for (int64_t tile = 0; tile < layout.tiles(b); ++tile) {
           const int64_t u = layout.tile_unit(tile);
-          for (int64_t n = layout.tile_row0(tile); n < std::min(N, layout.tile_row0(tile) + ps::kTileRows); ++n)
+          for (int64_t n = layout.tile_row0(tile); n < std::min(rows, layout.tile_row0(tile) + ps::kTileRows); ++n)
             for (int64_t r = 0; r < width; ++r)
               acc[n * plan.units_per_block + u] += stage[n * plan.chunk_columns + r] * wt[b][u * GH + r0 + r];
         }
       }
       for (int64_t u = 0; u < layout.units(b); ++u)
-        for (int64_t n = 0; n < N; ++n) dh[n * H + layout.first_unit(b) + u] += acc[n * plan.units_per_block + u];
+        for (int64_t n = 0; n < rows; ++n) dh[n * H + layout.first_unit(b) + u] += acc[n * plan.units_per_block + u];
     }
   }
   return {dg_t, dgh_t, h_prev_t, dh_t, dc_t, torch::tensor(plan.chunk_columns)};
@@ -263,13 +281,13 @@ std::vector<torch::Tensor> persistent_rnn_emulate_backward(
     const std::string& cell, const torch::Tensor& grad_output, const torch::Tensor& grad_hy,
     const std::optional<torch::Tensor>& grad_cy, const torch::Tensor& hx, const std::optional<torch::Tensor>& cx,
     const torch::Tensor& w_hh, const torch::Tensor& output, const torch::Tensor& workspace, int64_t steps,
-    bool reverse, int sm_count, int64_t smem_per_block) {
+    const std::optional<torch::Tensor>& batch_sizes, bool reverse, int sm_count, int64_t smem_per_block) {
   if (cell == "lstm")
     return emulate_backward<rnn::LstmCell>(grad_output, grad_hy, grad_cy, hx, cx, w_hh, output, workspace, steps,
-                                           reverse, sm_count, smem_per_block);
+                                           batch_sizes, reverse, sm_count, smem_per_block);
   TORCH_CHECK(cell == "gru", "cell: expected 'lstm' or 'gru', got '", cell, "'");
   return emulate_backward<rnn::GruCell>(grad_output, grad_hy, grad_cy, hx, cx, w_hh, output, workspace, steps,
-                                        reverse, sm_count, smem_per_block);
+                                        batch_sizes, reverse, sm_count, smem_per_block);
 }
 
 std::vector<torch::Tensor> persistent_rnn_emulate(const std::string& cell, const torch::Tensor& gates_x,
@@ -292,8 +310,8 @@ void register_persistent_plan(pybind11::module_& m) {
         "grad_cx, chunk columns)",
         pybind11::arg("cell"), pybind11::arg("grad_output"), pybind11::arg("grad_hy"), pybind11::arg("grad_cy"),
         pybind11::arg("hx"), pybind11::arg("cx"), pybind11::arg("w_hh"), pybind11::arg("output"),
-        pybind11::arg("workspace"), pybind11::arg("steps"), pybind11::arg("reverse"), pybind11::arg("sm_count"),
-        pybind11::arg("smem_per_block"));
+        pybind11::arg("workspace"), pybind11::arg("steps"), pybind11::arg("batch_sizes"), pybind11::arg("reverse"),
+        pybind11::arg("sm_count"), pybind11::arg("smem_per_block"));
   m.def("persistent_rnn_emulate", &persistent_rnn_emulate,
         "the persistent RNN kernel's schedule on the host in fp32: (output, h_last, c_last, workspace)",
         pybind11::arg("cell"), pybind11::arg("gates_x"), pybind11::arg("w_hh"), pybind11::arg("b_ih"),
