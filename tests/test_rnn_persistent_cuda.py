@@ -19,7 +19,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from genfast import _extension, rnn_persistent, routing
-from tests.rnn_cells import GRU, LSTM, TOLERANCES, clone_module, torch_module
+from tests.rnn_cells import GRU, LSTM, TOLERANCES, clone_module, op_case, run_forward_op, torch_module
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 CELLS = {"lstm": LSTM, "gru": GRU}
@@ -183,6 +183,33 @@ def test_persistent_op_results_and_workspace_match_the_per_step_path(reverse):
     for a, b in zip(persistent, per_step):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_persistent_backward_op_matches_the_per_step_backward(cell, packed, reverse):
+    # The backward op on the same forward results, both paths: every gradient agrees to fp32 rounding (the
+    # persistent kernel carries dL/dh in fp32 and sums dG W_hh in its own order).
+    c = CELLS[cell]
+    case = op_case(c, steps=7, batch=6, input_size=10, hidden=64, packed=packed, reverse=reverse,
+                   dtype=torch.float32, device="cuda", seed=9)
+    output, finals, workspace = run_forward_op(c, case, train=True)
+    gen = torch.Generator().manual_seed(10)
+    grad_out = torch.randn(output.shape, generator=gen).to("cuda")
+    grad_states = [torch.randn(f.shape, generator=gen).to("cuda") for f in finals]
+    args = c.backward_args(grad_out, grad_states, case["x"], case["states"], case["w"], output, workspace,
+                           case["batch_sizes"], reverse)
+    with rnn_persistent.enabled(False):
+        per_step = c.split_backward(c.backward_op(*args))
+    before = persistent_backward_layers()
+    persistent = c.split_backward(c.backward_op(*args))
+    assert persistent_backward_layers() - before == 1, rnn_persistent.last_path()
+    assert persistent.keys() == per_step.keys()
+    for key in per_step:
+        if per_step[key] is not None and per_step[key].numel():
+            torch.testing.assert_close(persistent[key], per_step[key], **TOLERANCES[torch.float32],
+                                       msg=lambda m, k=key: f"grad {k}: {m}")
 
 
 @pytest.mark.parametrize("cell", CELLS)
