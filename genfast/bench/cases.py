@@ -349,9 +349,10 @@ def _gpu_rnn_persistent() -> list[Case]:
     # A single decode step (T=1, N=1, H=512) replayed from a CUDA graph: the launch and host costs gone.
     for cell in ("lstm", "gru"):
         for dtype in ("float32", "bfloat16"):
-            params = {"cell": cell, "seed": 0, "T": 1, "N": 1, "input_size": 512, "hidden_size": 512, "dtype": dtype}
+            params = {"cell": cell, "seed": 0, "T": 1, "N": 1, "input_size": 512, "hidden_size": 512, "dtype": dtype,
+                      "graph": True}
             cases.append(Case(f"gpu.rnn.{cell}.step.h512.{dtype}.graph", cell, "rnn", "inference", params,
-                              ("genfast_graph", "persistent_graph"), ("torch_graph",), unit="us", devices=GPU))
+                              ("genfast", "routed", "persistent"), ("torch",), unit="us", devices=GPU))
     cases += [_gpu_rnn("lstm", "float16", mode, T=1024, N=16, size=768) for mode in MODES]
     return cases
 

@@ -13,8 +13,7 @@ LayerNorm RNN:       genfast (genfast.nn.LayerNormLSTM/GRU), genfast_plain (genf
 RNN providers:       genfast (genfast.nn.LSTM/GRU, kernels forced), routed (the same as users get it: on
                      CUDA genfast.routing may send it to cuDNN), persistent (kernels forced, the persistent
                      CUDA kernel of issue 20 on; unavailable where it would not run), flashrnn (FlashRNN at
-                     one head with the same weights, CUDA, when the package is installed), torch_graph /
-                     genfast_graph / persistent_graph (one inference call replayed from a CUDA graph),
+                     one head with the same weights, CUDA, when the package is installed),
                      genfast_cell (genfast.nn.LSTMCell/GRUCell, decode cases), torch (nn.LSTM/GRU:
                      oneDNN/ATen on CPU, cuDNN on GPU), cell_loop (Python loop over nn.LSTMCell/GRUCell), reference
                      (genfast.reference equations), compiled_reference (torch.compile of it).
@@ -125,6 +124,7 @@ class RnnWorkload:
     input_grad: bool = False     # training: the input requires grad too (a fresh leaf each call)
     stepwise: bool = False       # one module call per time step, state carried (decoding)
     regularizers: tuple = ()     # (name, rate) pairs for genfast_regularized
+    graph: bool = False          # CUDA: one inference call captured in a CUDA graph, replayed (issue 20)
 
     @property
     def stateful(self) -> bool:
@@ -156,7 +156,8 @@ def make_rnn_workload(case, device: str) -> RnnWorkload:
     if p.get("stepwise"):  # decoding starts from a zero state, as generation does
         hx = tuple(torch.zeros_like(h) for h in hx)
     return RnnWorkload(p["cell"], module, x, packed, hx, case.mode == "training", device, case.name,
-                       bool(p.get("input_grad")), bool(p.get("stepwise")), tuple(p.get("regularizers", ())))
+                       bool(p.get("input_grad")), bool(p.get("stepwise")), tuple(p.get("regularizers", ())),
+                       bool(p.get("graph")))
 
 
 def rnn_lengths(T: int, N: int, seed: int) -> torch.Tensor:
@@ -174,6 +175,8 @@ def _finish(work, output: torch.Tensor) -> torch.Tensor:
 
 
 def _run_module(work: RnnWorkload, module: nn.Module) -> Callable[[], torch.Tensor]:
+    if work.graph:
+        return _graph_step(work, module)
     inputs = work.packed if work.packed is not None else work.x
     state = work.module_state()
 
@@ -206,24 +209,56 @@ def torch_rnn(work: RnnWorkload):
     return _run_module(work, work.module)
 
 
+def _forcing():
+    """genfast.routing's rules off, or nothing in a checkout without them."""
+    try:
+        from genfast import routing
+    except ImportError:
+        return contextlib.nullcontext()
+    return routing.force_kernels()
+
+
+def _persistent_switch(on: bool):
+    """The persistent RNN kernels (issue 20) on or off, or nothing in a checkout without them."""
+    try:
+        from genfast import rnn_persistent
+    except ImportError:
+        return contextlib.nullcontext()
+    return rnn_persistent.enabled(on)
+
+
 def genfast_rnn(work: RnnWorkload):
-    return _kernels_forced(routed_rnn(work))
+    """genfast.nn.LSTM/GRU on its per-step kernels: the rules off, the persistent kernels off whatever the
+    environment says (a graph case captures under the same settings)."""
+    if work.graph:
+        with _forcing(), _persistent_switch(False):
+            return routed_rnn(work)
+    run = routed_rnn(work)
+
+    def per_step_kernels():
+        with _forcing(), _persistent_switch(False):
+            return run()
+    return per_step_kernels
 
 
 def persistent_rnn(work: RnnWorkload):
     """genfast.nn.LSTM/GRU on the persistent kernels of issue 20 (GENFAST_RNN_PERSISTENT=1, kernels forced). One
-    checked call first: where the forward (or, training, the backward) took the per-step path the provider is
-    unavailable, with the reason, so the column never times the per-step path under this name."""
+    checked call first (a graph case: its capture): where the forward (or, training, the backward) took the
+    per-step path the provider is unavailable, with the reason, so the column never times the per-step path under
+    this name."""
     _needs_cuda(work.device, "the persistent RNN kernel is CUDA-only")
     persistent = _import_genfast("genfast.rnn_persistent")
-    run = genfast_rnn(work)
-
-    def run_persistent():
-        with persistent.enabled():
-            return run()
-
     before = persistent.last_path()
-    run_persistent()
+    if work.graph:
+        with _forcing(), persistent.enabled():
+            run_persistent = routed_rnn(work)
+    else:
+        run = routed_rnn(work)
+
+        def run_persistent():
+            with _forcing(), persistent.enabled():
+                return run()
+        run_persistent()
     after = persistent.last_path()
     if after["persistent_layers"] <= before["persistent_layers"]:
         raise Unavailable("per-step", f"the persistent kernel did not run: {after['reason']}")
@@ -233,60 +268,27 @@ def persistent_rnn(work: RnnWorkload):
     return run_persistent
 
 
-def _graph_step(work: RnnWorkload, module: nn.Module, capture_context=contextlib.nullcontext):
+def _graph_step(work: RnnWorkload, module: nn.Module):
     """One inference call of ``module`` captured in a CUDA graph; the provider replays it (issue 20's single decode
-    step, T=1). Warm-up on a side stream first, as torch.cuda.graphs asks; the kernels are chosen at capture."""
+    step, T=1). Warm-up on a side stream first, as torch.cuda.graphs asks; the kernels are chosen at capture, under
+    the caller's settings."""
     _needs_cuda(work.device, "CUDA graphs")
+    if work.training or work.packed is not None or work.stepwise:
+        raise Unavailable("n/a", "graph cases: one padded inference call")
     state = work.module_state()
-    with capture_context():
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), torch.no_grad():
-            for _ in range(2):
-                module(work.x, state)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(graph):
-            out, _ = module(work.x, state)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(2):
+            module(work.x, state)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        out, _ = module(work.x, state)
 
     def replay():
         graph.replay()
         return out
-    return replay
-
-
-def _genfast_module(work: RnnWorkload) -> nn.Module:
-    gnn = _import_genfast("genfast.nn")
-    return (gnn.LSTM if work.cell == "lstm" else gnn.GRU).from_torch(work.module).to(work.device)
-
-
-def torch_graph_rnn(work: RnnWorkload):
-    return _graph_step(work, work.module)
-
-
-def genfast_graph_rnn(work: RnnWorkload):
-    routing = _import_genfast("genfast.routing")
-    persistent = _import_genfast("genfast.rnn_persistent")
-
-    @contextlib.contextmanager
-    def per_step_kernels():
-        with routing.force_kernels(), persistent.enabled(False):
-            yield
-    return _graph_step(work, _genfast_module(work), per_step_kernels)
-
-
-def persistent_graph_rnn(work: RnnWorkload):
-    """The persistent kernel in a CUDA graph; unavailable where the capture took the per-step path."""
-    routing = _import_genfast("genfast.routing")
-    persistent = _import_genfast("genfast.rnn_persistent")
-
-    @contextlib.contextmanager
-    def persistent_kernels():
-        with routing.force_kernels(), persistent.enabled():
-            yield
-    replay = _graph_step(work, _genfast_module(work), persistent_kernels)
-    if persistent.last_path()["path"] != "persistent":
-        raise Unavailable("per-step", f"the persistent kernel did not run: {persistent.last_path()['reason']}")
     return replay
 
 
@@ -1024,9 +1026,6 @@ PROVIDERS: dict[str, dict[str, Provider]] = {
         Provider("routed", routed_rnn, "genfast.nn.LSTM/GRU as users get it (genfast.routing may pick cuDNN)"),
         Provider("persistent", persistent_rnn, "genfast.nn.LSTM/GRU on the persistent CUDA kernel (issue 20, opt-in)"),
         Provider("flashrnn", flashrnn_rnn, "FlashRNN (flashrnn package, cuda_fused backend), one head, same weights"),
-        Provider("torch_graph", torch_graph_rnn, "torch.nn.LSTM/GRU (cuDNN), one call replayed from a CUDA graph"),
-        Provider("genfast_graph", genfast_graph_rnn, "genfast.nn.LSTM/GRU per-step kernels, from a CUDA graph"),
-        Provider("persistent_graph", persistent_graph_rnn, "genfast.nn.LSTM/GRU persistent kernel, from a CUDA graph"),
         Provider("genfast_cell", genfast_cell, "genfast.nn.LSTMCell/GRUCell"),
         Provider("genfast_regularized", genfast_regularized_rnn, "genfast.nn.LSTM/GRU with the case's regularisers"),
         Provider("torch", torch_rnn, "torch.nn.LSTM/GRU (oneDNN/ATen on CPU, cuDNN on GPU)"),
