@@ -8,8 +8,8 @@
 #
 # Env: PYTHON (default python3, a CUDA build of torch with triton), GPU_SESSION_BUDGET_S (default
 # 540: every stage's timeout is cut to what is left, so the script ends and writes its files even
-# when a stage hangs), GPU_SESSION_TESTS (default "rnn attention_low_precision attention_rest generation":
-# which test groups run, concurrently), GPU_SESSION_BENCHES (default "rnn generation attention"; also
+# when a stage hangs), GPU_SESSION_TESTS (default "rnn rnn_persistent attention_low_precision attention_rest
+# generation": which test groups run, concurrently; rnn_persistent is issue 20's persistent kernel), GPU_SESSION_BENCHES (default "rnn generation attention"; also
 # "sampling_sweep", a diagnostic: which groups of cases run, in that order), ATTENTION_FILTER (default
 # "gpu.attention.": the --filter of the attention group, e.g. "gpu.attention.b4.h32.n4096." for one length).
 # Optional: wheels in .whl/ (e.g. expecttest, which torch.library.opcheck imports) are installed to
@@ -100,13 +100,17 @@ run_tests() {  # NAME FILE...
 # The argument-error tests run in a process of their own: on one image every error message that formatted
 # an integer crashed the process (gpu_error_probe.sh, run alongside, looks into it), which would take
 # the rest of the file down with it.
-TEST_GROUPS=" ${GPU_SESSION_TESTS:-rnn attention_low_precision attention_rest generation} "
+TEST_GROUPS=" ${GPU_SESSION_TESTS:-rnn rnn_persistent attention_low_precision attention_rest generation} "
 wanted() { [[ $TEST_GROUPS == *" $1 "* ]]; }
 # The CUDA RNN tests: tests/test_rnn.py's cases marked `cuda`.
 RNN_TESTS=(tests/test_rnn.py -m cuda)
 wanted rnn && (run_tests rnn "${RNN_TESTS[@]}" -k "not argument_errors";
                run_tests rnn_package tests/test_package.py;
                run_tests rnn_argument_errors "${RNN_TESTS[@]}" -k argument_errors) &
+# The persistent LSTM/GRU kernel (issue 20, opt-in): against torch.nn, each test checking the kernel ran
+# (and the FlashRNN baseline's weight mapping, where its wheel was carried).
+wanted rnn_persistent && run_tests rnn_persistent tests/test_rnn_persistent_cuda.py tests/test_rnn_persistent_plan.py \
+    tests/test_bench_flashrnn.py &
 (PYTHON=$PY timeout "$(cap 240)" bash benchmarks/gpu_error_probe.sh > "$WORK/probe.log" 2>&1) &
 wanted attention_low_precision && (export GENFAST_FLASH_AUTOTUNE=0;
   run_tests attention_low_precision tests/test_flash_attention_cuda.py -k low_precision) &
@@ -115,7 +119,7 @@ wanted attention_rest && (export GENFAST_FLASH_AUTOTUNE=0;
 wanted generation && run_tests generation tests/test_generation_cuda.py &
 wait
 { echo "===== gpu_error_probe.sh"; cat "$WORK/probe.log"; } >> "$SUMMARY"
-for name in rnn rnn_package rnn_argument_errors attention_low_precision attention_rest generation; do
+for name in rnn rnn_package rnn_argument_errors rnn_persistent attention_low_precision attention_rest generation; do
   [[ -f $WORK/tests_$name.log ]] || continue
   { echo "===== tests $name"; cat "$WORK/tests_$name.log"; } >> "$OUT/tests.log"
   echo "tests $name: $(grep -E 'passed|failed|error|no tests ran' "$WORK/tests_$name.log" | tail -1)" >> "$SUMMARY"
@@ -131,13 +135,23 @@ bench() {  # NAME CAP FILTER [SET]: one benchmark process, its table in bench_NA
 }
 for group in ${GPU_SESSION_BENCHES:-rnn generation attention}; do
   case $group in
-    rnn) bench rnn 120 gpu.rnn. ;;
+    rnn) bench rnn 180 gpu.rnn. ;;  # with issue 20's persistent column and shapes
     generation) bench generation 180 gpu.decode_attention.,gpu.sampling_draw.b,gpu.gpt2. ;;
     attention) bench attention 400 "${ATTENTION_FILTER:-gpu.attention.}" ;;
     sampling_sweep) bench sampling_sweep 150 gpu.sampling_draw.sweep. --full ;;
     *) log "unknown group '$group' in GPU_SESSION_BENCHES (rnn, generation, attention, sampling_sweep)" ;;
   esac
 done
+
+# Last, so it never takes time from the measurements: where the image has compute-sanitizer, one small case of
+# the persistent kernel per cell under its race and memory checkers.
+if wanted rnn_persistent && command -v compute-sanitizer > /dev/null; then
+  for tool in racecheck memcheck; do
+    stage "compute-sanitizer $tool (persistent RNN)" 90 "$OUT/tests.log" \
+      compute-sanitizer --tool "$tool" --error-exitcode 3 $PY -m pytest tests/test_rnn_persistent_cuda.py -q \
+      -p no:cacheprovider -k "fp32_matches_torch and t5-n3-i16-h64 and 1layer and inference"
+  done
+fi
 
 tar -czf "$OUT/results_json.tar.gz" -C "$WORK" json
 log "done"

@@ -50,6 +50,11 @@ def info(print_it: bool = True) -> dict:
     report["routing"] = routing.describe()
     report["routing_forced"] = routing.kernels_forced()
     report["routing_last_dispatch"] = routing.last_dispatch()
+    from genfast import rnn_persistent
+
+    # The persistent CUDA LSTM/GRU kernel (issue 20): opt-in, and the path the latest CUDA layer took.
+    report["rnn_persistent"] = f"{'on' if rnn_persistent.is_enabled() else 'off'} ({rnn_persistent.ENV}=1 turns it on)"
+    report["rnn_cuda_path"] = rnn_persistent.last_path()
     if print_it:
         width = max(len(k) for k in report)
         for key, value in report.items():

@@ -284,7 +284,15 @@ def test_sets_by_device_gpu_session_cases_run_on_cuda_only():
     # the content of the former benchmarks/gpu_*.py scripts
     rnn = [c for c in cuda_quick if c.kind == "rnn"]
     assert {(c.params["cell"], c.params["dtype"]) for c in rnn} == {
-        (cell, dtype) for cell in ("lstm", "gru") for dtype in ("float32", "bfloat16")}
+        (cell, dtype) for cell in ("lstm", "gru") for dtype in ("float32", "bfloat16")} | {("lstm", "float16")}
+    # issue 20: every gpu.rnn case has the persistent kernel's column, and its acceptance shapes are there
+    assert all("persistent" in c.subjects for c in rnn)
+    assert all(c.params.get("graph") for c in rnn if c.name.endswith(".graph"))
+    names = {c.name for c in rnn}
+    assert {"gpu.rnn.lstm.step.h512.float32.graph", "gpu.rnn.gru.step.h512.bfloat16.graph"} <= names
+    assert {"gpu.rnn.lstm.t100.n1.h1024.float32.inference", "gpu.rnn.gru.t100.n8.h512.float32.inference",
+            "gpu.rnn.lstm.t100.n64.h512.l2bi.bfloat16.training",
+            "gpu.rnn.lstm.t1024.n16.h768.float16.training"} <= names
     attention = [c for c in cuda_quick if c.kind == "attention"]
     # masks, dropout and packed batches (issue 23): against SDPA's default backend, which takes them
     training_calls = [c for c in attention if {"mask", "dropout_p", "lengths"} & set(c.params)]
@@ -349,7 +357,7 @@ def test_gpu_session_smoke_cases_run_on_the_cpu(tmp_path, capsys):
     for case in by_name.values():
         for name, p in case["providers"].items():
             cuda_only = name in ("genfast_triton", "genfast_triton_varlen", "torch_sdpa_flash", "launcher",
-                                 "whole_row")
+                                 "whole_row", "persistent", "flashrnn")
             assert p["status"] == ("needs CUDA" if cuda_only else "ok"), (case["name"], name, p["reason"])
     decode = by_name["gpu.rnn.gru.decode5.h32.float32.inference"]
     assert decode["checks"]["max_abs_diff"]["genfast vs torch"] < 1e-5

@@ -25,6 +25,7 @@
 #include "rnn/regularizers_host.h"
 #include "rnn/rnn_host.h"
 #include "rnn_kernels.h"
+#include "rnn_persistent_glue.h"
 
 namespace genfast {
 namespace cuda {
@@ -109,6 +110,49 @@ ForwardResult rnn_forward(const LayerArgs& a, bool reverse, bool train,
   // The cell's h before projection: kept per step when training, else one scratch buffer.
   Tensor h_cell;
   if (projected) h_cell = train ? workspace.narrow(0, layout.projected, S * H).view({S, H}) : at::empty({N, H}, options);
+
+  // Issue 20: the persistent kernel runs the whole loop instead, when GENFAST_RNN_PERSISTENT=1 and the layer
+  // fits on chip (csrc/cuda/rnn_persistent_glue.h records which path ran and why).
+  {
+    PersistentLayer layer;
+    layer.gates_x = gates_x;
+    layer.w_hh = a.w_hh.contiguous();
+    layer.b_ih = b_ih_c;
+    layer.b_hh = b_hh_c;
+    layer.hx = h_state;
+    layer.c_state = c_state;
+    layer.output = out2d;
+    if (train) {
+      layer.saved = workspace.narrow(0, 0, S * Cell::kSaved * H);
+      if (Cell::kCellState) layer.saved_c = workspace.narrow(0, layout.cell, S * H);
+    }
+    layer.steps = sc.steps;
+    layer.batch = N;
+    layer.hidden = H;
+    layer.reverse = reverse;
+    const bool packed = a.batch_sizes.has_value() && a.batch_sizes->defined();
+    if (packed) {
+      layer.step_rows = sc.active;
+      layer.step_offset = sc.offset;
+    }
+    layer.projected = projected;
+    layer.regularized = zoneout.defined() || cell_zoneout.defined() || recurrent_mask.defined();
+    if (run_persistent_forward<Cell>(layer)) {
+      // Row n's final h is its output at the last step it is active in: the step processed last (t = 0
+      // when reversed, where every row is active; packed forward: the row's own last step).
+      if (packed) {
+        std::vector<int64_t> last_row(N);
+        for (int64_t t = 0; t < sc.steps; ++t)
+          for (int64_t n = 0; n < sc.active[t]; ++n)
+            if (!reverse || t == 0) last_row[n] = sc.offset[t] + n;
+        h_state.copy_(out2d.index_select(0, at::tensor(last_row, at::kLong).to(out2d.device())));
+      } else {
+        h_state.copy_(out2d.narrow(0, reverse ? 0 : (sc.steps - 1) * N, N));
+      }
+      Tensor cy = Cell::kCellState ? c_state.to(a.input.scalar_type()) : Tensor();
+      return {output, h_state, cy, workspace};
+    }
+  }
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.input.scalar_type(), "genfast::rnn_forward_cuda", [&] {
     using K = typename KernelType<scalar_t>::type;
@@ -213,6 +257,37 @@ BackwardResult rnn_backward(const LayerArgs& a, const rnn::BackwardArgs& g, bool
   // Recurrent dropout: the recurrent product dL/d(h_{t-1} * r), before it is multiplied by r.
   const Tensor recurrent_grad = recurrent_mask.defined() ? at::empty({N, H_out}, options) : Tensor();
 
+  // Issue 20: the persistent backward kernel runs the whole loop instead, when GENFAST_RNN_PERSISTENT=1 and the
+  // layer fits (csrc/cuda/rnn_persistent_glue.h); it fills d_gates, d_gates_h, h_prev and the state gradients.
+  bool persistent = false;
+  {
+    PersistentBackwardLayer layer;
+    layer.w_hh = w_hh_c;
+    layer.grad_output = go2d;
+    layer.hx = hx_c;
+    layer.cx = cx_c;
+    layer.output = out2d;
+    layer.saved = ws.narrow(0, 0, S * Cell::kSaved * H);
+    if (Cell::kCellState) layer.saved_c = ws.narrow(0, layout.cell, S * H);
+    layer.dh_state = dh_state;
+    layer.dc_state = dc_state;
+    layer.d_gates = d_gates;
+    layer.d_gates_h = d_gates_h;
+    layer.h_prev = h_prev;
+    layer.steps = sc.steps;
+    layer.batch = N;
+    layer.hidden = H;
+    layer.reverse = reverse;
+    if (a.batch_sizes.has_value() && a.batch_sizes->defined()) {
+      layer.step_rows = sc.active;
+      layer.step_offset = sc.offset;
+    }
+    layer.projected = projected;
+    layer.regularized = zoneout.defined() || cell_zoneout.defined() || recurrent_mask.defined();
+    persistent = run_persistent_backward<Cell>(layer);
+  }
+
+  if (!persistent)
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.input.scalar_type(), "genfast::rnn_backward_cuda", [&] {
     using K = typename KernelType<scalar_t>::type;
     const K* saved = data<K>(ws);

@@ -89,6 +89,8 @@ double brgemm_gflops(int64_t M, int64_t N, int64_t K, int64_t repeats) {
   return gflops(M, N, K, best_seconds(run, repeats));
 }
 
+void register_persistent_plan(pybind11::module_& m);  // csrc/probe/persistent_plan.cpp
+
 }  // namespace genfast::probe
 
 PYBIND11_MODULE(_probe, m) {
@@ -100,4 +102,5 @@ PYBIND11_MODULE(_probe, m) {
         "best GFLOP/s of ATen's cpublas::brgemm on an M x N x K fp32 product in 64 x 64 tiles",
         pybind11::arg("M"), pybind11::arg("N"), pybind11::arg("K"), pybind11::arg("repeats") = 5);
   m.def("simd_level", &genfast::cpu::simd_level_name, "SIMD level genfast's micro-kernel runs at here");
+  genfast::probe::register_persistent_plan(m);
 }

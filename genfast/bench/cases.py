@@ -52,7 +52,9 @@ class Case:
             steps = p["T"] * p["N"]
             if p.get("packed"):
                 steps = int(rnn_lengths(p["T"], p["N"], p.get("seed", 0)).sum())
-            return flops.rnn(p["cell"], steps, p["input_size"], p["hidden_size"], self.training)
+            dirs = 2 if p.get("bidirectional") else 1  # stacked layers read the previous layer's dirs x H
+            return dirs * sum(flops.rnn(p["cell"], steps, p["input_size"] if layer == 0 else dirs * p["hidden_size"],
+                                        p["hidden_size"], self.training) for layer in range(p.get("layers", 1)))
         if self.kind == "layernorm_rnn":  # the products of the plain cell; LN adds O(1/H) of it
             steps = p["T"] * p["N"]
             return flops.rnn(p["cell"].removeprefix("layernorm_"), steps, p["input_size"], p["hidden_size"],
@@ -345,12 +347,17 @@ def _smoke() -> list[Case]:
 GPU = ("cuda",)
 
 
-def _gpu_rnn(cell, dtype, mode, T=100, N=64, size=512, devices=GPU) -> Case:
-    # A training step is forward + backward through the input and the weights.
+def _gpu_rnn(cell, dtype, mode, T=100, N=64, size=512, devices=GPU, layers=1, bidirectional=False) -> Case:
+    # A training step is forward + backward through the input and the weights. `persistent`: the persistent
+    # kernel of issue 20 (opt-in), reported unavailable where a layer would run the per-step path.
     params = {"cell": cell, "seed": 0, "T": T, "N": N, "input_size": size, "hidden_size": size, "dtype": dtype,
               "input_grad": mode == "training"}
-    return Case(f"gpu.rnn.{cell}.t{T}.n{N}.h{size}.{dtype}.{mode}", cell, "rnn", mode, params,
-                ("genfast", "routed"), ("torch",), devices=devices)
+    stack = ""
+    if layers > 1 or bidirectional:
+        params.update(layers=layers, bidirectional=bidirectional)
+        stack = f".l{layers}{'bi' if bidirectional else ''}"
+    return Case(f"gpu.rnn.{cell}.t{T}.n{N}.h{size}{stack}.{dtype}.{mode}", cell, "rnn", mode, params,
+                ("genfast", "routed", "persistent"), ("torch", "flashrnn"), devices=devices)
 
 
 def _gpu_rnn_decode(cell, dtype, tokens=100, size=512, devices=GPU) -> Case:
@@ -359,7 +366,24 @@ def _gpu_rnn_decode(cell, dtype, tokens=100, size=512, devices=GPU) -> Case:
     params = {"cell": cell, "seed": 0, "T": tokens, "N": 1, "input_size": size, "hidden_size": size,
               "dtype": dtype, "stepwise": True}
     return Case(f"gpu.rnn.{cell}.decode{tokens}.h{size}.{dtype}.inference", cell, "rnn", "inference", params,
-                ("genfast", "routed"), ("torch",), devices=devices)
+                ("genfast", "routed", "persistent"), ("torch", "flashrnn"), devices=devices)
+
+
+def _gpu_rnn_persistent() -> list[Case]:
+    """The shapes of issue 20's acceptance beyond the T=100, N=64, H=512 cases: small batches at H=512 and 1024,
+    a 2-layer bidirectional bf16 LSTM, and cuDNN's own persistent case (1-layer fp16 LSTM, T=1024, N=16, H=768)."""
+    cases = [_gpu_rnn(cell, "float32", "inference", N=N, size=size)
+             for cell in ("lstm", "gru") for size in (512, 1024) for N in (1, 8)]
+    cases.append(_gpu_rnn("lstm", "bfloat16", "training", layers=2, bidirectional=True))
+    # A single decode step (T=1, N=1, H=512) replayed from a CUDA graph: the launch and host costs gone.
+    for cell in ("lstm", "gru"):
+        for dtype in ("float32", "bfloat16"):
+            params = {"cell": cell, "seed": 0, "T": 1, "N": 1, "input_size": 512, "hidden_size": 512, "dtype": dtype,
+                      "graph": True}
+            cases.append(Case(f"gpu.rnn.{cell}.step.h512.{dtype}.graph", cell, "rnn", "inference", params,
+                              ("genfast", "routed", "persistent"), ("torch",), unit="us", devices=GPU))
+    cases += [_gpu_rnn("lstm", "float16", mode, T=1024, N=16, size=768) for mode in MODES]
+    return cases
 
 
 def _gpu_attention(D, L, causal, mode, B=4, heads=32, devices=GPU) -> Case:
@@ -454,6 +478,7 @@ def _gpu(seqlens=GPU_ATTENTION_SEQLENS_QUICK) -> list[Case]:
         for dtype in ("float32", "bfloat16"):
             cases += [_gpu_rnn(cell, dtype, mode) for mode in MODES]
             cases.append(_gpu_rnn_decode(cell, dtype))
+    cases += _gpu_rnn_persistent()
     for dtype in ("float16", "bfloat16", "float32"):  # bfloat16: decode_attention.bfloat16 is an inferred rule
         for shape in ((1, 12, 12, 64, 1024), (1, 12, 12, 64, 16384), (8, 32, 8, 128, 4096), (1, 32, 8, 128, 32768)):
             cases.append(_gpu_decode_attention(dtype, *shape))

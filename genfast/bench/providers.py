@@ -11,9 +11,11 @@ LayerNorm RNN:       genfast (genfast.nn.LayerNormLSTM/GRU), genfast_plain (genf
                      weights), cell_loop (Python loop over genfast.reference's LN cell),
                      compiled_cell_loop (the same with the cell under torch.compile).
 RNN providers:       genfast (genfast.nn.LSTM/GRU, kernels forced), routed (the same as users get it: on
-                     CUDA genfast.routing may send it to cuDNN), genfast_cell (genfast.nn.LSTMCell/GRUCell,
-                     decode cases), torch (nn.LSTM/GRU: oneDNN/ATen on CPU, cuDNN on GPU),
-                     cell_loop (Python loop over nn.LSTMCell/GRUCell), reference
+                     CUDA genfast.routing may send it to cuDNN), persistent (kernels forced, the persistent
+                     CUDA kernel of issue 20 on; unavailable where it would not run), flashrnn (FlashRNN at
+                     one head with the same weights, CUDA, when the package is installed),
+                     genfast_cell (genfast.nn.LSTMCell/GRUCell, decode cases), torch (nn.LSTM/GRU:
+                     oneDNN/ATen on CPU, cuDNN on GPU), cell_loop (Python loop over nn.LSTMCell/GRUCell), reference
                      (genfast.reference equations), compiled_reference (torch.compile of it).
 Attention providers: genfast (genfast.nn.functional.scaled_dot_product_attention),
                      genfast_triton (genfast.kernels.flash_attention, CUDA only),
@@ -38,6 +40,7 @@ genfast.nn.generation are accepted too, so that `--ab` can time a build from bef
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import subprocess
@@ -121,6 +124,7 @@ class RnnWorkload:
     input_grad: bool = False     # training: the input requires grad too (a fresh leaf each call)
     stepwise: bool = False       # one module call per time step, state carried (decoding)
     regularizers: tuple = ()     # (name, rate) pairs for genfast_regularized
+    graph: bool = False          # CUDA: one inference call captured in a CUDA graph, replayed (issue 20)
 
     @property
     def stateful(self) -> bool:
@@ -136,7 +140,8 @@ def make_rnn_workload(case, device: str) -> RnnWorkload:
     torch.manual_seed(p.get("seed", 0))
     rnn_cls = nn.LSTM if p["cell"] == "lstm" else nn.GRU
     dtype = getattr(torch, p.get("dtype", "float32"))
-    module = rnn_cls(p["input_size"], p["hidden_size"]).to(device, dtype)
+    layers, dirs = p.get("layers", 1), 2 if p.get("bidirectional") else 1
+    module = rnn_cls(p["input_size"], p["hidden_size"], num_layers=layers, bidirectional=dirs == 2).to(device, dtype)
     T, N = p["T"], p["N"]
     x = torch.randn(T, N, p["input_size"], generator=generator).to(device, dtype)
     packed = None
@@ -144,13 +149,15 @@ def make_rnn_workload(case, device: str) -> RnnWorkload:
         lengths = rnn_lengths(T, N, p.get("seed", 0))
         packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
     states = 2 if p["cell"] == "lstm" else 1
-    hx = tuple(torch.randn(1, N, p["hidden_size"], generator=generator).to(device, dtype) for _ in range(states))
+    hx = tuple(torch.randn(layers * dirs, N, p["hidden_size"], generator=generator).to(device, dtype)
+               for _ in range(states))
     if case.mode == "training":
         module.requires_grad_(True)
     if p.get("stepwise"):  # decoding starts from a zero state, as generation does
         hx = tuple(torch.zeros_like(h) for h in hx)
     return RnnWorkload(p["cell"], module, x, packed, hx, case.mode == "training", device, case.name,
-                       bool(p.get("input_grad")), bool(p.get("stepwise")), tuple(p.get("regularizers", ())))
+                       bool(p.get("input_grad")), bool(p.get("stepwise")), tuple(p.get("regularizers", ())),
+                       bool(p.get("graph")))
 
 
 def rnn_lengths(T: int, N: int, seed: int) -> torch.Tensor:
@@ -168,6 +175,8 @@ def _finish(work, output: torch.Tensor) -> torch.Tensor:
 
 
 def _run_module(work: RnnWorkload, module: nn.Module) -> Callable[[], torch.Tensor]:
+    if work.graph:
+        return _graph_step(work, module)
     inputs = work.packed if work.packed is not None else work.x
     state = work.module_state()
 
@@ -200,8 +209,143 @@ def torch_rnn(work: RnnWorkload):
     return _run_module(work, work.module)
 
 
+def _forcing():
+    """genfast.routing's rules off, or nothing in a checkout without them."""
+    try:
+        from genfast import routing
+    except ImportError:
+        return contextlib.nullcontext()
+    return routing.force_kernels()
+
+
+def _persistent_switch(on: bool):
+    """The persistent RNN kernels (issue 20) on or off, or nothing in a checkout without them."""
+    try:
+        from genfast import rnn_persistent
+    except ImportError:
+        return contextlib.nullcontext()
+    return rnn_persistent.enabled(on)
+
+
 def genfast_rnn(work: RnnWorkload):
-    return _kernels_forced(routed_rnn(work))
+    """genfast.nn.LSTM/GRU on its per-step kernels: the rules off, the persistent kernels off whatever the
+    environment says (a graph case captures under the same settings)."""
+    if work.graph:
+        with _forcing(), _persistent_switch(False):
+            return routed_rnn(work)
+    run = routed_rnn(work)
+
+    def per_step_kernels():
+        with _forcing(), _persistent_switch(False):
+            return run()
+    return per_step_kernels
+
+
+def persistent_rnn(work: RnnWorkload):
+    """genfast.nn.LSTM/GRU on the persistent kernels of issue 20 (GENFAST_RNN_PERSISTENT=1, kernels forced). One
+    checked call first (a graph case: its capture): where the forward (or, training, the backward) took the
+    per-step path the provider is unavailable, with the reason, so the column never times the per-step path under
+    this name."""
+    _needs_cuda(work.device, "the persistent RNN kernel is CUDA-only")
+    persistent = _import_genfast("genfast.rnn_persistent")
+    before = persistent.last_path()
+    if work.graph:
+        with _forcing(), persistent.enabled():
+            run_persistent = routed_rnn(work)
+    else:
+        run = routed_rnn(work)
+
+        def run_persistent():
+            with _forcing(), persistent.enabled():
+                return run()
+        run_persistent()
+    after = persistent.last_path()
+    if after["persistent_layers"] <= before["persistent_layers"]:
+        raise Unavailable("per-step", f"the persistent kernel did not run: {after['reason']}")
+    # Training: the backward kernel too (a training row is never half persistent under this name).
+    if work.training and after["persistent_backward_layers"] <= before.get("persistent_backward_layers", 0):
+        raise Unavailable("per-step", f"the persistent backward did not run: {after['reason']}")
+    return run_persistent
+
+
+def _graph_step(work: RnnWorkload, module: nn.Module):
+    """One inference call of ``module`` captured in a CUDA graph; the provider replays it (issue 20's single decode
+    step, T=1). Warm-up on a side stream first, as torch.cuda.graphs asks; the kernels are chosen at capture, under
+    the caller's settings."""
+    _needs_cuda(work.device, "CUDA graphs")
+    if work.training or work.packed is not None or work.stepwise:
+        raise Unavailable("n/a", "graph cases: one padded inference call")
+    state = work.module_state()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(2):
+            module(work.x, state)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        out, _ = module(work.x, state)
+
+    def replay():
+        graph.replay()
+        return out
+    return replay
+
+
+def flashrnn_layer(cell: str, params: dict, x: torch.Tensor, states: torch.Tensor, backend: str = "cuda_fused"):
+    """One FlashRNN layer at one head on torch.nn's weights (``params``: weight_ih_l0, weight_hh_l0, bias_ih_l0,
+    bias_hh_l0). x (T, N, I); states (S, N, 1, 1, H), S = 2 for the LSTM (h, c), 1 for the GRU. Returns the output
+    (T, N, H) and FlashRNN's final states. It takes the input projection precomputed: x @ W_ih^T runs in torch.
+    Weights: W_hh as (G, 1, H, H); LSTM gates i, f, g, o with one bias b_ih + b_hh; GRU recurrent gates (n, r, z),
+    input gates (r, z, n) and biases (b_hn, b_r, b_z, b_in)."""
+    from flashrnn.flashrnn import flashrnn
+
+    G, H = (4 if cell == "lstm" else 3), params["weight_hh_l0"].shape[1]
+    T, N = x.shape[:2]
+    Wx = (x @ params["weight_ih_l0"].T).view(T, N, G, 1, H).transpose(0, 1)
+    R = params["weight_hh_l0"].view(G, 1, H, H)
+    bi, bh = params["bias_ih_l0"].view(G, H), params["bias_hh_l0"].view(G, H)
+    if cell == "lstm":
+        b = (bi + bh).view(G, 1, H)
+    else:
+        R = torch.stack([R[2], R[0], R[1]])
+        b = torch.stack([bh[2], bi[0] + bh[0], bi[1] + bh[1], bi[2]]).view(4, 1, H)
+    out, last = flashrnn(Wx, R, b, states=states, function=cell, backend=backend,
+                         dtype=str(x.dtype).removeprefix("torch."))
+    return out[0, :, :, 0].transpose(0, 1), last
+
+
+def flashrnn_rnn(work: RnnWorkload):
+    """FlashRNN (Pöppel et al. 2024; the `flashrnn` package, its CUDA compiled on first use), a second baseline for
+    issue 20: flashrnn_layer on the workload's weights, its cuda_fused backend."""
+    _needs_cuda(work.device, "FlashRNN's kernels are CUDA-only")
+    if work.cell not in ("lstm", "gru") or work.packed is not None:
+        raise Unavailable("n/a", "FlashRNN provider: LSTM/GRU on padded sequences")
+    if work.module.num_layers != 1 or work.module.bidirectional or work.module.bias is False:
+        raise Unavailable("n/a", "FlashRNN provider: one layer, one direction, with biases")
+    try:
+        import flashrnn  # noqa: F401
+    except ImportError as err:
+        raise Unavailable("not installed", f"flashrnn: {err} (carry its wheel in .whl/, see docs/design.md)") from err
+    params = {name: p.detach().clone().requires_grad_(work.training) for name, p in work.module.named_parameters()}
+    N, H = work.x.shape[1], work.module.hidden_size
+    first = torch.stack([h[0] for h in work.hx]).view(len(work.hx), N, 1, 1, H)
+
+    if work.stepwise:
+        def run_steps():
+            with torch.set_grad_enabled(work.training):
+                carried, outputs = first, []
+                for t in range(work.x.shape[0]):
+                    out, carried = flashrnn_layer(work.cell, params, work.x[t:t + 1], carried)
+                    outputs.append(out)
+                return _finish(work, torch.cat(outputs))
+        return run_steps
+
+    def run():
+        with torch.set_grad_enabled(work.training):
+            x = work.x.detach().requires_grad_() if work.input_grad else work.x
+            return _finish(work, flashrnn_layer(work.cell, params, x, first)[0])
+    return run
 
 
 def routed_rnn(work: RnnWorkload):
@@ -1066,6 +1210,8 @@ PROVIDERS: dict[str, dict[str, Provider]] = {
     "rnn": {p.name: p for p in (
         Provider("genfast", genfast_rnn, "genfast.nn.LSTM/GRU, its kernels forced (no routing)"),
         Provider("routed", routed_rnn, "genfast.nn.LSTM/GRU as users get it (genfast.routing may pick cuDNN)"),
+        Provider("persistent", persistent_rnn, "genfast.nn.LSTM/GRU on the persistent CUDA kernel (issue 20, opt-in)"),
+        Provider("flashrnn", flashrnn_rnn, "FlashRNN (flashrnn package, cuda_fused backend), one head, same weights"),
         Provider("genfast_cell", genfast_cell, "genfast.nn.LSTMCell/GRUCell"),
         Provider("genfast_regularized", genfast_regularized_rnn, "genfast.nn.LSTM/GRU with the case's regularisers"),
         Provider("torch", torch_rnn, "torch.nn.LSTM/GRU (oneDNN/ATen on CPU, cuDNN on GPU)"),
