@@ -22,6 +22,7 @@
 #include <optional>
 #include <tuple>
 
+#include "glue_types.h"
 #include "gru_reset_before_kernels.h"
 #include "rnn/regularizers_host.h"
 #include "rnn/rnn_host.h"
@@ -32,29 +33,6 @@ namespace {
 
 using at::Tensor;
 using Cell = rnn::GruResetBeforeCell;
-
-template <typename S>
-struct DeviceType {
-  using type = S;
-};
-template <>
-struct DeviceType<at::Half> {
-  using type = __half;
-};
-template <>
-struct DeviceType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
-template <typename K>
-K* data(const Tensor& t) {
-  return reinterpret_cast<K*>(t.data_ptr());
-}
-
-template <typename K>
-K* data_or_null(const Tensor& t) {
-  return t.defined() ? data<K>(t) : nullptr;
-}
 
 Tensor contiguous_or_undefined(const std::optional<Tensor>& t) {
   return t.has_value() ? t->contiguous() : Tensor();
@@ -100,7 +78,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_reset_before_forward_cuda(const Tensor& i
   const Tensor& h_product = recurrent_mask.defined() ? h_masked : h_state;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "genfast::gru_reset_before_cuda", [&] {
-    using K = typename DeviceType<scalar_t>::type;
+    using K = typename KernelType<scalar_t>::type;
     for (int64_t p = 0; p < sc.steps; ++p) {
       const int64_t t = sc.forward_step(p, reverse);
       const int64_t rows = sc.active[t], off = sc.offset[t];
@@ -163,7 +141,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_reset_before_backward_cud
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "genfast::gru_reset_before_backward_cuda", [&] {
-    using K = typename DeviceType<scalar_t>::type;
+    using K = typename KernelType<scalar_t>::type;
     for (int64_t s = 0; s < sc.steps; ++s) {
       const auto pass = sc.backward_pass(s, reverse);
       const int64_t rows = pass.n, off = pass.offset;

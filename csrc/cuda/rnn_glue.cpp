@@ -22,6 +22,7 @@
 #include <tuple>
 #include <vector>
 
+#include "glue_types.h"
 #include "rnn/regularizers_host.h"
 #include "rnn/rnn_host.h"
 #include "rnn_kernels.h"
@@ -35,30 +36,6 @@ using at::Tensor;
 using rnn::Dims;
 using rnn::LayerArgs;
 using rnn::Schedule;
-
-// ATen's 16-bit scalar types are layout-compatible with CUDA's.
-template <typename S>
-struct KernelType {
-  using type = S;
-};
-template <>
-struct KernelType<at::Half> {
-  using type = __half;
-};
-template <>
-struct KernelType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
-template <typename K>
-K* data(const Tensor& t) {
-  return reinterpret_cast<K*>(t.data_ptr());
-}
-
-template <typename K>
-K* data_or_null(const Tensor& t) {
-  return t.defined() ? data<K>(t) : nullptr;
-}
 
 at::ScalarType acc_dtype(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;

@@ -13,10 +13,13 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
+#include "glue_types.h"
 #include "rnn/cells.h"
 #include "rnn/persistent_plan.h"
 #include "rnn_persistent.h"
@@ -53,24 +56,6 @@ bool persistent_enabled() {
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0; }
 
-template <typename S>
-struct KernelType {
-  using type = S;
-};
-template <>
-struct KernelType<at::Half> {
-  using type = __half;
-};
-template <>
-struct KernelType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
-template <typename K>
-K* ptr(const at::Tensor& t) {
-  return t.defined() ? reinterpret_cast<K*>(t.data_ptr()) : nullptr;
-}
-
 rnn::persistent::DeviceBudget query_budget(int device) {
   cudaDeviceProp prop;
   C10_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
@@ -96,6 +81,46 @@ rnn::persistent::DeviceBudget device_budget(int device) {
   return found->second;
 }
 
+// The runtime's answers for one kernel: its registers per thread, and its resident blocks per SM for a launch
+// shape. Asked once per device and shape: a one-token layer call is a few microseconds of GPU work.
+class OccupancyCache {
+ public:
+  using Query = cudaError_t (*)(int threads, int64_t smem_bytes, int* regs_per_thread, int* blocks_per_sm);
+  explicit OccupancyCache(Query query) : query_(query) {}
+
+  std::pair<int, int> get(int device, int threads, int64_t smem) {  // -> (registers, resident blocks)
+    const std::lock_guard<std::mutex> lock(mutex_);
+    auto found = answers_.find({device, threads, smem});
+    if (found == answers_.end()) {
+      int regs = 0, resident = 0;
+      C10_CUDA_CHECK(query_(threads, smem, &regs, &resident));
+      found = answers_.emplace(std::make_tuple(device, threads, smem), std::make_pair(regs, resident)).first;
+    }
+    return found->second;
+  }
+
+ private:
+  Query query_;
+  std::mutex mutex_;
+  std::map<std::tuple<int, int, int64_t>, std::pair<int, int>> answers_;
+};
+
+// Why `resident` blocks per SM cannot hold the whole grid at once, or "" when they can.
+std::string occupancy_shortfall(int resident, const rnn::persistent::DeviceBudget& budget, int grid) {
+  if (static_cast<int64_t>(resident) * budget.sm_count >= grid) return "";
+  return "runtime occupancy: " + std::to_string(resident) + " resident blocks per SM x " +
+         std::to_string(budget.sm_count) + " SMs < grid " + std::to_string(grid);
+}
+
+// A packed batch's schedule on the device, [rows per step | offset of each step]; undefined for a dense batch.
+at::Tensor device_schedule(const std::vector<int64_t>& step_rows, const std::vector<int64_t>& step_offset,
+                           const at::Device& device) {
+  if (step_rows.empty()) return at::Tensor();
+  std::vector<int64_t> both(step_rows);
+  both.insert(both.end(), step_offset.begin(), step_offset.end());
+  return at::tensor(both, at::kLong).to(device);
+}
+
 std::string describe(const char* cell, const PersistentLayer& l, const rnn::persistent::Plan& plan) {
   return std::string(cell) + (l.step_rows.empty() ? "" : " packed") + " T=" + std::to_string(l.steps) +
          " N=" + std::to_string(l.batch) +
@@ -109,48 +134,31 @@ template <typename Cell, typename K>
 bool launch(const PersistentLayer& l) {
   const int device = l.output.get_device();
   const rnn::persistent::DeviceBudget budget = device_budget(device);
-  // The runtime's answers for this kernel (its registers; resident blocks per launch shape and device) are
-  // asked once: a one-token layer call is a few microseconds of GPU work.
-  static std::mutex cache_mutex;
-  static std::map<std::tuple<int, int, int64_t>, std::pair<int, int>> occupancy;  // -> (registers, resident)
-  const auto ask = [&](int threads, int64_t smem) {
-    const std::lock_guard<std::mutex> lock(cache_mutex);
-    auto found = occupancy.find({device, threads, smem});
-    if (found == occupancy.end()) {
-      int regs = 0, resident = 0;
-      C10_CUDA_CHECK((persistent_forward_occupancy<Cell, K>(threads, smem, &regs, &resident)));
-      found = occupancy.emplace(std::make_tuple(device, threads, smem), std::make_pair(regs, resident)).first;
-    }
-    return found->second;
-  };
-  const int regs = ask(32 * rnn::persistent::kMinWarps, 0).first;
+  static OccupancyCache occupancy(persistent_forward_occupancy<Cell, K>);
+  const int regs = occupancy.get(device, 32 * rnn::persistent::kMinWarps, 0).first;
   const rnn::persistent::Plan plan =
       rnn::persistent::make_plan({Cell::kGates, l.hidden, l.batch, static_cast<int>(sizeof(K)), regs}, budget);
   if (!plan.fits) return per_step(std::string("plan: ") + plan.reason);
-  const int resident = ask(plan.threads, plan.smem_bytes).second;
-  if (static_cast<int64_t>(resident) * budget.sm_count < plan.grid)
-    return per_step("runtime occupancy: " + std::to_string(resident) + " resident blocks per SM x " +
-                    std::to_string(budget.sm_count) + " SMs < grid " + std::to_string(plan.grid));
+  const std::string shortfall = occupancy_shortfall(occupancy.get(device, plan.threads, plan.smem_bytes).second,
+                                                    budget, plan.grid);
+  if (!shortfall.empty()) return per_step(shortfall);
 
   PersistentForwardArgs<K> args;
   args.steps = l.steps;
   args.batch = l.batch;
   args.hidden = l.hidden;
   args.reverse = l.reverse;
-  args.w_hh = ptr<K>(l.w_hh);
-  args.gates_x = ptr<K>(l.gates_x);
-  args.b_ih = ptr<K>(l.b_ih);
-  args.b_hh = ptr<K>(l.b_hh);
-  args.hx = ptr<K>(l.hx);
-  args.c_state = Cell::kCellState ? ptr<float>(l.c_state) : nullptr;
-  args.output = ptr<K>(l.output);
-  args.saved = ptr<K>(l.saved);
-  args.saved_c = ptr<K>(l.saved_c);
-  at::Tensor schedule;  // packed input: [rows per step | offset of each step], on the device
-  if (!l.step_rows.empty()) {
-    std::vector<int64_t> both(l.step_rows);
-    both.insert(both.end(), l.step_offset.begin(), l.step_offset.end());
-    schedule = at::tensor(both, at::kLong).to(l.output.device());
+  args.w_hh = data_or_null<K>(l.w_hh);
+  args.gates_x = data_or_null<K>(l.gates_x);
+  args.b_ih = data_or_null<K>(l.b_ih);
+  args.b_hh = data_or_null<K>(l.b_hh);
+  args.hx = data_or_null<K>(l.hx);
+  args.c_state = Cell::kCellState ? data_or_null<float>(l.c_state) : nullptr;
+  args.output = data_or_null<K>(l.output);
+  args.saved = data_or_null<K>(l.saved);
+  args.saved_c = data_or_null<K>(l.saved_c);
+  const at::Tensor schedule = device_schedule(l.step_rows, l.step_offset, l.output.device());
+  if (schedule.defined()) {
     args.step_rows = schedule.data_ptr<int64_t>();
     args.step_offset = args.step_rows + l.steps;
   }
@@ -174,49 +182,34 @@ template <typename Cell, typename K>
 bool launch_backward(const PersistentBackwardLayer& l) {
   const int device = l.d_gates.get_device();
   const rnn::persistent::DeviceBudget budget = device_budget(device);
-  static std::mutex cache_mutex;
-  static std::map<std::tuple<int, int, int64_t>, std::pair<int, int>> occupancy;  // -> (registers, resident)
-  const auto ask = [&](int threads, int64_t smem) {
-    const std::lock_guard<std::mutex> lock(cache_mutex);
-    auto found = occupancy.find({device, threads, smem});
-    if (found == occupancy.end()) {
-      int regs = 0, resident = 0;
-      C10_CUDA_CHECK((persistent_backward_occupancy<Cell, K>(threads, smem, &regs, &resident)));
-      found = occupancy.emplace(std::make_tuple(device, threads, smem), std::make_pair(regs, resident)).first;
-    }
-    return found->second;
-  };
-  const int regs = ask(32 * rnn::persistent::kMinWarps, 0).first;
+  static OccupancyCache occupancy(persistent_backward_occupancy<Cell, K>);
+  const int regs = occupancy.get(device, 32 * rnn::persistent::kMinWarps, 0).first;
   const rnn::persistent::BackwardPlan plan = rnn::persistent::make_backward_plan(
       {Cell::kGates, l.hidden, l.batch, static_cast<int>(sizeof(K)), regs}, budget);
   if (!plan.fits) return per_step(std::string("plan: ") + plan.reason, true);
-  const int resident = ask(plan.threads, plan.smem_bytes).second;
-  if (static_cast<int64_t>(resident) * budget.sm_count < plan.grid)
-    return per_step("runtime occupancy: " + std::to_string(resident) + " resident blocks per SM x " +
-                    std::to_string(budget.sm_count) + " SMs < grid " + std::to_string(plan.grid), true);
+  const std::string shortfall = occupancy_shortfall(occupancy.get(device, plan.threads, plan.smem_bytes).second,
+                                                    budget, plan.grid);
+  if (!shortfall.empty()) return per_step(shortfall, true);
   PersistentBackwardArgs<K> args;
   args.steps = l.steps;
   args.batch = l.batch;
   args.hidden = l.hidden;
   args.reverse = l.reverse;
-  args.w_hh = ptr<K>(l.w_hh);
-  args.grad_output = ptr<K>(l.grad_output);
-  args.hx = ptr<K>(l.hx);
-  args.cx = ptr<K>(l.cx);
-  args.output = ptr<K>(l.output);
-  args.saved = ptr<K>(l.saved);
-  args.saved_c = ptr<K>(l.saved_c);
+  args.w_hh = data_or_null<K>(l.w_hh);
+  args.grad_output = data_or_null<K>(l.grad_output);
+  args.hx = data_or_null<K>(l.hx);
+  args.cx = data_or_null<K>(l.cx);
+  args.output = data_or_null<K>(l.output);
+  args.saved = data_or_null<K>(l.saved);
+  args.saved_c = data_or_null<K>(l.saved_c);
   const at::Tensor dh32 = l.dh_state.to(at::kFloat).contiguous();  // the same tensor when it is fp32 already
-  args.dh_state = ptr<float>(dh32);
-  args.dc_state = Cell::kCellState ? ptr<float>(l.dc_state) : nullptr;
-  args.d_gates = ptr<K>(l.d_gates);
-  args.d_gates_h = Cell::kSidesAdd ? nullptr : ptr<K>(l.d_gates_h);
-  args.h_prev = ptr<K>(l.h_prev);
-  at::Tensor schedule;  // packed input: [rows per step | offset of each step], on the device
-  if (!l.step_rows.empty()) {
-    std::vector<int64_t> both(l.step_rows);
-    both.insert(both.end(), l.step_offset.begin(), l.step_offset.end());
-    schedule = at::tensor(both, at::kLong).to(l.d_gates.device());
+  args.dh_state = data_or_null<float>(dh32);
+  args.dc_state = Cell::kCellState ? data_or_null<float>(l.dc_state) : nullptr;
+  args.d_gates = data_or_null<K>(l.d_gates);
+  args.d_gates_h = Cell::kSidesAdd ? nullptr : data_or_null<K>(l.d_gates_h);
+  args.h_prev = data_or_null<K>(l.h_prev);
+  const at::Tensor schedule = device_schedule(l.step_rows, l.step_offset, l.d_gates.device());
+  if (schedule.defined()) {
     args.step_rows = schedule.data_ptr<int64_t>();
     args.step_offset = args.step_rows + l.steps;
   }

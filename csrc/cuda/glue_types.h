@@ -1,0 +1,37 @@
+// What every CUDA glue file needs to hand torch tensors to the torch-free kernels: the kernels' element
+// type for an ATen scalar type, and a tensor's data as that type (null for an undefined tensor).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace genfast {
+namespace cuda {
+
+// ATen's 16-bit scalar types are layout-compatible with CUDA's.
+template <typename S>
+struct KernelType {
+  using type = S;
+};
+template <>
+struct KernelType<at::Half> {
+  using type = __half;
+};
+template <>
+struct KernelType<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+template <typename K>
+K* data(const at::Tensor& t) {
+  return reinterpret_cast<K*>(t.data_ptr());
+}
+
+template <typename K>
+K* data_or_null(const at::Tensor& t) {
+  return t.defined() ? data<K>(t) : nullptr;
+}
+
+}  // namespace cuda
+}  // namespace genfast
