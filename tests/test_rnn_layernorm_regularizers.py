@@ -18,8 +18,8 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 import genfast.nn as gnn
 import genfast.nn.layernorm_rnn as gnn_ln
-import genfast.nn.rnn as gnn_rnn
 
+from .mask_recorder import MaskRecorder
 from .test_rnn_layernorm import CELLS, LSTM, _op_args, _randomise, assert_close_to
 
 cells = pytest.mark.parametrize("cell", CELLS, ids=lambda c: c.name)
@@ -185,30 +185,6 @@ def test_mask_errors_name_the_argument(cell):
 
 
 # ---------------------------------------------------------------- module level
-class MaskRecorder:
-    """Records what genfast.nn's LN modules hand their ops (the mask arguments per layer call) and
-    every Bernoulli(1 - p) / (1 - p) mask drawn (recurrent dropout, then weight dropout, per call)."""
-
-    def __init__(self, monkeypatch):
-        self.calls, self.dropout_masks = [], []
-        real_mask = gnn_rnn._dropout_mask
-
-        def record(real):
-            def wrapped(*args, **kwargs):
-                self.calls.append({k: v for k, v in kwargs.items() if v is not None})
-                return real(*args, **kwargs)
-            return wrapped
-
-        def mask(shape, p, like):
-            m = real_mask(shape, p, like)
-            self.dropout_masks.append(m)
-            return m
-
-        monkeypatch.setattr(gnn_ln._ln_ops, "layernorm_lstm", record(gnn_ln._ln_ops.layernorm_lstm))
-        monkeypatch.setattr(gnn_ln._ln_ops, "layernorm_gru", record(gnn_ln._ln_ops.layernorm_gru))
-        monkeypatch.setattr(gnn_rnn, "_dropout_mask", mask)
-
-
 def module_reference(cell, module, x, states, lengths, batch_sizes, recorder):
     """The reference on the module's own parameters (float64 copies) with the masks it drew; x padded
     (T, N, I), states (L*D, N, H), lengths sorted (no permutation)."""
@@ -281,7 +257,7 @@ def test_module_matches_reference_with_its_masks(cell, rates, training, packed, 
     module = _module(cell, rates, dtype).train(training)
     x, states = _inputs(cell, dtype)
     lengths = [6, 5, 3, 1] if packed else [6] * 4
-    recorder = MaskRecorder(monkeypatch)
+    recorder = MaskRecorder(monkeypatch, gnn_ln._ln_ops, ("layernorm_lstm", "layernorm_gru"))
     results = []
     for side in ("genfast", "reference"):
         m = module if side == "genfast" else copy.deepcopy(module).double()

@@ -23,6 +23,7 @@ import genfast.nn as gnn
 import genfast.nn.rnn as gnn_rnn
 from genfast import _extension, ops, reference
 
+from .mask_recorder import MaskRecorder
 from .rnn_cells import CELLS, LSTM, TOLERANCES, op_case
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -231,32 +232,6 @@ def test_op_mask_errors_name_the_argument(cell):
 
 
 # ---------------------------------------------------------------- module level
-class MaskRecorder:
-    """Records the masks genfast.nn draws: the ops' mask arguments per layer call, and every
-    Bernoulli(1 - p) / (1 - p) mask (recurrent and weight dropout)."""
-
-    def __init__(self, monkeypatch):
-        self.calls, self.dropout_masks = [], []
-        real_lstm, real_gru, real_mask = ops.lstm, ops.gru, gnn_rnn._dropout_mask
-        real_gru_reset_before = ops.gru_reset_before
-
-        def record(real):
-            def wrapped(*args, **kwargs):
-                self.calls.append({k: v for k, v in kwargs.items() if v is not None})
-                return real(*args, **kwargs)
-            return wrapped
-
-        def mask(shape, p, like):
-            m = real_mask(shape, p, like)
-            self.dropout_masks.append(m)
-            return m
-
-        monkeypatch.setattr(gnn_rnn.ops, "lstm", record(real_lstm))
-        monkeypatch.setattr(gnn_rnn.ops, "gru", record(real_gru))
-        monkeypatch.setattr(gnn_rnn.ops, "gru_reset_before", record(real_gru_reset_before))
-        monkeypatch.setattr(gnn_rnn, "_dropout_mask", mask)
-
-
 def module_reference(module, x, hx, recorder):
     """genfast.reference for a padded (T, N, I) multi-layer, bidirectional module, with the masks it drew."""
     cell = LSTM if isinstance(module, gnn.LSTM) else _cell("gru" if module.reset_after else "gru_reset_before")
@@ -320,7 +295,7 @@ def test_module_matches_reference_with_its_masks(cell, rates, training, monkeypa
     expectation; the dropouts off)."""
     module = _make_module(cell, rates).train(training)
     x, states = _module_inputs(cell, torch.float64)
-    recorder = MaskRecorder(monkeypatch)
+    recorder = MaskRecorder(monkeypatch, gnn_rnn.ops, ("lstm", "gru", "gru_reset_before"))
     results = []
     for side in ("genfast", "reference"):
         module.zero_grad(set_to_none=True)
@@ -428,7 +403,7 @@ def test_mask_rates(cell, monkeypatch):
     rates = dict(zoneout=0.3, recurrent_dropout=0.2, weight_dropout=0.4) | (
         dict(cell_zoneout=0.6) if cell.name == "lstm" else {})
     module = cell.module(16, 64, **rates).train()
-    recorder = MaskRecorder(monkeypatch)
+    recorder = MaskRecorder(monkeypatch, gnn_rnn.ops, ("lstm", "gru", "gru_reset_before"))
     torch.manual_seed(0)
     module(torch.randn(50, 40, 16))
 
@@ -454,7 +429,7 @@ def test_mask_rates(cell, monkeypatch):
 @pytest.mark.parametrize("cell", REGULARIZED_CELLS, ids=lambda c: c.name)
 def test_masks_differ_per_layer_and_direction_and_call(cell, monkeypatch):
     module = _make_module(cell, dict(zoneout=0.5, recurrent_dropout=0.5), torch.float32).train()
-    recorder = MaskRecorder(monkeypatch)
+    recorder = MaskRecorder(monkeypatch, gnn_rnn.ops, ("lstm", "gru", "gru_reset_before"))
     x, states = _module_inputs(cell, torch.float32)
     module(x)
     module(x)
