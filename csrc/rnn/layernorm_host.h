@@ -1,6 +1,6 @@
 // What the CPU and CUDA layer-normalised RNN ops share on the host beyond csrc/rnn/rnn_host.h: the LN
 // parameters and their checks, and the backward's checks (the workspace is rnn::LayerNormWorkspace,
-// not the plain cells' layout). Used by csrc/cuda/rnn_layernorm_glue.cpp.
+// not the plain cells' layout). Used by csrc/cpu/rnn_layernorm.cpp and csrc/cuda/rnn_layernorm_glue.cpp.
 #pragma once
 
 #include <ATen/ATen.h>
