@@ -29,8 +29,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from genfast import _extension
 
-from .test_rnn_layernorm import (CELLS, FLOAT64_TOLERANCE, _op_args, _randomise, assert_close_to,
-                                 reference_module)
+from .test_rnn_layernorm import CELLS, _op_args, _randomise, assert_close_to, reference_module
 from .test_rnn_layernorm_regularizers import KINDS, MaskRecorder, make_masks, module_reference, op_layer
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
