@@ -298,13 +298,15 @@ def test_reduced_precision_within_2x_of_reference_error(cell, dtype):
 
 @cells
 def test_inference_equals_training_forward(cell):
-    """train=False (the product in a scratch, nothing saved) computes the same as train=True."""
+    """train=False (the product in a scratch, nothing saved) computes what train=True does. Not asserted
+    bitwise: cuBLAS may pick another kernel for the workspace's alignment, so the products may round in
+    another order; FLOAT32_BOUND as the float32 tests."""
     module = _randomise(cell.module(6, 40, 2, bidirectional=True), seed=6).to(DEVICE)
     x = torch.randn(5, 3, 6, device=DEVICE)
     with torch.no_grad():
         out_eval, _ = module(x)
     out_train, _ = module(x.requires_grad_(True))
-    assert torch.equal(out_eval, out_train.detach())
+    assert_close_to(out_train.detach().cpu(), out_eval.cpu().double(), torch.float32, "output")
 
 
 @cells
