@@ -8,8 +8,9 @@
 #
 # Env: PYTHON (default python3, a CUDA build of torch with triton), GPU_SESSION_BUDGET_S (default
 # 540: every stage's timeout is cut to what is left, so the script ends and writes its files even
-# when a stage hangs), GPU_SESSION_TESTS (default "rnn rnn_persistent attention_low_precision attention_rest
-# generation": which test groups run, concurrently; rnn_persistent is issue 20's persistent kernel), GPU_SESSION_BENCHES (default "rnn generation attention"; also
+# when a stage hangs), GPU_SESSION_TESTS (default "rnn rnn_persistent rnn_layernorm attention_low_precision
+# attention_rest generation": which test groups run, concurrently; rnn_persistent is issue 20's persistent kernel,
+# rnn_layernorm issue 19's LayerNormLSTM/GRU kernels), GPU_SESSION_BENCHES (default "rnn generation attention"; also
 # "sampling_sweep", a diagnostic: which groups of cases run, in that order), ATTENTION_FILTER (default
 # "gpu.attention.": the --filter of the attention group, e.g. "gpu.attention.b4.h32.n4096." for one length).
 # Optional: wheels in .whl/ (e.g. expecttest, which torch.library.opcheck imports) are installed to
@@ -100,7 +101,7 @@ run_tests() {  # NAME FILE...
 # The argument-error tests run in a process of their own: on one image every error message that formatted
 # an integer crashed the process (gpu_error_probe.sh, run alongside, looks into it), which would take
 # the rest of the file down with it.
-TEST_GROUPS=" ${GPU_SESSION_TESTS:-rnn rnn_persistent attention_low_precision attention_rest generation} "
+TEST_GROUPS=" ${GPU_SESSION_TESTS:-rnn rnn_persistent rnn_layernorm attention_low_precision attention_rest generation} "
 wanted() { [[ $TEST_GROUPS == *" $1 "* ]]; }
 # The CUDA RNN tests: tests/test_rnn.py's cases marked `cuda`.
 RNN_TESTS=(tests/test_rnn.py -m cuda)
@@ -111,6 +112,8 @@ wanted rnn && (run_tests rnn "${RNN_TESTS[@]}" -k "not argument_errors";
 # (and the FlashRNN baseline's weight mapping, where its wheel was carried).
 wanted rnn_persistent && run_tests rnn_persistent tests/test_rnn_persistent_cuda.py tests/test_rnn_persistent_plan.py \
     tests/test_bench_flashrnn.py &
+# The LayerNormLSTM/GRU CUDA kernels (issue 19): against the CPU kernel and genfast.reference.
+wanted rnn_layernorm && run_tests rnn_layernorm tests/test_rnn_layernorm_cuda.py &
 (PYTHON=$PY timeout "$(cap 240)" bash benchmarks/gpu_error_probe.sh > "$WORK/probe.log" 2>&1) &
 wanted attention_low_precision && (export GENFAST_FLASH_AUTOTUNE=0;
   run_tests attention_low_precision tests/test_flash_attention_cuda.py -k low_precision) &
@@ -119,7 +122,7 @@ wanted attention_rest && (export GENFAST_FLASH_AUTOTUNE=0;
 wanted generation && run_tests generation tests/test_generation_cuda.py &
 wait
 { echo "===== gpu_error_probe.sh"; cat "$WORK/probe.log"; } >> "$SUMMARY"
-for name in rnn rnn_package rnn_argument_errors rnn_persistent attention_low_precision attention_rest generation; do
+for name in rnn rnn_package rnn_argument_errors rnn_persistent rnn_layernorm attention_low_precision attention_rest generation; do
   [[ -f $WORK/tests_$name.log ]] || continue
   { echo "===== tests $name"; cat "$WORK/tests_$name.log"; } >> "$OUT/tests.log"
   echo "tests $name: $(grep -E 'passed|failed|error|no tests ran' "$WORK/tests_$name.log" | tail -1)" >> "$SUMMARY"

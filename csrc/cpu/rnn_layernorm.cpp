@@ -30,6 +30,7 @@
 #include "cpu/rnn_regularizers.h"
 #include "cpu/simd.h"
 #include "rnn/layernorm_cells.h"
+#include "rnn/layernorm_host.h"
 #include "rnn/rnn_host.h"
 
 namespace genfast::cpu {
@@ -632,25 +633,7 @@ using rnn::Dims;
 using rnn::LayerArgs;
 const std::optional<at::Tensor> kNone;
 
-void check_vector(const at::Tensor& t, const char* name, const at::Tensor& input, int64_t size) {
-  rnn::check_same(t, name, input);
-  rnn::check_shape(t, name, {size});
-}
-
-// The LN parameters of a cell: gains of both sides (gates*H) and, for the LSTM, the cell's gain and bias (H).
-struct LayerNormParams {
-  const at::Tensor& ln_ih_weight;
-  const at::Tensor& ln_hh_weight;
-  const at::Tensor* ln_cell_weight;
-  const at::Tensor* ln_cell_bias;
-};
-
-void check_params(const LayerNormParams& p, const at::Tensor& input, int64_t gates, int64_t H) {
-  check_vector(p.ln_ih_weight, "ln_ih_weight", input, gates * H);
-  check_vector(p.ln_hh_weight, "ln_hh_weight", input, gates * H);
-  if (p.ln_cell_weight) check_vector(*p.ln_cell_weight, "ln_cell_weight", input, H);
-  if (p.ln_cell_bias) check_vector(*p.ln_cell_bias, "ln_cell_bias", input, H);
-}
+using rnn::LayerNormParams;
 
 struct LnForwardResult {
   at::Tensor output, hy, cy, workspace;
@@ -664,7 +647,7 @@ LnForwardResult ln_forward(const LayerArgs& a, const LayerNormParams& p, bool re
   const Schedule sc = rnn::make_schedule(a.input, a.batch_sizes);
   const Dims d = rnn::check_forward<Cell>(rnn::kCpu, a, sc);
   const int64_t S = sc.rows, H = d.H, N = sc.batch, panels = ceil_div(H, kUnits);
-  check_params(p, a.input, G, H);
+  rnn::check_layer_norm_params(p, a.input, G, H);
   rnn::check_regularizers<Cell>(regularizers, a, sc, d);
   const RegularizerTensors reg_tensors(regularizers, a.hx);
   // Cell zoneout: c~_t of a step, which pass C normalises, apart from the carried c_t.
@@ -748,30 +731,6 @@ LnForwardResult ln_forward(const LayerArgs& a, const LayerNormParams& p, bool re
   return {out.view(rnn::output_shape(a.input, H)), hy, cy, ws};
 }
 
-// The backward's own checks (the layer's are rnn::check_layer's).
-template <typename Cell>
-Dims check_ln_backward(const LayerArgs& a, const LayerNormParams& p, const rnn::BackwardArgs& b, const Schedule& sc) {
-  const Dims d = rnn::check_layer<Cell>(rnn::kCpu, a, sc);
-  check_params(p, a.input, Cell::kGates, d.H);
-  const std::vector<int64_t> out_shape = rnn::output_shape(a.input, d.H);
-  rnn::check_same(b.output, "output", a.input);
-  rnn::check_shape(b.output, "output", out_shape);
-  rnn::check_same(b.grad_output, "grad_output", a.input);
-  rnn::check_shape(b.grad_output, "grad_output", out_shape);
-  rnn::check_same(b.grad_hy, "grad_hy", a.input);
-  rnn::check_shape(b.grad_hy, "grad_hy", {sc.batch, d.H});
-  if (Cell::kCellState) {
-    rnn::check_same(*b.grad_cy, "grad_cy", a.input);
-    rnn::check_shape(*b.grad_cy, "grad_cy", {sc.batch, d.H});
-  }
-  rnn::check_same(b.workspace, "workspace", a.input);
-  const int64_t expected = Cell::workspace(sc.rows, d.H).size;
-  TORCH_CHECK(b.workspace.dim() == 1 && b.workspace.numel() == expected, "workspace: has ", b.workspace.numel(),
-              " elements, not ", expected, "; it must come from ", Cell::kName,
-              "_forward(..., train=True) on the same inputs");
-  return d;
-}
-
 struct LnBackwardResult {
   at::Tensor grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_ln_ih, grad_ln_hh,
       grad_ln_cell_weight, grad_ln_cell_bias;
@@ -783,7 +742,7 @@ LnBackwardResult ln_backward(const LayerArgs& a, const LayerNormParams& p, const
   constexpr int64_t G = Cell::kGates;
   constexpr bool kLstm = Cell::kCellState;
   const Schedule sc = rnn::make_schedule(a.input, a.batch_sizes);
-  const Dims d = check_ln_backward<Cell>(a, p, g, sc);
+  const Dims d = rnn::check_layer_norm_backward<Cell>(rnn::kCpu, a, p, g, sc);
   rnn::check_regularizers<Cell>(regularizers, a, sc, d);
   const RegularizerTensors reg_tensors(regularizers, at::Tensor());
   const int64_t S = sc.rows, H = d.H, N = sc.batch, panels = ceil_div(H, kUnits);

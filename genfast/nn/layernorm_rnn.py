@@ -1,12 +1,12 @@
 """Layer-normalised LSTM and GRU (issue 19): recurrent layers that torch.nn does not fuse.
 
     LayerNormLSTM.forward -> genfast.ops.layernorm_rnn.layernorm_lstm (one call per layer and direction)
-        -> torch.ops.genfast.layernorm_lstm_forward -> csrc/cpu/rnn_layernorm.cpp
+        -> torch.ops.genfast.layernorm_lstm_forward -> csrc/cpu/rnn_layernorm.cpp (CUDA: csrc/cuda/rnn_layernorm_glue.cpp)
 
 Their equations: csrc/rnn/layernorm_cells.h and genfast.reference.layernorm_lstm_cell /
 layernorm_gru_cell. Constructor, parameters (torch's names plus the LN gains and biases, with torch's
 ``_l{k}`` and ``_reverse`` suffixes), forward signature and outputs follow torch.nn.LSTM / GRU
-(without proj_size). CPU only for now.
+(without proj_size). CPU and CUDA (on CUDA float16 and bfloat16 too, with float accumulation).
 
 The regularisers (zoneout, cell_zoneout, recurrent_dropout, weight_dropout) are genfast.nn.LSTM's
 (genfast.nn.rnn._RegularizedRNN: the same semantics, the same mask draws), fused in the LN kernels.

@@ -3,12 +3,14 @@ sequence.
 
     genfast.nn.LayerNormLSTM.forward -> genfast.ops.layernorm_rnn.layernorm_lstm
         -> torch.ops.genfast.layernorm_lstm_forward -> csrc/cpu/rnn_layernorm.cpp
+                                                       (CUDA: csrc/cuda/rnn_layernorm_glue.cpp)
         -> csrc/rnn/layernorm_cells.h (the equations; genfast.reference.layernorm_lstm_cell)
 
-Kernels and their autograd are C++ (csrc/cpu/rnn_layernorm.cpp, csrc/rnn_layernorm_autograd.cpp).
-This module gives the ops fake kernels for torch.compile; the workspace size comes from the C++
-layout (csrc/rnn/layernorm_cells.h) through genfast::layernorm_rnn_workspace_layout. CPU only for
-now: a CUDA tensor raises NotImplementedError.
+Kernels and their autograd are C++ (csrc/cpu/rnn_layernorm.cpp; csrc/cuda/rnn_layernorm_glue.cpp and
+rnn_layernorm.cu; csrc/rnn_layernorm_autograd.cpp). This module gives the ops fake kernels for
+torch.compile; the workspace size comes from the C++ layout (csrc/rnn/layernorm_cells.h) through
+genfast::layernorm_rnn_workspace_layout. CPU and CUDA tensors; any other device raises
+NotImplementedError. On CUDA, float16 and bfloat16 run natively (float accumulation), as genfast.ops.lstm.
 """
 from __future__ import annotations
 
@@ -25,9 +27,13 @@ _ops = torch.ops.genfast
 
 
 def _check_device(name: str, input: Tensor) -> None:
-    if input.device.type != "cpu":
+    if input.device.type not in ("cpu", "cuda"):
         raise NotImplementedError(
-            f"genfast {name}: only CPU kernels exist so far (issue 19); got a {input.device.type} tensor")
+            f"genfast {name}: kernels exist for CPU and CUDA tensors only; got a {input.device.type} tensor")
+    if input.is_cuda and not _extension.load().cuda_built():
+        raise RuntimeError(
+            f"genfast {name}: genfast was built without its CUDA kernels (the installed torch had no CUDA, or "
+            "CUDA_HOME was unset), so it cannot run on a CUDA tensor; rebuild with a CUDA torch")
 
 
 def layernorm_lstm(input: Tensor, hx: Tensor, cx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
@@ -37,7 +43,8 @@ def layernorm_lstm(input: Tensor, hx: Tensor, cx: Tensor, w_ih: Tensor, w_hh: Te
                    recurrent_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """One layer-normalised LSTM layer over ``input`` (T, N, I), or packed (S, I) with ``batch_sizes``.
 
-    Returns (output, h_n, c_n). bfloat16 / float16 run in float32 on the CPU, as genfast.ops.lstm.
+    Returns (output, h_n, c_n). bfloat16 / float16 run in float32 on the CPU and natively (float
+    accumulation) on CUDA, as genfast.ops.lstm.
     Regularisers, each optional, as genfast.ops.lstm takes them: ``zoneout`` and ``cell_zoneout``
     (S, H), the weight of h_{t-1} (c_{t-1}) in h_t (c_t) per row of the sequence; ``recurrent_mask``
     (N, H) multiplies h_{t-1} where it enters LN(W_hh h_{t-1}).
