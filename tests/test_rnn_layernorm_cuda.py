@@ -30,19 +30,14 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 import genfast.nn.layernorm_rnn as gnn_ln
 from genfast import _extension
 
+from .mask_recorder import MaskRecorder
 from .test_rnn_layernorm import CELLS, _op_args, _randomise, assert_close_to, reference_module
 from .test_rnn_layernorm_regularizers import KINDS, make_masks, module_reference, op_layer
 
-try:  # the shared recorder of tests/mask_recorder.py, where the checkout has it
-    from .mask_recorder import MaskRecorder as _MaskRecorder
 
-    def mask_recorder(monkeypatch):
-        return _MaskRecorder(monkeypatch, gnn_ln._ln_ops, ("layernorm_lstm", "layernorm_gru"))
-except ImportError:  # before it: the LN regulariser tests' own
-    from .test_rnn_layernorm_regularizers import MaskRecorder as _MaskRecorder
+def mask_recorder(monkeypatch):
+    return MaskRecorder(monkeypatch, gnn_ln._ln_ops, ("layernorm_lstm", "layernorm_gru"))
 
-    def mask_recorder(monkeypatch):
-        return _MaskRecorder(monkeypatch)
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 cells = pytest.mark.parametrize("cell", CELLS, ids=lambda c: c.name)

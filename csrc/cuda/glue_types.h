@@ -1,10 +1,13 @@
 // What every CUDA glue file needs to hand torch tensors to the torch-free kernels: the kernels' element
-// type for an ATen scalar type, and a tensor's data as that type (null for an undefined tensor).
+// type for an ATen scalar type, a tensor's data as that type (null for an undefined tensor), and an optional
+// argument made contiguous.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include <optional>
 
 namespace genfast {
 namespace cuda {
@@ -31,6 +34,10 @@ K* data(const at::Tensor& t) {
 template <typename K>
 K* data_or_null(const at::Tensor& t) {
   return t.defined() ? data<K>(t) : nullptr;
+}
+
+inline at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->contiguous() : at::Tensor();
 }
 
 }  // namespace cuda

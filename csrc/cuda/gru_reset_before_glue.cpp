@@ -34,10 +34,6 @@ namespace {
 using at::Tensor;
 using Cell = rnn::GruResetBeforeCell;
 
-Tensor contiguous_or_undefined(const std::optional<Tensor>& t) {
-  return t.has_value() ? t->contiguous() : Tensor();
-}
-
 const std::optional<Tensor> kNone;
 
 std::tuple<Tensor, Tensor, Tensor> gru_reset_before_forward_cuda(const Tensor& input, const Tensor& hx,

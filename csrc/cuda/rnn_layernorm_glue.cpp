@@ -23,6 +23,7 @@
 #include <optional>
 #include <tuple>
 
+#include "glue_types.h"
 #include "rnn/layernorm_cells.h"
 #include "rnn/layernorm_host.h"
 #include "rnn/regularizers_host.h"
@@ -36,33 +37,6 @@ namespace {
 using at::Tensor;
 using rnn::LayerNormGruCell;
 using rnn::LayerNormLstmCell;
-
-template <typename S>
-struct DeviceType {
-  using type = S;
-};
-template <>
-struct DeviceType<at::Half> {
-  using type = __half;
-};
-template <>
-struct DeviceType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
-template <typename K>
-K* data(const Tensor& t) {
-  return reinterpret_cast<K*>(t.data_ptr());
-}
-
-template <typename K>
-K* data_or_null(const Tensor& t) {
-  return t.defined() ? data<K>(t) : nullptr;
-}
-
-Tensor contiguous_or_undefined(const std::optional<Tensor>& t) {
-  return t.has_value() ? t->contiguous() : Tensor();
-}
 
 at::ScalarType acc_dtype(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -125,7 +99,7 @@ LnForwardResult ln_forward(const rnn::LayerArgs& a, const rnn::LayerNormParams& 
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.input.scalar_type(), "genfast::layernorm_rnn_forward_cuda",
                                   [&] {
-    using K = typename DeviceType<scalar_t>::type;
+    using K = typename KernelType<scalar_t>::type;
     K* ws = train ? data<K>(workspace) : nullptr;
     LayerNormRowsArgs<K> input_side;
     input_side.rows = S;
@@ -242,7 +216,7 @@ LnBackwardResult ln_backward(const rnn::LayerArgs& a, const rnn::LayerNormParams
   const bool direct = !kLstm || zoneout.defined();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "genfast::layernorm_rnn_backward_cuda", [&] {
-    using K = typename DeviceType<scalar_t>::type;
+    using K = typename KernelType<scalar_t>::type;
     const K* w = data<K>(ws);
     for (int64_t s = 0; s < sc.steps; ++s) {
       const auto pass = sc.backward_pass(s, reverse);
@@ -320,7 +294,7 @@ LnBackwardResult ln_backward(const rnn::LayerArgs& a, const rnn::LayerNormParams
     r.grad_b_hh = d_pre_h_acc.sum(0).to(dtype);
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "genfast::layernorm_rnn_backward_input_cuda", [&] {
-    using K = typename DeviceType<scalar_t>::type;
+    using K = typename KernelType<scalar_t>::type;
     LayerNormRowsBackwardArgs<K> input_side;
     input_side.rows = S;
     input_side.width = G * H;
