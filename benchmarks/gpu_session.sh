@@ -13,8 +13,8 @@
 # rnn_layernorm issue 19's LayerNormLSTM/GRU kernels), GPU_SESSION_BENCHES (default "rnn generation attention"; also
 # "sampling_sweep", a diagnostic: which groups of cases run, in that order), ATTENTION_FILTER (default
 # "gpu.attention.": the --filter of the attention group, e.g. "gpu.attention.b4.h32.n4096." for one length).
-# Optional: wheels in .whl/ (e.g. expecttest, which torch.library.opcheck imports) are installed to
-# /tmp/site first. It writes at most eight files under $OUT:
+# Optional: wheels in .whl/ (benchmarks/fetch_gpu_wheels.sh: expecttest, which torch.library.opcheck imports;
+# FlashRNN, issue 20's second baseline) are installed to /tmp/site first. It writes at most eight files under $OUT:
 #   summary.txt          environment, genfast.info(), each stage's exit status and time, test totals,
 #                        benchmarks/gpu_error_probe.sh (how error messages and the C++ runtime behave)
 #   build.log            the extension build
