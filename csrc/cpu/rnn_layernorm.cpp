@@ -409,6 +409,15 @@ GENFAST_INLINE void prefetch_cell_row(const LnBackwardStep<T>* s, int64_t m, int
   prefetch_gate_row(s->xhat_hh + m * Gates * H + j0, Gates, H);
 }
 
+// The lines a row's panel of a pass writes (gates blocks of H), fetched for writing ahead of it.
+template <typename T>
+GENFAST_INLINE void prefetch_gate_row_write(T* row, int64_t gates, int64_t gate_stride) {
+  for (int64_t g = 0; g < gates; ++g) {
+    __builtin_prefetch(row + g * gate_stride, 1, 3);
+    __builtin_prefetch(row + g * gate_stride + kUnits - 1, 1, 3);
+  }
+}
+
 template <int64_t Gates, typename T>
 GENFAST_INLINE void backward_product(const LnBackwardStep<T>* s, int64_t panel, int64_t r0, int64_t r1, T* acc) {
   const int64_t rows = std::min(r1, s->n_prev) - r0;
@@ -451,8 +460,12 @@ struct LnLstmBackwardOutputTile {
     load_units(beta, s->beta_c + j0, units);
     T d_h[kUnits];
     for (int64_t m = r0; m < r1; ++m) {
-      if (m + kPrefetchRows < std::min(r1, s->n)) prefetch_lstm_output_row(s, m + kPrefetchRows, j0);
-      if (m < std::min(r0 + kPrefetchRows, s->n)) prefetch_cell_row<4, 3>(s, m, j0);  // pass 2's first rows
+      if (m + kPrefetchRows < std::min(r1, s->n)) {
+        prefetch_lstm_output_row(s, m + kPrefetchRows, j0);
+        prefetch_gate_row_write(s->dY + (m + kPrefetchRows) * H + j0, 1, 0);
+        prefetch_gate_row_write(s->dA + (m + kPrefetchRows) * 4 * H + j0, 4, H);
+      }
+      if (m < s->n) prefetch_cell_row<4, 3>(s, m, j0);  // pass 2's rows
       if (!total_dh(s, m, j0, units, acc + (m - r0) * kUnits, d_h)) continue;
       T o[kUnits], hat[kUnits], d_o[kUnits], dy[kUnits];
       load_units(o, s->act + m * 4 * H + 3 * H + j0, units);
@@ -483,7 +496,7 @@ struct LnLstmBackwardCellTile {
     load_units(gamma_c, s->gamma_c + j0, units);
     load_gates<G>(gamma, s->gamma_hh + j0, H, units);
     for (int64_t m = r0; m < r1; ++m) {
-      if (m + kPrefetchRows < r1) prefetch_cell_row<G, 3>(s, m + kPrefetchRows, j0);
+      prefetch_gate_row_write(s->dhr + m * G * H + j0, G, H);  // pass 3's
       T first, second;
       row_sums(s->sums_c + m * s->panels * 2, s->panels, first, second);
       const T mean_d = first / T(H), mean_dx = second / T(H), rstd = s->rstd_c[m];
@@ -535,7 +548,10 @@ struct LnGruBackwardGateTile {
       if (m + kPrefetchRows < std::min(r1, s->n)) {
         prefetch_gate_row(s->grad_out + (m + kPrefetchRows) * H + j0, 1, 0);
         prefetch_cell_row<G, 4>(s, m + kPrefetchRows, j0);
+        prefetch_gate_row_write(s->dA + (m + kPrefetchRows) * G * H + j0, G, H);
+        prefetch_gate_row_write(s->dA_h + (m + kPrefetchRows) * G * H + j0, G, H);
       }
+      if (m < s->n) prefetch_gate_row_write(s->dhr + m * G * H + j0, G, H);  // pass 3's
       if (!total_dh(s, m, j0, units, acc + (m - r0) * kUnits, d_h)) continue;
       T act[4][kUnits], h_prev[kUnits], dx[G][kUnits], dhh[G][kUnits], direct[kUnits];
       load_gates<4>(act, s->act + m * 4 * H + j0, H, units);
