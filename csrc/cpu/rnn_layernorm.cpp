@@ -206,6 +206,28 @@ GENFAST_INLINE void prefetch_forward_row(const LnForwardStep<T>* s, int64_t m, i
   prefetch_gate_row(s->gx + m * Gates * s->H + j0, Gates, s->H);
 }
 
+// The lines a row's panel of a pass writes (gates blocks of H), fetched for writing ahead of it.
+template <typename T>
+GENFAST_INLINE void prefetch_gate_row_write(T* row, int64_t gates, int64_t gate_stride) {
+  for (int64_t g = 0; g < gates; ++g) {
+    __builtin_prefetch(row + g * gate_stride, 1, 3);
+    __builtin_prefetch(row + g * gate_stride + kUnits - 1, 1, 3);
+  }
+}
+
+// What passes B and C write of a row's panel (fresh lines of the workspace and the output).
+template <typename T>
+GENFAST_INLINE void prefetch_gate_pass_writes(const LnForwardStep<T>* s, int64_t m, int64_t j0) {
+  prefetch_gate_row_write(s->act + m * 4 * s->H + j0, 4, s->H);
+  if (s->saved_c) prefetch_gate_row_write(s->saved_c + m * s->H + j0, 1, 0);
+}
+
+template <typename T>
+GENFAST_INLINE void prefetch_output_pass_writes(const LnForwardStep<T>* s, int64_t m, int64_t j0) {
+  prefetch_gate_row_write(s->out + m * s->H + j0, 1, 0);
+  if (s->cell_hat) prefetch_gate_row_write(s->cell_hat + m * s->H + j0, 1, 0);
+}
+
 // Pass A: the recurrent product of a panel, raw, with its partial moments.
 template <int64_t Gates>
 struct LnProductTile {
@@ -215,9 +237,15 @@ struct LnProductTile {
   static GENFAST_INLINE void run(const LnForwardStep<T>* s, int64_t panel, int64_t r0, int64_t r1, T* acc) {
     const int64_t H = s->H, j0 = panel * kUnits, units = std::min(kUnits, H - j0);
     const T* h_in = s->reg && s->reg->h_product ? s->reg->h_product : s->h_prev;  // h_{t-1} * r
-    for (int64_t m = r0; m < std::min(r1, r0 + kPrefetchRows); ++m) prefetch_forward_row<Gates>(s, m, j0);
+    for (int64_t m = r0; m < std::min(r1, r0 + kPrefetchRows); ++m) {
+      prefetch_forward_row<Gates>(s, m, j0);
+      prefetch_gate_row_write(s->raw + m * Gates * H + j0, Gates, H);
+      prefetch_gate_pass_writes(s, m, j0);
+      prefetch_output_pass_writes(s, m, j0);
+    }
     recurrent_tile<T, Gates>(s->packed, s->w_hh, h_in, H, H, panel, r0, r1, acc);
     for (int64_t m = r0; m < r1; ++m, acc += kWidth) {
+      if (m + kPrefetchRows < r1) prefetch_gate_row_write(s->raw + (m + kPrefetchRows) * Gates * H + j0, Gates, H);
       // acc's columns past `units` are zero (the weight's padding).
       const T(*values)[kUnits] = reinterpret_cast<const T(*)[kUnits]>(acc);
       store_gates<Gates>(s->raw + m * Gates * H + j0, values, H, units);
@@ -250,7 +278,10 @@ struct LnLstmGateTile {
     T gamma[G][kUnits];
     load_gates<G>(gamma, s->gamma_hh + j0, H, units);
     for (int64_t m = r0; m < r1; ++m) {
-      if (m + kPrefetchRows < r1) prefetch_forward_row<G>(s, m + kPrefetchRows, j0);
+      if (m + kPrefetchRows < r1) {
+        prefetch_forward_row<G>(s, m + kPrefetchRows, j0);
+        prefetch_gate_pass_writes(s, m + kPrefetchRows, j0);
+      }
       const Moments<T> row = row_moments(s->moments + m * s->panels * 2, s->panels, G, H);
       const T rstd = rnn::layer_norm_rstd(row);
       if (panel == 0 && s->rstd_hh) s->rstd_hh[m] = rstd;
@@ -287,6 +318,7 @@ struct LnLstmOutputTile {
     load_units(gamma, s->gamma_c + j0, units);
     load_units(beta, s->beta_c + j0, units);
     for (int64_t m = r0; m < r1; ++m) {
+      if (m + kPrefetchRows < r1) prefetch_output_pass_writes(s, m + kPrefetchRows, j0);
       const Moments<T> row = row_moments(s->moments_c + m * s->panels * 2, s->panels, 1, H);
       const T mean = row.mean, rstd = rnn::layer_norm_rstd(row);
       if (panel == 0 && s->rstd_c) s->rstd_c[m] = rstd;
@@ -313,7 +345,11 @@ struct LnGruGateTile {
     T gamma[G][kUnits];
     load_gates<G>(gamma, s->gamma_hh + j0, H, units);
     for (int64_t m = r0; m < r1; ++m) {
-      if (m + kPrefetchRows < r1) prefetch_forward_row<G>(s, m + kPrefetchRows, j0);
+      if (m + kPrefetchRows < r1) {
+        prefetch_forward_row<G>(s, m + kPrefetchRows, j0);
+        prefetch_gate_pass_writes(s, m + kPrefetchRows, j0);
+        prefetch_output_pass_writes(s, m + kPrefetchRows, j0);
+      }
       const Moments<T> row = row_moments(s->moments + m * s->panels * 2, s->panels, G, H);
       const T rstd = rnn::layer_norm_rstd(row);
       if (panel == 0 && s->rstd_hh) s->rstd_hh[m] = rstd;
@@ -407,15 +443,6 @@ GENFAST_INLINE void prefetch_cell_row(const LnBackwardStep<T>* s, int64_t m, int
   prefetch_gate_row(s->act + m * 4 * H + j0, Read, H);
   prefetch_gate_row((m < s->n_prev_fwd ? s->state_prev : s->state_init) + m * H + j0, 1, 0);
   prefetch_gate_row(s->xhat_hh + m * Gates * H + j0, Gates, H);
-}
-
-// The lines a row's panel of a pass writes (gates blocks of H), fetched for writing ahead of it.
-template <typename T>
-GENFAST_INLINE void prefetch_gate_row_write(T* row, int64_t gates, int64_t gate_stride) {
-  for (int64_t g = 0; g < gates; ++g) {
-    __builtin_prefetch(row + g * gate_stride, 1, 3);
-    __builtin_prefetch(row + g * gate_stride + kUnits - 1, 1, 3);
-  }
 }
 
 template <int64_t Gates, typename T>
