@@ -1,8 +1,10 @@
 """LN cell / plain cell, training step (genfast.bench's layernorm_{lstm,gru}.<workload>.training cases), timed
 by this thread's CPU time with torch on one thread, alternating the two module calls; prints the median ratio
-per case. Run it once per build, alternating the builds' processes (ab.sh), to A/B a kernel change.
+per case. To A/B a kernel change, run it once per build, the builds' processes alternating
+(docs/performance.md 2.5.2):
 
-    PYTHONPATH=<checkout> python benchmarks/diagnostics/layernorm_speed/ratio.py [WORKLOAD] [ROUNDS] [lstm,gru]
+    for i in 1 2 3; do for c in <before> <after>; do
+      PYTHONPATH=$c python benchmarks/diagnostics/layernorm_speed/ratio.py imdb 20 lstm,gru; done; done
 """
 import statistics
 import sys
