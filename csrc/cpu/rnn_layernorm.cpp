@@ -23,6 +23,7 @@
 // dL/dc_t by the zoneout weights and multiplies the recurrent product and the gathered h_{t-1} by r.
 #include <torch/library.h>
 
+#include <cstring>
 #include <vector>
 
 #include "cpu/gemm_entry.h"
@@ -59,12 +60,40 @@ GENFAST_INLINE void row_sums(const T* partial, int64_t panels, T& first, T& seco
 
 // Floating-point sums do not vectorise as written (the compiler keeps their order), so the reductions
 // below accumulate kUnits lanes side by side and add the lanes pairwise at the end: a fixed order,
-// the same whichever thread runs it.
+// the same whichever thread runs it. The pairwise adds take the lanes as one GCC generic vector, so
+// they stay in registers (vector halves and shuffles); written as loops over the array, they went
+// through the stack, each level reading back a part of a wider store, which stalls.
+template <typename T, int64_t Lanes>
+struct LaneVector {
+  typedef T type __attribute__((vector_size(Lanes * sizeof(T))));
+};
+
 template <typename T>
-GENFAST_INLINE T sum_lanes(T (&lane)[kUnits]) {
-  for (int64_t width = kUnits / 2; width > 0; width /= 2)
-    for (int64_t u = 0; u < width; ++u) lane[u] += lane[u + width];
-  return lane[0];
+using Lanes = typename LaneVector<T, kUnits>::type;
+
+template <typename T>
+GENFAST_INLINE Lanes<T> load_lanes(const T (&lane)[kUnits]) {
+  Lanes<T> v;
+  std::memcpy(&v, lane, sizeof(v));
+  return v;
+}
+
+template <typename T>
+GENFAST_INLINE T sum_lanes(const Lanes<T>& v) {
+  static_assert(kUnits == 16, "sum_lanes adds 16 lanes");
+  using V8 = typename LaneVector<T, 8>::type;
+  using V4 = typename LaneVector<T, 4>::type;
+  using V2 = typename LaneVector<T, 2>::type;
+  const V8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+               __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const V4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  const V2 c = __builtin_shufflevector(b, b, 0, 1) + __builtin_shufflevector(b, b, 2, 3);
+  return c[0] + c[1];
+}
+
+template <typename T>
+GENFAST_INLINE T sum_lanes(const T (&lane)[kUnits]) {
+  return sum_lanes<T>(load_lanes(lane));
 }
 
 // Mean and M2 of the first `units` values of each of Rows rows of kUnits (lanes past `units` hold
@@ -168,6 +197,38 @@ GENFAST_INLINE void normalise(T (&v)[Gates][kUnits], T mean, T rstd) {
     for (int64_t u = 0; u < kUnits; ++u) v[g][u] = (v[g][u] - mean) * rstd;
 }
 
+// What a pass reads of a row's panel from memory that is out of the caches (the input side, written
+// before the time loop; in the backward, the workspace the forward wrote), fetched ahead as the plain
+// cells' tiles do (rnn_common.h, prefetch_gate_row): a pass with a recurrent product fetches the first
+// kPrefetchRows rows of the pass after it before the product, and every pass fetches row
+// m + kPrefetchRows while working on row m, so that the misses overlap with work.
+template <int64_t Gates, typename T>
+GENFAST_INLINE void prefetch_forward_row(const LnForwardStep<T>* s, int64_t m, int64_t j0) {
+  prefetch_gate_row(s->gx + m * Gates * s->H + j0, Gates, s->H);
+}
+
+// The lines a row's panel of a pass writes (gates blocks of H), fetched for writing ahead of it.
+template <typename T>
+GENFAST_INLINE void prefetch_gate_row_write(T* row, int64_t gates, int64_t gate_stride) {
+  for (int64_t g = 0; g < gates; ++g) {
+    __builtin_prefetch(row + g * gate_stride, 1, 3);
+    __builtin_prefetch(row + g * gate_stride + kUnits - 1, 1, 3);
+  }
+}
+
+// What passes B and C write of a row's panel (fresh lines of the workspace and the output).
+template <typename T>
+GENFAST_INLINE void prefetch_gate_pass_writes(const LnForwardStep<T>* s, int64_t m, int64_t j0) {
+  prefetch_gate_row_write(s->act + m * 4 * s->H + j0, 4, s->H);
+  if (s->saved_c) prefetch_gate_row_write(s->saved_c + m * s->H + j0, 1, 0);
+}
+
+template <typename T>
+GENFAST_INLINE void prefetch_output_pass_writes(const LnForwardStep<T>* s, int64_t m, int64_t j0) {
+  prefetch_gate_row_write(s->out + m * s->H + j0, 1, 0);
+  if (s->cell_hat) prefetch_gate_row_write(s->cell_hat + m * s->H + j0, 1, 0);
+}
+
 // Pass A: the recurrent product of a panel, raw, with its partial moments.
 template <int64_t Gates>
 struct LnProductTile {
@@ -177,8 +238,15 @@ struct LnProductTile {
   static GENFAST_INLINE void run(const LnForwardStep<T>* s, int64_t panel, int64_t r0, int64_t r1, T* acc) {
     const int64_t H = s->H, j0 = panel * kUnits, units = std::min(kUnits, H - j0);
     const T* h_in = s->reg && s->reg->h_product ? s->reg->h_product : s->h_prev;  // h_{t-1} * r
+    for (int64_t m = r0; m < std::min(r1, r0 + kPrefetchRows); ++m) {
+      prefetch_forward_row<Gates>(s, m, j0);
+      prefetch_gate_row_write(s->raw + m * Gates * H + j0, Gates, H);
+      prefetch_gate_pass_writes(s, m, j0);
+      prefetch_output_pass_writes(s, m, j0);
+    }
     recurrent_tile<T, Gates>(s->packed, s->w_hh, h_in, H, H, panel, r0, r1, acc);
     for (int64_t m = r0; m < r1; ++m, acc += kWidth) {
+      if (m + kPrefetchRows < r1) prefetch_gate_row_write(s->raw + (m + kPrefetchRows) * Gates * H + j0, Gates, H);
       // acc's columns past `units` are zero (the weight's padding).
       const T(*values)[kUnits] = reinterpret_cast<const T(*)[kUnits]>(acc);
       store_gates<Gates>(s->raw + m * Gates * H + j0, values, H, units);
@@ -211,6 +279,10 @@ struct LnLstmGateTile {
     T gamma[G][kUnits];
     load_gates<G>(gamma, s->gamma_hh + j0, H, units);
     for (int64_t m = r0; m < r1; ++m) {
+      if (m + kPrefetchRows < r1) {
+        prefetch_forward_row<G>(s, m + kPrefetchRows, j0);
+        prefetch_gate_pass_writes(s, m + kPrefetchRows, j0);
+      }
       const Moments<T> row = row_moments(s->moments + m * s->panels * 2, s->panels, G, H);
       const T rstd = rnn::layer_norm_rstd(row);
       if (panel == 0 && s->rstd_hh) s->rstd_hh[m] = rstd;
@@ -247,6 +319,7 @@ struct LnLstmOutputTile {
     load_units(gamma, s->gamma_c + j0, units);
     load_units(beta, s->beta_c + j0, units);
     for (int64_t m = r0; m < r1; ++m) {
+      if (m + kPrefetchRows < r1) prefetch_output_pass_writes(s, m + kPrefetchRows, j0);
       const Moments<T> row = row_moments(s->moments_c + m * s->panels * 2, s->panels, 1, H);
       const T mean = row.mean, rstd = rnn::layer_norm_rstd(row);
       if (panel == 0 && s->rstd_c) s->rstd_c[m] = rstd;
@@ -273,6 +346,11 @@ struct LnGruGateTile {
     T gamma[G][kUnits];
     load_gates<G>(gamma, s->gamma_hh + j0, H, units);
     for (int64_t m = r0; m < r1; ++m) {
+      if (m + kPrefetchRows < r1) {
+        prefetch_forward_row<G>(s, m + kPrefetchRows, j0);
+        prefetch_gate_pass_writes(s, m + kPrefetchRows, j0);
+        prefetch_output_pass_writes(s, m + kPrefetchRows, j0);
+      }
       const Moments<T> row = row_moments(s->moments + m * s->panels * 2, s->panels, G, H);
       const T rstd = rnn::layer_norm_rstd(row);
       if (panel == 0 && s->rstd_hh) s->rstd_hh[m] = rstd;
@@ -349,6 +427,25 @@ GENFAST_INLINE bool total_dh(const LnBackwardStep<T>* s, int64_t m, int64_t j0, 
   return true;
 }
 
+// What each backward pass reads of a row's panel from the workspace (see prefetch_forward_row).
+// LSTM pass 1: grad_output, o and LN(c_t).
+template <typename T>
+GENFAST_INLINE void prefetch_lstm_output_row(const LnBackwardStep<T>* s, int64_t m, int64_t j0) {
+  const int64_t H = s->H;
+  prefetch_gate_row(s->grad_out + m * H + j0, 1, 0);
+  prefetch_gate_row(s->act + m * 4 * H + 3 * H + j0, 1, 0);
+  prefetch_gate_row(s->cell_hat + m * H + j0, 1, 0);
+}
+
+// The cell pass (LSTM pass 2, GRU pass 1): the other gates, the state the step read and LN(W_hh h)'s x^.
+template <int64_t Gates, int64_t Read, typename T>
+GENFAST_INLINE void prefetch_cell_row(const LnBackwardStep<T>* s, int64_t m, int64_t j0) {
+  const int64_t H = s->H;
+  prefetch_gate_row(s->act + m * 4 * H + j0, Read, H);
+  prefetch_gate_row((m < s->n_prev_fwd ? s->state_prev : s->state_init) + m * H + j0, 1, 0);
+  prefetch_gate_row(s->xhat_hh + m * Gates * H + j0, Gates, H);
+}
+
 template <int64_t Gates, typename T>
 GENFAST_INLINE void backward_product(const LnBackwardStep<T>* s, int64_t panel, int64_t r0, int64_t r1, T* acc) {
   const int64_t rows = std::min(r1, s->n_prev) - r0;
@@ -367,15 +464,16 @@ GENFAST_INLINE void recurrent_ln_sums(const LnBackwardStep<T>* s, int64_t m, int
                                       int64_t j0, int64_t units) {
   T xhat[Gates][kUnits];
   load_gates<Gates>(xhat, s->xhat_hh + m * Gates * s->H + j0, s->H, units);
-  T first[kUnits] = {}, second[kUnits] = {};  // lanes past `units`: da and gamma are zero there
-  for (int64_t g = 0; g < Gates; ++g)
-    for (int64_t u = 0; u < kUnits; ++u) {
-      const T d = da[g][u] * gamma[g][u];
-      first[u] += d;
-      second[u] += d * xhat[g][u];
-    }
-  s->sums_hh[(m * s->panels + panel) * 2] = sum_lanes(first);
-  s->sums_hh[(m * s->panels + panel) * 2 + 1] = sum_lanes(second);
+  // As whole vectors: the same sums lane by lane as a loop over the arrays, which the compiler took
+  // apart into 4-wide pieces and shuffles.
+  Lanes<T> first = {}, second = {};  // lanes past `units`: da and gamma are zero there
+  for (int64_t g = 0; g < Gates; ++g) {
+    const Lanes<T> d = load_lanes(da[g]) * load_lanes(gamma[g]);
+    first += d;
+    second += d * load_lanes(xhat[g]);
+  }
+  s->sums_hh[(m * s->panels + panel) * 2] = sum_lanes<T>(first);
+  s->sums_hh[(m * s->panels + panel) * 2 + 1] = sum_lanes<T>(second);
 }
 
 // LSTM pass 1: dL/dh_t, the output gate, dL/dy and the partial sums of LN(c)'s backward.
@@ -383,12 +481,19 @@ struct LnLstmBackwardOutputTile {
   template <typename T>
   static GENFAST_INLINE void run(const LnBackwardStep<T>* s, int64_t panel, int64_t r0, int64_t r1, T* acc) {
     const int64_t H = s->H, j0 = panel * kUnits, units = std::min(kUnits, H - j0);
+    for (int64_t m = r0; m < std::min({r1, r0 + kPrefetchRows, s->n}); ++m) prefetch_lstm_output_row(s, m, j0);
     backward_product<4>(s, panel, r0, r1, acc);
     T gamma[kUnits], beta[kUnits];
     load_units(gamma, s->gamma_c + j0, units);
     load_units(beta, s->beta_c + j0, units);
     T d_h[kUnits];
     for (int64_t m = r0; m < r1; ++m) {
+      if (m + kPrefetchRows < std::min(r1, s->n)) {
+        prefetch_lstm_output_row(s, m + kPrefetchRows, j0);
+        prefetch_gate_row_write(s->dY + (m + kPrefetchRows) * H + j0, 1, 0);
+        prefetch_gate_row_write(s->dA + (m + kPrefetchRows) * 4 * H + j0, 4, H);
+      }
+      if (m < s->n) prefetch_cell_row<4, 3>(s, m, j0);  // pass 2's rows
       if (!total_dh(s, m, j0, units, acc + (m - r0) * kUnits, d_h)) continue;
       T o[kUnits], hat[kUnits], d_o[kUnits], dy[kUnits];
       load_units(o, s->act + m * 4 * H + 3 * H + j0, units);
@@ -419,6 +524,7 @@ struct LnLstmBackwardCellTile {
     load_units(gamma_c, s->gamma_c + j0, units);
     load_gates<G>(gamma, s->gamma_hh + j0, H, units);
     for (int64_t m = r0; m < r1; ++m) {
+      prefetch_gate_row_write(s->dhr + m * G * H + j0, G, H);  // pass 3's
       T first, second;
       row_sums(s->sums_c + m * s->panels * 2, s->panels, first, second);
       const T mean_d = first / T(H), mean_dx = second / T(H), rstd = s->rstd_c[m];
@@ -458,11 +564,22 @@ struct LnGruBackwardGateTile {
   static GENFAST_INLINE void run(const LnBackwardStep<T>* s, int64_t panel, int64_t r0, int64_t r1, T* acc) {
     constexpr int64_t G = 3;
     const int64_t H = s->H, j0 = panel * kUnits, units = std::min(kUnits, H - j0);
+    for (int64_t m = r0; m < std::min({r1, r0 + kPrefetchRows, s->n}); ++m) {
+      prefetch_gate_row(s->grad_out + m * H + j0, 1, 0);
+      prefetch_cell_row<G, 4>(s, m, j0);
+    }
     backward_product<G>(s, panel, r0, r1, acc);
     T gamma[G][kUnits];
     load_gates<G>(gamma, s->gamma_hh + j0, H, units);
     T d_h[kUnits];
     for (int64_t m = r0; m < r1; ++m) {
+      if (m + kPrefetchRows < std::min(r1, s->n)) {
+        prefetch_gate_row(s->grad_out + (m + kPrefetchRows) * H + j0, 1, 0);
+        prefetch_cell_row<G, 4>(s, m + kPrefetchRows, j0);
+        prefetch_gate_row_write(s->dA + (m + kPrefetchRows) * G * H + j0, G, H);
+        prefetch_gate_row_write(s->dA_h + (m + kPrefetchRows) * G * H + j0, G, H);
+      }
+      if (m < s->n) prefetch_gate_row_write(s->dhr + m * G * H + j0, G, H);  // pass 3's
       if (!total_dh(s, m, j0, units, acc + (m - r0) * kUnits, d_h)) continue;
       T act[4][kUnits], h_prev[kUnits], dx[G][kUnits], dhh[G][kUnits], direct[kUnits];
       load_gates<4>(act, s->act + m * 4 * H + j0, H, units);
