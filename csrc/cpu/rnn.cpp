@@ -313,16 +313,36 @@ GENFAST_INLINE void prefetch_backward_row(const BackwardStep<T>* s, int64_t m, i
   if (s->reg) prefetch_regularizer_row(s->reg, m, j0, H);
 }
 
-// Without projection: h's columns are the hidden units, so one tile does it all.
-template <typename Cell>
+// Without projection: h's columns are the hidden units, so one tile does it all. A work item covers
+// Panels consecutive panels of 16 units: their packed W_hh columns lie side by side in memory, so
+// one gemm_panel call of width Panels*16 computes the recurrent product of all of them (with two,
+// the AVX-512 micro-kernel covers both slices per call), then each panel's cell backward follows.
+// acc rows are kWidth values apart.
+template <typename Cell, int64_t Panels = 1>
 struct BackwardTile {
+  static constexpr int64_t kWidth = Panels * kUnits;
+
   template <typename T>
-  static GENFAST_INLINE void run(const BackwardStep<T>* s, int64_t panel, int64_t r0, int64_t r1, T* acc) {
-    const int64_t j0 = panel * kUnits, units = std::min(kUnits, s->H - j0);
-    for (int64_t m = r0; m < std::min({r1, r0 + kPrefetchRows, s->n}); ++m) prefetch_backward_row<Cell>(s, m, j0);
-    recurrent_gemm<Cell>(s, panel, r0, r1, acc);
-    if (s->reg) mask_recurrent_rows<kUnits>(s->reg, r0, std::min(r1, s->n_prev) - r0, j0, units, s->Hout, acc);
-    rows(units, s, j0, r0, r1, acc);
+  static GENFAST_INLINE void run(const BackwardStep<T>* s, int64_t item, int64_t r0, int64_t r1, T* acc) {
+    const int64_t p0 = item * Panels, panels = std::min(Panels, ceil_div(s->H, kUnits) - p0);
+    for (int64_t q = 0; q < panels; ++q)
+      for (int64_t m = r0; m < std::min({r1, r0 + kPrefetchRows, s->n}); ++m)
+        prefetch_backward_row<Cell>(s, m, (p0 + q) * kUnits);
+    if constexpr (Panels == 1) {
+      recurrent_gemm<Cell>(s, p0, r0, r1, acc);
+    } else {  // packed W_hh only (wide_backward_tiles)
+      constexpr int64_t G = Cell::kGates;
+      const int64_t prev_rows = std::min(r1, s->n_prev) - r0, K = G * s->H;
+      if (prev_rows > 0)
+        gemm_panel<T>(prev_rows, K, s->dG_prev + r0 * K, K, s->packed_whh + p0 * K * kUnits, panels * kUnits, acc,
+                      kWidth);
+    }
+    for (int64_t q = 0; q < panels; ++q) {
+      const int64_t j0 = (p0 + q) * kUnits, units = std::min(kUnits, s->H - j0);
+      if (s->reg)
+        mask_recurrent_rows<kWidth>(s->reg, r0, std::min(r1, s->n_prev) - r0, j0, units, s->Hout, acc + q * kUnits);
+      rows(units, s, j0, r0, r1, acc + q * kUnits);
+    }
   }
 
   template <typename T>
@@ -330,7 +350,7 @@ struct BackwardTile {
                                   const T* acc) {
     if constexpr (Cell::kDirectHidden) {
       static constexpr T zeros[kUnits] = {};
-      for (int64_t m = r0; m < r1; ++m, acc += kUnits) {
+      for (int64_t m = r0; m < r1; ++m, acc += kWidth) {
         if (m + kPrefetchRows < std::min(r1, s->n)) prefetch_backward_row<Cell>(s, m + kPrefetchRows, j0);
         if (m >= s->n) {  // no longer active: collect the gradient of its initial state
           T* dh = s->dh_state + m * s->Hout + j0;
@@ -348,7 +368,7 @@ struct BackwardTile {
       T d_h[kUnits];
       for (int64_t m = r0; m < r1; ++m) {
         if (m + kPrefetchRows < std::min(r1, s->n)) prefetch_backward_row<Cell>(s, m + kPrefetchRows, j0);
-        if (!total_dh_row(s, m, j0, units, acc + (m - r0) * kUnits, d_h)) continue;
+        if (!total_dh_row(s, m, j0, units, acc + (m - r0) * kWidth, d_h)) continue;
         if (s->reg)
           regularized_cell_backward<Cell>(s->reg, m, j0, units, s->H, d_h, s->dh_state + m * s->Hout + j0,
                                           Cell::kCellState ? s->dc_state + m * s->H + j0 : nullptr,
@@ -404,13 +424,42 @@ struct BackwardBuffers {
   const RegularizerBuffers<T>* reg = nullptr;  // zoneout / recurrent dropout masks, or nullptr
 };
 
+// The most (hidden units x rows) of one backward step that a thread of a team of `threads` gets when
+// work items are `panels_per_item` panels wide (run_tiles' assignment of partition()'s items).
+inline int64_t largest_backward_share(int64_t H, int64_t rows, int64_t threads, int64_t panels_per_item) {
+  const int64_t width = panels_per_item * kUnits;
+  const Partition part = partition(ceil_div(H, width), rows, threads);
+  const int64_t items = part.items(), chunk = ceil_div(items, threads);
+  int64_t most = 0;
+  for (int64_t t = 0; t < threads; ++t) {
+    int64_t work = 0;
+    for (int64_t item = std::min(items, t * chunk); item < std::min(items, (t + 1) * chunk); ++item) {
+      const int64_t r0 = (item % part.row_blocks) * part.block, r1 = std::min(rows, r0 + part.block);
+      const int64_t j0 = (item / part.row_blocks) * width;
+      work += std::max<int64_t>(0, r1 - r0) * std::min(width, ceil_div(H - j0, kUnits) * kUnits);
+    }
+    most = std::max(most, work);
+  }
+  return most;
+}
+
+// Whether the backward's work items cover two panels (32 units) rather than one: the packed W_hh's
+// two consecutive panels then go through one gemm_panel call, which the AVX-512 micro-kernel runs two
+// float slices at a time (a 16-unit float panel is one slice; a double one is two already, and AVX2
+// runs one slice per call). Only where no thread of the team gets more work than with 16-unit items:
+// with few panels per thread the finer split balances the team better.
+template <typename T>
+inline bool wide_backward_tiles(bool packed, int64_t batch, int64_t H, int64_t threads) {
+  if (!packed || sizeof(T) != 4 || simd_level() != SimdLevel::kAVX512 || H <= kUnits) return false;
+  return largest_backward_share(H, batch, threads, 2) <= largest_backward_share(H, batch, threads, 1);
+}
+
 template <typename Cell, typename T>
 void backward_loop(const Schedule& sc, bool reverse, const BackwardBuffers<T>& b, int64_t H, int64_t Hout) {
   constexpr int64_t kGates = Cell::kGates;
   const bool project = b.packed_whr != nullptr;
   const int64_t N = sc.batch, S = sc.rows;
   const int64_t threads = at::get_num_threads();
-  std::vector<T> scratch(threads * (N + 16) * kUnits);
   const rnn::WorkspaceLayout layout = rnn::workspace_layout<Cell>(S, H, project);
   // The state history the cell read: c_t saved by the forward, or its output h_t.
   const T* states = Cell::kCellState ? b.ws + layout.cell : b.out;
@@ -418,6 +467,9 @@ void backward_loop(const Schedule& sc, bool reverse, const BackwardBuffers<T>& b
   // One pass more than there are steps: the last one (n = 0) only adds dG_0 W_hh to
   // the gradient of the initial state.
   const double step_flops = 2.0 * N * kGates * H * Hout;
+  const int64_t team_size = step_flops < kMinParallelStepFlops || at::in_parallel_region() ? 1 : threads;
+  const bool wide = !project && wide_backward_tiles<T>(b.packed_whh != nullptr, N, H, team_size);
+  std::vector<T> scratch(threads * (N + 16) * (wide ? 2 : 1) * kUnits);
   for_each_step(sc.steps + 1, step_flops, [&](int64_t s, const StepTeam& team) {
     const auto pass = sc.backward_pass(s, reverse);
     const int64_t n = pass.n, off = pass.offset, prev_t = pass.prev_t, n_prev = pass.n_prev, fwd_prev = pass.fwd_prev;
@@ -448,7 +500,10 @@ void backward_loop(const Schedule& sc, bool reverse, const BackwardBuffers<T>& b
     }
     const int64_t rows = std::max(n, n_prev);
     if (!Cell::kProjection || !project) {
-      run_tiles<BackwardTile<Cell>>(team, ceil_div(H, kUnits), rows, &step, scratch.data(), kUnits);
+      if (wide)
+        run_tiles<BackwardTile<Cell, 2>>(team, ceil_div(H, 2 * kUnits), rows, &step, scratch.data(), 2 * kUnits);
+      else
+        run_tiles<BackwardTile<Cell>>(team, ceil_div(H, kUnits), rows, &step, scratch.data(), kUnits);
     } else if constexpr (Cell::kProjection) {
       run_tiles<BackwardProjectA<Cell>>(team, ceil_div(Hout, kUnits), rows, &step, scratch.data(), kUnits);
       team.sync();  // phase B reads every column of dh_total
