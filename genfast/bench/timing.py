@@ -156,6 +156,23 @@ class DoBenchTimer(CudaTimer):
         return seconds
 
 
+def alternating_thread_times(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """This thread's CPU time (time.thread_time) of one call of each callable per round, the order of the calls
+    reversed every other round, after two warm-up calls of each. The diagnostics' A/B clock: on a shared
+    machine a call's CPU time is not inflated by preemption as the wall clock is, but it counts the calling
+    thread alone, so run torch on one thread."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn(), fn()
+    names = list(fns)
+    for i in range(rounds):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            started = time.thread_time()
+            fns[name]()
+            times[name].append(time.thread_time() - started)
+    return times
+
+
 def timer_for(device: str, kind: str = "events") -> CpuTimer:
     """The timer for a device: a wall clock on the CPU; on CUDA, events ("events") or
     Triton's do_bench ("do_bench")."""

@@ -8,11 +8,11 @@ per case. To A/B a kernel change, run it once per build, the builds' processes a
 """
 import statistics
 import sys
-import time
 
 import torch
 
 from genfast.bench import cases, providers
+from genfast.bench.timing import alternating_thread_times
 
 
 def main(workload: str = "imdb", rounds: int = 20, cells: str = "lstm,gru") -> None:
@@ -22,14 +22,7 @@ def main(workload: str = "imdb", rounds: int = 20, cells: str = "lstm,gru") -> N
         work = providers.WORKLOADS[case.kind](case, "cpu")
         fns = {"ln": providers.PROVIDERS["layernorm_rnn"]["genfast"].build(work),
                "plain": providers.PROVIDERS["layernorm_rnn"]["genfast_plain"].build(work)}
-        times = {name: [] for name in fns}
-        for fn in fns.values():
-            fn(), fn()
-        for i in range(rounds):
-            for name in (list(fns) if i % 2 == 0 else list(fns)[::-1]):
-                started = time.thread_time()
-                fns[name]()
-                times[name].append(time.thread_time() - started)
+        times = alternating_thread_times(fns, rounds)
         ratios = [a / b for a, b in zip(times["ln"], times["plain"])]
         q1, _, q3 = statistics.quantiles(ratios, n=4)
         print(f"{case.name:40s} LN / plain {statistics.median(ratios):.3f} (IQR {q1:.3f}-{q3:.3f}, {rounds} rounds; "

@@ -9,26 +9,21 @@ thread_time counts the calling thread alone.
 """
 import statistics
 import sys
-import time
 
 import torch
 
 from genfast.bench import cases, providers
+from genfast.bench.timing import alternating_thread_times
 
 
 def main(name_filter: str = "regularizers", rounds: int = 30) -> None:
     torch.set_num_threads(1)
     for case in cases.cases("full", name_filter):
+        if case.kind != "rnn":  # the LayerNorm cells' regulariser cases: benchmarks/diagnostics/layernorm_speed
+            continue
         work = providers.WORKLOADS[case.kind](case, "cpu")
         fns = {name: providers.PROVIDERS["rnn"][name].build(work) for name in ("genfast", "genfast_regularized")}
-        times = {name: [] for name in fns}
-        for fn in fns.values():
-            fn(), fn()
-        for i in range(rounds):
-            for name in (list(fns) if i % 2 == 0 else list(fns)[::-1]):
-                started = time.thread_time()
-                fns[name]()
-                times[name].append(time.thread_time() - started)
+        times = alternating_thread_times(fns, rounds)
         ratios = [r / p for r, p in zip(times["genfast_regularized"], times["genfast"])]
         q1, _, q3 = statistics.quantiles(ratios, n=4)
         print(f"{case.name:52s} regularised / plain {statistics.median(ratios):.3f} (IQR {q1:.3f}-{q3:.3f}, "
