@@ -66,6 +66,30 @@ pybind11::dict persistent_rnn_plan(int gates, int64_t hidden, int64_t batch, int
 }
 
 // One layer and direction as csrc/cuda/rnn_persistent.cu computes it, for a grid planned on `sm_count` SMs.
+// A packed batch's schedule as the CUDA glue passes it to the kernel: the rows of each step and where each
+// step starts (empty, and S = steps * N, for a dense batch).
+struct PackedSteps {
+  std::vector<int64_t> rows, offset;
+  int64_t total = 0;  // S, the rows of the whole sequence
+  const int64_t* rows_of() const { return rows.empty() ? nullptr : rows.data(); }
+  const int64_t* offset_of() const { return offset.empty() ? nullptr : offset.data(); }
+};
+
+PackedSteps packed_steps(const std::optional<torch::Tensor>& batch_sizes, int64_t steps, int64_t N) {
+  PackedSteps p;
+  p.total = steps * N;
+  if (!batch_sizes) return p;
+  TORCH_CHECK(batch_sizes->numel() == steps, "batch_sizes: expected one per step");
+  const torch::Tensor bs = batch_sizes->to(torch::kLong).contiguous();
+  p.total = 0;
+  for (int64_t t = 0; t < steps; ++t) {
+    p.rows.push_back(bs.data_ptr<int64_t>()[t]);
+    p.offset.push_back(p.total);
+    p.total += p.rows.back();
+  }
+  return p;
+}
+
 template <typename Cell>
 std::vector<torch::Tensor> emulate(const torch::Tensor& gates_x, const torch::Tensor& w_hh,
                                    const std::optional<torch::Tensor>& b_ih, const std::optional<torch::Tensor>& b_hh,
@@ -74,21 +98,10 @@ std::vector<torch::Tensor> emulate(const torch::Tensor& gates_x, const torch::Te
   namespace ps = rnn::persistent;
   constexpr int G = Cell::kGates;
   const int64_t H = w_hh.size(1), N = hx.size(0);
-  // Packed input: the rows of each step and where each step starts (what the CUDA glue passes the kernel).
-  std::vector<int64_t> step_rows, step_offset;
-  int64_t S = steps * N;
-  if (batch_sizes) {
-    TORCH_CHECK(batch_sizes->numel() == steps, "batch_sizes: expected one per step");
-    const torch::Tensor bs = batch_sizes->to(torch::kLong).contiguous();
-    S = 0;
-    for (int64_t t = 0; t < steps; ++t) {
-      step_rows.push_back(bs.data_ptr<int64_t>()[t]);
-      step_offset.push_back(S);
-      S += step_rows.back();
-    }
-  }
-  const int64_t* rows_of = batch_sizes ? step_rows.data() : nullptr;
-  const int64_t* offset_of = batch_sizes ? step_offset.data() : nullptr;
+  const PackedSteps packed = packed_steps(batch_sizes, steps, N);
+  const int64_t S = packed.total;
+  const int64_t* rows_of = packed.rows_of();
+  const int64_t* offset_of = packed.offset_of();
   TORCH_CHECK(gates_x.dim() == 2 && gates_x.size(0) == S && gates_x.size(1) == G * H,
               "gates_x: expected (rows of the sequence, G * H)");
   TORCH_CHECK(w_hh.size(0) == G * H, "w_hh: expected (G * H, H)");
@@ -185,19 +198,10 @@ std::vector<torch::Tensor> emulate_backward(const torch::Tensor& grad_output, co
   namespace ps = rnn::persistent;
   constexpr int G = Cell::kGates;
   const int64_t H = w_hh.size(1), N = hx.size(0), GH = G * H;
-  std::vector<int64_t> step_rows, step_offset;
-  int64_t S = steps * N;
-  if (batch_sizes) {
-    const torch::Tensor bs = batch_sizes->to(torch::kLong).contiguous();
-    S = 0;
-    for (int64_t t = 0; t < steps; ++t) {
-      step_rows.push_back(bs.data_ptr<int64_t>()[t]);
-      step_offset.push_back(S);
-      S += step_rows.back();
-    }
-  }
-  const int64_t* rows_of = batch_sizes ? step_rows.data() : nullptr;
-  const int64_t* offset_of = batch_sizes ? step_offset.data() : nullptr;
+  const PackedSteps packed = packed_steps(batch_sizes, steps, N);
+  const int64_t S = packed.total;
+  const int64_t* rows_of = packed.rows_of();
+  const int64_t* offset_of = packed.offset_of();
   ps::DeviceBudget d;
   d.sm_count = sm_count;
   d.smem_per_sm = d.smem_per_block = smem_per_block;

@@ -140,6 +140,28 @@ inline std::string kib(int64_t bytes) {
 }
 inline std::string num(int64_t value) { return std::to_string(value); }
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// How many blocks of `plan`'s shape an SM holds at once (registers, shared memory, threads, the block limit),
+// stored in plan.blocks_per_sm; the reason the whole grid cannot be resident at once, or "" when it can.
+inline std::string check_residency(Plan& plan, const Problem& p, const DeviceBudget& d) {
+  // Registers are allocated per warp in units of 256.
+  const int64_t warps = plan.threads / 32;
+  const int64_t regs_per_warp = ceil_div(static_cast<int64_t>(std::max(p.regs_per_thread, 1)) * 32, 256) * 256;
+  const int64_t block_regs = regs_per_warp * warps;
+  if (block_regs > d.regs_per_sm)
+    return "registers: " + num(plan.threads) + " threads x " + num(p.regs_per_thread) + " registers exceed the " +
+           num(d.regs_per_sm) + " of an SM";
+  int64_t per_sm = d.max_blocks_per_sm > 0 ? d.max_blocks_per_sm : 1;
+  per_sm = std::min(per_sm, d.smem_per_sm / (plan.smem_bytes + d.smem_reserved_per_block));
+  per_sm = std::min(per_sm, d.regs_per_sm / block_regs);
+  if (d.max_threads_per_sm > 0) per_sm = std::min<int64_t>(per_sm, d.max_threads_per_sm / plan.threads);
+  plan.blocks_per_sm = static_cast<int>(per_sm);
+  if (per_sm * d.sm_count < plan.grid)
+    return "co-residency: a grid of " + num(plan.grid) + " blocks exceeds the " + num(per_sm * d.sm_count) +
+           " blocks that can be resident at once (" + num(per_sm) + " per SM at " + kib(plan.smem_bytes) +
+           " of shared memory and " + num(plan.threads) + " threads)";
+  return "";
+}
 }  // namespace detail
 
 // The partition of `p` on `d`, or the reason there is none.
@@ -185,21 +207,8 @@ inline Plan make_plan(const Problem& p, const DeviceBudget& d) {
     return fail("h stage: the W_hh slice (" + kib(plan.w_smem_bytes) + ") plus h_{t-1} of N=" + num(N) +
                 " rows (" + kib(plan.h_smem_bytes) + ") exceed the " + kib(d.smem_per_block) +
                 " of shared memory a block may have");
-  // Registers are allocated per warp in units of 256.
-  const int64_t regs_per_warp = ceil_div(static_cast<int64_t>(std::max(p.regs_per_thread, 1)) * 32, 256) * 256;
-  const int64_t block_regs = regs_per_warp * warps;
-  if (block_regs > d.regs_per_sm)
-    return fail("registers: " + num(plan.threads) + " threads x " + num(p.regs_per_thread) + " registers exceed the " +
-                num(d.regs_per_sm) + " of an SM");
-  int64_t per_sm = d.max_blocks_per_sm > 0 ? d.max_blocks_per_sm : 1;
-  per_sm = std::min(per_sm, d.smem_per_sm / (plan.smem_bytes + d.smem_reserved_per_block));
-  per_sm = std::min(per_sm, d.regs_per_sm / block_regs);
-  if (d.max_threads_per_sm > 0) per_sm = std::min<int64_t>(per_sm, d.max_threads_per_sm / plan.threads);
-  plan.blocks_per_sm = static_cast<int>(per_sm);
-  if (per_sm * d.sm_count < plan.grid)
-    return fail("co-residency: a grid of " + num(plan.grid) + " blocks exceeds the " + num(per_sm * d.sm_count) +
-                " blocks that can be resident at once (" + num(per_sm) + " per SM at " + kib(plan.smem_bytes) +
-                " of shared memory and " + num(plan.threads) + " threads)");
+  const std::string residency = detail::check_residency(plan, p, d);
+  if (!residency.empty()) return fail(residency);
   plan.fits = true;
   return plan;
 }
@@ -250,19 +259,8 @@ inline BackwardPlan make_backward_plan(const Problem& p, const DeviceBudget& d) 
                 kib(plan.w_smem_bytes) + ")");
   plan.h_smem_bytes = N * plan.chunk_columns * E;
   plan.smem_bytes = plan.w_smem_bytes + plan.h_smem_bytes + plan.acc_smem_bytes;
-  const int64_t regs_per_warp = ceil_div(static_cast<int64_t>(std::max(p.regs_per_thread, 1)) * 32, 256) * 256;
-  const int64_t block_regs = regs_per_warp * warps;
-  if (block_regs > d.regs_per_sm)
-    return fail("registers: " + num(plan.threads) + " threads x " + num(p.regs_per_thread) + " registers exceed the " +
-                num(d.regs_per_sm) + " of an SM");
-  int64_t per_sm = d.max_blocks_per_sm > 0 ? d.max_blocks_per_sm : 1;
-  per_sm = std::min(per_sm, d.smem_per_sm / (plan.smem_bytes + d.smem_reserved_per_block));
-  per_sm = std::min(per_sm, d.regs_per_sm / block_regs);
-  if (d.max_threads_per_sm > 0) per_sm = std::min<int64_t>(per_sm, d.max_threads_per_sm / plan.threads);
-  plan.blocks_per_sm = static_cast<int>(per_sm);
-  if (per_sm * d.sm_count < plan.grid)
-    return fail("co-residency: a grid of " + num(plan.grid) + " blocks exceeds the " + num(per_sm * d.sm_count) +
-                " blocks that can be resident at once");
+  const std::string residency = detail::check_residency(plan, p, d);
+  if (!residency.empty()) return fail(residency);
   plan.fits = true;
   plan.reason.clear();
   return plan;
