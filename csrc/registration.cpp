@@ -30,7 +30,7 @@ TORCH_LIBRARY(genfast, m) {
       "lstm_backward(Tensor grad_output, Tensor grad_hy, Tensor grad_cy, Tensor input, Tensor hx, "
       "Tensor cx, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor output, Tensor workspace, "
       "Tensor? batch_sizes, bool reverse, Tensor? zoneout=None, Tensor? cell_zoneout=None, "
-      "Tensor? recurrent_mask=None) "
+      "Tensor? recurrent_mask=None, bool input_grad=True) "
       "-> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor grad_w_ih, Tensor grad_w_hh, "
       "Tensor grad_bias, Tensor grad_w_hr)");
   // ---- GRU (PyTorch convention: gates r, z, n; n = tanh(Wx + b_in + r*(W_hn h + b_hn))) --
@@ -41,9 +41,11 @@ TORCH_LIBRARY(genfast, m) {
   m.def(
       "gru_backward(Tensor grad_output, Tensor grad_hy, Tensor input, Tensor hx, Tensor w_ih, "
       "Tensor w_hh, Tensor output, Tensor workspace, Tensor? batch_sizes, bool reverse, Tensor? zoneout=None, "
-      "Tensor? recurrent_mask=None) "
+      "Tensor? recurrent_mask=None, bool input_grad=True) "
       "-> (Tensor grad_input, Tensor grad_hx, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, "
       "Tensor grad_b_hh)");
+  // input_grad=False (every RNN backward op): the caller needs no gradient for the input, so its product
+  // (dG W_ih, a sixth of a layer's training FLOPs at I = H) is skipped and grad_input is empty (0 elements).
   // Regularisers (every RNN op; docs/design.md "Regularisers", csrc/rnn/regularizers_host.h), each
   // optional: zoneout (S, H) the weight of h_{t-1} in h_t per row of the sequence (a 0/1 draw in
   // training, the probability in eval); cell_zoneout (S, H) the same for c; recurrent_mask (N, Hout)
@@ -62,7 +64,7 @@ TORCH_LIBRARY(genfast, m) {
   m.def(
       "gru_reset_before_backward(Tensor grad_output, Tensor grad_hy, Tensor input, Tensor hx, Tensor w_ih, "
       "Tensor w_hh, Tensor output, Tensor workspace, Tensor? batch_sizes, bool reverse, Tensor? zoneout=None, "
-      "Tensor? recurrent_mask=None) "
+      "Tensor? recurrent_mask=None, bool input_grad=True) "
       "-> (Tensor grad_input, Tensor grad_hx, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias)");
   // ---- attention (csrc/cpu/attention.cpp) ------------------------------------------
   // ATTENTION_SCHEMAS

@@ -9,50 +9,12 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-#include <ATen/core/dispatch/Dispatcher.h>
+#include "rnn_autograd.h"
 
 namespace genfast {
 namespace {
 
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-using OptTensor = std::optional<at::Tensor>;
-
-at::Tensor zeros_if_undefined(const at::Tensor& grad, const at::Tensor& like) {
-  return grad.defined() ? grad : at::zeros_like(like);
-}
-
-OptTensor optional_of(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
-
-// What every RNN op's autograd does around its cell-specific argument lists: call the forward op
-// below autograd, save what backward needs, and later check that the forward kept its workspace.
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
-
-// Gradients of outputs nobody used arrive undefined rather than as zeros: the workspace is as large
-// as the saved gates, and zero-filling its gradient every backward is waste.
-void save_forward(AutogradContext* ctx, const at::Tensor& workspace, bool reverse, bool has_bias,
-                  const variable_list& saved) {
-  ctx->set_materialize_grads(false);
-  ctx->mark_non_differentiable({workspace});
-  ctx->saved_data["reverse"] = reverse;
-  ctx->saved_data["has_bias"] = has_bias;
-  ctx->save_for_backward(saved);
-}
-
-void check_workspace(const at::Tensor& workspace, const char* op) {
-  // sym_numel: under torch.compile with dynamic shapes the size is symbolic.
-  TORCH_SYM_CHECK(workspace.sym_numel().sym_ne(0), "genfast::", op, ": backward needs the workspace that ", op,
-              "(..., train=True) fills; this forward ran with train=False (under no_grad, or with no input "
-              "requiring grad)");
-}
-
-// The bias gradients as autograd returns them: undefined for a layer without biases.
-at::Tensor if_bias(AutogradContext* ctx, const at::Tensor& grad) {
-  return ctx->saved_data["has_bias"].toBool() ? grad : at::Tensor();
-}
+using namespace rnn_autograd;
 
 // ---------------------------------------------------------------- LSTM
 using LSTMOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -62,7 +24,7 @@ using LSTMForward = LSTMOutputs(const at::Tensor&, const at::Tensor&, const at::
 using LSTMBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const at::Tensor&, const OptTensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
-    bool, const OptTensor&, const OptTensor&, const OptTensor&);
+    bool, const OptTensor&, const OptTensor&, const OptTensor&, bool);
 
 struct LSTMFunction : public torch::autograd::Function<LSTMFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& hx,
@@ -92,10 +54,10 @@ struct LSTMFunction : public torch::autograd::Function<LSTMFunction> {
         op.call(zeros_if_undefined(grads[0], output), zeros_if_undefined(grads[1], hx),
                 zeros_if_undefined(grads[2], cx), input, hx, cx, w_ih, w_hh, optional_of(w_hr), output, workspace,
                 optional_of(batch_sizes), ctx->saved_data["reverse"].toBool(), optional_of(zoneout),
-                optional_of(cell_zoneout), optional_of(recurrent_mask));
+                optional_of(cell_zoneout), optional_of(recurrent_mask), needs_input_grad(ctx));
     // b_ih and b_hh get the same gradient tensor; the engine's AccumulateGrad copies it for all but
     // the last of them, so their .grad never share storage (tests/test_lstm.py checks).
-    return {grad_input,
+    return {input_grad_if_needed(ctx, grad_input),
             grad_hx,
             grad_cx,
             grad_w_ih,
@@ -130,7 +92,7 @@ using GRUForward = GRUOutputs(const at::Tensor&, const at::Tensor&, const at::Te
 using GRUBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, bool, const OptTensor&,
-    const OptTensor&);
+    const OptTensor&, bool);
 
 struct GRUFunction : public torch::autograd::Function<GRUFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& hx,
@@ -157,8 +119,8 @@ struct GRUFunction : public torch::autograd::Function<GRUFunction> {
     auto [grad_input, grad_hx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh] =
         op.call(zeros_if_undefined(grads[0], output), zeros_if_undefined(grads[1], hx), input, hx, w_ih, w_hh,
                 output, workspace, optional_of(batch_sizes), ctx->saved_data["reverse"].toBool(), optional_of(zoneout),
-                optional_of(recurrent_mask));
-    return {grad_input,
+                optional_of(recurrent_mask), needs_input_grad(ctx));
+    return {input_grad_if_needed(ctx, grad_input),
             grad_hx,
             grad_w_ih,
             grad_w_hh,
@@ -187,7 +149,7 @@ using GRUResetBeforeForward = GRUForward;
 using GRUResetBeforeBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, bool, const OptTensor&,
-    const OptTensor&);
+    const OptTensor&, bool);
 
 struct GRUResetBeforeFunction : public torch::autograd::Function<GRUResetBeforeFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& hx,
@@ -214,8 +176,8 @@ struct GRUResetBeforeFunction : public torch::autograd::Function<GRUResetBeforeF
     auto [grad_input, grad_hx, grad_w_ih, grad_w_hh, grad_bias] =
         op.call(zeros_if_undefined(grads[0], output), zeros_if_undefined(grads[1], hx), input, hx, w_ih, w_hh,
                 output, workspace, optional_of(batch_sizes), ctx->saved_data["reverse"].toBool(), optional_of(zoneout),
-                optional_of(recurrent_mask));
-    return {grad_input,
+                optional_of(recurrent_mask), needs_input_grad(ctx));
+    return {input_grad_if_needed(ctx, grad_input),
             grad_hx,
             grad_w_ih,
             grad_w_hh,

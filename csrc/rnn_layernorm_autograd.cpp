@@ -6,44 +6,12 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-#include <ATen/core/dispatch/Dispatcher.h>
+#include "rnn_autograd.h"
 
 namespace genfast {
 namespace {
 
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-using OptTensor = std::optional<at::Tensor>;
-
-at::Tensor zeros_if_undefined(const at::Tensor& grad, const at::Tensor& like) {
-  return grad.defined() ? grad : at::zeros_like(like);
-}
-
-OptTensor optional_of(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
-
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
-
-void save_forward(AutogradContext* ctx, const at::Tensor& workspace, bool reverse, bool has_bias,
-                  const variable_list& saved) {
-  ctx->set_materialize_grads(false);
-  ctx->mark_non_differentiable({workspace});
-  ctx->saved_data["reverse"] = reverse;
-  ctx->saved_data["has_bias"] = has_bias;
-  ctx->save_for_backward(saved);
-}
-
-void check_workspace(const at::Tensor& workspace, const char* op) {
-  TORCH_SYM_CHECK(workspace.sym_numel().sym_ne(0), "genfast::", op, ": backward needs the workspace that ", op,
-                  "(..., train=True) fills; this forward ran with train=False (under no_grad, or with no input "
-                  "requiring grad)");
-}
-
-at::Tensor if_bias(AutogradContext* ctx, const at::Tensor& grad) {
-  return ctx->saved_data["has_bias"].toBool() ? grad : at::Tensor();
-}
+using namespace rnn_autograd;
 
 // ---------------------------------------------------------------- LayerNormLSTM
 using LnLstmOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -57,7 +25,7 @@ using LnLstmBackward =
                                        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                        const at::Tensor&, const at::Tensor&, const OptTensor&, bool, const OptTensor&,
-                                       const OptTensor&, const OptTensor&);
+                                       const OptTensor&, const OptTensor&, bool);
 
 struct LayerNormLSTMFunction : public torch::autograd::Function<LayerNormLSTMFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& hx,
@@ -92,8 +60,8 @@ struct LayerNormLSTMFunction : public torch::autograd::Function<LayerNormLSTMFun
         op.call(zeros_if_undefined(grads[0], output), zeros_if_undefined(grads[1], hx),
                 zeros_if_undefined(grads[2], cx), input, hx, cx, w_ih, w_hh, ln_ih, ln_hh, ln_cell_w, ln_cell_b,
                 output, workspace, optional_of(batch_sizes), ctx->saved_data["reverse"].toBool(), optional_of(zoneout),
-                optional_of(cell_zoneout), optional_of(recurrent_mask));
-    return {grad_input,
+                optional_of(cell_zoneout), optional_of(recurrent_mask), needs_input_grad(ctx));
+    return {input_grad_if_needed(ctx, grad_input),
             grad_hx,
             grad_cx,
             grad_w_ih,
@@ -135,7 +103,7 @@ using LnGruBackward =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-        const OptTensor&, bool, const OptTensor&, const OptTensor&);
+        const OptTensor&, bool, const OptTensor&, const OptTensor&, bool);
 
 struct LayerNormGRUFunction : public torch::autograd::Function<LayerNormGRUFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& hx,
@@ -164,8 +132,8 @@ struct LayerNormGRUFunction : public torch::autograd::Function<LayerNormGRUFunct
     auto [grad_input, grad_hx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_ln_ih, grad_ln_hh] =
         op.call(zeros_if_undefined(grads[0], output), zeros_if_undefined(grads[1], hx), input, hx, w_ih, w_hh, ln_ih,
                 ln_hh, output, workspace, optional_of(batch_sizes), ctx->saved_data["reverse"].toBool(),
-                optional_of(zoneout), optional_of(recurrent_mask));
-    return {grad_input,
+                optional_of(zoneout), optional_of(recurrent_mask), needs_input_grad(ctx));
+    return {input_grad_if_needed(ctx, grad_input),
             grad_hx,
             grad_w_ih,
             grad_w_hh,

@@ -39,14 +39,14 @@ TORCH_LIBRARY_FRAGMENT(genfast, m) {
       "layernorm_lstm_backward(Tensor grad_output, Tensor grad_hy, Tensor grad_cy, Tensor input, Tensor hx, "
       "Tensor cx, Tensor w_ih, Tensor w_hh, Tensor ln_ih_weight, Tensor ln_hh_weight, Tensor ln_cell_weight, "
       "Tensor ln_cell_bias, Tensor output, Tensor workspace, Tensor? batch_sizes, bool reverse, "
-      "Tensor? zoneout=None, Tensor? cell_zoneout=None, Tensor? recurrent_mask=None) "
+      "Tensor? zoneout=None, Tensor? cell_zoneout=None, Tensor? recurrent_mask=None, bool input_grad=True) "
       "-> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias, "
       "Tensor grad_ln_ih_weight, Tensor grad_ln_hh_weight, Tensor grad_ln_cell_weight, Tensor grad_ln_cell_bias)");
   // Regularisers, each optional, as the plain ops take them (csrc/registration.cpp, docs/design.md
   // "Regularisers"): zoneout, cell_zoneout (S, H) the weight of h_{t-1} (c_{t-1}) per row of the
   // sequence; recurrent_mask (N, H) multiplies h_{t-1} where it enters W_hh h_{t-1}. The workspace
   // keeps its size (under cell zoneout its cell slot holds the carried c_t). The backward takes the
-  // forward's masks.
+  // forward's masks. input_grad=False skips grad_input (empty), as the plain ops do.
   // ---- LayerNormGRU (gates r, z, n as torch's GRU, on the normalised sides) ----------------
   m.def(
       "layernorm_gru_forward(Tensor input, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
@@ -55,7 +55,7 @@ TORCH_LIBRARY_FRAGMENT(genfast, m) {
   m.def(
       "layernorm_gru_backward(Tensor grad_output, Tensor grad_hy, Tensor input, Tensor hx, Tensor w_ih, "
       "Tensor w_hh, Tensor ln_ih_weight, Tensor ln_hh_weight, Tensor output, Tensor workspace, "
-      "Tensor? batch_sizes, bool reverse, Tensor? zoneout=None, Tensor? recurrent_mask=None) "
+      "Tensor? batch_sizes, bool reverse, Tensor? zoneout=None, Tensor? recurrent_mask=None, bool input_grad=True) "
       "-> (Tensor grad_input, Tensor grad_hx, Tensor grad_w_ih, "
       "Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_ln_ih_weight, Tensor grad_ln_hh_weight)");
   // [H-wide values, scalars] per row of the training workspace of "layernorm_lstm" or

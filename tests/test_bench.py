@@ -54,6 +54,9 @@ def test_flop_counts_follow_the_documented_formulas():
     # fastrnns LSTM: 2 * T*N * 4H * (I + H)
     assert flops.rnn("lstm", 100 * 64, 512, 512, training=False) == 2 * 6400 * 2048 * 1024
     assert flops.rnn("lstm", 10, 8, 4, training=True) == 3 * 2 * 10 * 16 * 12
+    # no input gradient: the input's product (2 * steps * 4H * I) is not part of the step
+    assert flops.rnn("lstm", 10, 8, 4, training=True, input_grad=False) == 3 * 2 * 10 * 16 * 12 - 2 * 10 * 16 * 8
+    assert flops.rnn("gru", 10, 8, 4, training=False, input_grad=False) == 2 * 10 * 12 * 12
     assert flops.rnn("gru", 10, 8, 4, training=False) == 2 * 10 * 12 * 12
     assert flops.lstm_forward(10, 8, 4, proj_size=2) == 2 * 10 * 16 * 10 + 2 * 10 * 4 * 2
     full = flops.attention(8, 12, 1024, 1024, 64, causal=False, training=False)
@@ -63,6 +66,12 @@ def test_flop_counts_follow_the_documented_formulas():
     packed = cases.find("lstm.packed.inference")
     steps = int(providers.rnn_lengths(100, 64, 0).sum())
     assert packed.flops == flops.rnn("lstm", steps, 512, 512, training=False)
+    # The training cases' input needs no gradient unless the case says so; the layers above the first always do.
+    training = cases.find("lstm.fastrnns.training")
+    assert training.flops == flops.rnn("lstm", 6400, 512, 512, training=True, input_grad=False)
+    stacked = cases._gpu_rnn("lstm", "float32", "training", T=10, N=4, size=8, layers=3, bidirectional=True)
+    first = flops.rnn("lstm", 40, 8, 8, training=True, input_grad=stacked.input_grad)
+    assert stacked.flops == 2 * (first + 2 * flops.rnn("lstm", 40, 16, 8, training=True))
 
 
 def test_packed_lengths_are_in_range_and_seeded():

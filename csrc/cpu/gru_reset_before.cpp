@@ -362,7 +362,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_reset
     const at::Tensor& grad_output, const at::Tensor& grad_hy, const at::Tensor& input, const at::Tensor& hx,
     const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& output, const at::Tensor& workspace,
     const std::optional<at::Tensor>& batch_sizes, bool reverse, const std::optional<at::Tensor>& zoneout,
-    const std::optional<at::Tensor>& recurrent_mask) {
+    const std::optional<at::Tensor>& recurrent_mask, bool input_grad) {
   const LayerArgs a{input, hx, nullptr, w_ih, w_hh, kNone, kNone, kNone, batch_sizes};
   const Schedule sc = rnn::make_schedule(input, batch_sizes);
   const Dims d = rnn::check_backward<Cell>(rnn::kCpu, a, {grad_output, grad_hy, nullptr, output, workspace}, sc);
@@ -395,15 +395,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_reset
     if (reg.recurrent_mask) mask_previous_hidden<scalar_t>(sc, reg.recurrent_mask, h_prev.data_ptr<scalar_t>(), H);
   });
   // The input and weight gradients: one large GEMM each over all steps.
-  at::Tensor grad_input = empty_cached({S, d.I}, x.options());
-  gemm_out(grad_input, dG, w_ih_c);
+  at::Tensor grad_input = rnn::skipped_input_grad(input);
+  if (input_grad) {
+    grad_input = empty_cached({S, d.I}, x.options());
+    gemm_out(grad_input, dG, w_ih_c);
+    grad_input = grad_input.view(input.sizes());
+  }
   at::Tensor grad_w_hh = at::empty({kGates * H, H}, x.options());
   at::Tensor grad_w_rz = grad_w_hh.narrow(0, 0, Cell::kFirstGates * H);
   gemm_out(grad_w_rz, dG.narrow(1, 0, Cell::kFirstGates * H).t(), h_prev);
   at::Tensor grad_w_n = grad_w_hh.narrow(0, Cell::kN * H, H);
   const at::Tensor rh = ws.view({S, Cell::kSaved * H}).narrow(1, Cell::kRh * H, H);
   gemm_out(grad_w_n, dG.narrow(1, Cell::kN * H, H).t(), rh);
-  return {grad_input.view(input.sizes()), dh_state, gemm(dG.t(), x), grad_w_hh, dG.sum(0)};
+  at::Tensor grad_bias = at::empty({kGates * H}, x.options());
+  at::Tensor grad_w_ih = gemm_with_row_sums(dG.t(), x, grad_bias);
+  return {grad_input, dh_state, grad_w_ih, grad_w_hh, grad_bias};
 }
 
 }  // namespace

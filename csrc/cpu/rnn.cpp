@@ -710,10 +710,14 @@ BackwardResult rnn_backward(const LayerArgs& a, const rnn::BackwardArgs& g, bool
     if (reg.recurrent_mask) mask_previous_hidden<scalar_t>(sc, reg.recurrent_mask, h_prev.data_ptr<scalar_t>(), Hout);
   });
   // The input and weight gradients: one large GEMM each over all steps.
-  at::Tensor grad_input = empty_cached({S, d.I}, x.options());
-  gemm_out(grad_input, dG, w_ih);
   BackwardResult r;
-  r.grad_input = grad_input.view(a.input.sizes());
+  if (g.input_grad) {
+    at::Tensor grad_input = empty_cached({S, d.I}, x.options());
+    gemm_out(grad_input, dG, w_ih);
+    r.grad_input = grad_input.view(a.input.sizes());
+  } else {
+    r.grad_input = rnn::skipped_input_grad(a.input);
+  }
   r.grad_hx = dh_state;
   r.grad_cx = dc_state;
   // Each bias gradient (the column sums of dG or dG_h) comes from the pass its weight gradient makes over dG.
@@ -753,11 +757,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& w_hr, const at::Tensor& output, const at::Tensor& workspace,
     const std::optional<at::Tensor>& batch_sizes, bool reverse, const std::optional<at::Tensor>& zoneout,
-    const std::optional<at::Tensor>& cell_zoneout, const std::optional<at::Tensor>& recurrent_mask) {
+    const std::optional<at::Tensor>& cell_zoneout, const std::optional<at::Tensor>& recurrent_mask, bool input_grad) {
   const rnn::RegularizerArgs reg{zoneout, cell_zoneout, recurrent_mask};
   const BackwardResult r = rnn_backward<rnn::LstmCell>(
       {input, hx, &cx, w_ih, w_hh, kNone, kNone, w_hr, batch_sizes},
-      {grad_output, grad_hy, &grad_cy, output, workspace, reg.extra_workspace_values()}, reverse, reg);
+      {grad_output, grad_hy, &grad_cy, output, workspace, reg.extra_workspace_values(), input_grad}, reverse, reg);
   return {r.grad_input, r.grad_hx, r.grad_cx, r.grad_w_ih, r.grad_w_hh, r.grad_b_ih, r.grad_w_hr};
 }
 
@@ -777,9 +781,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& grad_output, const at::Tensor& grad_hy, const at::Tensor& input, const at::Tensor& hx,
     const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& output, const at::Tensor& workspace,
     const std::optional<at::Tensor>& batch_sizes, bool reverse, const std::optional<at::Tensor>& zoneout,
-    const std::optional<at::Tensor>& recurrent_mask) {
+    const std::optional<at::Tensor>& recurrent_mask, bool input_grad) {
   const BackwardResult r = rnn_backward<rnn::GruCell>({input, hx, nullptr, w_ih, w_hh, kNone, kNone, kNone, batch_sizes},
-                                                      {grad_output, grad_hy, nullptr, output, workspace}, reverse,
+                                                      {grad_output, grad_hy, nullptr, output, workspace, 0, input_grad},
+                                                      reverse,
                                                       {zoneout, kNone, recurrent_mask});
   return {r.grad_input, r.grad_hx, r.grad_w_ih, r.grad_w_hh, r.grad_b_ih, r.grad_b_hh};
 }

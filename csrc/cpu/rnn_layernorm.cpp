@@ -965,9 +965,13 @@ LnBackwardResult ln_backward(const LayerArgs& a, const LayerNormParams& p, const
       r.grad_b_hh = recurrent_side[2];
     }
   });
-  at::Tensor grad_input = empty_cached({S, d.I}, opts);
-  gemm_out(grad_input, d_xi, w_ih);
-  r.grad_input = grad_input.view(a.input.sizes());
+  if (g.input_grad) {
+    at::Tensor grad_input = empty_cached({S, d.I}, opts);
+    gemm_out(grad_input, d_xi, w_ih);
+    r.grad_input = grad_input.view(a.input.sizes());
+  } else {
+    r.grad_input = rnn::skipped_input_grad(a.input);
+  }
   r.grad_hx = dh_state;
   r.grad_cx = dc_state;
   r.grad_w_ih = gemm(d_xi.t(), x);
@@ -998,11 +1002,11 @@ layernorm_lstm_backward(const at::Tensor& grad_output, const at::Tensor& grad_hy
                         const at::Tensor& ln_cell_weight, const at::Tensor& ln_cell_bias, const at::Tensor& output,
                         const at::Tensor& workspace, const std::optional<at::Tensor>& batch_sizes, bool reverse,
                         const std::optional<at::Tensor>& zoneout, const std::optional<at::Tensor>& cell_zoneout,
-                        const std::optional<at::Tensor>& recurrent_mask) {
+                        const std::optional<at::Tensor>& recurrent_mask, bool input_grad) {
   const LnBackwardResult r = ln_backward<LayerNormLstmCell>(
       {input, hx, &cx, w_ih, w_hh, kNone, kNone, kNone, batch_sizes},
       {ln_ih_weight, ln_hh_weight, &ln_cell_weight, &ln_cell_bias},
-      {grad_output, grad_hy, &grad_cy, output, workspace}, reverse, {zoneout, cell_zoneout, recurrent_mask});
+      {grad_output, grad_hy, &grad_cy, output, workspace, 0, input_grad}, reverse, {zoneout, cell_zoneout, recurrent_mask});
   return {r.grad_input, r.grad_hx,    r.grad_cx,    r.grad_w_ih,          r.grad_w_hh,
           r.grad_b_ih,  r.grad_ln_ih, r.grad_ln_hh, r.grad_ln_cell_weight, r.grad_ln_cell_bias};
 }
@@ -1024,11 +1028,12 @@ layernorm_gru_backward(const at::Tensor& grad_output, const at::Tensor& grad_hy,
                        const at::Tensor& hx, const at::Tensor& w_ih, const at::Tensor& w_hh,
                        const at::Tensor& ln_ih_weight, const at::Tensor& ln_hh_weight, const at::Tensor& output,
                        const at::Tensor& workspace, const std::optional<at::Tensor>& batch_sizes, bool reverse,
-                       const std::optional<at::Tensor>& zoneout, const std::optional<at::Tensor>& recurrent_mask) {
+                       const std::optional<at::Tensor>& zoneout, const std::optional<at::Tensor>& recurrent_mask,
+                       bool input_grad) {
   const LnBackwardResult r =
       ln_backward<LayerNormGruCell>({input, hx, nullptr, w_ih, w_hh, kNone, kNone, kNone, batch_sizes},
                                     {ln_ih_weight, ln_hh_weight, nullptr, nullptr},
-                                    {grad_output, grad_hy, nullptr, output, workspace}, reverse,
+                                    {grad_output, grad_hy, nullptr, output, workspace, 0, input_grad}, reverse,
                                     {zoneout, kNone, recurrent_mask});
   return {r.grad_input, r.grad_hx,   r.grad_w_ih,  r.grad_w_hh,
           r.grad_b_ih,  r.grad_b_hh, r.grad_ln_ih, r.grad_ln_hh};

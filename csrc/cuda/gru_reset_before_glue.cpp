@@ -108,7 +108,8 @@ std::tuple<Tensor, Tensor, Tensor> gru_reset_before_forward_cuda(const Tensor& i
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_reset_before_backward_cuda(
     const Tensor& grad_output, const Tensor& grad_hy, const Tensor& input, const Tensor& hx, const Tensor& w_ih,
     const Tensor& w_hh, const Tensor& output, const Tensor& workspace, const std::optional<Tensor>& batch_sizes,
-    bool reverse, const std::optional<Tensor>& zoneout_arg, const std::optional<Tensor>& recurrent_mask_arg) {
+    bool reverse, const std::optional<Tensor>& zoneout_arg, const std::optional<Tensor>& recurrent_mask_arg,
+    bool input_grad) {
   const rnn::LayerArgs a{input, hx, nullptr, w_ih, w_hh, kNone, kNone, kNone, batch_sizes};
   const rnn::Schedule sc = rnn::make_schedule(input, batch_sizes);
   const rnn::Dims d =
@@ -179,8 +180,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_reset_before_backward_cud
   at::mm_out(grad_w_rz, d_gates.narrow(1, 0, Cell::kFirstGates * H).t(), h_prev);
   Tensor grad_w_n = grad_w_hh.narrow(0, Cell::kN * H, H);
   at::mm_out(grad_w_n, d_gates.narrow(1, Cell::kN * H, H).t(), saved.narrow(1, Cell::kRh * H, H));
-  return {at::mm(d_gates, w_ih).view(input.sizes()), dh_state, at::mm(d_gates.t(), x2d), grad_w_hh,
-          d_gates.sum(0)};
+  const Tensor grad_input = input_grad ? at::mm(d_gates, w_ih).view(input.sizes()) : rnn::skipped_input_grad(input);
+  return {grad_input, dh_state, at::mm(d_gates.t(), x2d), grad_w_hh, d_gates.sum(0)};
 }
 
 }  // namespace

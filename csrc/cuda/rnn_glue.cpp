@@ -331,7 +331,7 @@ BackwardResult rnn_backward(const LayerArgs& a, const rnn::BackwardArgs& g, bool
   });
 
   BackwardResult r;
-  r.grad_input = at::mm(d_gates, a.w_ih).view(a.input.sizes());
+  r.grad_input = g.input_grad ? at::mm(d_gates, a.w_ih).view(a.input.sizes()) : rnn::skipped_input_grad(a.input);
   r.grad_hx = dh_state;
   r.grad_w_ih = at::mm(d_gates.t(), x2d);
   r.grad_w_hh = at::mm(d_gates_h.t(), h_prev);
@@ -361,11 +361,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
     const Tensor& cx, const Tensor& w_ih, const Tensor& w_hh, const std::optional<Tensor>& w_hr, const Tensor& output,
     const Tensor& workspace, const std::optional<Tensor>& batch_sizes, bool reverse,
     const std::optional<Tensor>& zoneout, const std::optional<Tensor>& cell_zoneout,
-    const std::optional<Tensor>& recurrent_mask) {
+    const std::optional<Tensor>& recurrent_mask, bool input_grad) {
   const rnn::RegularizerArgs reg{zoneout, cell_zoneout, recurrent_mask};
   const BackwardResult r = rnn_backward<rnn::LstmCell>(
       {input, hx, &cx, w_ih, w_hh, kNone, kNone, w_hr, batch_sizes},
-      {grad_output, grad_hy, &grad_cy, output, workspace, reg.extra_workspace_values()}, reverse, reg);
+      {grad_output, grad_hy, &grad_cy, output, workspace, reg.extra_workspace_values(), input_grad}, reverse, reg);
   return {r.grad_input, r.grad_hx, r.grad_cx, r.grad_w_ih, r.grad_w_hh, r.grad_b_ih, r.grad_w_hr};
 }
 
@@ -383,9 +383,10 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cuda(const Tensor& input, const T
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cuda(
     const Tensor& grad_output, const Tensor& grad_hy, const Tensor& input, const Tensor& hx, const Tensor& w_ih,
     const Tensor& w_hh, const Tensor& output, const Tensor& workspace, const std::optional<Tensor>& batch_sizes,
-    bool reverse, const std::optional<Tensor>& zoneout, const std::optional<Tensor>& recurrent_mask) {
+    bool reverse, const std::optional<Tensor>& zoneout, const std::optional<Tensor>& recurrent_mask, bool input_grad) {
   const BackwardResult r = rnn_backward<rnn::GruCell>({input, hx, nullptr, w_ih, w_hh, kNone, kNone, kNone, batch_sizes},
-                                                      {grad_output, grad_hy, nullptr, output, workspace}, reverse,
+                                                      {grad_output, grad_hy, nullptr, output, workspace, 0, input_grad},
+                                                      reverse,
                                                       {zoneout, kNone, recurrent_mask});
   return {r.grad_input, r.grad_hx, r.grad_w_ih, r.grad_w_hh, r.grad_b_ih, r.grad_b_hh};
 }

@@ -304,7 +304,7 @@ LnBackwardResult ln_backward(const rnn::LayerArgs& a, const rnn::LayerNormParams
     input_side.rstd = data<K>(ws) + layout.rstd_ih;
     C10_CUDA_CHECK(layer_norm_rows_backward<K>(input_side, stream));
   });
-  r.grad_input = at::mm(d_pre, a.w_ih).view(a.input.sizes());
+  r.grad_input = g.input_grad ? at::mm(d_pre, a.w_ih).view(a.input.sizes()) : rnn::skipped_input_grad(a.input);
   r.grad_hx = dh_state;
   r.grad_cx = kLstm ? dc_state.to(dtype) : Tensor();
   r.grad_w_ih = at::mm(d_pre.t(), x2d);
@@ -333,11 +333,11 @@ layernorm_lstm_backward_cuda(const Tensor& grad_output, const Tensor& grad_hy, c
                              const Tensor& ln_cell_weight, const Tensor& ln_cell_bias, const Tensor& output,
                              const Tensor& workspace, const std::optional<Tensor>& batch_sizes, bool reverse,
                              const std::optional<Tensor>& zoneout, const std::optional<Tensor>& cell_zoneout,
-                             const std::optional<Tensor>& recurrent_mask) {
+                             const std::optional<Tensor>& recurrent_mask, bool input_grad) {
   const LnBackwardResult r = ln_backward<LayerNormLstmCell>(
       {input, hx, &cx, w_ih, w_hh, kNone, kNone, kNone, batch_sizes},
       {ln_ih_weight, ln_hh_weight, &ln_cell_weight, &ln_cell_bias},
-      {grad_output, grad_hy, &grad_cy, output, workspace}, reverse, {zoneout, cell_zoneout, recurrent_mask});
+      {grad_output, grad_hy, &grad_cy, output, workspace, 0, input_grad}, reverse, {zoneout, cell_zoneout, recurrent_mask});
   return {r.grad_input, r.grad_hx,    r.grad_cx,    r.grad_w_ih,           r.grad_w_hh,
           r.grad_b_ih,  r.grad_ln_ih, r.grad_ln_hh, r.grad_ln_cell_weight, r.grad_ln_cell_bias};
 }
@@ -358,11 +358,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
     const Tensor& grad_output, const Tensor& grad_hy, const Tensor& input, const Tensor& hx, const Tensor& w_ih,
     const Tensor& w_hh, const Tensor& ln_ih_weight, const Tensor& ln_hh_weight, const Tensor& output,
     const Tensor& workspace, const std::optional<Tensor>& batch_sizes, bool reverse,
-    const std::optional<Tensor>& zoneout, const std::optional<Tensor>& recurrent_mask) {
+    const std::optional<Tensor>& zoneout, const std::optional<Tensor>& recurrent_mask, bool input_grad) {
   const LnBackwardResult r =
       ln_backward<LayerNormGruCell>({input, hx, nullptr, w_ih, w_hh, kNone, kNone, kNone, batch_sizes},
                                     {ln_ih_weight, ln_hh_weight, nullptr, nullptr},
-                                    {grad_output, grad_hy, nullptr, output, workspace}, reverse,
+                                    {grad_output, grad_hy, nullptr, output, workspace, 0, input_grad}, reverse,
                                     {zoneout, kNone, recurrent_mask});
   return {r.grad_input, r.grad_hx,   r.grad_w_ih,  r.grad_w_hh,
           r.grad_b_ih,  r.grad_b_hh, r.grad_ln_ih, r.grad_ln_hh};

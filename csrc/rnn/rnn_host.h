@@ -195,7 +195,11 @@ struct BackwardArgs {
   const at::Tensor& output;
   const at::Tensor& workspace;
   int64_t extra_workspace_values = 0;  // H-wide values per row beyond the cell's layout (regularisers)
+  bool input_grad = true;              // false: grad_input is not computed (returned empty)
 };
+
+// grad_input when the caller asked for none.
+inline at::Tensor skipped_input_grad(const at::Tensor& input) { return at::empty({0}, input.options()); }
 
 template <typename Cell>
 Dims check_backward(const Backend& backend, const LayerArgs& a, const BackwardArgs& b, const Schedule& sc) {

@@ -42,6 +42,11 @@ class Case:
         return self.mode == "training"
 
     @property
+    def input_grad(self) -> bool:
+        """RNN cases: whether the training step asks for the input's gradient (the default input does not)."""
+        return bool(self.params.get("input_grad"))
+
+    @property
     def providers(self) -> tuple[str, ...]:
         return self.subjects + self.baselines
 
@@ -54,11 +59,12 @@ class Case:
                 steps = int(rnn_lengths(p["T"], p["N"], p.get("seed", 0)).sum())
             dirs = 2 if p.get("bidirectional") else 1  # stacked layers read the previous layer's dirs x H
             return dirs * sum(flops.rnn(p["cell"], steps, p["input_size"] if layer == 0 else dirs * p["hidden_size"],
-                                        p["hidden_size"], self.training) for layer in range(p.get("layers", 1)))
+                                        p["hidden_size"], self.training, input_grad=layer > 0 or self.input_grad)
+                              for layer in range(p.get("layers", 1)))
         if self.kind == "layernorm_rnn":  # the products of the plain cell; LN adds O(1/H) of it
             steps = p["T"] * p["N"]
             return flops.rnn(p["cell"].removeprefix("layernorm_"), steps, p["input_size"], p["hidden_size"],
-                             self.training)
+                             self.training, input_grad=self.input_grad)
         if self.kind == "attention" and "lengths" in p:  # a packed batch: each sequence's own square
             return sum(flops.attention(1, p["heads"], n, n, p["D"], p["causal"], self.training)
                        for n in varlen_lengths(p["B"], *p["lengths"], p.get("seed", 0)).tolist())

@@ -6,7 +6,8 @@ element-wise gate math and softmax are O(1/H) or O(1/D) of the total and are lef
   LSTM forward   2 * steps * 4H * (I + H_out)      + 2 * steps * H * P   with a projection
                  (steps = T*N for padded input, sum(lengths) for packed; H_out = P or H)
   GRU forward    2 * steps * 3H * (I + H)
-  training       3 x forward  (backward = grad wrt inputs + grad wrt weights, each ~ forward)
+  training       3 x forward  (backward = grad wrt inputs + grad wrt weights, each ~ forward); an RNN
+                 layer whose input needs no gradient skips the input's product, 2 * steps * G*H * I
   attention fwd  4 * B * H * Lq * Lk * D  (QK^T and PV); half of that with a causal mask
   attention f+b  3.5 x forward  (the backward is 2.5x: 5 matmuls of the forward's 2, FlashAttention's count)
   GPT-2 generate see gpt2_generate
@@ -32,14 +33,18 @@ def gru_forward(steps: int, input_size: int, hidden_size: int) -> float:
 
 
 def rnn(cell: str, steps: int, input_size: int, hidden_size: int, training: bool,
-        proj_size: int = 0) -> float:
+        proj_size: int = 0, input_grad: bool = True) -> float:
+    """One layer/direction; ``input_grad=False``: the training step needs no gradient for the input."""
     if cell == "lstm":
-        fwd = lstm_forward(steps, input_size, hidden_size, proj_size)
+        fwd, gates = lstm_forward(steps, input_size, hidden_size, proj_size), 4
     elif cell in ("gru", "gru_reset_before"):  # the same products; the reset gate only moves one
-        fwd = gru_forward(steps, input_size, hidden_size)
+        fwd, gates = gru_forward(steps, input_size, hidden_size), 3
     else:
         raise ValueError(f"cell must be 'lstm' or 'gru', got {cell!r}")
-    return fwd * (TRAINING_FACTOR_RNN if training else 1.0)
+    if not training:
+        return fwd
+    skipped = 0.0 if input_grad else 2.0 * steps * gates * hidden_size * input_size
+    return fwd * TRAINING_FACTOR_RNN - skipped
 
 
 def attention(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int, causal: bool,

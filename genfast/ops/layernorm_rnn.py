@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from genfast import _extension
-from genfast.ops.rnn import _cpu_upcast_dtype, _float
+from genfast.ops.rnn import _cpu_upcast_dtype, _float, _grad_input
 
 _extension.load()
 _ops = torch.ops.genfast
@@ -118,8 +118,8 @@ def _layernorm_lstm_forward_fake(input, hx, cx, w_ih, w_hh, b_ih, b_hh, ln_ih_we
 @torch.library.register_fake("genfast::layernorm_lstm_backward")
 def _layernorm_lstm_backward_fake(grad_output, grad_hy, grad_cy, input, hx, cx, w_ih, w_hh, ln_ih_weight,
                                   ln_hh_weight, ln_cell_weight, ln_cell_bias, output, workspace, batch_sizes, reverse,
-                                  zoneout=None, cell_zoneout=None, recurrent_mask=None):
-    return (input.new_empty(input.shape), hx.new_empty(hx.shape), cx.new_empty(cx.shape), w_ih.new_empty(w_ih.shape),
+                                  zoneout=None, cell_zoneout=None, recurrent_mask=None, input_grad=True):
+    return (_grad_input(input, input_grad), hx.new_empty(hx.shape), cx.new_empty(cx.shape), w_ih.new_empty(w_ih.shape),
             w_hh.new_empty(w_hh.shape), w_ih.new_empty((w_ih.shape[0],)), ln_ih_weight.new_empty(ln_ih_weight.shape),
             ln_hh_weight.new_empty(ln_hh_weight.shape), ln_cell_weight.new_empty(ln_cell_weight.shape),
             ln_cell_bias.new_empty(ln_cell_bias.shape))
@@ -136,8 +136,9 @@ def _layernorm_gru_forward_fake(input, hx, w_ih, w_hh, b_ih, b_hh, ln_ih_weight,
 
 @torch.library.register_fake("genfast::layernorm_gru_backward")
 def _layernorm_gru_backward_fake(grad_output, grad_hy, input, hx, w_ih, w_hh, ln_ih_weight, ln_hh_weight, output,
-                                 workspace, batch_sizes, reverse, zoneout=None, recurrent_mask=None):
+                                 workspace, batch_sizes, reverse, zoneout=None, recurrent_mask=None,
+                                 input_grad=True):
     bias = w_ih.new_empty((w_ih.shape[0],))
-    return (input.new_empty(input.shape), hx.new_empty(hx.shape), w_ih.new_empty(w_ih.shape),
+    return (_grad_input(input, input_grad), hx.new_empty(hx.shape), w_ih.new_empty(w_ih.shape),
             w_hh.new_empty(w_hh.shape), bias, bias.new_empty(bias.shape), ln_ih_weight.new_empty(ln_ih_weight.shape),
             ln_hh_weight.new_empty(ln_hh_weight.shape))

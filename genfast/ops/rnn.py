@@ -107,6 +107,11 @@ def _workspace(cell: str, input: Tensor, batch_sizes: Tensor | None, hidden, pro
     return input.new_empty((size,))
 
 
+def _grad_input(input: Tensor, input_grad: bool) -> Tensor:
+    """The backward ops' grad_input: empty when the caller asked for none (input_grad=False)."""
+    return input.new_empty(input.shape if input_grad else (0,))
+
+
 @torch.library.register_fake("genfast::lstm_forward")
 def _lstm_forward_fake(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, train, zoneout=None,
                        cell_zoneout=None, recurrent_mask=None):
@@ -119,9 +124,9 @@ def _lstm_forward_fake(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes,
 
 @torch.library.register_fake("genfast::lstm_backward")
 def _lstm_backward_fake(grad_output, grad_hy, grad_cy, input, hx, cx, w_ih, w_hh, w_hr, output, workspace,
-                        batch_sizes, reverse, zoneout=None, cell_zoneout=None, recurrent_mask=None):
+                        batch_sizes, reverse, zoneout=None, cell_zoneout=None, recurrent_mask=None, input_grad=True):
     grad_w_hr = w_hr.new_empty(w_hr.shape) if w_hr is not None else input.new_empty((0,))
-    return (input.new_empty(input.shape), hx.new_empty(hx.shape), cx.new_empty(cx.shape),
+    return (_grad_input(input, input_grad), hx.new_empty(hx.shape), cx.new_empty(cx.shape),
             w_ih.new_empty(w_ih.shape), w_hh.new_empty(w_hh.shape), w_ih.new_empty((w_ih.shape[0],)), grad_w_hr)
 
 
@@ -136,9 +141,9 @@ def _gru_forward_fake(input, hx, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, t
 
 @torch.library.register_fake("genfast::gru_backward")
 def _gru_backward_fake(grad_output, grad_hy, input, hx, w_ih, w_hh, output, workspace, batch_sizes, reverse,
-                       zoneout=None, recurrent_mask=None):
+                       zoneout=None, recurrent_mask=None, input_grad=True):
     bias = w_ih.new_empty((w_ih.shape[0],))
-    return (input.new_empty(input.shape), hx.new_empty(hx.shape), w_ih.new_empty(w_ih.shape),
+    return (_grad_input(input, input_grad), hx.new_empty(hx.shape), w_ih.new_empty(w_ih.shape),
             w_hh.new_empty(w_hh.shape), bias, bias.new_empty(bias.shape))
 
 
@@ -179,6 +184,6 @@ def _gru_reset_before_forward_fake(input, hx, w_ih, w_hh, b_ih, b_hh, batch_size
 
 @torch.library.register_fake("genfast::gru_reset_before_backward")
 def _gru_reset_before_backward_fake(grad_output, grad_hy, input, hx, w_ih, w_hh, output, workspace, batch_sizes,
-                                    reverse, zoneout=None, recurrent_mask=None):
-    return (input.new_empty(input.shape), hx.new_empty(hx.shape), w_ih.new_empty(w_ih.shape),
+                                    reverse, zoneout=None, recurrent_mask=None, input_grad=True):
+    return (_grad_input(input, input_grad), hx.new_empty(hx.shape), w_ih.new_empty(w_ih.shape),
             w_hh.new_empty(w_hh.shape), w_ih.new_empty((w_ih.shape[0],)))
