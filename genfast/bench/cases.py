@@ -285,6 +285,13 @@ def _full() -> list[Case]:
         for mode in MODES:
             cases.append(_bfloat16(cell, mode, ("torch",), T=100, N=32, input_size=256, hidden_size=64))
     cases += [_imdb_lstm(mode, RNN_BASELINES_FULL) for mode in MODES]
+    # The training steps above with the input's gradient asked for too (a layer above the first, or one fed by
+    # a trainable embedding): without it genfast skips the input's product; torch.nn computes it either way.
+    for cell in ("lstm", "gru"):
+        cases.append(_rnn(cell, "fastrnns.input_grad", "training", ("torch",), T=100, N=64, input_size=512,
+                          hidden_size=512, input_grad=True))
+        cases.append(_rnn(cell, "imdb.input_grad", "training", ("torch",), T=100, N=32, input_size=256,
+                          hidden_size=64, input_grad=True))
     cases += [_imdb("training"), _imdb("inference")]
     for B in (1, 8):
         for L in (128, 512, 1024, 4096):
