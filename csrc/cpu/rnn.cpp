@@ -20,7 +20,6 @@
 // Workspace (train=true): rnn::WorkspaceLayout.
 #include <torch/library.h>
 
-#include <fstream>
 
 #include "cpu/gemm_entry.h"
 #include "cpu/rnn_common.h"
@@ -169,6 +168,7 @@ void forward_loop(const Schedule& sc, bool reverse, const ForwardBuffers<T>& b, 
   T* saved_c = (b.ws && Cell::kCellState) ? b.ws + layout.cell : nullptr;
   T* saved_r = (b.ws && project) ? b.ws + layout.projected : nullptr;
   const double step_flops = 2.0 * N * ((b.x ? I : 0) + Hout) * kGates * H + (project ? 2.0 * N * Hout * H : 0.0);
+  const int64_t weight_bytes = (((b.x ? I : 0) + Hout) * kGates * H + (project ? Hout * H : 0)) * sizeof(T);
   for_each_step(sc.steps, step_flops, [&](int64_t s, const StepTeam& team) {
     const int64_t t = sc.forward_step(s, reverse);
     const int64_t n = sc.active[t], off = sc.offset[t];
@@ -203,7 +203,7 @@ void forward_loop(const Schedule& sc, bool reverse, const ForwardBuffers<T>& b, 
         run_tiles<ProjectTile>(team, ceil_div(Hout, kUnits), n, &proj, scratch.data(), kWidth);
       }
     }
-  });
+  }, row_split(sc, weight_bytes, static_cast<int64_t>(scratch.size()), threads));
 }
 
 // ---------------------------------------------------------------- backward
@@ -467,9 +467,13 @@ void backward_loop(const Schedule& sc, bool reverse, const BackwardBuffers<T>& b
   // One pass more than there are steps: the last one (n = 0) only adds dG_0 W_hh to
   // the gradient of the initial state.
   const double step_flops = 2.0 * N * kGates * H * Hout;
-  const int64_t team_size = step_flops < kMinParallelStepFlops || at::in_parallel_region() ? 1 : threads;
+  const int64_t weight_bytes = (kGates * H * Hout + (project ? Hout * H : 0)) * int64_t(sizeof(T));
+  const int64_t scratch_per_thread = (N + 16) * 2 * kUnits;  // room for the wide tiles
+  const RowSplit split = row_split(sc, weight_bytes, threads * scratch_per_thread, threads);
+  const int loop_size = loop_threads(step_flops);
+  const int64_t team_size = splits_rows(split, loop_size) ? 1 : loop_size;  // split: every panel of its rows
   const bool wide = !project && wide_backward_tiles<T>(b.packed_whh != nullptr, N, H, team_size);
-  std::vector<T> scratch(threads * (N + 16) * (wide ? 2 : 1) * kUnits);
+  std::vector<T> scratch(threads * scratch_per_thread);
   for_each_step(sc.steps + 1, step_flops, [&](int64_t s, const StepTeam& team) {
     const auto pass = sc.backward_pass(s, reverse);
     const int64_t n = pass.n, off = pass.offset, prev_t = pass.prev_t, n_prev = pass.n_prev, fwd_prev = pass.fwd_prev;
@@ -509,7 +513,7 @@ void backward_loop(const Schedule& sc, bool reverse, const BackwardBuffers<T>& b
       team.sync();  // phase B reads every column of dh_total
       if (n > 0) run_tiles<BackwardProjectB<Cell>>(team, ceil_div(H, kUnits), n, &step, scratch.data(), kUnits);
     }
-  });
+  }, split);
 }
 
 // ---------------------------------------------------------------- weights
@@ -537,18 +541,9 @@ at::Tensor pack_forward_weights(const at::Tensor& w_ih, const at::Tensor& w_hh, 
   return packed;
 }
 
-// The last-level cache of one core's cluster, from Linux's sysfs (cpu0's level-3 cache: the slice its
-// cores share, where sysconf reports a whole socket's), or 0 where it cannot be read.
+// The last-level cache of one core's cluster (cpu0's level-3 slice), or 0 where it cannot be read.
 inline int64_t last_level_cache_bytes() {
-  static const int64_t bytes = [] {
-    std::ifstream file("/sys/devices/system/cpu/cpu0/cache/index3/size");  // e.g. "32768K"
-    int64_t value = 0;
-    char unit = 0;
-    if (!(file >> value) || value <= 0) return int64_t(0);
-    file >> unit;
-    const int shift = unit == 'K' ? 10 : unit == 'M' ? 20 : unit == 'G' ? 30 : 0;
-    return value << shift;
-  }();
+  static const int64_t bytes = sysfs_cache_bytes(3);
   return bytes;
 }
 

@@ -13,7 +13,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <fstream>
 #include <optional>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -245,12 +247,17 @@ class SpinBarrier {
   alignas(64) std::atomic<int> generation_{0};
 };
 
-// One thread's view of the team running a time loop.
+// One thread's view of the team running a time loop. A team split by rows (row_end >= 0) gives each
+// thread rows [row_begin, row_end) of every step, all their panels, and needs no barrier: a row's
+// passes read only what the same row's earlier passes wrote.
 struct StepTeam {
   int thread = 0, size = 1;
   SpinBarrier* barrier = nullptr;
+  int64_t row_begin = 0, row_end = -1;
+  int64_t scratch_stride = 0;  // split by rows: values of the loop's scratch buffer per thread
+  bool split_by_rows() const { return row_end >= 0; }
   void sync() const {
-    if (size > 1) barrier->wait(size);
+    if (size > 1 && !split_by_rows()) barrier->wait(size);
   }
 };
 
@@ -258,24 +265,86 @@ struct StepTeam {
 // more than they save.
 constexpr double kMinParallelStepFlops = 2e5;
 
-// body(s, team) for s = 0 .. steps - 1, on every thread of one team, with a team.sync() after
-// each step (so step s + 1 sees everything step s wrote). step_flops: the work of the largest
-// step; below kMinParallelStepFlops (or inside another parallel region) one thread runs the loop.
-template <typename Body>
-void for_each_step(int64_t steps, double step_flops, const Body& body) {
+// ---- Splitting a time loop by rows
+// The rows of a batch are independent sequences. Where the weights a step reads stay in each core's
+// own cache, every thread can run the whole loop for its share of the rows with no barrier at all,
+// instead of every thread taking some panels of every row with a barrier between passes. Only
+// padded batches: in a packed one the threads with the shorter sequences would sit idle.
+// Why these cut-offs: docs/design.md (RNN thresholds).
+constexpr int64_t kRowSplitMinRows = 8;  // rows per thread, at least
+
+// The size of cpu0's cache number `index` in Linux's sysfs (2: its own level-2 cache; 3: the level-3
+// slice its cores share, where sysconf reports a whole socket's), or 0 where it cannot be read.
+inline int64_t sysfs_cache_bytes(int index) {
+  std::ifstream file("/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/size");  // "1024K"
+  int64_t value = 0;
+  char unit = 0;
+  if (!(file >> value) || value <= 0) return 0;
+  file >> unit;
+  const int shift = unit == 'K' ? 10 : unit == 'M' ? 20 : unit == 'G' ? 30 : 0;
+  return value << shift;
+}
+
+inline int64_t private_cache_bytes() {
+  static const int64_t bytes = sysfs_cache_bytes(2);
+  return bytes;
+}
+
+// Whether a loop may be split by rows, over how many, and the loop's scratch per thread (passes
+// of different widths run at once on different threads of a split loop, so each thread keeps to its
+// own part of the buffer): what for_each_step is told.
+struct RowSplit {
+  int64_t rows = 0;  // 0: not split
+  int64_t scratch_stride = 0;
+};
+
+// A loop over `sc` whose steps read `weight_bytes` of weights, with `scratch_values` of scratch buffer
+// for `threads` threads: split by rows when its batch is padded and the weights take at most half of
+// a core's own cache (the rest holds the rows' states and gates).
+inline RowSplit row_split(const Schedule& sc, int64_t weight_bytes, int64_t scratch_values, int64_t threads) {
+  const int64_t cache = private_cache_bytes();
+  const int64_t budget = cache > 0 ? cache / 2 : int64_t(256) << 10;
+  for (const int64_t n : sc.active)
+    if (n != sc.batch) return {};
+  return weight_bytes <= budget ? RowSplit{sc.batch, scratch_values / std::max<int64_t>(threads, 1)} : RowSplit{};
+}
+
+// How many threads run a loop whose largest step does step_flops: one below kMinParallelStepFlops or
+// inside another parallel region.
+inline int loop_threads(double step_flops) {
   at::internal::lazy_init_num_threads();
-  const int threads = step_flops < kMinParallelStepFlops || at::in_parallel_region() ? 1 : at::get_num_threads();
+  return step_flops < kMinParallelStepFlops || at::in_parallel_region() ? 1 : at::get_num_threads();
+}
+
+// Whether a loop of `threads` threads is split by rows.
+inline bool splits_rows(const RowSplit& split, int threads) {
+  return threads > 1 && split.rows >= threads * kRowSplitMinRows;
+}
+
+// body(s, team) for s = 0 .. steps - 1, on every thread of one team, with a team.sync() after
+// each step (so step s + 1 sees everything step s wrote), or, split by rows, each thread on its rows
+// with no barrier. step_flops: the work of the largest step (see loop_threads).
+template <typename Body>
+void for_each_step(int64_t steps, double step_flops, const Body& body, const RowSplit& split = {}) {
+  const int threads = loop_threads(step_flops);
   if (threads <= 1) {
     const StepTeam alone;
     for (int64_t s = 0; s < steps; ++s) body(s, alone);
     return;
   }
+  const bool by_rows = splits_rows(split, threads);
   SpinBarrier barrier;
   // No num_threads clause, as at::parallel_for: varying it makes GOMP rebuild its thread pool
   // (pytorch/pytorch#32008). The team is what OpenMP gives; the region's end joins the last step.
 #pragma omp parallel
   {
-    const StepTeam team{omp_get_thread_num(), omp_get_num_threads(), &barrier};
+    StepTeam team{omp_get_thread_num(), omp_get_num_threads(), &barrier};
+    if (by_rows) {
+      const int64_t share = ceil_div(split.rows, team.size);
+      team.row_begin = std::min<int64_t>(split.rows, team.thread * share);
+      team.row_end = std::min<int64_t>(split.rows, team.row_begin + share);
+      team.scratch_stride = split.scratch_stride;
+    }
     const at::internal::ThreadIdGuard thread_id(team.thread);
     threads_in_teams().fetch_add(1, std::memory_order_relaxed);
     for (int64_t s = 0; s < steps; ++s) {
@@ -293,6 +362,12 @@ void for_each_step(int64_t steps, double step_flops, const Body& body) {
 // after step, so its slice of the weight stays in its cache.
 template <typename Tile, typename Step, typename T>
 void run_tiles(const StepTeam& team, int64_t panels, int64_t rows, const Step* step, T* scratch, int64_t width) {
+  if (team.split_by_rows()) {  // this thread's rows, every panel
+    const int64_t r0 = team.row_begin, r1 = std::min(rows, team.row_end);
+    T* own = scratch + static_cast<int64_t>(team.thread) * team.scratch_stride;
+    for (int64_t panel = 0; panel < panels && r0 < r1; ++panel) simd_dispatch<Tile>(step, panel, r0, r1, own);
+    return;
+  }
   const Partition part = partition(panels, rows, team.size);
   const int64_t items = part.items(), chunk = ceil_div(items, team.size);
   const int64_t begin = std::min(items, team.thread * chunk), end = std::min(items, begin + chunk);

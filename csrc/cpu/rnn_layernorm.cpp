@@ -842,7 +842,7 @@ LnForwardResult ln_forward(const LayerArgs& a, const LayerNormParams& p, bool re
       } else {
         run_tiles<LnGruGateTile>(team, panels, n, &step, scratch.data(), kWidth);
       }
-    });
+    }, row_split(sc, G * H * H * int64_t(sizeof(T)), static_cast<int64_t>(scratch.size()), at::get_num_threads()));
     gather_last_hidden<T>(sc, reverse, out.data_ptr<T>(), hy.data_ptr<T>(), H);
   });
   return {out.view(rnn::output_shape(a.input, H)), hy, cy, ws};
@@ -937,7 +937,7 @@ LnBackwardResult ln_backward(const LayerArgs& a, const LayerNormParams& p, const
       }
       team.sync();  // the last pass needs every panel's sums of the recurrent LN's backward
       run_tiles<LnRecurrentBackwardTile<G>>(team, panels, pass.n, &step, scratch.data(), kWidth);
-    });
+    }, row_split(sc, G * H * H * int64_t(sizeof(T)), static_cast<int64_t>(scratch.size()), at::get_num_threads()));
     gather_previous_hidden<T>(sc, reverse, out.data_ptr<T>(), hx.data_ptr<T>(), h_prev.data_ptr<T>(), H);
     if (reg.recurrent_mask) mask_previous_hidden<T>(sc, reg.recurrent_mask, h_prev.data_ptr<T>(), H);
   });
