@@ -692,9 +692,13 @@ for cell in CELLS:
         for got, theirs, want in zip([out32, *states32], [ref32[0], *ref32[1]], [exact[0], *exact[1]]):
             ours, theirs = (got.double() - want).abs().max(), (theirs.double() - want).abs().max()
             assert ours <= 4 * theirs + 1e-6, (cell.name, T, N, ours.item(), theirs.item())
-for rows in (1, 2, 5):
-    x, w = torch.randn(rows, 37, dtype=torch.float64), torch.randn(21, 37, dtype=torch.float64)
+for rows, K in [(1, 37), (2, 37), (5, 37), (1, 128), (3, 128)]:
+    x, w = torch.randn(rows, K, dtype=torch.float64), torch.randn(21, K, dtype=torch.float64)
     torch.testing.assert_close(torch.ops.genfast.decode_linear(x, w, None), x @ w.T)
+    # float32: K additions in another order than the float64 reference, each rounding by at most 2^-24 of
+    # a partial sum of size ~sqrt(K): K * 2^-20 is 16 / sqrt(K) times their worst case
+    torch.testing.assert_close(torch.ops.genfast.decode_linear(x.float(), w.float(), None), (x @ w.T).float(),
+                               rtol=0, atol=K * 2**-20)
 print(C.simd_level())
 """
 

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/memory.h"
@@ -142,6 +143,53 @@ inline __attribute__((always_inline)) void panel_rows(int64_t M, const LeftOpera
     slice_rows<T, VB, MR, kColumnsA, 1>(M, a, panel + s / S * slice_stride, slice_stride, ldb, C + s, ldc);
 }
 
+// The lanes of two vectors x, y regrouped in blocks of S lanes: even = x's even blocks then y's
+// even blocks, odd = the odd ones. even + odd adds the two halves of each block's pair, keeping x's
+// partial sums in the first half of the result and y's in the second.
+template <typename T, typename V, int L, int S>
+inline __attribute__((always_inline)) void add_block_pairs(const V& x, const V& y, V& sum) {
+  using I = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+  typedef I Mask __attribute__((vector_size(sizeof(V))));
+  Mask even, odd;
+#pragma GCC unroll 16
+  for (int i = 0; i < L; ++i) {
+    const int block = i / S, half = L / (2 * S);
+    const int source = block < half ? 2 * block : L / S + 2 * (block - half);
+    even[i] = source * S + i % S;
+    odd[i] = even[i] + S;
+  }
+  sum = __builtin_shuffle(x, y, even) + __builtin_shuffle(x, y, odd);
+}
+
+// out[r] = the sum of v[r]'s L lanes, for R vectors (R a power of two). A transposing tree:
+// each level adds pairs of vectors block-wise (add_block_pairs), halving the vectors and the lanes
+// each source keeps, so R sums cost about 3R vector operations instead of R chains of L dependent
+// scalar additions: as long as the dot products' own loop when K is a few times L (H = 128).
+template <typename T, typename V, int L, int R>
+inline __attribute__((always_inline)) void lane_sums(V (&v)[R], T* out) {
+  int n = R, lanes = L;  // vectors left; lanes each source holds in them
+  auto level = [&](auto block) {
+    constexpr int S = decltype(block)::value;
+#pragma GCC unroll 8
+    for (int i = 0; i < n / 2; ++i) add_block_pairs<T, V, L, S>(v[2 * i], v[2 * i + 1], v[i]);
+    n /= 2;
+    lanes /= 2;
+  };
+  if constexpr (R >= 2 && L >= 2) level(std::integral_constant<int, L / 2>{});
+  if constexpr (R >= 4 && L >= 4) level(std::integral_constant<int, L / 4>{});
+  if constexpr (R >= 8 && L >= 8) level(std::integral_constant<int, L / 8>{});
+  static_assert(R <= 8, "lane_sums: at most 8 vectors");
+  const int per_vector = R / n;  // sources in each vector left, `lanes` lanes apiece
+#pragma GCC unroll 8
+  for (int j = 0; j < n; ++j)
+#pragma GCC unroll 8
+    for (int s = 0; s < per_vector; ++s) {
+      T sum = v[j][s * lanes];
+      for (int l = 1; l < lanes; ++l) sum += v[j][s * lanes + l];
+      out[j * per_vector + s] = sum;
+    }
+}
+
 // C[m][c] = dot(A row m, weight row c) for R weight rows c at once: each weight row is
 // streamed once and used for all MB rows of A. The R * MB vector accumulators are
 // independent chains: with one row of A (a decode step) a single chain would wait on
@@ -169,14 +217,19 @@ inline __attribute__((always_inline)) void dot_group(int64_t K, const T* A, int6
     }
   }
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
+  for (int m = 0; m < MB; ++m) {
+    V sums[R];
 #pragma GCC unroll 8
-    for (int m = 0; m < MB; ++m) {
-      T sum = T(0);
-      for (int l = 0; l < L; ++l) sum += acc[r][m][l];
+    for (int r = 0; r < R; ++r) sums[r] = acc[r][m];
+    T dots[R];
+    lane_sums<T, V, L, R>(sums, dots);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      T sum = dots[r];
       for (int64_t k = K_vec; k < K; ++k) sum += rows[r][k] * A[m * lda + k];
       C[m * ldc + r] = sum;
     }
+  }
 }
 
 // Weight rows per group: R * MB accumulators, at most 8 (plus MB vectors of A, within 16 registers).
