@@ -1,11 +1,11 @@
 """Which cells of a `GENFAST_SIMD=avx2` sweep the FMA width alone keeps below parity.
 
-    python benchmarks/sweep_fma_width.py AVX512_SWEEP.csv AVX2_SWEEP.csv [--threshold 0.95]
+    python benchmarks/sweep_fma_width.py AVX512_SWEEP.csv AVX2_SWEEP.csv [--threshold 0.95] [--peaks W,N]
 
 The two CSVs are `python -m genfast.bench --sweep` runs of one build, as installed and under
 `GENFAST_SIMD=avx2` (torch.nn stays on oneDNN's AVX-512 kernels in both). genfast's GEMM peak is
 measured here at both SIMD levels (genfast.bench.machine.measure_peak, one process per level, the
-sweep's thread count). For every cell below the threshold under AVX2 it prints:
+sweep's thread count), or taken from --peaks (AVX-512, AVX2 GFLOP/s). For every cell below the threshold under AVX2 it prints:
 
 - predicted: the AVX-512 run's ratio times peak(AVX2) / peak(AVX-512), the ratio the same code
   would reach on AVX2 at the same fraction of its peak. Below the threshold: the FMA width alone
@@ -42,15 +42,19 @@ def load(path: str) -> dict:
         return {(r["cell"], r["mode"], r["T"], r["N"], r["H"], r["packed"]): r for r in csv.DictReader(f)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("avx512_csv")
     parser.add_argument("avx2_csv")
     parser.add_argument("--threshold", type=float, default=0.95)
-    args = parser.parse_args()
+    parser.add_argument("--peaks", help="AVX-512,AVX2 genfast GEMM peaks in GFLOP/s, instead of measuring them")
+    args = parser.parse_args(argv)
     wide, narrow = load(args.avx512_csv), load(args.avx2_csv)
     threads = int(next(iter(narrow.values()))["threads"])
-    peak_wide, peak_narrow = genfast_peak(None, threads), genfast_peak("avx2", threads)
+    if args.peaks:
+        peak_wide, peak_narrow = (float(v) for v in args.peaks.split(","))
+    else:
+        peak_wide, peak_narrow = genfast_peak(None, threads), genfast_peak("avx2", threads)
     print(f"genfast packed GEMM peak, {threads} threads: AVX-512 {peak_wide:.0f} GFLOP/s, AVX2 {peak_narrow:.0f} "
           f"GFLOP/s (x{peak_narrow / peak_wide:.2f})")
     below = [k for k in narrow if k in wide and float(narrow[k]["ratio"]) < args.threshold]

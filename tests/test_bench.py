@@ -566,3 +566,28 @@ def test_sweep_without_matplotlib_says_so(monkeypatch, tmp_path):
     assert not (tmp_path / "sweep.csv").exists()  # refused before measuring anything
     with pytest.raises(SystemExit, match="--sweep-cells"):
         sweep._names("lstm,rnn", sweep.CELLS, "--sweep-cells")
+
+
+def test_sweep_fma_width_predicts_from_the_avx512_ratio_and_the_peaks(tmp_path, capsys):
+    """benchmarks/sweep_fma_width.py: a cell below the threshold under AVX2 is predicted below when its
+    AVX-512 ratio times peak(AVX2) / peak(AVX-512) is; slowdown and efficiency from the two runs' numbers."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import sweep_fma_width
+    finally:
+        sys.path.pop(0)
+    header = "cell,mode,T,N,H,packed,ratio,genfast_ms,genfast_gflops,threads\n"
+    wide, narrow = tmp_path / "wide.csv", tmp_path / "narrow.csv"
+    wide.write_text(header + "lstm,inference,50,8,128,0,1.2,1.0,200,2\n"    # 1.2 * 0.5 = 0.6: the width
+                             "lstm,training,50,8,128,0,2.5,1.0,200,2\n"     # 2.5 * 0.5 = 1.25: not the width
+                             "gru,inference,50,8,128,0,3.0,1.0,200,2\n")    # at parity under AVX2: not listed
+    narrow.write_text(header + "lstm,inference,50,8,128,0,0.6,2.0,100,2\n"
+                               "lstm,training,50,8,128,0,0.9,4.0,50,2\n"
+                               "gru,inference,50,8,128,0,1.1,2.0,100,2\n")
+    sweep_fma_width.main([str(wide), str(narrow), "--peaks", "400,200"])
+    out = capsys.readouterr().out
+    assert "2 of 3 cells below 0.95 under AVX2" in out
+    assert "lstm inference 50 8 128 0 | 1.20 | 0.60 | 0.60 | 0.50 | 1.00" in out
+    assert "lstm training 50 8 128 0 | 2.50 | 0.90 | 1.25 | 0.25 | 0.50" in out
+    assert "gru inference" not in out
+    assert "predicted below 0.95: 1 of 2" in out
