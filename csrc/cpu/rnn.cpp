@@ -100,12 +100,8 @@ struct ForwardTile {
       Cell::template forward_units<kUnits, T>(units, acc, gx, b, H, c, h_prev, h, h_next, act);
       if (s->saved) {  // training: keep what backward needs
         T* g = s->saved + m * Cell::kSaved * H + j0;
-        for (int64_t slot = 0; slot < Cell::kSaved; ++slot)
-          for (int64_t u = 0; u < units; ++u) g[slot * H + u] = act[slot][u];
-        if (Cell::kCellState) {
-          T* c_saved = s->saved_c + m * H + j0;
-          for (int64_t u = 0; u < units; ++u) c_saved[u] = c[u];
-        }
+        for (int64_t slot = 0; slot < Cell::kSaved; ++slot) rnn::copy_units<T>(units, act[slot], g + slot * H);
+        if (Cell::kCellState) rnn::copy_units<T>(units, c, s->saved_c + m * H + j0);
       }
       if (s->reg)  // zoneout of what the cell produced; h_t * r for the next product
         regularize_forward_after<Cell>(s->reg, m, j0, units, H, s->Hout, s->h_prev + m * s->Hout + j0, c_prev, c, h,

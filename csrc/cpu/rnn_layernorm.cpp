@@ -172,11 +172,7 @@ GENFAST_INLINE void load_units(T* __restrict__ dst, const T* __restrict__ src, i
 
 template <typename T>
 GENFAST_INLINE void store_units(T* __restrict__ dst, const T* __restrict__ src, int64_t units) {
-  if (units == kUnits) {
-    for (int64_t u = 0; u < kUnits; ++u) dst[u] = src[u];
-    return;
-  }
-  for (int64_t u = 0; u < units; ++u) dst[u] = src[u];
+  rnn::copy_units<T>(units, src, dst);
 }
 
 // Gates blocks of a row's panel (gate g at src[g * H]) into local arrays.

@@ -40,6 +40,18 @@ namespace rnn {
 using math::sigmoid;
 using math::tanh_;
 
+// CPU: dst = src over one row of units (at most 16). A whole panel is one fixed-size copy, which the
+// compiler turns into vector moves; GCC's loop distribution turns a plain copy loop into a call to memcpy,
+// which costs more than the 16 values it moves (docs/performance.md §13.1, §2.10).
+template <typename T>
+GENFAST_CELL_LOOP void copy_units(int64_t units, const T* __restrict__ src, T* __restrict__ dst) {
+  if (units == 16) {
+    __builtin_memcpy(dst, src, 16 * sizeof(T));
+    return;
+  }
+  for (int64_t u = 0; u < units; ++u) dst[u] = src[u];
+}
+
 // Where the training workspace (one 1-D buffer, the input's dtype) keeps what backward needs, for
 // S rows of the (packed or flattened) sequence: [saved values (S, kSaved*H) | c_t (S, H) when the
 // cell has a cell state | o*tanh(c_t) (S, H) when projecting]. The same on every backend.
@@ -134,7 +146,7 @@ struct LstmCell {
       act[3][u] = cell.o;
       act[0][u] = cell.i;
     }
-    for (int64_t u = 0; u < units; ++u) h_next[u] = h_tmp[u];
+    copy_units<T>(units, h_tmp, h_next);
   }
 
   // CPU: the backward of one row of units. d_h: total dL/dh_t (formed by the core, or by the

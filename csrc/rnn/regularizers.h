@@ -35,18 +35,6 @@ GENFAST_HD T zoneout_grad_prev(T keep, T d) {
   return keep * d;
 }
 
-// CPU: dst = src over one row of units (at most 16). A whole panel is one fixed-size copy, which the
-// compiler turns into vector moves; GCC's loop distribution turns a plain copy loop into a call to memcpy,
-// which cost more than the 16 values it moves (the GRU's zoneout step spent ~2% of its time there).
-template <typename T>
-GENFAST_CELL_LOOP void copy_units(int64_t units, const T* __restrict__ src, T* __restrict__ dst) {
-  if (units == 16) {
-    __builtin_memcpy(dst, src, 16 * sizeof(T));
-    return;
-  }
-  for (int64_t u = 0; u < units; ++u) dst[u] = src[u];
-}
-
 // CPU: one row of units. value holds the fresh value and receives the zoned one; copy (if not
 // nullptr) receives it too.
 template <typename T>
