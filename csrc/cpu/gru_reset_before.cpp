@@ -179,7 +179,7 @@ void forward_loop(const Schedule& sc, bool reverse, const ForwardBuffers<T>& b, 
     run_tiles<ResetTile>(team, panels, n, &step, scratch.data(), kFirstWidth);
     team.sync();  // pass 2's product reads r * h of every unit
     run_tiles<UpdateTile>(team, panels, n, &step, scratch.data(), kUnits);
-  }, row_split(sc, 3 * H * H * int64_t(sizeof(T)), static_cast<int64_t>(scratch.size()), at::get_num_threads()));
+  }, row_split(sc, 3 * H * H * int64_t(sizeof(T)), static_cast<int64_t>(scratch.size())));
 }
 
 // ---------------------------------------------------------------- backward
@@ -307,7 +307,7 @@ void backward_loop(const Schedule& sc, bool reverse, const BackwardBuffers<T>& b
       team.sync();  // pass 2's product reads dG_n of every unit
       run_tiles<ResetBackwardTile>(team, panels, pass.n, &step, scratch.data(), kUnits);
     }
-  }, row_split(sc, 3 * H * H * int64_t(sizeof(T)), static_cast<int64_t>(scratch.size()), at::get_num_threads()));
+  }, row_split(sc, 3 * H * H * int64_t(sizeof(T)), static_cast<int64_t>(scratch.size())));
 }
 
 // ---------------------------------------------------------------- op bodies

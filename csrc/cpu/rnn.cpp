@@ -199,7 +199,7 @@ void forward_loop(const Schedule& sc, bool reverse, const ForwardBuffers<T>& b, 
         run_tiles<ProjectTile>(team, ceil_div(Hout, kUnits), n, &proj, scratch.data(), kWidth);
       }
     }
-  }, row_split(sc, weight_bytes, static_cast<int64_t>(scratch.size()), threads));
+  }, row_split(sc, weight_bytes, static_cast<int64_t>(scratch.size())));
 }
 
 // ---------------------------------------------------------------- backward
@@ -465,7 +465,7 @@ void backward_loop(const Schedule& sc, bool reverse, const BackwardBuffers<T>& b
   const double step_flops = 2.0 * N * kGates * H * Hout;
   const int64_t weight_bytes = (kGates * H * Hout + (project ? Hout * H : 0)) * int64_t(sizeof(T));
   const int64_t scratch_per_thread = (N + 16) * 2 * kUnits;  // room for the wide tiles
-  const RowSplit split = row_split(sc, weight_bytes, threads * scratch_per_thread, threads);
+  const RowSplit split = row_split(sc, weight_bytes, threads * scratch_per_thread);
   const int loop_size = loop_threads(step_flops);
   const int64_t team_size = splits_rows(split, loop_size) ? 1 : loop_size;  // split: every panel of its rows
   const bool wide = !project && wide_backward_tiles<T>(b.packed_whh != nullptr, N, H, team_size);

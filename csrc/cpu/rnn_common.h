@@ -299,14 +299,15 @@ struct RowSplit {
 };
 
 // A loop over `sc` whose steps read `weight_bytes` of weights, with `scratch_values` of scratch buffer
-// for `threads` threads: split by rows when its batch is padded and the weights take at most half of
-// a core's own cache (the rest holds the rows' states and gates).
-inline RowSplit row_split(const Schedule& sc, int64_t weight_bytes, int64_t scratch_values, int64_t threads) {
+// for at::get_num_threads() threads: split by rows when its batch is padded and the weights take at most
+// half of a core's own cache (the rest holds the rows' states and gates).
+inline RowSplit row_split(const Schedule& sc, int64_t weight_bytes, int64_t scratch_values) {
   const int64_t cache = private_cache_bytes();
   const int64_t budget = cache > 0 ? cache / 2 : int64_t(256) << 10;
   for (const int64_t n : sc.active)
     if (n != sc.batch) return {};
-  return weight_bytes <= budget ? RowSplit{sc.batch, scratch_values / std::max<int64_t>(threads, 1)} : RowSplit{};
+  const int64_t threads = std::max(1, at::get_num_threads());
+  return weight_bytes <= budget ? RowSplit{sc.batch, scratch_values / threads} : RowSplit{};
 }
 
 // How many threads run a loop whose largest step does step_flops: one below kMinParallelStepFlops or

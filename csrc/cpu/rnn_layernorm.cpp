@@ -162,16 +162,8 @@ GENFAST_INLINE void mask_next_hidden(const LnForwardStep<T>* s, int64_t m, int64
 // (A whole panel is copied with a constant count: a variable-length copy loop becomes a call to memmove.)
 template <typename T>
 GENFAST_INLINE void load_units(T* __restrict__ dst, const T* __restrict__ src, int64_t units) {
-  if (units == kUnits) {
-    for (int64_t u = 0; u < kUnits; ++u) dst[u] = src[u];
-    return;
-  }
-  for (int64_t u = 0; u < kUnits; ++u) dst[u] = T(0);
-  for (int64_t u = 0; u < units; ++u) dst[u] = src[u];
-}
-
-template <typename T>
-GENFAST_INLINE void store_units(T* __restrict__ dst, const T* __restrict__ src, int64_t units) {
+  if (units < kUnits)
+    for (int64_t u = 0; u < kUnits; ++u) dst[u] = T(0);
   rnn::copy_units<T>(units, src, dst);
 }
 
@@ -183,7 +175,7 @@ GENFAST_INLINE void load_gates(T (*dst)[kUnits], const T* src, int64_t H, int64_
 
 template <int64_t Gates, typename T>
 GENFAST_INLINE void store_gates(T* dst, const T (*src)[kUnits], int64_t H, int64_t units) {
-  for (int64_t g = 0; g < Gates; ++g) store_units(dst + g * H, src[g], units);
+  for (int64_t g = 0; g < Gates; ++g) rnn::copy_units<T>(units, src[g], dst + g * H);
 }
 
 // Normalises a row's panel of the recurrent product in place: (v - mean) rstd.
@@ -290,18 +282,18 @@ struct LnLstmGateTile {
       for (int64_t g = 0; g < G; ++g)
         for (int64_t u = 0; u < kUnits; ++u) a[g][u] += xhat[g][u] * gamma[g][u];
       T c_prev[kUnits];
-      if (s->c_fresh) store_units(c_prev, c, units);
+      if (s->c_fresh) rnn::copy_units<T>(units, c, c_prev);
       lstm_gate_units<T>(units, a[0], a[1], a[2], a[3], c, act[0], act[1], act[2], act[3]);
       store_gates<G>(s->raw + m * G * H + j0, xhat, H, units);
       store_gates<G>(s->act + m * G * H + j0, act, H, units);
       for (int64_t u = units; u < kUnits; ++u) c[u] = T(0);
       panel_moments<1>(&c, units, s->moments_c + (m * s->panels + panel) * 2);  // of c~_t: LN(c~_t) makes h~_t
       if (s->c_fresh) {  // cell zoneout: c~_t kept for pass C, the zoned c_t carried
-        store_units(s->c_fresh + m * H + j0, c, units);
+        rnn::copy_units<T>(units, c, s->c_fresh + m * H + j0);
         rnn::zoneout_units<T>(units, s->reg->cell_zoneout + m * H + j0, c_prev, c, nullptr);
       }
-      store_units(s->c + m * H + j0, c, units);
-      if (s->saved_c) store_units(s->saved_c + m * H + j0, c, units);
+      rnn::copy_units<T>(units, c, s->c + m * H + j0);
+      if (s->saved_c) rnn::copy_units<T>(units, c, s->saved_c + m * H + j0);
     }
   }
 };
@@ -325,10 +317,10 @@ struct LnLstmOutputTile {
       for (int64_t u = 0; u < kUnits; ++u) hat[u] = (hat[u] - mean) * rstd;
       for (int64_t u = 0; u < units; ++u) h[u] = LayerNormLstmCell::hidden<T>(o[u], hat[u], gamma[u], beta[u]);
       zoneout_hidden(s, m, j0, units, h);
-      store_units(s->out + m * H + j0, h, units);
-      store_units(s->h_next + m * H + j0, h, units);
+      rnn::copy_units<T>(units, h, s->out + m * H + j0);
+      rnn::copy_units<T>(units, h, s->h_next + m * H + j0);
       mask_next_hidden(s, m, j0, units, h);
-      if (s->cell_hat) store_units(s->cell_hat + m * H + j0, hat, units);
+      if (s->cell_hat) rnn::copy_units<T>(units, hat, s->cell_hat + m * H + j0);
     }
   }
 };
@@ -361,8 +353,8 @@ struct LnGruGateTile {
       zoneout_hidden(s, m, j0, units, h);
       store_gates<G>(s->raw + m * G * H + j0, xhat, H, units);
       store_gates<4>(s->act + m * 4 * H + j0, act, H, units);
-      store_units(s->out + m * H + j0, h, units);
-      store_units(s->h_next + m * H + j0, h, units);
+      rnn::copy_units<T>(units, h, s->out + m * H + j0);
+      rnn::copy_units<T>(units, h, s->h_next + m * H + j0);
       mask_next_hidden(s, m, j0, units, h);
     }
   }
@@ -502,8 +494,8 @@ struct LnLstmBackwardOutputTile {
         first[u] = grad.d_y * gamma[u];
         second[u] = first[u] * hat[u];
       }
-      store_units(s->dA + m * 4 * H + 3 * H + j0, d_o, units);
-      store_units(s->dY + m * H + j0, dy, units);
+      rnn::copy_units<T>(units, d_o, s->dA + m * 4 * H + 3 * H + j0);
+      rnn::copy_units<T>(units, dy, s->dY + m * H + j0);
       s->sums_c[(m * s->panels + panel) * 2] = sum_lanes(first);
       s->sums_c[(m * s->panels + panel) * 2 + 1] = sum_lanes(second);
     }
@@ -548,7 +540,7 @@ struct LnLstmBackwardCellTile {
         dc[u] = grad.d_c_prev + direct[u];
       }
       store_gates<3>(s->dA + m * 4 * H + j0, da, H, units);
-      store_units(s->dc_state + m * H + j0, dc, units);
+      rnn::copy_units<T>(units, dc, s->dc_state + m * H + j0);
       recurrent_ln_sums<G>(s, m, panel, da, gamma, j0, units);
     }
   }
@@ -594,7 +586,7 @@ struct LnGruBackwardGateTile {
       }
       store_gates<G>(s->dA + m * G * H + j0, dx, H, units);
       store_gates<G>(s->dA_h + m * G * H + j0, dhh, H, units);
-      store_units(s->dh_state + m * H + j0, direct, units);
+      rnn::copy_units<T>(units, direct, s->dh_state + m * H + j0);
       recurrent_ln_sums<G>(s, m, panel, dhh, gamma, j0, units);
     }
   }
@@ -838,7 +830,7 @@ LnForwardResult ln_forward(const LayerArgs& a, const LayerNormParams& p, bool re
       } else {
         run_tiles<LnGruGateTile>(team, panels, n, &step, scratch.data(), kWidth);
       }
-    }, row_split(sc, G * H * H * int64_t(sizeof(T)), static_cast<int64_t>(scratch.size()), at::get_num_threads()));
+    }, row_split(sc, G * H * H * int64_t(sizeof(T)), static_cast<int64_t>(scratch.size())));
     gather_last_hidden<T>(sc, reverse, out.data_ptr<T>(), hy.data_ptr<T>(), H);
   });
   return {out.view(rnn::output_shape(a.input, H)), hy, cy, ws};
@@ -933,7 +925,7 @@ LnBackwardResult ln_backward(const LayerArgs& a, const LayerNormParams& p, const
       }
       team.sync();  // the last pass needs every panel's sums of the recurrent LN's backward
       run_tiles<LnRecurrentBackwardTile<G>>(team, panels, pass.n, &step, scratch.data(), kWidth);
-    }, row_split(sc, G * H * H * int64_t(sizeof(T)), static_cast<int64_t>(scratch.size()), at::get_num_threads()));
+    }, row_split(sc, G * H * H * int64_t(sizeof(T)), static_cast<int64_t>(scratch.size())));
     gather_previous_hidden<T>(sc, reverse, out.data_ptr<T>(), hx.data_ptr<T>(), h_prev.data_ptr<T>(), H);
     if (reg.recurrent_mask) mask_previous_hidden<T>(sc, reg.recurrent_mask, h_prev.data_ptr<T>(), H);
   });
