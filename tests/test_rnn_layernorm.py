@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
+import pathlib
+import subprocess
+import sys
 from typing import Callable
 
 import pytest
@@ -20,7 +24,7 @@ import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 import genfast.nn as gnn
-from genfast import reference
+from genfast import _extension, reference
 from genfast.ops import layernorm_rnn as ln_ops
 
 _ops = torch.ops.genfast
@@ -436,3 +440,19 @@ def test_bfloat16_runs_in_float32(cell):
     assert got.dtype == torch.bfloat16
     error = (got.float() - want).abs().max().item()
     assert error <= 2 * 2.0 ** -8 * want.abs().max().item()
+
+
+@pytest.mark.parametrize("level", ["baseline", "avx2"])
+def test_every_simd_level(level):
+    """The comparisons with the reference (every dtype and shape, fuzzed, packed, two layers) and the
+    thread-count check, in a process capped at each other SIMD level: the LN tiles and the input side's
+    row passes have a copy per level, and the rest of this file runs only this process's."""
+    if level == _extension.load().simd_level():
+        pytest.skip(f"{level} is this process's SIMD level: the rest of this file runs it")
+    env = dict(os.environ, GENFAST_SIMD=level)
+    root = pathlib.Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider", "-k",
+                           "module_matches_reference or fuzzed or thread_count"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert " passed" in done.stdout

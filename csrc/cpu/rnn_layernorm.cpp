@@ -104,10 +104,13 @@ GENFAST_INLINE void panel_moments(const T (*v)[kUnits], int64_t units, T* out) {
   for (int64_t g = 0; g < Rows; ++g)
     for (int64_t u = 0; u < kUnits; ++u) lane[u] += v[g][u];
   const T mean = sum_lanes(lane) / T(Rows * units);
+  // The padding lanes are left out by a factor of 0 (a select per lane compiled to scalar code).
+  T keep[kUnits];
+  for (int64_t u = 0; u < kUnits; ++u) keep[u] = u < units ? T(1) : T(0);
   T dev[kUnits] = {};
   for (int64_t g = 0; g < Rows; ++g)
     for (int64_t u = 0; u < kUnits; ++u) {
-      const T d = u < units ? v[g][u] - mean : T(0);
+      const T d = (v[g][u] - mean) * keep[u];
       dev[u] += d * d;
     }
   out[0] = mean;
@@ -628,11 +631,13 @@ GENFAST_INLINE T sum_row(int64_t W, const Value& value) {
   return sum;
 }
 
-// v (S, W) <- LN(v) gain + bias per row; xhat and rstd saved when given.
-template <typename T>
-void input_layer_norm(int64_t S, int64_t W, T* v, const T* gain, const T* bias, T* xhat, T* rstd) {
-  at::parallel_for(0, S, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
+// v (S, W) <- LN(v) gain + bias per row; xhat and rstd saved when given. The row passes here and below
+// run through simd_dispatch, as the step tiles do: compiled for the baseline they were 4-wide.
+struct InputLayerNormRows {
+  template <typename T>
+  static GENFAST_INLINE void run(int64_t r0, int64_t r1, int64_t W, T* v, const T* gain, const T* bias, T* xhat,
+                                 T* rstd) {
+    for (int64_t r = r0; r < r1; ++r) {
       T* __restrict__ row = v + r * W;
       const T mean = sum_row<T>(W, [&](int64_t k) { return row[k]; }) / T(W);
       const T m2 = sum_row<T>(W, [&](int64_t k) { return (row[k] - mean) * (row[k] - mean); });
@@ -644,77 +649,98 @@ void input_layer_norm(int64_t S, int64_t W, T* v, const T* gain, const T* bias, 
       }
       for (int64_t k = 0; k < W; ++k) row[k] = (row[k] - mean) * rs * gain[k] + (bias ? bias[k] : T(0));
     }
+  }
+};
+
+template <typename T>
+void input_layer_norm(int64_t S, int64_t W, T* v, const T* gain, const T* bias, T* xhat, T* rstd) {
+  at::parallel_for(0, S, 16, [&](int64_t begin, int64_t end) {
+    simd_dispatch<InputLayerNormRows>(begin, end, W, v, gain, bias, xhat, rstd);
   });
 }
 
 // ---------------------------------------------------------------- after the backward loop
 // The LN gains' and biases' gradients are column sums over all rows: sum d * x (and d * x2) and sum d.
-// They are taken in one pass over d, per block of kSumRows rows into the block's own partial sums,
-// which are then added in block order: a fixed order, whatever the thread count.
+// They are taken in one pass over d, per block of kSumRows rows into the block's own partial sums
+// (blocks, 3, W): sum d * x, sum d * x2, sum d of each block of rows; these are then added in block
+// order: a fixed order, whatever the thread count.
 constexpr int64_t kSumRows = 64;
 
-struct ColumnSums {
-  at::Tensor partial;  // (blocks, 3, W): sum d * x, sum d * x2, sum d of each block of rows
-  int64_t blocks, W;
-
-  ColumnSums(int64_t S, int64_t W, const at::TensorOptions& opts)
-      : partial(at::empty({ceil_div(S, kSumRows), 3, W}, opts)), blocks(ceil_div(S, kSumRows)), W(W) {}
-
-  // One row of d into block b's sums (zeroed first for the block's first row).
-  template <typename T>
-  GENFAST_INLINE void add(int64_t b, bool first, const T* __restrict__ d, const T* __restrict__ x,
-                          const T* __restrict__ x2) const {
-    T* __restrict__ dx = partial.data_ptr<T>() + b * 3 * W;
-    T* __restrict__ dx2 = dx + W;
-    T* __restrict__ sum = dx + 2 * W;
-    if (first)
-      for (int64_t k = 0; k < 3 * W; ++k) dx[k] = T(0);
-    for (int64_t k = 0; k < W; ++k) {
-      dx[k] += d[k] * x[k];
-      sum[k] += d[k];
-    }
-    if (x2)
-      for (int64_t k = 0; k < W; ++k) dx2[k] += d[k] * x2[k];
+// One row of d into a block's sums (zeroed first for the block's first row).
+template <typename T>
+GENFAST_INLINE void add_column_sums(T* __restrict__ block, int64_t W, bool first, const T* __restrict__ d,
+                                    const T* __restrict__ x, const T* __restrict__ x2) {
+  T* __restrict__ dx = block;
+  T* __restrict__ dx2 = block + W;
+  T* __restrict__ sum = block + 2 * W;
+  if (first)
+    for (int64_t k = 0; k < 3 * W; ++k) block[k] = T(0);
+  for (int64_t k = 0; k < W; ++k) {
+    dx[k] += d[k] * x[k];
+    sum[k] += d[k];
   }
+  if (x2)
+    for (int64_t k = 0; k < W; ++k) dx2[k] += d[k] * x2[k];
+}
 
-  // The blocks' sums added in order: sum d * x, sum d * x2, sum d, each (W) and its own tensor (an op's
-  // outputs must not alias).
-  std::vector<at::Tensor> total() const {
-    const at::Tensor sum = partial.sum(0);
-    return {sum[0].clone(), sum[1].clone(), sum[2].clone()};
+// The blocks' sums added in order: sum d * x, sum d * x2, sum d, each (W) and its own tensor (an op's
+// outputs must not alias).
+std::vector<at::Tensor> total_column_sums(const at::Tensor& partial) {
+  const at::Tensor sum = partial.sum(0);
+  return {sum[0].clone(), sum[1].clone(), sum[2].clone()};
+}
+
+at::Tensor empty_column_sums(int64_t S, int64_t W, const at::TensorOptions& opts) {
+  return at::empty({ceil_div(S, kSumRows), 3, W}, opts);
+}
+
+// Blocks [b0, b1) of rows of d into their sums.
+struct ColumnSumBlocks {
+  template <typename T>
+  static GENFAST_INLINE void run(int64_t b0, int64_t b1, int64_t S, int64_t W, const T* d, const T* x, const T* x2,
+                                 T* partial) {
+    for (int64_t r = b0 * kSumRows; r < std::min(S, b1 * kSumRows); ++r)
+      add_column_sums<T>(partial + r / kSumRows * 3 * W, W, r % kSumRows == 0, d + r * W, x + r * W,
+                         x2 ? x2 + r * W : nullptr);
   }
 };
 
-// Column sums of d * x (and d * x2) and of d over S rows of W (see ColumnSums).
+// Column sums of d * x (and d * x2) and of d over S rows of W (see add_column_sums).
 template <typename T>
 std::vector<at::Tensor> column_sums(int64_t S, int64_t W, const T* d, const T* x, const T* x2, const at::TensorOptions& opts) {
-  const ColumnSums sums(S, W, opts);
-  at::parallel_for(0, sums.blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b)
-      for (int64_t r = b * kSumRows; r < std::min(S, (b + 1) * kSumRows); ++r)
-        sums.add<T>(b, r == b * kSumRows, d + r * W, x + r * W, x2 ? x2 + r * W : nullptr);
+  const at::Tensor partial = empty_column_sums(S, W, opts);
+  at::parallel_for(0, partial.size(0), 1, [&](int64_t b0, int64_t b1) {
+    simd_dispatch<ColumnSumBlocks>(b0, b1, S, W, d, x, x2, partial.data_ptr<T>());
   });
-  return sums.total();
+  return total_column_sums(partial);
 }
 
 // d (S, W) <- dL/dv of v's row-wise LN, from dL/d(LN(v) gain) = d gain (d in place); before that, in the
-// same pass, the column sums of d * xhat, d * x2 (if given) and d (returned, see ColumnSums).
-template <typename T>
-std::vector<at::Tensor> input_layer_norm_backward(int64_t S, int64_t W, T* d, const T* gain, const T* xhat, const T* rstd,
-                                     const T* x2, const at::TensorOptions& opts) {
-  const ColumnSums sums(S, W, opts);
-  at::parallel_for(0, sums.blocks, 1, [&](int64_t b0, int64_t b1) {
+// same pass, the column sums of d * xhat, d * x2 (if given) and d.
+struct InputLayerNormBackwardBlocks {
+  template <typename T>
+  static GENFAST_INLINE void run(int64_t b0, int64_t b1, int64_t S, int64_t W, T* d, const T* gain, const T* xhat,
+                                 const T* rstd, const T* x2, T* partial) {
     for (int64_t r = b0 * kSumRows; r < std::min(S, b1 * kSumRows); ++r) {
       T* __restrict__ row = d + r * W;
       const T* __restrict__ xh = xhat + r * W;
-      sums.add<T>(r / kSumRows, r % kSumRows == 0, row, xh, x2 ? x2 + r * W : nullptr);
+      add_column_sums<T>(partial + r / kSumRows * 3 * W, W, r % kSumRows == 0, row, xh, x2 ? x2 + r * W : nullptr);
       const T mean_d = sum_row<T>(W, [&](int64_t k) { return row[k] * gain[k]; }) / T(W);
       const T mean_dx = sum_row<T>(W, [&](int64_t k) { return row[k] * gain[k] * xh[k]; }) / T(W);
       for (int64_t k = 0; k < W; ++k)
         row[k] = rnn::layer_norm_backward(row[k] * gain[k], xh[k], rstd[r], mean_d, mean_dx);
     }
+  }
+};
+
+template <typename T>
+std::vector<at::Tensor> input_layer_norm_backward(int64_t S, int64_t W, T* d, const T* gain, const T* xhat, const T* rstd,
+                                                  const T* x2, const at::TensorOptions& opts) {
+  const at::Tensor partial = empty_column_sums(S, W, opts);
+  at::parallel_for(0, partial.size(0), 1, [&](int64_t b0, int64_t b1) {
+    simd_dispatch<InputLayerNormBackwardBlocks>(b0, b1, S, W, d, gain, xhat, rstd, x2, partial.data_ptr<T>());
   });
-  return sums.total();
+  return total_column_sums(partial);
 }
 
 // ---------------------------------------------------------------- weights
