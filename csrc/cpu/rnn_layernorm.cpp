@@ -79,6 +79,24 @@ GENFAST_INLINE Lanes<T> load_lanes(const T (&lane)[kUnits]) {
 }
 
 template <typename T>
+GENFAST_INLINE void store_lanes(T (&lane)[kUnits], const Lanes<T>& v) {
+  std::memcpy(lane, &v, sizeof(v));
+}
+
+// A panel's units (at most kUnits) as one vector, zero past `units`. Arrays filled by a copy and then read
+// by vector loops did not always stay vectors: GCC could split such a copy into 8-byte moves (or a
+// sum into 8 + 4 + 2 + 1 + 1 lanes), and the wide load after the narrow stores then waits for them.
+template <typename T>
+GENFAST_INLINE Lanes<T> load_panel(const T* src, int64_t units) {
+  Lanes<T> v = {};
+  if (units == kUnits)
+    std::memcpy(&v, src, sizeof(v));
+  else
+    for (int64_t u = 0; u < units; ++u) v[u] = src[u];
+  return v;
+}
+
+template <typename T>
 GENFAST_INLINE T sum_lanes(const Lanes<T>& v) {
   static_assert(kUnits == 16, "sum_lanes adds 16 lanes");
   using V8 = typename LaneVector<T, 8>::type;
@@ -403,14 +421,9 @@ GENFAST_INLINE bool total_dh(const LnBackwardStep<T>* s, int64_t m, int64_t j0, 
       for (int64_t u = 0; u < units; ++u) dh[u] += rec[u];
     return false;
   }
-  T go[kUnits], carried[kUnits];
-  load_units(go, s->grad_out + m * s->H + j0, units);
-  load_units(carried, dh, units);
-  if (m < s->n_prev) {
-    for (int64_t u = 0; u < kUnits; ++u) d_h[u] = go[u] + carried[u] + rec[u];  // rec: zero past `units`
-  } else {
-    for (int64_t u = 0; u < kUnits; ++u) d_h[u] = go[u] + carried[u];
-  }
+  Lanes<T> sum = load_panel(s->grad_out + m * s->H + j0, units) + load_panel(dh, units);
+  if (m < s->n_prev) sum += load_panel(rec, kUnits);  // rec: zero past `units`
+  store_lanes(d_h, sum);
   if (s->reg && s->reg->zoneout)  // k d_h straight to h_{t-1} (stored in dh), (1 - k) d_h to the cell
     rnn::zoneout_grad_units<T>(units, s->reg->zoneout + m * s->H + j0, d_h, dh, /*store=*/true);
   else
