@@ -645,7 +645,7 @@ GENFAST_INLINE T sum_row(int64_t W, const Value& value) {
 }
 
 // v (S, W) <- LN(v) gain + bias per row; xhat and rstd saved when given. The row passes here and below
-// run through simd_dispatch, as the step tiles do: compiled for the baseline they were 4-wide.
+// run through simd_dispatch, as the step tiles do (an at::parallel_for body is baseline x86-64 code).
 struct InputLayerNormRows {
   template <typename T>
   static GENFAST_INLINE void run(int64_t r0, int64_t r1, int64_t W, T* v, const T* gain, const T* bias, T* xhat,
